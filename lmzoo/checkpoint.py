@@ -1,0 +1,262 @@
+"""The run directory: atomic writes, safe loads, and finding runs.
+
+    runs/<name>/
+      config.yaml            the resolved config that ran
+      tokenizer.json         the tokenizer (generate never needs the corpus)
+      checkpoints/last/      model.safetensors + state.pt (optimizer, RNG, data position, ...) + info.json
+      checkpoints/best/      model.safetensors + info.json of the best validation score
+      metrics.jsonl, events.out.tfevents.*
+
+A checkpoint directory is written whole under a temporary name and swapped in with renames, so a
+crash at any moment leaves either the previous or the new checkpoint complete under its final
+name. Weights are safetensors; the training state is read with torch.load(weights_only=True);
+everything else is JSON or YAML. Nothing in a run directory can execute code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmzoo.errors import CheckpointError
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+INFO = "info.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {err.strerror or err}") from None
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(
+    run_dir: Path, tag: str, model: nn.Module, *, info: dict[str, Any], train_state: dict | None = None
+) -> Path:
+    """Write checkpoints/<tag>/ atomically (weights, optional training state, info)."""
+    from safetensors.torch import save_model
+
+    root = run_dir / "checkpoints"
+    final, tmp, old = root / tag, root / f".{tag}.tmp", root / f".{tag}.old"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "lmzoo", "version": str(FORMAT_VERSION)})
+        if train_state is not None:
+            torch.save({"format_version": FORMAT_VERSION, **train_state}, tmp / STATE)
+        (tmp / INFO).write_text(json.dumps({"format_version": FORMAT_VERSION, "saved_at": time.time(), **info}))
+        for child in tmp.iterdir():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        recover_checkpoints(run_dir)
+        raise CheckpointError(f"could not write checkpoint {final}: {err.strerror or err}") from None
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def recover_checkpoints(run_dir: Path) -> None:
+    """Finish or undo a checkpoint swap that a crash interrupted, and remove partial writes."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    for tmp in root.glob(".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in root.glob(".*.old"):
+        final = root / old.name[1 : -len(".old")]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    for stale in run_dir.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def checkpoint_dir(run_dir: Path, tag: str) -> Path:
+    """The directory holding checkpoint `tag`, including one a crash left mid-swap (read-only lookup)."""
+    root = run_dir / "checkpoints"
+    for candidate in (root / tag, root / f".{tag}.old"):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+    raise CheckpointError(f"{run_dir} has no '{tag}' checkpoint (looked for {root / tag / WEIGHTS})")
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into `model`, naming the first parameter whose shape differs."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_model
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    for key, shape in shapes.items():
+        if key in expected and expected[key] != shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {shape} in the checkpoint but {expected[key]} in the model "
+                "(the config or tokenizer does not match these weights)"
+            )
+    unknown = sorted(set(shapes) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{path}: weights for {unknown[0]!r} have no place in this model (another family?)")
+    try:
+        missing, _ = load_model(model, str(path), strict=False)
+    except (SafetensorError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot load weights ({str(err).splitlines()[0]})") from None
+    if missing:
+        raise CheckpointError(f"{path}: no weights for {missing[0]!r} (the checkpoint is for another model)")
+
+
+def load_train_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read state.pt with weights_only=True: tensors and plain containers only, never code."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"training state not found: {path}") from None
+    except Exception as err:  # UnpicklingError for refused globals, RuntimeError for damage
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused to load training state ({first[:200]})") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path}: not an lmzoo training state")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {state['format_version']} is newer than this lmzoo reads")
+    return state
+
+
+def read_info(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ---- finding and loading runs --------------------------------------------------------------
+
+
+def new_run_dir(out_dir: str | Path, name: str) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... if taken: a new run never overwrites an old one."""
+    base = Path(out_dir) / name
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{name}-{n}")
+    return candidate
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    root = run_dir / "checkpoints"
+    return any((root / tag / WEIGHTS).is_file() or (root / f".{tag}.old" / WEIGHTS).is_file() for tag in ("last", "best"))
+
+
+def _run_time(run_dir: Path) -> float:
+    stamps = [p.stat().st_mtime for p in (run_dir / "checkpoints").glob("*/" + WEIGHTS)]
+    stamps += [p.stat().st_mtime for p in (run_dir / "checkpoints").glob(".*.old/" + WEIGHTS)]
+    return max(stamps, default=run_dir.stat().st_mtime)
+
+
+def latest_run(out_dir: str | Path = "runs", name: str | None = None) -> Path | None:
+    """The run under `out_dir` with the newest checkpoint; with `name`, only <name> and <name>-N."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        return None
+    runs = [
+        d for d in root.iterdir()
+        if d.is_dir() and _has_checkpoint(d)
+        and (name is None or d.name == name or (d.name.startswith(name + "-") and d.name[len(name) + 1 :].isdigit()))
+    ]
+    return max(runs, key=_run_time, default=None)
+
+
+def resolve_run(run: str | Path | None, out_dir: str | Path = "runs") -> Path:
+    """A run directory from a path, a name under ./runs, or (None) the newest run."""
+    if run is None:
+        found = latest_run(out_dir)
+        if found is None:
+            raise CheckpointError(f"no trained run found under ./{out_dir}; train one first: lmzoo train configs/lstm.yaml")
+        return found
+    path = Path(run)
+    if not path.exists() and (Path(out_dir) / run).exists():
+        path = Path(out_dir) / run
+    if not path.is_dir():
+        raise CheckpointError(f"run directory not found: {run}")
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path} is not an lmzoo run (no config.yaml)")
+    return path
+
+
+@dataclass
+class Run:
+    """A trained run, ready to sample from or evaluate."""
+
+    path: Path
+    config: Any  # RunConfig
+    tokenizer: Any  # Tokenizer
+    model: nn.Module
+    info: dict[str, Any]
+
+
+def load_run(run_dir: str | Path, tag: str = "best", device: torch.device | str = "cpu") -> Run:
+    """Rebuild a run's model from its config and tokenizer and load its `tag` weights ('best' falls back to 'last')."""
+    from lmzoo.config import RunConfig, read_yaml
+    from lmzoo.models import build_model
+    from lmzoo.tokenizers import load_tokenizer
+
+    run_dir = Path(run_dir)
+    config = RunConfig.from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    try:
+        ckpt = checkpoint_dir(run_dir, tag)
+    except CheckpointError:
+        if tag != "best":
+            raise
+        ckpt = checkpoint_dir(run_dir, "last")
+    model = build_model(config.model, tokenizer.vocab_size)
+    load_weights(model, ckpt / WEIGHTS)
+    model.to(device).eval()
+    return Run(path=run_dir, config=config, tokenizer=tokenizer, model=model, info=read_info(ckpt))

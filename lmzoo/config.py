@@ -1,0 +1,384 @@
+"""The run schema: YAML -> a typed, validated `RunConfig`.
+
+Every section rejects unknown keys (with a "did you mean"), every value is type-checked, and every
+problem is reported as one line naming the key path. The `model:` section is validated against the
+config class that the chosen model registered, so each family documents its own options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from lmzoo.errors import ConfigError
+
+BUNDLED_PREFIX = "lmzoo:"
+KERAS_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def resolve_data_path(path: str) -> Path:
+    """Map `lmzoo:name` to the corpus shipped inside the package; other paths are used as given."""
+    if path.startswith(BUNDLED_PREFIX):
+        return Path(__file__).parent / "corpora" / path[len(BUNDLED_PREFIX) :]
+    return Path(path).expanduser()
+
+
+def _existing_file(path: str) -> str:
+    resolved = resolve_data_path(path)
+    if not resolved.is_file():
+        raise ValueError(f"file not found: {resolved}")
+    return path
+
+
+class DataConfig(Section):
+    """Where the text comes from and how it is cut into batches."""
+
+    train: Union[str, list[str]] = "lmzoo:tinyshakespeare.txt"
+    val: str | None = None  # a separate validation file; by default it is split off `train`
+    test: str | None = None
+    split: tuple[Probability, Probability, Probability] = (0.9, 0.05, 0.05)  # train/val/test, by lines
+    seq_len: PositiveInt | None = None  # None: the model's context length, or 128 for recurrent models
+    batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt | None = None  # None: same as batch_size
+    # sequential = contiguous truncated-BPTT streams (state carried across batches);
+    # random = independent windows at random offsets; auto picks by model family.
+    sampling: Literal["auto", "sequential", "random"] = "auto"
+
+    @field_validator("train")
+    @classmethod
+    def _train_exists(cls, value: str | list[str]) -> str | list[str]:
+        paths = [value] if isinstance(value, str) else value
+        if not paths:
+            raise ValueError("needs at least one file")
+        for path in paths:
+            _existing_file(path)
+        return value
+
+    @field_validator("val", "test")
+    @classmethod
+    def _split_file_exists(cls, value: str | None) -> str | None:
+        return None if value is None else _existing_file(value)
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must add up to 1, they add up to {sum(value):g}")
+        if value[0] <= 0:
+            raise ValueError("the train fraction must be positive")
+        return value
+
+    @property
+    def train_files(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+
+class CharTokenizerConfig(Section):
+    """One token per character seen in the training text."""
+
+    kind: Literal["char"] = "char"
+    fit_on: Literal["train", "all"] = "train"  # which text builds the vocabulary
+
+
+class WordTokenizerConfig(Section):
+    """Words split on whitespace, optionally lowercased and stripped of punctuation (Keras-style)."""
+
+    kind: Literal["word"] = "word"
+    lowercase: bool = True
+    filters: str = KERAS_FILTERS  # characters removed before splitting; "" keeps punctuation
+    newline_token: bool = True  # a line end becomes an <eos> token (and decodes back to "\n")
+    min_freq: PositiveInt = 1
+    max_vocab: PositiveInt | None = None
+    fit_on: Literal["train", "all"] = "train"
+
+
+class BpeTokenizerConfig(Section):
+    """Byte-level BPE trained on the corpus with the `tokenizers` library: any text encodes."""
+
+    kind: Literal["bpe"] = "bpe"
+    vocab_size: Annotated[int, Field(ge=260)] = 1024
+    min_freq: PositiveInt = 2
+    fit_on: Literal["train", "all"] = "train"
+
+
+TokenizerConfig = Union[CharTokenizerConfig, WordTokenizerConfig, BpeTokenizerConfig]
+TOKENIZER_CONFIGS: dict[str, type[Section]] = {
+    "char": CharTokenizerConfig,
+    "word": WordTokenizerConfig,
+    "bpe": BpeTokenizerConfig,
+}
+
+
+class ModelConfig(Section):
+    """Base of every model's config class; `name` picks the registered model."""
+
+    name: str
+
+    @property
+    def context_len(self) -> int | None:
+        """Longest sequence the model can attend over; None for models without a limit."""
+        return None
+
+    def check_run(self, run: RunConfig) -> None:
+        """Hook for checks that involve other sections (raise ValueError with a message)."""
+
+
+class TrainConfig(Section):
+    """The optimisation loop: steps, optimiser, schedule, precision, evaluation and checkpoints."""
+
+    max_steps: PositiveInt | None = None  # exactly one of max_steps / epochs; default 2000 steps
+    epochs: Annotated[float, Field(gt=0)] | None = None
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    min_lr: Annotated[float, Field(ge=0)] = 1e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: NonNegInt = 100
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    betas: tuple[Probability, Probability] = (0.9, 0.99)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    momentum: Annotated[float, Field(ge=0)] = 0.0  # sgd only
+    grad_clip: Annotated[float, Field(ge=0)] | None = 1.0
+    grad_accum: PositiveInt = 1
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    eval_every: PositiveInt = 250
+    eval_batches: PositiveInt | None = 50  # None: the whole validation split
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt | None = None  # None: at every eval
+    patience: PositiveInt | None = None  # early stopping: evals without improvement
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if kind not in {"auto", "cpu", "cuda", "mps"}:
+            raise ValueError("must be one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    def resolved_max_steps(self, batches_per_epoch: int) -> int:
+        """Optimiser steps to run: `max_steps`, or `epochs` worth of batches, or 2000."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.epochs is not None:
+            return max(1, round(self.epochs * batches_per_epoch / self.grad_accum))
+        return 2000
+
+
+class SampleConfig(Section):
+    """Defaults for sampling: used by `lmzoo generate` and for the text logged at each eval."""
+
+    prompt: str = ""
+    max_new_tokens: PositiveInt = 200
+    temperature: Annotated[float, Field(ge=0)] = 0.8
+    top_k: PositiveInt | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+
+
+class RunConfig(Section):
+    """A whole run: what `lmzoo train` executes and writes to `runs/<name>/config.yaml`."""
+
+    name: str | None = None  # default: the config file's stem
+    out_dir: str = "runs"
+    seed: int = 1337
+    data: DataConfig = DataConfig()
+    tokenizer: SerializeAsAny[Section] = CharTokenizerConfig()
+    model: SerializeAsAny[ModelConfig]
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+
+    @property
+    def seq_len(self) -> int:
+        """Training sequence length after defaults: data.seq_len, else the model's context, else 128."""
+        return self.data.seq_len or self.model.context_len or 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, source: str = "config") -> RunConfig:
+        """Validate a plain dict (as read from YAML) into a RunConfig; raise ConfigError on any problem."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {_kind(raw)}")
+        raw = dict(raw)
+        tokenizer_raw = raw.pop("tokenizer", {}) or {}
+        model_raw = raw.pop("model", None)
+        if model_raw is None:
+            raise ConfigError(f"{source}: model: missing section (it needs at least `name:`)")
+        tokenizer = _validate_tagged(tokenizer_raw, "tokenizer", "kind", TOKENIZER_CONFIGS, "char", source)
+        model = validate_model_section(model_raw, source)
+        run = _validate(cls, {**raw, "tokenizer": tokenizer, "model": model}, (), source)
+        try:
+            model.check_run(run)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        return run
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def validate_model_section(raw: Any, source: str) -> ModelConfig:
+    from lmzoo.models import MODEL_REGISTRY  # imports torch: only needed once a config is loaded
+
+    configs = {name: info.config for name, info in MODEL_REGISTRY.items()}
+    return _validate_tagged(raw, "model", "name", configs, None, source)  # type: ignore[return-value]
+
+
+def _validate_tagged(
+    raw: Any, section: str, tag: str, classes: dict[str, type[Section]], default: str | None, source: str
+) -> Section:
+    """Validate a section whose `tag` key (tokenizer.kind, model.name) picks its config class."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {section}: expected a mapping, got {_kind(raw)}")
+    choice = raw.get(tag, default)
+    if choice is None:
+        raise ConfigError(f"{source}: {section}.{tag}: missing; choose one of {', '.join(sorted(classes))}")
+    if choice not in classes:
+        hint = _did_you_mean(str(choice), classes)
+        raise ConfigError(
+            f"{source}: {section}.{tag}: unknown {tag} {choice!r}{hint}; known: {', '.join(sorted(classes))}"
+        )
+    return _validate(classes[choice], {**raw, tag: choice}, (section,), source)
+
+
+def _validate(cls: type[BaseModel], raw: dict, prefix: tuple[str, ...], source: str) -> Any:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err, cls, prefix)}") from None
+
+
+def _describe(err: ValidationError, cls: type[BaseModel], prefix: tuple[str, ...]) -> str:
+    """One line for the first error of a pydantic ValidationError, naming the key path."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(str(part) for part in first["loc"])
+    path = ".".join(prefix + loc) or "(top level)"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        known = _fields_at(cls, loc[:-1])
+        hint = _did_you_mean(loc[-1], known) or (f"; known keys: {', '.join(known)}" if known else "")
+        return f"{path}: unknown key{hint}{more}"
+    if first["type"] == "missing":
+        return f"{path}: missing required key{more}"
+    message = first["msg"]
+    message = message[0].lower() + message[1:]
+    for noise in ("Value error, ", "value error, "):
+        message = message.replace(noise, "")
+    return f"{path}: {message}, got {first.get('input')!r}{more}"
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """The field names of the (nested) section at `loc`, for "did you mean" hints."""
+    current: Any = cls
+    for part in loc:
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return []
+        current = _section_class(field.annotation)
+        if current is None:
+            return []
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(word: str, known: Any) -> str:
+    match = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """Turn `train.lr=3e-4` style arguments into (key path, YAML-typed value) pairs."""
+    parsed = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        try:
+            typed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            typed = value
+        parsed.append((key.split("."), typed))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each `a.b.c=value` override in the nested dict `raw` (a new dict is returned)."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    for keys, value in parse_overrides(overrides):
+        node = result
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"override {'.'.join(keys)}: {where} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file; a missing file or a syntax error becomes one ConfigError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply `key=value` overrides, validate, and fill the run name."""
+    raw = read_yaml(path)
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; a config needs at least a `model:` section")
+    if isinstance(raw, dict) and overrides:
+        raw = apply_overrides(raw, overrides)
+    config = RunConfig.from_dict(raw, source=str(path))
+    if config.name is None:
+        config.name = Path(path).stem
+    return config
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)

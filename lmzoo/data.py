@@ -1,0 +1,187 @@
+"""Corpora -> token streams -> batches.
+
+Two ways to cut a language-model stream into batches:
+
+* `SequentialBatches`: the classic truncated-BPTT layout. The stream is split into `batch_size`
+  contiguous columns and read `seq_len` tokens at a time, so batch k+1 continues batch k and a
+  recurrent model can carry its hidden state across batches.
+* `RandomWindows`: independent windows at random offsets (what attention models train on).
+
+Both keep their position in a small `state_dict`, so a resumed run reads exactly the batches an
+uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmzoo.config import DataConfig, resolve_data_path
+from lmzoo.errors import DataError
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 corpus file; missing, undecodable or blank files raise a one-line DataError."""
+    resolved = resolve_data_path(str(path))
+    try:
+        raw = resolved.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"corpus file not found: {resolved}") from None
+    except IsADirectoryError:
+        raise DataError(f"corpus path is a directory, not a file: {resolved}") from None
+    except OSError as err:
+        raise DataError(f"cannot read corpus file {resolved}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{resolved}: not UTF-8 text (byte {err.start}, line {line}: {err.reason})") from None
+    if not text.strip():
+        raise DataError(f"{resolved}: the file is {'empty' if not text else 'only whitespace'}")
+    return text.replace("\r\n", "\n")
+
+
+@dataclass
+class TextSplits:
+    """Raw text of the train / validation / test splits."""
+
+    train: str
+    val: str
+    test: str
+
+
+def read_splits(config: DataConfig) -> TextSplits:
+    """Read the training file(s) and split off validation and test text by lines, unless given."""
+    text = "".join(_with_newline(read_text_file(p)) for p in config.train_files)
+    lines = text.splitlines(keepends=True)
+    train_frac, val_frac, _ = config.split
+    n_train = len(lines) if (config.val and config.test) else max(1, round(len(lines) * train_frac))
+    n_val = round(len(lines) * val_frac)
+    train = "".join(lines[:n_train])
+    val = read_text_file(config.val) if config.val else "".join(lines[n_train : n_train + n_val])
+    test = read_text_file(config.test) if config.test else "".join(lines[n_train + n_val :])
+    if not train.strip():
+        raise DataError("the training split is empty: lower data.split's validation/test fractions")
+    if not val.strip():
+        raise DataError(
+            f"the validation split is empty ({len(lines)} lines in all): give data.val a file "
+            "or raise the validation fraction in data.split"
+        )
+    return TextSplits(train=train, val=val, test=test)
+
+
+def _with_newline(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+def encode_stream(tokenizer, text: str) -> torch.Tensor:
+    """Encode text into one flat LongTensor of token ids."""
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+class SequentialBatches:
+    """Contiguous truncated-BPTT batches: (x, y, starts_epoch) with x, y of shape (B, T).
+
+    `starts_epoch` is True for the first batch of each pass, where a carried state must be reset.
+    """
+
+    def __init__(self, stream: torch.Tensor, batch_size: int, seq_len: int, *, name: str = "train") -> None:
+        columns = len(stream) // batch_size
+        if columns < seq_len + 1:
+            need = batch_size * (seq_len + 1)
+            raise DataError(
+                f"the {name} split has {len(stream)} tokens, fewer than one batch needs "
+                f"(batch_size {batch_size} x (seq_len {seq_len} + 1) = {need}); "
+                "lower data.batch_size or data.seq_len, or add text"
+            )
+        self.data = stream[: columns * batch_size].view(batch_size, columns)  # (B, N)
+        self.seq_len = seq_len
+        self.batches_per_epoch = (columns - 1) // seq_len
+        self.epoch, self.index = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        start = self.index * self.seq_len
+        x = self.data[:, start : start + self.seq_len]
+        y = self.data[:, start + 1 : start + 1 + self.seq_len]
+        starts_epoch = self.index == 0
+        self.index += 1
+        return x, y, starts_epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class RandomWindows:
+    """Batches of windows at random offsets, drawn from a generator whose state is checkpointed."""
+
+    def __init__(
+        self, stream: torch.Tensor, batch_size: int, seq_len: int, *, seed: int, name: str = "train"
+    ) -> None:
+        if len(stream) < seq_len + 1:
+            raise DataError(
+                f"the {name} split has {len(stream)} tokens, fewer than one window of "
+                f"seq_len {seq_len} + 1; lower data.seq_len or add text"
+            )
+        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(seq_len + 1)
+        self.batches_per_epoch = max(1, len(stream) // (batch_size * seq_len))
+        self.drawn = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.drawn // self.batches_per_epoch
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        high = len(self.stream) - self.seq_len
+        starts = torch.randint(high, (self.batch_size,), generator=self.generator)
+        window = self.stream[starts[:, None] + self.offsets]  # (B, T+1)
+        self.drawn += 1
+        return window[:, :-1], window[:, 1:], True
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.drawn = int(state["drawn"])
+
+
+def eval_windows(stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None):
+    """Yield (x, y) batches that cover a stream in order, for evaluation with a carried state.
+
+    Short validation splits shrink the batch (and, if needed, the window) instead of failing.
+    """
+    if len(stream) < 2:
+        raise DataError("the evaluation split has fewer than 2 tokens")
+    seq_len = min(seq_len, len(stream) - 1)
+    batch_size = max(1, min(batch_size, (len(stream) - 1) // seq_len))
+    columns = len(stream) // batch_size
+    data = stream[: columns * batch_size].view(batch_size, columns)
+    count = 0
+    for start in range(0, columns - 1, seq_len):
+        if max_batches is not None and count >= max_batches:
+            return
+        end = min(start + seq_len, columns - 1)
+        yield data[:, start:end], data[:, start + 1 : end + 1]
+        count += 1
+
+
+def make_batches(stream: torch.Tensor, config: DataConfig, seq_len: int, *, sequential: bool, seed: int):
+    """The training batch source that `data.sampling` asks for."""
+    if sequential:
+        return SequentialBatches(stream, config.batch_size, seq_len)
+    return RandomWindows(stream, config.batch_size, seq_len, seed=seed)

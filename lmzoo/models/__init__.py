@@ -1,0 +1,22 @@
+"""Registered model families. Imports are explicit: a reader sees every family that exists."""
+
+from lmzoo.models.registry import (
+    MODEL_REGISTRY,
+    ModelInfo,
+    build_model,
+    count_parameters,
+    get_model_info,
+    list_models,
+    register_model,
+)
+from lmzoo.models import recurrent  # noqa: E402,F401  (registers rnn, lstm, gru)
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "ModelInfo",
+    "build_model",
+    "count_parameters",
+    "get_model_info",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,55 @@
+"""What every language model shares: the forward contract and state helpers.
+
+A language model maps ids (B, T) and an optional decoding state to logits (B, T, V) and a new
+state. Given `targets`, it returns the mean token loss instead of the logits, computed from the
+features by the output head, so a loss never needs the full logits tensor (which matters for an
+adaptive softmax) and a wrapped model (DDP, compile) is still called through `forward`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmzoo.models.heads import OutputHead
+
+PAD_ID = 0  # every lmzoo tokenizer puts <pad> at id 0; losses ignore it
+
+
+class LanguageModel(nn.Module):
+    kind = "lm"
+    # True when training should carry the state from one batch to the next (truncated BPTT).
+    carries_state = False
+    label_smoothing = 0.0  # set by the trainer from train.label_smoothing
+    head: OutputHead
+
+    @property
+    def context_len(self) -> int | None:
+        return None
+
+    def features(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def forward(
+        self, ids: torch.Tensor, state: Any = None, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """(logits (B, T, V), state), or (mean loss over targets != pad, state) when targets are given."""
+        h, state = self.features(ids, state)  # (B, T, C)
+        if targets is None:
+            return self.head.logits(h), state
+        return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=self.label_smoothing), state
+
+
+def detach_state(state: Any) -> Any:
+    """Cut the autograd history of a carried state (tensors inside tuples/lists/dicts)."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, (list, tuple)):
+        return type(state)(detach_state(s) for s in state)
+    if isinstance(state, dict):
+        return {k: detach_state(v) for k, v in state.items()}
+    return state

@@ -1,0 +1,63 @@
+"""Output layers shared by every language model: a full softmax or an adaptive softmax.
+
+The adaptive softmax (Grave et al., 2017) gives frequent words a small full softmax and routes rare
+words through low-rank clusters; it is an exact distribution over the whole vocabulary, so its
+perplexity is comparable with a full softmax, at a fraction of the cost for 10k+ word vocabularies.
+It assumes ids are sorted by frequency, which the word tokenizer guarantees.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class OutputHead(nn.Module):
+    """Maps features (..., C) to next-token scores and computes the token loss."""
+
+    def __init__(
+        self, in_features: int, vocab_size: int, *, adaptive_cutoffs: list[int] | None = None,
+        div_value: float = 4.0, bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.adaptive = bool(adaptive_cutoffs)
+        if self.adaptive:
+            cutoffs = sorted(adaptive_cutoffs or [])
+            if cutoffs[-1] >= vocab_size or cutoffs[0] <= 0:
+                raise ValueError(
+                    f"adaptive_cutoffs {cutoffs} must lie strictly between 0 and the vocabulary size "
+                    f"{vocab_size}; use softmax: full for small vocabularies"
+                )
+            self.adaptive_softmax = nn.AdaptiveLogSoftmaxWithLoss(
+                in_features, vocab_size, cutoffs, div_value=div_value, head_bias=bias
+            )
+        else:
+            self.proj = nn.Linear(in_features, vocab_size, bias=bias)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores (log-probabilities for the adaptive softmax), shape (..., V)."""
+        if not self.adaptive:
+            return self.proj(h)
+        flat = h.reshape(-1, h.shape[-1]).float()
+        return self.adaptive_softmax.log_prob(flat).view(*h.shape[:-1], self.vocab_size)
+
+    def loss(
+        self, h: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """Mean negative log-likelihood of `targets` (…,) given features `h` (…, C)."""
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if not self.adaptive:
+            logits = self.proj(flat_h).float()
+            return F.cross_entropy(logits, flat_t, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        keep = flat_t != ignore_index
+        if not bool(keep.all()):
+            flat_h, flat_t = flat_h[keep], flat_t[keep]
+        return self.adaptive_softmax(flat_h.float(), flat_t).loss
+
+    def tie_to(self, embedding: nn.Embedding) -> None:
+        """Share the output projection with the input embedding (Press & Wolf, 2017)."""
+        if self.adaptive:
+            raise ValueError("tie_weights needs softmax: full (an adaptive softmax has no single matrix to tie)")
+        self.proj.weight = embedding.weight

@@ -1,0 +1,103 @@
+"""Where training numbers go: TensorBoard, metrics.jsonl and the progress bar.
+
+Tags are stable (train/loss, val/loss, val/ppl, lr, grad_norm, tokens_per_sec, ...) and the same
+numbers land in metrics.jsonl, one JSON object per logged step, for scripts to read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Tracker:
+    """Writes scalars and text to TensorBoard and metrics.jsonl.
+
+    On resume from step N, records after N (written by the run before it stopped, after its last
+    checkpoint) are dropped from both, so the curves show one consistent history.
+    """
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / METRICS_FILE
+        if resume_step is not None:
+            self._truncate_metrics(resume_step)
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step)
+        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+
+    def _truncate_metrics(self, step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        from lmzoo.checkpoint import atomic_write_text
+
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        # TensorBoard renders markdown: indent by four spaces so line breaks survive.
+        self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+        self.metrics_file.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl (skipping a torn last line)."""
+    path = Path(run_dir) / METRICS_FILE
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class ProgressBar:
+    """A tqdm bar over optimiser steps that shows loss, lr and tokens/s; silent when disabled."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, steps: int, **postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
