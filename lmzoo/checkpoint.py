@@ -149,8 +149,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
         missing, _ = load_model(model, str(path), strict=False)
     except (SafetensorError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot load weights ({str(err).splitlines()[0]})") from None
-    if missing:
-        raise CheckpointError(f"{path}: no weights for {missing[0]!r} (the checkpoint is for another model)")
+    if missing:  # a set in recent safetensors releases, a list in older ones
+        raise CheckpointError(f"{path}: no weights for {sorted(missing)[0]!r} (the checkpoint is for another model)")
 
 
 def load_train_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -248,7 +248,9 @@ def load_run(run_dir: str | Path, tag: str = "best", device: torch.device | str 
     from lmzoo.tokenizers import load_tokenizer
 
     run_dir = Path(run_dir)
-    config = RunConfig.from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    config = RunConfig.from_dict(  # the corpus may be gone: generate never needs it
+        read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"), check_files=False
+    )
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     try:
         ckpt = checkpoint_dir(run_dir, tag)

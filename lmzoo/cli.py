@@ -11,7 +11,6 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -56,12 +55,12 @@ def _root(
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML run config, e.g. configs/lstm.yaml.", show_default=False),
-    overrides: Optional[list[str]] = typer.Argument(
+    overrides: list[str] | None = typer.Argument(
         None, help="Overrides as section.key=value, e.g. train.lr=3e-4 model.hidden_size=256.", show_default=False
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the newest run of this config from its last checkpoint."),
-    device: Optional[str] = typer.Option(None, help="Force a device: cpu, cuda, cuda:N or mps (default: train.device)."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show the progress bar (default: when stderr is a terminal)."),
+    device: str | None = typer.Option(None, help="Force a device: cpu, cuda, cuda:N or mps (default: train.device)."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Show the progress bar (default: when stderr is a terminal)."),
 ) -> None:
     """Train a model as the config describes; writes runs/<name>/ (config, tokenizer, checkpoints, logs)."""
     with user_errors():
@@ -78,17 +77,17 @@ def train(
 
 @app.command()
 def generate(
-    run: Optional[str] = typer.Option(None, "--run", "-r", help="Run directory or name under ./runs (default: the newest run)."),
-    seed: Optional[str] = typer.Option(None, "--seed", "-s", help="Text to continue; without it, an interactive prompt opens."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (default: the run's sample.max_new_tokens)."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 = greedy."),
-    top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: smallest set of tokens with this much probability."),
+    run: str | None = typer.Option(None, "--run", "-r", help="Run directory or name under ./runs (default: the newest run)."),
+    seed: str | None = typer.Option(None, "--seed", "-s", help="Text to continue; without it, an interactive prompt opens."),
+    max_new_tokens: int | None = typer.Option(None, help="Tokens to generate (default: the run's sample.max_new_tokens)."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature; 0 = greedy."),
+    top_k: int | None = typer.Option(None, help="Sample only among the k most likely tokens."),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling: smallest set of tokens with this much probability."),
     greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages tokens already in the text."),
+    repetition_penalty: float | None = typer.Option(None, help="> 1 discourages tokens already in the text."),
     num_samples: int = typer.Option(1, help="How many continuations to write."),
-    seed_rng: Optional[int] = typer.Option(None, "--seed-rng", help="Random seed for sampling (reproducible output)."),
-    stop: Optional[list[str]] = typer.Option(None, help="Stop when this text appears (repeatable)."),
+    seed_rng: int | None = typer.Option(None, "--seed-rng", help="Random seed for sampling (reproducible output)."),
+    stop: list[str] | None = typer.Option(None, help="Stop when this text appears (repeatable)."),
     checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
@@ -99,15 +98,18 @@ def generate(
         from lmzoo.checkpoint import load_run, resolve_run
         from lmzoo.device import pick_device
         from lmzoo.errors import ConfigError
-        from lmzoo.generate import SamplingOptions, generate as sample
+        from lmzoo.generate import SamplingOptions
+        from lmzoo.generate import generate as sample
 
         loaded = load_run(resolve_run(run), checkpoint, pick_device(device))
         defaults = loaded.config.sample
         options = SamplingOptions(
-            max_new_tokens=max_new_tokens or defaults.max_new_tokens,
+            max_new_tokens=defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
             temperature=defaults.temperature if temperature is None else temperature,
-            top_k=top_k or defaults.top_k, top_p=top_p or defaults.top_p, greedy=greedy,
-            repetition_penalty=repetition_penalty or defaults.repetition_penalty, stop=tuple(stop or ()),
+            top_k=defaults.top_k if top_k is None else top_k,
+            top_p=defaults.top_p if top_p is None else top_p,
+            repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
+            greedy=greedy, stop=tuple(stop or ()),
         )
         problems = [
             (options.temperature < 0, "--temperature must be >= 0"),
@@ -151,8 +153,8 @@ def generate(
 
 @app.command("eval")
 def evaluate(
-    run: Optional[str] = typer.Option(None, "--run", "-r", help="Run directory or name (default: the newest run)."),
-    data: Optional[Path] = typer.Option(None, help="A text file to score (default: the run's split)."),
+    run: str | None = typer.Option(None, "--run", "-r", help="Run directory or name (default: the newest run)."),
+    data: Path | None = typer.Option(None, help="A text file to score (default: the run's split)."),
     split: str = typer.Option("val", help="Which split of the run's corpus when --data is not given: val or test."),
     checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),

@@ -8,12 +8,21 @@ config class that the chosen model registered, so each family documents its own 
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from lmzoo.errors import ConfigError
 
@@ -38,9 +47,10 @@ def resolve_data_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
-def _existing_file(path: str) -> str:
+def _existing_file(path: str, info: ValidationInfo) -> str:
     resolved = resolve_data_path(path)
-    if not resolved.is_file():
+    # A trained run is reloaded with check_files=False: sampling from it never needs its corpus.
+    if (info.context or {}).get("check_files", True) and not resolved.is_file():
         raise ValueError(f"file not found: {resolved}")
     return path
 
@@ -48,7 +58,7 @@ def _existing_file(path: str) -> str:
 class DataConfig(Section):
     """Where the text comes from and how it is cut into batches."""
 
-    train: Union[str, list[str]] = "lmzoo:tinyshakespeare.txt"
+    train: str | list[str] = "lmzoo:tinyshakespeare.txt"
     val: str | None = None  # a separate validation file; by default it is split off `train`
     test: str | None = None
     split: tuple[Probability, Probability, Probability] = (0.9, 0.05, 0.05)  # train/val/test, by lines
@@ -61,18 +71,18 @@ class DataConfig(Section):
 
     @field_validator("train")
     @classmethod
-    def _train_exists(cls, value: str | list[str]) -> str | list[str]:
+    def _train_exists(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
         paths = [value] if isinstance(value, str) else value
         if not paths:
             raise ValueError("needs at least one file")
         for path in paths:
-            _existing_file(path)
+            _existing_file(path, info)
         return value
 
     @field_validator("val", "test")
     @classmethod
-    def _split_file_exists(cls, value: str | None) -> str | None:
-        return None if value is None else _existing_file(value)
+    def _split_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _existing_file(value, info)
 
     @field_validator("split")
     @classmethod
@@ -116,7 +126,7 @@ class BpeTokenizerConfig(Section):
     fit_on: Literal["train", "all"] = "train"
 
 
-TokenizerConfig = Union[CharTokenizerConfig, WordTokenizerConfig, BpeTokenizerConfig]
+TokenizerConfig = CharTokenizerConfig | WordTokenizerConfig | BpeTokenizerConfig
 TOKENIZER_CONFIGS: dict[str, type[Section]] = {
     "char": CharTokenizerConfig,
     "word": WordTokenizerConfig,
@@ -163,6 +173,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     nan_policy: Literal["stop", "skip"] = "stop"
+    compile: bool = False  # torch.compile the model's forward (falls back to eager with a warning)
 
     @field_validator("device")
     @classmethod
@@ -213,8 +224,11 @@ class RunConfig(Section):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, raw: Any, *, source: str = "config") -> RunConfig:
-        """Validate a plain dict (as read from YAML) into a RunConfig; raise ConfigError on any problem."""
+    def from_dict(cls, raw: Any, *, source: str = "config", check_files: bool = True) -> RunConfig:
+        """Validate a plain dict (as read from YAML) into a RunConfig; raise ConfigError on any problem.
+
+        `check_files=False` skips the data files' existence checks (for reloading a trained run).
+        """
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections, got {_kind(raw)}")
         raw = dict(raw)
@@ -224,7 +238,7 @@ class RunConfig(Section):
             raise ConfigError(f"{source}: model: missing section (it needs at least `name:`)")
         tokenizer = _validate_tagged(tokenizer_raw, "tokenizer", "kind", TOKENIZER_CONFIGS, "char", source)
         model = validate_model_section(model_raw, source)
-        run = _validate(cls, {**raw, "tokenizer": tokenizer, "model": model}, (), source)
+        run = _validate(cls, {**raw, "tokenizer": tokenizer, "model": model}, (), source, {"check_files": check_files})
         try:
             model.check_run(run)
         except ValueError as err:
@@ -260,9 +274,11 @@ def _validate_tagged(
     return _validate(classes[choice], {**raw, tag: choice}, (section,), source)
 
 
-def _validate(cls: type[BaseModel], raw: dict, prefix: tuple[str, ...], source: str) -> Any:
+def _validate(
+    cls: type[BaseModel], raw: dict, prefix: tuple[str, ...], source: str, context: dict | None = None
+) -> Any:
     try:
-        return cls.model_validate(raw)
+        return cls.model_validate(raw, context=context)
     except ValidationError as err:
         raise ConfigError(f"{source}: {_describe(err, cls, prefix)}") from None
 
@@ -271,7 +287,7 @@ def _describe(err: ValidationError, cls: type[BaseModel], prefix: tuple[str, ...
     """One line for the first error of a pydantic ValidationError, naming the key path."""
     errors = err.errors(include_url=False)
     first = errors[0]
-    loc = tuple(str(part) for part in first["loc"])
+    loc = _key_path(cls, first["loc"])
     path = ".".join(prefix + loc) or "(top level)"
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":
@@ -285,6 +301,28 @@ def _describe(err: ValidationError, cls: type[BaseModel], prefix: tuple[str, ...
     for noise in ("Value error, ", "value error, "):
         message = message.replace(noise, "")
     return f"{path}: {message}, got {first.get('input')!r}{more}"
+
+
+def _key_path(cls: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, ...]:
+    """The error location as config keys: drop the member tags pydantic adds inside a union (`str`, ...)."""
+    parts: list[str] = []
+    current: Any = cls
+    skip_tag = False
+    for part in loc:
+        if skip_tag:
+            skip_tag = False
+            continue
+        parts.append(str(part))
+        fields = current.model_fields if isinstance(current, type) and issubclass(current, BaseModel) else {}
+        field = fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            current = None
+            continue
+        members = [a for a in typing.get_args(field.annotation) if a is not type(None)]
+        current = _section_class(field.annotation)
+        is_union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+        skip_tag = current is None and is_union and len(members) > 1
+    return tuple(parts)
 
 
 def _fields_at(cls: type[BaseModel], loc: tuple[str, ...]) -> list[str]:

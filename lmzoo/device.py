@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import sys
 import time
 from typing import Any
 
@@ -92,6 +93,32 @@ def make_grad_scaler(device: torch.device, precision: str) -> Any:
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(device.type)
+
+
+class MaybeCompiled:
+    """Calls a torch.compile'd model; if compiling fails (no compiler, unsupported op, old platform),
+    warns once and runs the model eagerly from then on."""
+
+    def __init__(self, model: torch.nn.Module, warn: Any = None) -> None:
+        self.model, self.warn = model, warn or (lambda message: print(message, file=sys.stderr))
+        self.compiled: Any = None
+        try:
+            self.compiled = torch.compile(model)
+        except Exception as err:  # compile unavailable on this platform/build
+            self._fall_back(err)
+
+    def _fall_back(self, err: Exception) -> None:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        self.warn(f"warning: torch.compile is unavailable here ({first}); training without it")
+        self.compiled = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:  # a backend failure on first use; eager re-raises real bugs
+                self._fall_back(err)
+        return self.model(*args, **kwargs)
 
 
 def seed_everything(seed: int) -> None:

@@ -81,7 +81,7 @@ def generate_ids(
     ids = list(prompt_ids)[-context:] if context else list(prompt_ids)
     if not ids:
         raise ValueError("generation needs at least one prompt token")
-    logits, state = model(torch.tensor([ids], device=device))  # the prompt, fed once
+    logits, state = model(torch.tensor([ids], device=device), model.init_state(1))  # the prompt, fed once
     vocab = logits.shape[-1]
     seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
     seen[0, torch.tensor(ids, device=device)] = True

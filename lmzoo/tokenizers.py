@@ -166,6 +166,9 @@ class BpeTokenizer(Tokenizer):
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+        # Text that spells a special token ("<unk>", "<eos>", ...) is ordinary text, not that id;
+        # otherwise it would decode to nothing. (Not stored by to_str(), so set on every load.)
+        self.backend.encode_special_tokens = True
 
     @classmethod
     def fit(cls, text: str, config: Any) -> BpeTokenizer:

@@ -29,7 +29,9 @@ class Tracker:
         self.metrics_path = run_dir / METRICS_FILE
         if resume_step is not None:
             self._truncate_metrics(resume_step)
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step)
+        # TensorBoard drops events at steps >= purge_step; step `resume_step` itself is kept, as in metrics.jsonl.
+        purge_step = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
 
     def _truncate_metrics(self, step: int) -> None:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,16 @@ import torch
 from lmzoo import checkpoint as ckpt
 from lmzoo.config import RunConfig, TrainConfig, config_to_yaml, load_config
 from lmzoo.data import encode_stream, make_batches, read_splits
-from lmzoo.device import autocast, make_grad_scaler, pick_device, pick_precision, rng_state, seed_everything, set_rng_state
+from lmzoo.device import (
+    MaybeCompiled,
+    autocast,
+    make_grad_scaler,
+    pick_device,
+    pick_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from lmzoo.errors import ConfigError, TrainingStopped
 from lmzoo.evaluate import evaluate_lm
 from lmzoo.generate import SamplingOptions, generate
@@ -101,7 +110,121 @@ class LoopState:
     tokens_seen: int = 0
     best_val: float = math.inf
     evals_since_best: int = 0
-    carried: Any = None
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's micro-batches
+    grad_norm: float
+    tokens: int
+    applied: bool  # False when the loss or gradient was not finite and the update was skipped
+
+
+class TrainStep:
+    """One optimiser step: `grad_accum` micro-batches of forward/backward, then unscale, clip, update.
+
+    It owns the carried recurrent state (truncated BPTT) and the fp16 grad scaler, so the loop in
+    `train` and the benchmark run exactly the same step.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Any, cfg: TrainConfig,
+        device: torch.device, precision: str, *, carry: bool,
+    ) -> None:
+        self.model, self.optimizer, self.batches, self.cfg = model, optimizer, batches, cfg
+        self.device, self.precision, self.carry = device, precision, carry
+        self.scaler = make_grad_scaler(device, precision)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.carried: Any = None
+        self.forward = MaybeCompiled(model) if cfg.compile else model
+
+    def __call__(self, lr: float) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum, loss_sum, tokens = self.cfg.grad_accum, 0.0, 0
+        for _ in range(accum):
+            x, y, starts_epoch = self.batches.next()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            state_in = None if (starts_epoch or not self.carry) else self.carried
+            with autocast(self.device, self.precision):
+                loss, state_out = self.forward(x, state_in, targets=y)
+            if self.carry:
+                self.carried = detach_state(state_out)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += float(loss.detach())
+            tokens += y.numel()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf")))
+        loss = loss_sum / accum
+        applied = self.scaler is not None or (math.isfinite(loss) and math.isfinite(grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+        elif applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, applied=applied)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": self.batches.state_dict(),
+            "carried": self.carried if self.carry else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data"])
+        self.carried = state.get("carried")
+
+
+@dataclass
+class Setup:
+    """Everything a training run is built from (also what scripts/bench.py times)."""
+
+    device: torch.device
+    precision: str
+    tokenizer: Any
+    train_stream: torch.Tensor
+    val_stream: torch.Tensor
+    seq_len: int
+    model: torch.nn.Module
+    stepper: TrainStep
+    max_steps: int
+
+
+def setup_training(config: RunConfig, tokenizer: Any = None) -> Setup:
+    """Read and tokenize the data (fitting a tokenizer unless one is given), build model, optimiser and step."""
+    device = pick_device(config.train.device)
+    precision = pick_precision(device, config.train.precision)
+    seed_everything(config.seed)
+    splits = read_splits(config.data)  # all data problems surface before a model is built
+    if tokenizer is None:
+        fit_text = splits.train if config.tokenizer.fit_on == "train" else splits.train + splits.val + splits.test
+        tokenizer = fit_tokenizer(config.tokenizer, fit_text)
+    train_stream = encode_stream(tokenizer, splits.train)
+    val_stream = encode_stream(tokenizer, splits.val)
+    seq_len = config.seq_len
+    config.data.seq_len = seq_len
+
+    model = build_model(config.model, tokenizer.vocab_size)
+    model.label_smoothing = config.train.label_smoothing
+    model.to(device)
+    sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and model.carries_state)
+    batches = make_batches(train_stream, config.data, seq_len, sequential=sequential, seed=config.seed)
+    optimizer = make_optimizer(model, config.train, device)
+    stepper = TrainStep(
+        model, optimizer, batches, config.train, device, precision, carry=model.carries_state and sequential
+    )
+    return Setup(
+        device=device, precision=precision, tokenizer=tokenizer, train_stream=train_stream, val_stream=val_stream,
+        seq_len=seq_len, model=model, stepper=stepper, max_steps=config.train.resolved_max_steps(len(batches)),
+    )
 
 
 def prepare_run_dir(config: RunConfig, resume: bool) -> tuple[Path, bool]:
@@ -136,64 +259,35 @@ def train(
 ) -> Path:
     """Train the run the config describes (or continue it with resume=True); return its directory."""
     run_dir, resuming = prepare_run_dir(config, resume)
-    saved_state: dict[str, Any] | None = None
     if resuming:
         ckpt.recover_checkpoints(run_dir)
         saved = load_config(run_dir / "config.yaml")
         _check_same_shape(config, saved)
         config.name = saved.name
-    device = pick_device(config.train.device)
-    precision = pick_precision(device, config.train.precision)
-    seed_everything(config.seed)
-
-    splits = read_splits(config.data)  # all data problems surface before a model is built
-    if resuming:
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    else:
-        fit_text = splits.train if config.tokenizer.fit_on == "train" else splits.train + splits.val + splits.test
-        tokenizer = fit_tokenizer(config.tokenizer, fit_text)
-    train_stream = encode_stream(tokenizer, splits.train)
-    val_stream = encode_stream(tokenizer, splits.val)
-    seq_len = config.seq_len
-    config.data.seq_len = seq_len
-
-    model = build_model(config.model, tokenizer.vocab_size)
-    model.label_smoothing = config.train.label_smoothing
-    model.to(device)
-    carry = model.carries_state
-    sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and carry)
-    carry = carry and sequential
-    batches = make_batches(train_stream, config.data, seq_len, sequential=sequential, seed=config.seed)
-    tcfg = config.train
-    max_steps = tcfg.resolved_max_steps(len(batches))
-    optimizer = make_optimizer(model, tcfg, device)
-    scaler = make_grad_scaler(device, precision)
+    setup = setup_training(config, tokenizer=load_tokenizer(run_dir / "tokenizer.json") if resuming else None)
+    model, tokenizer, stepper, device, precision = (
+        setup.model, setup.tokenizer, setup.stepper, setup.device, setup.precision
+    )
+    tcfg, max_steps, seq_len, val_stream = config.train, setup.max_steps, setup.seq_len, setup.val_stream
 
     loop = LoopState()
     if resuming:
         last = ckpt.checkpoint_dir(run_dir, "last")
         ckpt.load_weights(model, last / ckpt.WEIGHTS)
         saved_state = ckpt.load_train_state(last / ckpt.STATE, device)
-        optimizer.load_state_dict(saved_state["optimizer"])
-        if scaler is not None and saved_state.get("scaler"):
-            scaler.load_state_dict(saved_state["scaler"])
-        batches.load_state_dict(saved_state["data"])
+        stepper.load_state_dict(saved_state)
         set_rng_state(saved_state["rng"])
-        loop = LoopState(
-            step=saved_state["step"], tokens_seen=saved_state["tokens_seen"], best_val=saved_state["best_val"],
-            evals_since_best=saved_state["evals_since_best"], carried=saved_state.get("carried"),
-        )
+        loop = LoopState(**{k: saved_state[k] for k in ("step", "tokens_seen", "best_val", "evals_since_best")})
     else:
         run_dir.mkdir(parents=True, exist_ok=False)
-        tokenizer.save(run_dir / "tokenizer.json")
+        setup.tokenizer.save(run_dir / "tokenizer.json")
     ckpt.atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 
     tracker = Tracker(run_dir, resume_step=loop.step if resuming else None)
     bar = ProgressBar(max_steps, loop.step, enabled=progress)
-    n_params = count_parameters(model)
     bar.write(
-        f"lmzoo: {'resuming' if resuming else 'training'} {config.model.name} ({n_params:,} parameters, "
-        f"vocab {tokenizer.vocab_size}) on {device.type}, {precision}, {max_steps} steps -> {run_dir}"
+        f"lmzoo: {'resuming' if resuming else 'training'} {config.model.name} ({count_parameters(model):,} "
+        f"parameters, vocab {tokenizer.vocab_size}) on {device.type}, {precision}, {max_steps} steps -> {run_dir}"
     )
     hint = resume_hint or f"lmzoo train <config> --resume  (run {run_dir})"
     sample_options = SamplingOptions(
@@ -201,17 +295,10 @@ def train(
         top_k=config.sample.top_k, top_p=config.sample.top_p, repetition_penalty=config.sample.repetition_penalty,
     )
 
-    def train_state() -> dict[str, Any]:
-        return {
-            "step": loop.step, "tokens_seen": loop.tokens_seen, "best_val": loop.best_val,
-            "evals_since_best": loop.evals_since_best, "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
-            "data": batches.state_dict(), "carried": detach_state(loop.carried) if carry else None,
-        }
-
     def save_last() -> None:
-        ckpt.save_checkpoint(run_dir, "last", model, info={"step": loop.step, "val_loss": loop.best_val},
-                             train_state=train_state())
+        state = {**asdict(loop), **stepper.state_dict(), "rng": rng_state()}
+        ckpt.save_checkpoint(run_dir, "last", model, info={"step": loop.step, "best_val_loss": loop.best_val},
+                             train_state=state)
 
     def run_eval() -> bool:
         """Evaluate, log, keep the best weights; return True when early stopping says stop."""
@@ -234,7 +321,6 @@ def train(
         )
         return tcfg.patience is not None and loop.evals_since_best >= tcfg.patience
 
-    params = [p for p in model.parameters() if p.requires_grad]
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     stopped_early = False
     model.train()
@@ -242,60 +328,35 @@ def train(
         with GracefulStop() as stop:
             while loop.step < max_steps:
                 lr = lr_at(loop.step, tcfg, max_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss = 0.0
-                for _ in range(tcfg.grad_accum):
-                    x, y, starts_epoch = batches.next()
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    state_in = None if (starts_epoch or not carry) else loop.carried
-                    with autocast(device, precision):
-                        loss, state_out = model(x, state_in, targets=y)
-                    if carry:
-                        loop.carried = detach_state(state_out)
-                    scaled = loss / tcfg.grad_accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    step_loss += float(loss.detach()) / tcfg.grad_accum
-                    window_tokens += y.numel()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip or float("inf"))
-                if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))) and scaler is None:
-                    optimizer.zero_grad(set_to_none=True)
+                result = stepper(lr)
+                if not result.applied:
                     if tcfg.nan_policy == "stop":
                         raise TrainingStopped(
-                            f"the loss became {step_loss} at step {loop.step + 1}; stopped without saving it. "
-                            f"The last good checkpoint is in {run_dir / 'checkpoints'} "
-                            "(lower train.lr, or set train.nan_policy: skip)", EXIT_NONFINITE,
+                            f"the loss became {result.loss} (gradient norm {result.grad_norm}) at step "
+                            f"{loop.step + 1}; stopped without saving it. The last good checkpoint is in "
+                            f"{run_dir / 'checkpoints'} (lower train.lr, or set train.nan_policy: skip)",
+                            EXIT_NONFINITE,
                         )
-                    bar.write(f"warning: non-finite loss/gradient at step {loop.step + 1}; step skipped")
-                else:
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    bar.write(f"warning: non-finite loss or gradient at step {loop.step + 1}; update skipped")
                 loop.step += 1
-                loop.tokens_seen += y.numel() * tcfg.grad_accum
-                window_loss += step_loss
+                loop.tokens_seen += result.tokens
+                window_loss += result.loss
                 window_steps += 1
+                window_tokens += result.tokens
                 if on_step is not None:
-                    on_step(loop.step, step_loss)
+                    on_step(loop.step, result.loss)
 
-                if loop.step % tcfg.log_every == 0 or loop.step == max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    speed = window_tokens / max(elapsed, 1e-9)
+                at_end = loop.step == max_steps
+                if loop.step % tcfg.log_every == 0 or at_end:
+                    speed = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                     tracker.log(loop.step, {
-                        "train/loss": window_loss / window_steps, "lr": lr, "grad_norm": float(grad_norm),
-                        "tokens_per_sec": speed, "train/epoch": loop.tokens_seen / max(1, len(train_stream)),
+                        "train/loss": window_loss / window_steps, "lr": lr, "grad_norm": result.grad_norm,
+                        "tokens_per_sec": speed, "train/epoch": loop.tokens_seen / max(1, len(setup.train_stream)),
                     })
                     bar.update(window_steps, loss=f"{window_loss / window_steps:.3f}", lr=f"{lr:.2e}",
                                tok_s=f"{speed:,.0f}")
                     window_loss, window_steps, window_tokens = 0.0, 0, 0
                     window_start = time.perf_counter()
-
-                at_end = loop.step == max_steps
                 if loop.step % tcfg.eval_every == 0 or at_end:
                     stopped_early = run_eval()
                     window_start = time.perf_counter()  # tokens/s measures training only

@@ -1,5 +1,6 @@
 """Registered model families. Imports are explicit: a reader sees every family that exists."""
 
+from lmzoo.models import recurrent, transformer  # noqa: E402,F401  (rnn, lstm, gru; gpt)
 from lmzoo.models.registry import (
     MODEL_REGISTRY,
     ModelInfo,
@@ -9,7 +10,6 @@ from lmzoo.models.registry import (
     list_models,
     register_model,
 )
-from lmzoo.models import recurrent  # noqa: E402,F401  (registers rnn, lstm, gru)
 
 __all__ = [
     "MODEL_REGISTRY",

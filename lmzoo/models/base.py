@@ -29,6 +29,10 @@ class LanguageModel(nn.Module):
     def context_len(self) -> int | None:
         return None
 
+    def init_state(self, batch_size: int) -> Any:
+        """The state to pass with a prompt to start decoding (None: the model builds its own)."""
+        return None
+
     def features(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 

@@ -91,7 +91,7 @@ class RecurrentLM(LanguageModel):
         self.embedding = nn.Embedding(vocab_size, config.embedding_dim)
         self.dropout = nn.Dropout(config.dropout)
         sizes = [config.embedding_dim] + [config.hidden_size] * config.num_layers
-        self.layers = nn.ModuleList(self.make_layer(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(self.make_layer(i, o) for i, o in zip(sizes[:-1], sizes[1:], strict=True))
         mlp: list[nn.Module] = []
         width = config.hidden_size
         for size in config.head_sizes:

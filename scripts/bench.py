@@ -1,0 +1,434 @@
+"""lmzoo benchmarks: training and generation speed, FLOP utilisation, peak memory.
+
+    python scripts/bench.py                 # every row, markdown table on stdout
+    python scripts/bench.py --rows word     # one group of rows (see ROW_GROUPS)
+    python scripts/bench.py --steps 10      # quicker, noisier
+
+Every speed is measured together with its baseline in the same process, interleaved (A, B, A, B),
+so ratios hold on a noisy machine. Each row runs in its own subprocess so its peak memory is its
+own. The machine's matmul peak (fp32 and bf16) is measured in the same run, and model FLOP/s are
+reported as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+# ---- measurement helpers -------------------------------------------------------------------------
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
+    """Best achieved GFLOP/s of an n x n x n matmul (the machine's practical peak for dtype)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    _sync()
+    start = time.perf_counter()
+    a @ b  # warm-up; a very slow dtype (bf16 emulated on CPUs without AVX512-BF16) gets fewer repeats
+    _sync()
+    best = time.perf_counter() - start
+    for _ in range(min(reps, int(1.0 / best))):
+        _sync()
+        start = time.perf_counter()
+        a @ b
+        _sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def forward_flops_per_token(model: nn.Module, targets: torch.Tensor | None = None, seq_len: int = 0) -> float:
+    """Matmul FLOPs of one token's forward pass (training costs 3x: forward + 2x backward).
+
+    Recurrent cells count 2 * gates * H * (I + H); linear layers 2 * in * out; an adaptive softmax
+    counts its head for every token and each tail cluster for the share of targets that reach it;
+    attention adds 2 * 2 * T * d per layer (scores and weighted values, as nanoGPT's MFU counts).
+    """
+    from lmzoo.models.recurrent import ElmanRNN
+
+    total = 0.0
+    for module in model.modules():
+        if isinstance(module, (nn.LSTM, nn.GRU)):
+            gates = 4 if isinstance(module, nn.LSTM) else 3
+            total += 2 * gates * module.hidden_size * (module.input_size + module.hidden_size)
+        elif isinstance(module, ElmanRNN):
+            total += 2 * module.weight_hh.shape[0] * (module.weight_ih.shape[1] + module.weight_hh.shape[0])
+        elif isinstance(module, nn.AdaptiveLogSoftmaxWithLoss):
+            total += 2 * module.head.in_features * module.head.out_features
+            flat = targets.reshape(-1) if targets is not None else None
+            for index, cluster in enumerate(module.tail):
+                low, high = module.cutoffs[index], module.cutoffs[index + 1]
+                share = float(((flat >= low) & (flat < high)).float().mean()) if flat is not None else 0.0
+                total += share * sum(2 * m.in_features * m.out_features for m in cluster if isinstance(m, nn.Linear))
+        elif isinstance(module, nn.Linear) and not _inside_adaptive(model, module):
+            total += 2 * module.in_features * module.out_features
+    for module in model.modules():
+        if hasattr(module, "attention_flops_per_token"):
+            total += module.attention_flops_per_token(seq_len)
+    return total
+
+
+def _inside_adaptive(model: nn.Module, linear: nn.Linear) -> bool:
+    return any(
+        isinstance(m, nn.AdaptiveLogSoftmaxWithLoss) and any(p is linear for p in m.modules())
+        for m in model.modules()
+    )
+
+
+def interleaved(runners: dict[str, callable], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each runner, timed in alternation to cancel machine drift."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            _sync()
+            start = time.perf_counter()
+            run()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def load_setup(config_name: str, overrides: list[str] | None = None):
+    from lmzoo.config import load_config
+    from lmzoo.train import setup_training
+
+    config = load_config(CONFIGS / f"{config_name}.yaml", (overrides or []) + ["train.device=auto"])
+    return config, setup_training(config)
+
+
+def time_generation(model: nn.Module, tokenizer, n_tokens: int = 1000) -> tuple[float, float]:
+    """Tokens/s over the first 100 and the last 100 of n_tokens new tokens (greedy, one prompt token)."""
+    from lmzoo.generate import SamplingOptions, generate_ids
+
+    model.eval()
+    options = SamplingOptions(max_new_tokens=n_tokens, greedy=True)
+    stamps = [time.perf_counter()]
+    for _ in generate_ids(model, [tokenizer.encode("\n")[0]], options):
+        stamps.append(time.perf_counter())
+    model.train()
+    first = 100 / (stamps[100] - stamps[0])
+    last = 100 / (stamps[n_tokens] - stamps[n_tokens - 100])
+    return first, last
+
+
+# ---- rows ------------------------------------------------------------------------------------------
+
+
+def row_recurrent(name: str, steps: int) -> dict:
+    """Training tokens/s (fp32 and the default precision), MFU, generation speed, peak memory."""
+    from lmzoo.device import pick_precision
+
+    config, setup = load_setup(name)
+    default_precision = pick_precision(setup.device, "auto")
+    precisions = ["fp32"] + ([default_precision] if default_precision != "fp32" else [])
+    result = {"row": name, "device": setup.device.type, "default_precision": default_precision}
+    for precision in precisions:
+        setup.stepper.precision = precision
+        for _ in range(3):
+            setup.stepper(1e-4)  # warm-up
+        seconds = interleaved({"step": lambda: setup.stepper(1e-4)}, steps)["step"]
+        tokens = config.data.batch_size * setup.seq_len * config.train.grad_accum
+        result[f"train_tok_s_{precision}"] = tokens / seconds
+    x, y, _ = setup.stepper.batches.next()
+    flops = 3 * forward_flops_per_token(setup.model, y, setup.seq_len)
+    result["train_gflops_fp32"] = flops * result["train_tok_s_fp32"] / 1e9
+    result["gen_tok_s_first100"], result["gen_tok_s_last100"] = time_generation(setup.model, setup.tokenizer)
+    result["params"] = sum(p.numel() for p in setup.model.parameters())
+    return result
+
+
+class PlainWordLSTM(nn.Module):
+    """The baseline: a plain full-softmax LSTM LM as in pytorch/examples' word_language_model."""
+
+    def __init__(self, vocab: int, size: int = 200, layers: int = 2, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(vocab, size)
+        self.rnn = nn.LSTM(size, size, layers, dropout=dropout)
+        self.decoder = nn.Linear(size, vocab)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, x: torch.Tensor, hidden):
+        output, hidden = self.rnn(self.drop(self.encoder(x)), hidden)  # (T, B, H)
+        return self.decoder(self.drop(output)), hidden
+
+
+def row_word(steps: int) -> dict:
+    """lmzoo's word LSTM (configs/lstm_word.yaml) against the plain full-softmax fp32 step, same data."""
+    config, setup = load_setup("lstm_word")
+    vocab = setup.tokenizer.vocab_size
+    torch.manual_seed(0)
+    baseline = PlainWordLSTM(vocab).to(setup.device)
+    optimizer = torch.optim.SGD(baseline.parameters(), lr=20.0)
+    batches = setup.stepper.batches
+    hidden = None
+
+    def baseline_step() -> None:
+        nonlocal hidden
+        x, y, _ = batches.next()
+        x, y = x.t().contiguous().to(setup.device), y.t().contiguous().to(setup.device)  # (T, B) like the original
+        hidden = None if hidden is None else tuple(h.detach() for h in hidden)
+        logits, hidden = baseline(x, hidden)
+        loss = nn.functional.cross_entropy(logits.view(-1, vocab), y.view(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(baseline.parameters(), 0.25)
+        optimizer.step()
+
+    setup.stepper.precision = "fp32"
+    for _ in range(3):
+        baseline_step()
+        setup.stepper(1e-4)
+    seconds = interleaved({"baseline": baseline_step, "lmzoo": lambda: setup.stepper(1e-4)}, steps)
+    tokens = config.data.batch_size * setup.seq_len
+    _, y, _ = batches.next()
+    return {
+        "row": "lstm_word", "device": setup.device.type, "vocab": vocab,
+        "baseline_tok_s": tokens / seconds["baseline"], "lmzoo_tok_s": tokens / seconds["lmzoo"],
+        "speedup": seconds["baseline"] / seconds["lmzoo"],
+        "lmzoo_gflops": 3 * forward_flops_per_token(setup.model, y) * tokens / seconds["lmzoo"] / 1e9,
+        "baseline_gflops": 3 * forward_flops_per_token(baseline) * tokens / seconds["baseline"] / 1e9,
+    }
+
+
+class PlainGPT(nn.Module):
+    """The baseline: a straightforward fp32 GPT of the same shape as configs/gpt.yaml.
+
+    Fused QKV projection, SDPA causal attention, GELU MLP, pre-LN without biases, tied output
+    layer; trained with the default (unfused) AdamW, a batch stacked from slices every step and
+    the loss read back every step: the plain recipe that lmzoo's step is compared against.
+    """
+
+    def __init__(self, vocab: int, d: int = 128, heads: int = 4, layers: int = 4, context: int = 64) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(context, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({
+                "ln1": nn.LayerNorm(d, bias=False), "qkv": nn.Linear(d, 3 * d, bias=False),
+                "proj": nn.Linear(d, d, bias=False), "ln2": nn.LayerNorm(d, bias=False),
+                "fc": nn.Linear(d, 4 * d, bias=False), "out": nn.Linear(4 * d, d, bias=False),
+            })
+            for _ in range(layers)
+        )
+        self.ln_f = nn.LayerNorm(d, bias=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape
+        h = self.wte(x) + self.wpe(torch.arange(t))
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](h)).split(h.shape[-1], dim=2)
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + blk["proj"](a.transpose(1, 2).reshape(b, t, -1))
+            h = h + blk["out"](nn.functional.gelu(blk["fc"](blk["ln2"](h))))
+        logits = self.lm_head(self.ln_f(h))
+        return nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+
+
+def row_gpt(steps: int) -> dict:
+    """lmzoo configs/gpt.yaml step against the plain fp32 GPT step, on the same data, interleaved."""
+    from lmzoo.device import pick_precision
+
+    config, setup = load_setup("gpt")
+    vocab, stream = setup.tokenizer.vocab_size, setup.train_stream
+    batch, seq = config.data.batch_size, setup.seq_len
+    torch.manual_seed(0)
+    baseline = PlainGPT(vocab)
+    optimizer = torch.optim.AdamW(baseline.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def baseline_step() -> None:
+        starts = torch.randint(len(stream) - seq, (batch,))
+        x = torch.stack([stream[i : i + seq] for i in starts])
+        y = torch.stack([stream[i + 1 : i + 1 + seq] for i in starts])
+        loss = baseline(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(baseline.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    default = pick_precision(setup.device, "auto")
+    runners = {"baseline": baseline_step, "lmzoo_fp32": lambda: _step_at(setup, "fp32")}
+    if default != "fp32":
+        runners[f"lmzoo_{default}"] = lambda: _step_at(setup, default)
+    for run in runners.values():
+        for _ in range(3):
+            run()
+    seconds = interleaved(runners, steps)
+    tokens = batch * seq
+    x, y, _ = setup.stepper.batches.next()
+    flops = 3 * forward_flops_per_token(setup.model, y, seq)
+    result = {"row": "gpt", "device": setup.device.type, "default_precision": default,
+              "model_gflop_per_token": flops / 1e9}
+    for name, sec in seconds.items():
+        result[f"{name}_tok_s"] = tokens / sec
+        result[f"{name}_gflops"] = flops * tokens / sec / 1e9
+    result["speedup"] = seconds["baseline"] / seconds[f"lmzoo_{default}"]
+    result.update(gpt_generation())
+    return result
+
+
+def _step_at(setup, precision: str) -> None:
+    setup.stepper.precision = precision
+    setup.stepper(1e-4)
+
+
+def gpt_generation(context: int = 256, new_tokens: int = 512) -> dict:
+    """Greedy decoding tokens/s at context 256 (configs/gpt_gpu.yaml size): KV cache vs recomputing the window."""
+    from lmzoo.config import load_config
+    from lmzoo.generate import SamplingOptions, generate_ids
+    from lmzoo.models import build_model
+
+    config = load_config(CONFIGS / "gpt_gpu.yaml")
+    model = build_model(config.model, 69).eval()
+    assert model.context_len == context
+    options = SamplingOptions(max_new_tokens=new_tokens, greedy=True)
+    start = time.perf_counter()
+    cached = list(generate_ids(model, [5], options))
+    with_cache = new_tokens / (time.perf_counter() - start)
+    ids = torch.tensor([[5]])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            logits, _ = model(ids[:, -context:])  # the whole window, every token
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    without_cache = new_tokens / (time.perf_counter() - start)
+    same_prefix = ids[0, 1 : 1 + context].tolist() == cached[:context]
+    return {"gen_tok_s_kv_cache": with_cache, "gen_tok_s_recompute": without_cache,
+            "gen_cache_speedup": with_cache / without_cache, "gen_same_tokens_within_context": same_prefix}
+
+
+ROWS = {
+    "rnn": lambda steps: row_recurrent("rnn", steps),
+    "lstm": lambda steps: row_recurrent("lstm", steps),
+    "gru": lambda steps: row_recurrent("gru", steps),
+    "word": row_word,
+    "gpt": row_gpt,
+}
+ROW_GROUPS = {"recurrent": ["rnn", "lstm", "gru"], "all": list(ROWS)}
+
+
+def run_row(name: str, steps: int) -> dict:
+    """Run one row in a fresh interpreter so its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--one", name, "--steps", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        return {"row": name, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def format_table(peaks: dict, results: list[dict]) -> str:
+    lines = [
+        f"matmul peak (1024^3): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s "
+        f"({peaks['device']}, {torch.get_num_threads()} threads, torch {torch.__version__})",
+        "",
+        "| row | train tok/s fp32 | train tok/s default | model GFLOP/s (fp32) | of fp32 peak | "
+        "gen tok/s 1-100 | gen tok/s 901-1000 | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['row']} | error: {r['error']} |")
+        elif r["row"] in ROW_GROUPS["recurrent"]:
+            default = r.get(f"train_tok_s_{r['default_precision']}", r["train_tok_s_fp32"])
+            lines.append(
+                f"| {r['row']} | {r['train_tok_s_fp32']:,.0f} | {default:,.0f} ({r['default_precision']}) | "
+                f"{r['train_gflops_fp32']:.1f} | {r['train_gflops_fp32'] / peaks['fp32']:.0%} | "
+                f"{r['gen_tok_s_first100']:,.0f} | {r['gen_tok_s_last100']:,.0f} | {r['peak_rss_mb']:,.0f} |"
+            )
+    for r in results:
+        if r.get("row") == "lstm_word" and "error" not in r:
+            lines += [
+                "",
+                "| word LSTM 2x200, bptt 35, batch 20, vocab "
+                f"{r['vocab']:,} | tokens/s | model GFLOP/s | of fp32 peak |",
+                "|---|---|---|---|",
+                f"| baseline: full softmax, fp32, SGD | {r['baseline_tok_s']:,.0f} | {r['baseline_gflops']:.1f} | "
+                f"{r['baseline_gflops'] / peaks['fp32']:.0%} |",
+                f"| lmzoo configs/lstm_word.yaml (adaptive softmax, fused AdamW) | {r['lmzoo_tok_s']:,.0f} | "
+                f"{r['lmzoo_gflops']:.1f} | {r['lmzoo_gflops'] / peaks['fp32']:.0%} |",
+                f"| speed-up | **{r['speedup']:.2f}x** | | |",
+            ]
+        if r.get("row") == "gpt" and "error" not in r:
+            default = r["default_precision"]
+            lines += [
+                "",
+                "| GPT 4x4x128, context 64, batch 12 (configs/gpt.yaml) | tokens/s | model GFLOP/s | of fp32 peak |",
+                "|---|---|---|---|",
+                f"| baseline: plain fp32 step | {r['baseline_tok_s']:,.0f} | {r['baseline_gflops']:.1f} | "
+                f"{r['baseline_gflops'] / peaks['fp32']:.0%} |",
+            ]
+            for name in ["fp32"] + ([default] if default != "fp32" else []):
+                peak = peaks["bf16"] if name == "bf16" else peaks["fp32"]
+                lines.append(
+                    f"| lmzoo, {name} | {r[f'lmzoo_{name}_tok_s']:,.0f} | {r[f'lmzoo_{name}_gflops']:.1f} | "
+                    f"{r[f'lmzoo_{name}_gflops'] / peak:.0%} of {name} |"
+                )
+            lines += [
+                f"| speed-up ({default}) | **{r['speedup']:.2f}x** | | |",
+                "",
+                f"GPT decoding at context 256 (6x384 model): KV cache {r['gen_tok_s_kv_cache']:,.0f} tok/s, "
+                f"recomputing the window {r['gen_tok_s_recompute']:,.0f} tok/s: **{r['gen_cache_speedup']:.1f}x** "
+                f"(same tokens within the context: {r['gen_same_tokens_within_context']})",
+            ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="all", help=f"row or group: {', '.join([*ROW_GROUPS, *ROWS])}")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        result = ROWS[args.one](args.steps)
+        result["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(result))
+        return
+    names = ROW_GROUPS.get(args.rows, [args.rows])
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown row {unknown[0]!r}")
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16),
+             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    results = [run_row(name, args.steps) for name in names]
+    print(format_table(peaks, results))
+    if args.json:
+        args.json.write_text(json.dumps({"peaks": peaks, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

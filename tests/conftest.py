@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny corpora, a tiny-config factory, tiny models and one shared trained run.
+
+Everything here is sized to keep the whole suite well under two minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmzoo.config import RunConfig
+
+# The suite shares a small machine: one intra-op thread is also the fastest for these tiny models.
+torch.set_num_threads(1)
+
+SENTENCES = [
+    "the cat sat on the mat.",
+    "the dog ate the bone.",
+    "a bird sang in the tree.",
+]
+TINY_TEXT = "".join(line + "\n" for line in SENTENCES * 15)  # 45 lines, ~1000 characters
+
+# Size knobs that a model family may expose; only those its config class has are set.
+TINY_MODEL_SIZES: dict[str, Any] = {
+    "embedding_dim": 8,
+    "hidden_size": 16,
+    "num_layers": 2,
+    "dropout": 0.0,
+    "d_model": 16,
+    "n_layers": 2,
+    "n_layer": 2,
+    "n_heads": 2,
+    "n_head": 2,
+    "d_ff": 32,
+    "context_len": 32,
+    "context_length": 32,
+    "block_size": 32,
+}
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def tiny_model_section(name: str, *, optional: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """A `model:` section for family `name` with every size knob it has set tiny.
+
+    `extra` keys are always set (a typo is a config error); `optional` ones only if the family has them.
+    """
+    from lmzoo.models import get_model_info
+
+    fields = get_model_info(name).config.model_fields
+    section = {"name": name, **{k: v for k, v in TINY_MODEL_SIZES.items() if k in fields}}
+    section.update({k: v for k, v in (optional or {}).items() if k in fields})
+    section.update(extra)
+    return section
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+def base_config_dict(out_dir: Path, corpus: Path, name: str = "tiny") -> dict[str, Any]:
+    return {
+        "name": name,
+        "out_dir": str(out_dir),
+        "seed": 1234,
+        "data": {"train": str(corpus), "batch_size": 4, "seq_len": 8},
+        "tokenizer": {"kind": "char"},
+        "model": {"name": "lstm", "embedding_dim": 8, "hidden_size": 16, "num_layers": 1, "dropout": 0.0},
+        "train": {
+            "max_steps": 20,
+            "eval_every": 10,
+            "eval_batches": 2,
+            "log_every": 1,
+            "warmup_steps": 2,
+            "lr": 1e-2,
+            "device": "cpu",
+            "precision": "fp32",
+        },
+        "sample": {"max_new_tokens": 10},
+    }
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, corpus_file: Path):
+    """Factory: make_config({"train": {"max_steps": 5}}) -> a validated tiny RunConfig under tmp_path/runs.
+
+    Sections are merged into the tiny defaults; a `model` section with a `name` replaces the default one.
+    """
+
+    def factory(extra: dict | None = None, *, out_dir: Path | None = None) -> RunConfig:
+        raw = base_config_dict(out_dir or tmp_path / "runs", corpus_file)
+        extra = dict(extra or {})
+        if "name" in extra.get("model", {}):  # a whole model section (another family): replace, don't merge
+            raw["model"] = extra.pop("model")
+        return RunConfig.from_dict(deep_merge(raw, extra))
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny LSTM run trained once and shared (read-only) by the generate / CLI / tracking tests."""
+    from lmzoo.train import train
+
+    root = tmp_path_factory.mktemp("shared_run")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    raw = deep_merge(base_config_dict(root / "runs", corpus, name="shared"), {"train": {"max_steps": 30}})
+    return train(RunConfig.from_dict(raw), progress=False)

@@ -1,0 +1,354 @@
+"""Run directories and checkpoints: atomic swaps, crash recovery, shape checks, safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_model_section
+
+import lmzoo.checkpoint as ckpt
+from lmzoo.checkpoint import (
+    atomic_write_text,
+    checkpoint_dir,
+    latest_run,
+    load_run,
+    load_train_state,
+    load_weights,
+    new_run_dir,
+    recover_checkpoints,
+    resolve_run,
+    save_checkpoint,
+)
+from lmzoo.errors import CheckpointError
+from lmzoo.models import build_model
+
+VOCAB = 17
+
+
+def model_for(name: str = "lstm", seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    return build_model(tiny_model_section(name, **extra), VOCAB)
+
+
+def state_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_weights_equal(model, expected: dict[str, torch.Tensor]) -> None:
+    actual = model.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+def load_into_fresh(path: Path, **extra):
+    model = model_for(seed=99, **extra)
+    load_weights(model, path / ckpt.WEIGHTS)
+    return model
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir()
+    return path
+
+
+def test_save_and_load_round_trip(run_dir):
+    model = model_for()
+    final = save_checkpoint(run_dir, "last", model, info={"step": 7}, train_state={"step": 7, "x": torch.ones(3)})
+    assert final == run_dir / "checkpoints" / "last"
+    assert sorted(p.name for p in final.iterdir()) == ["info.json", "model.safetensors", "state.pt"]
+    assert_weights_equal(load_into_fresh(final), state_of(model))
+    info = json.loads((final / "info.json").read_text())
+    assert info["step"] == 7 and info["format_version"] == ckpt.FORMAT_VERSION
+    state = load_train_state(final / ckpt.STATE)
+    assert state["step"] == 7 and torch.equal(state["x"], torch.ones(3))
+    # No temporary or backup directories are left behind.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last"]
+
+
+def test_tied_weights_survive_a_round_trip(run_dir):
+    model = model_for("rnn", tie_weights=True, embedding_dim=16, hidden_size=16)
+    save_checkpoint(run_dir, "best", model, info={})
+    fresh = model_for("rnn", seed=5, tie_weights=True, embedding_dim=16, hidden_size=16)
+    load_weights(fresh, run_dir / "checkpoints" / "best" / ckpt.WEIGHTS)
+    assert_weights_equal(fresh, state_of(model))
+    assert fresh.head.proj.weight is fresh.embedding.weight
+
+
+def test_overwriting_replaces_the_checkpoint(run_dir):
+    save_checkpoint(run_dir, "last", model_for(seed=1), info={"step": 1})
+    newer = model_for(seed=2)
+    save_checkpoint(run_dir, "last", newer, info={"step": 2})
+    assert_weights_equal(load_into_fresh(run_dir / "checkpoints" / "last"), state_of(newer))
+    assert ckpt.read_info(run_dir / "checkpoints" / "last")["step"] == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last"]
+
+
+# ---- failures during a save --------------------------------------------------------------------
+
+
+def test_failed_weight_write_leaves_last_intact(run_dir, monkeypatch):
+    good = model_for(seed=1)
+    save_checkpoint(run_dir, "last", good, info={"step": 1}, train_state={"step": 1})
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_checkpoint(run_dir, "last", model_for(seed=2), info={"step": 2}, train_state={"step": 2})
+    monkeypatch.undo()
+
+    last = run_dir / "checkpoints" / "last"
+    assert_weights_equal(load_into_fresh(last), state_of(good))
+    assert ckpt.read_info(last)["step"] == 1
+    assert load_train_state(last / ckpt.STATE)["step"] == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last"]
+
+
+def test_failed_state_write_leaves_last_intact(run_dir, monkeypatch):
+    good = model_for(seed=1)
+    save_checkpoint(run_dir, "last", good, info={"step": 1}, train_state={"step": 1})
+
+    def broken_save(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*Input/output error"):
+        save_checkpoint(run_dir, "last", model_for(seed=2), info={"step": 2}, train_state={"step": 2})
+    monkeypatch.undo()
+    assert_weights_equal(load_into_fresh(run_dir / "checkpoints" / "last"), state_of(good))
+
+
+def test_failure_in_the_middle_of_the_swap_restores_last(run_dir, monkeypatch):
+    """The worst moment: `last` has been moved aside and the new one cannot be renamed in."""
+    good = model_for(seed=1)
+    save_checkpoint(run_dir, "last", good, info={"step": 1})
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).name == ".last.tmp":
+            raise OSError(30, "Read-only file system")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(CheckpointError, match="Read-only file system"):
+        save_checkpoint(run_dir, "last", model_for(seed=2), info={"step": 2})
+    monkeypatch.undo()
+    assert_weights_equal(load_into_fresh(run_dir / "checkpoints" / "last"), state_of(good))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last"]
+
+
+def test_atomic_write_text_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "config.yaml"
+    atomic_write_text(target, "old: 1\n")
+
+    def replace(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(CheckpointError, match=f"could not write {re.escape(str(target))}"):
+        atomic_write_text(target, "new: 2\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old: 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+# ---- recovery after a crash ------------------------------------------------------------------------
+
+
+def test_recover_restores_old_when_last_is_missing(run_dir):
+    good = model_for(seed=3)
+    save_checkpoint(run_dir, "last", good, info={"step": 3})
+    root = run_dir / "checkpoints"
+    os.replace(root / "last", root / ".last.old")  # crash after moving last aside...
+    (root / ".last.tmp").mkdir()  # ...with a half-written new checkpoint
+    (root / ".last.tmp" / ckpt.WEIGHTS).write_bytes(b"half a file")
+    (run_dir / ".config.yaml.tmp-12345").write_text("partial")
+
+    # A read-only lookup already finds the moved-aside checkpoint.
+    assert checkpoint_dir(run_dir, "last") == root / ".last.old"
+
+    recover_checkpoints(run_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["last"]
+    assert not (run_dir / ".config.yaml.tmp-12345").exists()
+    assert_weights_equal(load_into_fresh(root / "last"), state_of(good))
+    assert ckpt.read_info(root / "last")["step"] == 3
+
+
+def test_recover_drops_old_when_last_is_complete(run_dir):
+    newest = model_for(seed=4)
+    save_checkpoint(run_dir, "last", model_for(seed=1), info={"step": 1})
+    root = run_dir / "checkpoints"
+    shutil.copytree(root / "last", root / ".last.old")
+    save_checkpoint(run_dir, "last", newest, info={"step": 2})
+    shutil.copytree(root / "last", root / ".last.old", dirs_exist_ok=True)
+    recover_checkpoints(run_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["last"]
+    assert_weights_equal(load_into_fresh(root / "last"), state_of(newest))
+
+
+def test_recover_on_a_run_without_checkpoints_is_a_no_op(run_dir):
+    recover_checkpoints(run_dir)
+    assert list(run_dir.iterdir()) == []
+
+
+# ---- loading into the wrong model ------------------------------------------------------------------
+
+
+def test_loading_into_a_different_width_names_the_parameter_and_shapes(run_dir):
+    small = model_for(hidden_size=16)
+    save_checkpoint(run_dir, "last", small, info={})
+    wide = model_for(hidden_size=32)
+    with pytest.raises(CheckpointError) as info:
+        load_weights(wide, run_dir / "checkpoints" / "last" / ckpt.WEIGHTS)
+    message = str(info.value)
+    assert "\n" not in message
+    match = re.search(r": (\S+) has shape (\(.*?\)) in the checkpoint but (\(.*?\)) in the model", message)
+    assert match, message
+    key, saved_shape, model_shape = match.groups()
+    assert saved_shape == str(tuple(small.state_dict()[key].shape))
+    assert model_shape == str(tuple(wide.state_dict()[key].shape))
+    assert saved_shape != model_shape
+
+
+def test_loading_another_family_is_refused(run_dir):
+    save_checkpoint(run_dir, "last", model_for("rnn"), info={})
+    with pytest.raises(CheckpointError, match="no place in this model"):
+        load_weights(model_for("lstm"), run_dir / "checkpoints" / "last" / ckpt.WEIGHTS)
+
+
+def test_missing_weights_are_refused(run_dir):
+    save_checkpoint(run_dir, "last", model_for(num_layers=1), info={})
+    with pytest.raises(CheckpointError, match=r"no weights for 'layers\.1\."):
+        load_weights(model_for(num_layers=2), run_dir / "checkpoints" / "last" / ckpt.WEIGHTS)
+
+
+def test_not_a_safetensors_file(tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"definitely not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_weights(model_for(), bogus)
+
+
+# ---- the training state is data, never code --------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this would create the sentinel file."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (str(self.sentinel), "w"))
+
+
+def test_pickle_payload_in_state_is_refused(tmp_path):
+    sentinel = tmp_path / "pwned"
+    state_path = tmp_path / "state.pt"
+    torch.save({"format_version": 1, "step": 3, "evil": Payload(sentinel)}, state_path)
+    assert not sentinel.exists()
+    with pytest.raises(CheckpointError) as info:
+        load_train_state(state_path)
+    assert "refused to load training state" in str(info.value) and "\n" not in str(info.value)
+    assert not sentinel.exists()
+
+
+def test_train_state_format_checks(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_train_state(tmp_path / "missing.pt")
+    plain = tmp_path / "plain.pt"
+    torch.save({"step": 1}, plain)
+    with pytest.raises(CheckpointError, match="not an lmzoo training state"):
+        load_train_state(plain)
+    future = tmp_path / "future.pt"
+    torch.save({"format_version": 99}, future)
+    with pytest.raises(CheckpointError, match="newer"):
+        load_train_state(future)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_train_state(damaged)
+
+
+# ---- finding runs -------------------------------------------------------------------------------------
+
+
+def test_new_run_dir_never_reuses_a_name(tmp_path):
+    assert new_run_dir(tmp_path, "exp") == tmp_path / "exp"
+    (tmp_path / "exp").mkdir()
+    assert new_run_dir(tmp_path, "exp") == tmp_path / "exp-2"
+    (tmp_path / "exp-2").mkdir()
+    assert new_run_dir(tmp_path, "exp") == tmp_path / "exp-3"
+
+
+def test_latest_run_and_resolve_run(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    assert latest_run(runs) is None
+    for name, stamp in [("exp", 100), ("exp-2", 300), ("exp-other", 400), ("other", 200)]:
+        save_checkpoint(runs / name, "last", model_for(), info={})
+        weights = runs / name / "checkpoints" / "last" / ckpt.WEIGHTS
+        os.utime(weights, (stamp, stamp))
+        (runs / name / "config.yaml").write_text("{}")
+    (runs / "empty").mkdir()
+    assert latest_run(runs) == runs / "exp-other"
+    assert latest_run(runs, "exp") == runs / "exp-2"  # exp-other is not a numbered exp run
+    assert latest_run(runs, "other") == runs / "other"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run("exp") == Path("runs") / "exp"
+    assert resolve_run(None) == Path("runs") / "exp-other"
+    with pytest.raises(CheckpointError, match="run directory not found"):
+        resolve_run("nope")
+    with pytest.raises(CheckpointError, match="not an lmzoo run"):
+        resolve_run("runs/empty")
+
+
+def test_resolve_run_without_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="no trained run found"):
+        resolve_run(None)
+
+
+# ---- whole runs ----------------------------------------------------------------------------------------
+
+
+def test_load_run_best_and_last(trained_run):
+    best, last = load_run(trained_run, "best"), load_run(trained_run, "last")
+    assert last.info["step"] == 30
+    assert best.info["step"] in (10, 20, 30)
+    assert not best.model.training
+    assert best.tokenizer.vocab_size == best.model.embedding.num_embeddings
+    assert best.config.name == "shared"
+    with pytest.raises(CheckpointError, match="no 'middle' checkpoint"):
+        load_run(trained_run, "middle")
+
+
+def test_load_run_falls_back_from_best_to_last(tmp_path, trained_run):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    shutil.rmtree(copy / "checkpoints" / "best")
+    assert load_run(copy, "best").info["step"] == 30
+
+
+def test_a_run_loads_without_its_corpus(tmp_path, trained_run):
+    """A run directory is self-contained: sampling from it never needs the training text."""
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run, moved)
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["data"]["train"] = str(tmp_path / "gone" / "corpus.txt")
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    run = load_run(moved, "last")
+    expected = load_run(trained_run, "last")
+    assert_weights_equal(run.model, state_of(expected.model))

@@ -1,0 +1,87 @@
+"""TensorBoard events and metrics.jsonl: the same numbers under stable tags, one history after resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lmzoo.checkpoint import load_run
+from lmzoo.tracking import METRICS_FILE, Tracker, read_metrics
+from lmzoo.train import lr_at
+
+TAGS = {"train/loss", "val/loss", "val/ppl", "lr", "grad_norm", "tokens_per_sec"}
+
+
+def scalars(run_dir) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_training_writes_the_stable_tags(trained_run):
+    events = scalars(trained_run)
+    assert TAGS <= set(events.Tags()["scalars"])
+    records = read_metrics(trained_run)
+
+    def from_jsonl(tag):
+        return [(r["step"], r[tag]) for r in records if tag in r]
+
+    for tag in TAGS | {"train/epoch"}:
+        tb = [(e.step, e.value) for e in events.Scalars(tag)]
+        js = from_jsonl(tag)
+        assert [s for s, _ in tb] == [s for s, _ in js], tag
+        assert [v for _, v in tb] == pytest.approx([v for _, v in js], rel=1e-6), tag  # TB stores float32
+
+    assert [s for s, _ in from_jsonl("train/loss")] == list(range(1, 31))  # log_every: 1
+    assert [s for s, _ in from_jsonl("val/loss")] == [10, 20, 30]  # eval_every: 10
+    for (_, loss), (_, ppl) in zip(from_jsonl("val/loss"), from_jsonl("val/ppl"), strict=True):
+        assert ppl == pytest.approx(math.exp(loss))
+    assert all(v > 0 for _, v in from_jsonl("tokens_per_sec"))
+    assert all(v > 0 for _, v in from_jsonl("grad_norm"))
+    # The lr logged at step s is the one step s used: warmup 2 steps to 1e-2, then cosine towards min_lr.
+    config = load_run(trained_run).config
+    lrs = [v for _, v in from_jsonl("lr")]
+    assert lrs == pytest.approx([lr_at(step - 1, config.train, 30) for step in range(1, 31)])
+    assert lrs[:2] == pytest.approx([5e-3, 1e-2]) and lrs[-1] < 2e-4
+    # Each evaluation also logs a text sample.
+    assert "sample/text_summary" in events.Tags()["tensors"]
+
+
+def test_metrics_jsonl_one_object_per_logged_step(tmp_path):
+    tracker = Tracker(tmp_path)
+    tracker.log(1, {"train/loss": 2.5, "lr": 0.1})
+    tracker.log(2, {"val/loss": float("inf")})
+    tracker.close()
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "train/loss": 2.5, "lr": 0.1},
+        {"step": 2, "val/loss": "inf"},  # non-finite values stay valid JSON
+    ]
+
+
+def test_read_metrics_skips_a_torn_line(tmp_path):
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "a": 1}\n{"step": 2, "a"\n')
+    assert read_metrics(tmp_path) == [{"step": 1, "a": 1}]
+    assert read_metrics(tmp_path / "nowhere") == []
+
+
+def test_resume_drops_records_after_the_checkpoint(tmp_path):
+    first = Tracker(tmp_path)
+    for step in range(1, 6):
+        first.log(step, {"train/loss": float(step)})
+    first.close()
+
+    resumed = Tracker(tmp_path, resume_step=3)  # the checkpoint was at step 3
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    for step in (4, 5):
+        resumed.log(step, {"train/loss": 10.0 * step})
+    resumed.close()
+
+    assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path)] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)
+    ]
+    tb = [(e.step, e.value) for e in scalars(tmp_path).Scalars("train/loss")]
+    assert tb == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
