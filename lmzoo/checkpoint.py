@@ -236,29 +236,43 @@ class Run:
 
     path: Path
     config: Any  # RunConfig
-    tokenizer: Any  # Tokenizer
+    tokenizer: Any  # Tokenizer (the source side of a seq2seq run)
     model: nn.Module
     info: dict[str, Any]
+    target_tokenizer: Any = None  # seq2seq: the target side (the same object when shared)
+
+
+def load_tokenizers(run_dir: Path) -> dict[str, Any]:
+    """tokenizer.json, and target_tokenizer.json when the run has a separate target side."""
+    from lmzoo.tokenizers import load_tokenizer
+
+    found = {"tokenizer.json": load_tokenizer(run_dir / "tokenizer.json")}
+    if (run_dir / "target_tokenizer.json").is_file():
+        found["target_tokenizer.json"] = load_tokenizer(run_dir / "target_tokenizer.json")
+    return found
 
 
 def load_run(run_dir: str | Path, tag: str = "best", device: torch.device | str = "cpu") -> Run:
     """Rebuild a run's model from its config and tokenizer and load its `tag` weights ('best' falls back to 'last')."""
     from lmzoo.config import RunConfig, read_yaml
     from lmzoo.models import build_model
-    from lmzoo.tokenizers import load_tokenizer
 
     run_dir = Path(run_dir)
     config = RunConfig.from_dict(  # the corpus may be gone: generate never needs it
         read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"), check_files=False
     )
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    tokenizers = load_tokenizers(run_dir)
+    tokenizer = tokenizers["tokenizer.json"]
+    target = tokenizers.get("target_tokenizer.json", tokenizer) if config.kind == "seq2seq" else None
     try:
         ckpt = checkpoint_dir(run_dir, tag)
     except CheckpointError:
         if tag != "best":
             raise
         ckpt = checkpoint_dir(run_dir, "last")
-    model = build_model(config.model, tokenizer.vocab_size)
+    vocab = tokenizer.vocab_size if target is None else (tokenizer.vocab_size, target.vocab_size)
+    model = build_model(config.model, vocab)
     load_weights(model, ckpt / WEIGHTS)
     model.to(device).eval()
-    return Run(path=run_dir, config=config, tokenizer=tokenizer, model=model, info=read_info(ckpt))
+    return Run(path=run_dir, config=config, tokenizer=tokenizer, model=model, info=read_info(ckpt),
+               target_tokenizer=target)

@@ -88,17 +88,20 @@ def generate(
     num_samples: int = typer.Option(1, help="How many continuations to write."),
     seed_rng: int | None = typer.Option(None, "--seed-rng", help="Random seed for sampling (reproducible output)."),
     stop: list[str] | None = typer.Option(None, help="Stop when this text appears (repeatable)."),
+    beam: int = typer.Option(1, help="Seq2seq: beam search with this many beams (1 = greedy/sampling, streamed)."),
+    n_best: int = typer.Option(1, help="Seq2seq with --beam: print this many best translations with their scores."),
+    length_penalty: float = typer.Option(1.0, help="Seq2seq beam search: score = logprob / length^penalty."),
     checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
-    """Continue a text with a trained model, streaming it token by token."""
+    """Continue a text with a language model, or translate it with a seq2seq model, streaming the output."""
     with user_errors():
         import torch
 
         from lmzoo.checkpoint import load_run, resolve_run
         from lmzoo.device import pick_device
         from lmzoo.errors import ConfigError
-        from lmzoo.generate import SamplingOptions
+        from lmzoo.generate import SamplingOptions, encode_prompt
         from lmzoo.generate import generate as sample
 
         loaded = load_run(resolve_run(run), checkpoint, pick_device(device))
@@ -117,6 +120,7 @@ def generate(
             (options.top_p is not None and not 0 < options.top_p <= 1, "--top-p must be in (0, 1]"),
             (options.repetition_penalty <= 0, "--repetition-penalty must be > 0"),
             (options.max_new_tokens < 1 or num_samples < 1, "--max-new-tokens and --num-samples must be >= 1"),
+            (beam < 1 or n_best < 1 or n_best > beam, "--beam must be >= 1 and --n-best between 1 and --beam"),
         ]
         for bad, message in problems:
             if bad:
@@ -129,6 +133,9 @@ def generate(
             typer.echo(message, err=True)
 
         def write(prompt: str) -> None:
+            if loaded.config.kind == "seq2seq":
+                translate_line(prompt)
+                return
             for index in range(num_samples):
                 if index:
                     typer.echo("\n---")
@@ -137,10 +144,28 @@ def generate(
                     typer.echo(piece, nl=False)
                 typer.echo()
 
+        def translate_line(text: str) -> None:
+            from lmzoo.translate import translate, translate_stream
+
+            source, target = loaded.tokenizer, loaded.target_tokenizer
+            limit = min(loaded.config.data.max_len, max_new_tokens or loaded.config.data.max_len)
+            encode_prompt(source, text, warn)  # warns about unseen pieces; the ids are made below
+            if beam > 1:
+                for hypothesis, score in translate(loaded.model, source, target, text, max_len=limit, beam=beam,
+                                                   length_penalty=length_penalty, n_best=n_best):
+                    typer.echo(f"{hypothesis}\t{score:.4f}" if n_best > 1 else hypothesis)
+                return
+            for _ in range(num_samples):
+                for piece in translate_stream(loaded.model, source, target, text, max_len=limit, options=options,
+                                              generator=generator):
+                    typer.echo(piece, nl=False)
+                typer.echo()
+
         if seed is not None:
             write(seed)
             return
-        typer.echo(f"lmzoo: sampling from {loaded.path} (type a seed text; 'exit' or Ctrl-D quits)", err=True)
+        verb = "translating with" if loaded.config.kind == "seq2seq" else "sampling from"
+        typer.echo(f"lmzoo: {verb} {loaded.path} (type a text; 'exit' or Ctrl-D quits)", err=True)
         while True:
             try:
                 prompt = input("seed> ")
@@ -157,17 +182,19 @@ def evaluate(
     data: Path | None = typer.Option(None, help="A text file to score (default: the run's split)."),
     split: str = typer.Option("val", help="Which split of the run's corpus when --data is not given: val or test."),
     checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
+    beam: int = typer.Option(5, help="Seq2seq: beam size for the beam-search BLEU (greedy BLEU is reported too)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
-    """Print loss and perplexity of a trained model on held-out text."""
+    """Print loss and perplexity on held-out text; for seq2seq runs also corpus BLEU, greedy and beam."""
     with user_errors():
         from lmzoo.checkpoint import resolve_run
         from lmzoo.evaluate import evaluate_run
 
         run_dir = resolve_run(run)
-        metrics = evaluate_run(run_dir, data=data, split=split, checkpoint=checkpoint, device=device)
+        metrics = evaluate_run(run_dir, data=data, split=split, checkpoint=checkpoint, device=device, beam=beam)
         source = str(data) if data else f"the {split} split"
-        typer.echo(f"{run_dir} ({checkpoint}) on {source}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  "
+        bleu = "".join(f"  BLEU {key[5:]} {value:.2f}" for key, value in metrics.items() if key.startswith("bleu_"))
+        typer.echo(f"{run_dir} ({checkpoint}) on {source}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}{bleu}  "
                    f"({int(metrics['tokens']):,} tokens)")
 
 

@@ -56,12 +56,21 @@ def _existing_file(path: str, info: ValidationInfo) -> str:
 
 
 class DataConfig(Section):
-    """Where the text comes from and how it is cut into batches."""
+    """Where the text comes from and how it is cut into batches.
 
+    format text: language-model text files. format parallel: aligned sentence files named
+    `<path>.<source>` and `<path>.<target>` (one sentence per line). format tsv: one
+    `source<TAB>target` pair per line.
+    """
+
+    format: Literal["text", "parallel", "tsv"] = "text"
+    source: str = "src"  # parallel: suffix of the source-side files
+    target: str = "tgt"  # parallel: suffix of the target-side files
     train: str | list[str] = "lmzoo:tinyshakespeare.txt"
-    val: str | None = None  # a separate validation file; by default it is split off `train`
+    val: str | None = None  # a separate validation file (or prefix); by default split off `train`
     test: str | None = None
     split: tuple[Probability, Probability, Probability] = (0.9, 0.05, 0.05)  # train/val/test, by lines
+    max_len: PositiveInt = 100  # seq2seq: training pairs with a longer source or target are skipped
     seq_len: PositiveInt | None = None  # None: the model's context length, or 128 for recurrent models
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt | None = None  # None: same as batch_size
@@ -75,14 +84,24 @@ class DataConfig(Section):
         paths = [value] if isinstance(value, str) else value
         if not paths:
             raise ValueError("needs at least one file")
+        if info.data.get("format", "text") != "text" and len(paths) != 1:
+            raise ValueError("parallel and tsv data take one path (a file, or the prefix of a file pair)")
         for path in paths:
-            _existing_file(path, info)
+            for file in _files_of(path, info.data):
+                _existing_file(file, info)
         return value
 
     @field_validator("val", "test")
     @classmethod
     def _split_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else _existing_file(value, info)
+        if value is not None:
+            for file in _files_of(value, info.data):
+                _existing_file(file, info)
+        return value
+
+    def files_of(self, path: str) -> list[str]:
+        """The file(s) a data path names: itself, or for parallel data its source and target files."""
+        return _files_of(path, {"format": self.format, "source": self.source, "target": self.target})
 
     @field_validator("split")
     @classmethod
@@ -96,6 +115,12 @@ class DataConfig(Section):
     @property
     def train_files(self) -> list[str]:
         return [self.train] if isinstance(self.train, str) else list(self.train)
+
+
+def _files_of(path: str, data: dict[str, Any]) -> list[str]:
+    if data.get("format") == "parallel":
+        return [f"{path}.{data.get('source', 'src')}", f"{path}.{data.get('target', 'tgt')}"]
+    return [path]
 
 
 class CharTokenizerConfig(Section):
@@ -170,6 +195,8 @@ class TrainConfig(Section):
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt | None = None  # None: at every eval
     patience: PositiveInt | None = None  # early stopping: evals without improvement
+    best_metric: Literal["loss", "bleu"] = "loss"  # what picks checkpoints/best (bleu: seq2seq only)
+    bleu_sentences: NonNegInt = 200  # seq2seq: validation sentences translated for BLEU at each eval
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -211,6 +238,8 @@ class RunConfig(Section):
     seed: int = 1337
     data: DataConfig = DataConfig()
     tokenizer: SerializeAsAny[Section] = CharTokenizerConfig()
+    # seq2seq only: a separate target-side tokenizer; None shares `tokenizer` between both sides
+    target_tokenizer: SerializeAsAny[Section] | None = None
     model: SerializeAsAny[ModelConfig]
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
@@ -237,13 +266,42 @@ class RunConfig(Section):
         if model_raw is None:
             raise ConfigError(f"{source}: model: missing section (it needs at least `name:`)")
         tokenizer = _validate_tagged(tokenizer_raw, "tokenizer", "kind", TOKENIZER_CONFIGS, "char", source)
+        target_raw = raw.pop("target_tokenizer", None)
+        target_tokenizer = (
+            None if target_raw is None
+            else _validate_tagged(target_raw, "target_tokenizer", "kind", TOKENIZER_CONFIGS, "char", source)
+        )
         model = validate_model_section(model_raw, source)
-        run = _validate(cls, {**raw, "tokenizer": tokenizer, "model": model}, (), source, {"check_files": check_files})
+        sections = {"tokenizer": tokenizer, "target_tokenizer": target_tokenizer, "model": model}
+        run = _validate(cls, {**raw, **sections}, (), source, {"check_files": check_files})
         try:
+            _check_kind(run)
             model.check_run(run)
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
         return run
+
+    @property
+    def kind(self) -> str:
+        """The model family's kind: "lm" or "seq2seq"."""
+        from lmzoo.models import get_model_info
+
+        return get_model_info(self.model.name).kind
+
+
+def _check_kind(run: RunConfig) -> None:
+    """A seq2seq model needs sentence pairs; a language model needs text."""
+    paired = run.data.format in ("parallel", "tsv")
+    if run.kind == "seq2seq" and not paired:
+        raise ValueError(
+            f"data.format: model {run.model.name!r} translates sentence pairs; set data.format to parallel or tsv"
+        )
+    if run.kind == "lm" and paired:
+        raise ValueError(f"data.format: model {run.model.name!r} is a language model; it trains on format text")
+    if run.target_tokenizer is not None and run.kind != "seq2seq":
+        raise ValueError("target_tokenizer: only seq2seq models have a target side")
+    if run.train.best_metric == "bleu" and (run.kind != "seq2seq" or not run.train.bleu_sentences):
+        raise ValueError("train.best_metric: bleu needs a seq2seq model and train.bleu_sentences > 0")
 
 
 def _kind(value: Any) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from lmzoo.config import DataConfig, resolve_data_path
 from lmzoo.errors import DataError
+from lmzoo.objectives import LMBatch, PairBatch
 
 
 def read_text_file(path: str | Path) -> str:
@@ -52,34 +53,41 @@ class TextSplits:
     test: str
 
 
-def read_splits(config: DataConfig) -> TextSplits:
-    """Read the training file(s); split off, by lines, each of val/test that has no file of its own.
+def _carve(items: list, fractions: tuple[float, float, float], given: dict[str, bool]) -> dict[str, list]:
+    """Split `items` in order into train/val/test by `fractions`, skipping the splits that are `given`.
 
-    The line fractions of `data.split` are shared among the splits cut from the training text, so
-    with a separate validation file and split (0.9, 0.05, 0.05), training keeps 95% of its lines.
+    The fractions are shared among the carved splits, so with a separate validation file and
+    split (0.9, 0.05, 0.05), training keeps 95% of the items. Rounding leftovers go to the last split.
     """
+    carved = {n: f for n, f in zip(("train", "val", "test"), fractions, strict=True) if not given.get(n)}
+    total = sum(carved.values())
+    parts: dict[str, list] = {}
+    start = 0
+    for index, (name, frac) in enumerate(carved.items()):
+        if index == len(carved) - 1:
+            parts[name] = items[start:]
+            break
+        count = round(len(items) * frac / total)
+        if name == "train":
+            count = max(1, count)
+        parts[name] = items[start : start + count]
+        start += count
+    return parts
+
+
+def read_splits(config: DataConfig) -> TextSplits:
+    """Read the training file(s); split off, by lines, each of val/test that has no file of its own."""
     text = "".join(_with_newline(read_text_file(p)) for p in config.train_files)
     lines = text.splitlines(keepends=True)
-    fractions = dict(zip(("train", "val", "test"), config.split, strict=True))
-    given = {"val": config.val, "test": config.test}
-    carved = {name: frac for name, frac in fractions.items() if not given.get(name)}
-    total = sum(carved.values())
-    parts: dict[str, str] = {}
-    start = 0
-    for name, frac in carved.items():
-        count = round(len(lines) * frac / total) if name != "train" else max(1, round(len(lines) * frac / total))
-        parts[name] = "".join(lines[start : start + count])
-        start += count
-    if "test" in carved:  # rounding leftovers go to the last carved split
-        parts["test"] += "".join(lines[start:])
-    elif "val" in carved:
-        parts["val"] += "".join(lines[start:])
-    for name, path in given.items():
-        if path:
-            parts[name] = read_text_file(path)
+    given = {"val": bool(config.val), "test": bool(config.test)}
+    parts = {name: "".join(chunk) for name, chunk in _carve(lines, config.split, given).items()}
+    if config.val:
+        parts["val"] = read_text_file(config.val)
+    if config.test:
+        parts["test"] = read_text_file(config.test)
     if not parts["train"].strip():
         raise DataError("the training split is empty: lower data.split's validation/test fractions")
-    if not parts["val"].strip():
+    if not parts.get("val", "").strip():
         raise DataError(
             f"the validation split is empty ({len(lines)} lines in all): give data.val a file "
             "or raise the validation fraction in data.split"
@@ -119,7 +127,7 @@ class SequentialBatches:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def next(self) -> LMBatch:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         start = self.index * self.seq_len
@@ -127,7 +135,7 @@ class SequentialBatches:
         y = self.data[:, start + 1 : start + 1 + self.seq_len]
         starts_epoch = self.index == 0
         self.index += 1
-        return x, y, starts_epoch
+        return LMBatch(x, y, starts_epoch)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -160,12 +168,12 @@ class RandomWindows:
     def epoch(self) -> int:
         return self.drawn // self.batches_per_epoch
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def next(self) -> LMBatch:
         high = len(self.stream) - self.seq_len
         starts = torch.randint(high, (self.batch_size,), generator=self.generator)
         window = self.stream[starts[:, None] + self.offsets]  # (B, T+1)
         self.drawn += 1
-        return window[:, :-1], window[:, 1:], True
+        return LMBatch(window[:, :-1], window[:, 1:], True)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "drawn": self.drawn}
@@ -200,3 +208,138 @@ def make_batches(stream: torch.Tensor, config: DataConfig, seq_len: int, *, sequ
     if sequential:
         return SequentialBatches(stream, config.batch_size, seq_len)
     return RandomWindows(stream, config.batch_size, seq_len, seed=seed)
+
+
+# ---- sentence pairs (seq2seq) ------------------------------------------------------------------
+
+
+Pair = tuple[str, str]
+
+
+@dataclass
+class PairSplits:
+    """(source, target) sentence pairs of the train / validation / test splits."""
+
+    train: list[Pair]
+    val: list[Pair]
+    test: list[Pair]
+
+
+def read_pair_file(config: DataConfig, path: str) -> list[Pair]:
+    """Sentence pairs from a `<path>.<source>`/`<path>.<target>` file pair or a TSV file."""
+    if config.format == "tsv":
+        pairs = []
+        for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+                raise DataError(f"{path} line {number}: expected 'source<TAB>target', got {line[:60]!r}")
+            pairs.append((fields[0].strip(), fields[1].strip()))
+        return pairs
+    source_path, target_path = config.files_of(path)
+    sources = read_text_file(source_path).splitlines()
+    targets = read_text_file(target_path).splitlines()
+    if len(sources) != len(targets):
+        raise DataError(
+            f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}: "
+            "parallel files must be aligned line by line"
+        )
+    for number, (src, tgt) in enumerate(zip(sources, targets, strict=True), start=1):
+        if not src.strip() or not tgt.strip():
+            empty = source_path if not src.strip() else target_path
+            raise DataError(f"{empty} line {number}: empty sentence (parallel files need one sentence per line)")
+    return [(src.strip(), tgt.strip()) for src, tgt in zip(sources, targets, strict=True)]
+
+
+def read_pair_splits(config: DataConfig) -> PairSplits:
+    """Read the training pairs; split off validation and test pairs unless they have their own files."""
+    pairs = read_pair_file(config, config.train_files[0])
+    given = {"val": bool(config.val), "test": bool(config.test)}
+    parts = _carve(pairs, config.split, given)
+    if config.val:
+        parts["val"] = read_pair_file(config, config.val)
+    if config.test:
+        parts["test"] = read_pair_file(config, config.test)
+    if not parts["train"]:
+        raise DataError("the training split has no sentence pairs")
+    if not parts.get("val"):
+        raise DataError("the validation split has no sentence pairs: give data.val or raise its fraction in data.split")
+    return PairSplits(train=parts["train"], val=parts["val"], test=parts.get("test", []))
+
+
+def encode_pairs(
+    pairs: list[Pair], source_tokenizer, target_tokenizer, *, max_len: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each pair (source + <eos>, target); pairs longer than max_len are skipped."""
+    encoded = []
+    for src, tgt in pairs:
+        src_ids = source_tokenizer.encode(src) + [source_tokenizer.eos_id]
+        tgt_ids = target_tokenizer.encode(tgt)
+        if max_len is not None and (len(src_ids) > max_len or len(tgt_ids) + 1 > max_len):
+            continue
+        encoded.append((src_ids, tgt_ids))
+    return encoded
+
+
+def collate_pairs(items: list[tuple[list[int], list[int]]], *, bos_id: int, eos_id: int, pad_id: int = 0) -> PairBatch:
+    """Pad a list of (source ids, target ids) into a PairBatch; targets get <bos> in and <eos> out."""
+    src_len = max(len(s) for s, _ in items)
+    tgt_len = max(len(t) for _, t in items) + 1
+    source = torch.full((len(items), src_len), pad_id, dtype=torch.long)
+    target_in = torch.full((len(items), tgt_len), pad_id, dtype=torch.long)
+    target_out = torch.full((len(items), tgt_len), pad_id, dtype=torch.long)
+    for row, (src, tgt) in enumerate(items):
+        source[row, : len(src)] = torch.tensor(src)
+        target_in[row, : len(tgt) + 1] = torch.tensor([bos_id] + tgt)
+        target_out[row, : len(tgt) + 1] = torch.tensor(tgt + [eos_id])
+    return PairBatch(source, target_in, target_out)
+
+
+class PairBatches:
+    """Length-bucketed batches of sentence pairs, in a fresh random order of batches every epoch.
+
+    Pairs are sorted by length once (ties broken by a seeded shuffle), so a batch holds sentences
+    of similar length and little padding; the epoch's batch order comes from (seed, epoch).
+    """
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], batch_size: int, *, seed: int,
+                 bos_id: int, eos_id: int, shuffle: bool = True, name: str = "train") -> None:
+        if not pairs:
+            raise DataError(f"the {name} split has no sentence pairs within data.max_len")
+        self.pairs, self.seed, self.shuffle = pairs, seed, shuffle
+        self.bos_id, self.eos_id = bos_id, eos_id
+        tie = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), len(pairs[i][1]), tie[i]))
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.epoch, self.index = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.batches)))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.batches), generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        """One pass over the batches in length order (for evaluation)."""
+        for indices in self.batches:
+            yield collate_pairs([self.pairs[i] for i in indices], bos_id=self.bos_id, eos_id=self.eos_id)
+
+    def next(self) -> PairBatch:
+        if self.index >= len(self.batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        indices = self.batches[self._order[self.index]]
+        self.index += 1
+        return collate_pairs([self.pairs[i] for i in indices], bos_id=self.bos_id, eos_id=self.eos_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._epoch_order()

@@ -1,4 +1,4 @@
-"""Held-out evaluation: mean token loss and perplexity of a language model on a token stream."""
+"""Held-out evaluation: token loss and perplexity for every model, corpus BLEU for seq2seq models."""
 
 from __future__ import annotations
 
@@ -45,10 +45,77 @@ def evaluate_lm(
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(count)}
 
 
-def evaluate_run(
-    run_dir: Path, *, data: Path | None = None, split: str = "val", checkpoint: str = "best", device: str = "auto"
+@torch.inference_mode()
+def evaluate_seq2seq(
+    model: torch.nn.Module, batches, *, device: torch.device, precision: str = "fp32",
+    max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Score a trained run on a text file, or on its own validation/test split."""
+    """Teacher-forced mean NLL (nats) and perplexity over target tokens (padding excluded)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        src, tgt_in, tgt_out = (t.to(device) for t in batch)
+        with autocast(device, precision):
+            src_mask = src == PAD_ID
+            h, _ = model.decode_features(tgt_in, model.encode(src, src_mask), src_mask)
+            loss = model.head.loss(h, tgt_out, ignore_index=PAD_ID)
+        tokens = int((tgt_out != PAD_ID).sum())
+        total += float(loss) * tokens
+        count += tokens
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(count)}
+
+
+def translate_corpus(
+    model: torch.nn.Module, sources: list[str], source_tokenizer, target_tokenizer, *, max_len: int,
+    beam: int = 1, length_penalty: float = 1.0, batch_size: int = 64, device: torch.device,
+) -> list[str]:
+    """Translate sentences in length-sorted batches (greedy for beam 1, else beam search), in input order."""
+    from lmzoo.data import collate_pairs
+    from lmzoo.translate import beam_search, decode_batch
+
+    was_training = model.training
+    model.eval()
+    tgt = target_tokenizer
+    banned = (tgt.pad_id, tgt.unk_id, tgt.bos_id)
+    encoded = [source_tokenizer.encode(s)[: max_len - 1] + [source_tokenizer.eos_id] for s in sources]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(sources)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        src = collate_pairs([(encoded[i], []) for i in chunk], bos_id=tgt.bos_id, eos_id=tgt.eos_id).source.to(device)
+        if beam == 1:
+            ids = decode_batch(model, src, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len, banned_ids=banned)
+        else:
+            hyps = beam_search(model, src, beam=beam, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len,
+                               length_penalty=length_penalty, banned_ids=banned)
+            ids = [h[0].tokens for h in hyps]
+        for i, tokens in zip(chunk, ids, strict=True):
+            outputs[i] = tgt.decode(tokens)
+    model.train(was_training)
+    return outputs
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu, its default 13a tokenization) of detokenized output against raw references."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+def evaluate_run(
+    run_dir: Path, *, data: Path | None = None, split: str = "val", checkpoint: str = "best", device: str = "auto",
+    beam: int = 5,
+) -> dict[str, float]:
+    """Score a trained run on a text file (or pairs), or on its own validation/test split.
+
+    Language models: loss and perplexity. Seq2seq models: loss, perplexity and corpus BLEU with
+    greedy decoding and with beam search (`beam`).
+    """
     from lmzoo.checkpoint import load_run
     from lmzoo.data import encode_stream, read_splits, read_text_file
     from lmzoo.device import pick_device, pick_precision
@@ -58,6 +125,8 @@ def evaluate_run(
         raise ConfigError(f"--split must be val or test, got {split!r}")
     torch_device = pick_device(device)
     run = load_run(run_dir, checkpoint, torch_device)
+    if run.config.kind == "seq2seq":
+        return evaluate_seq2seq_run(run, data=data, split=split, device=torch_device, beam=beam)
     text = read_text_file(data) if data is not None else getattr(read_splits(run.config.data), split)
     if not text.strip():
         raise ConfigError(f"the run's {split} split is empty; pass --data FILE")
@@ -67,3 +136,26 @@ def evaluate_run(
         run.model, stream, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size, seq_len=cfg.seq_len,
         device=torch_device, precision=pick_precision(torch_device, cfg.train.precision),
     )
+
+
+def evaluate_seq2seq_run(run, *, data: Path | None, split: str, device: torch.device, beam: int) -> dict[str, float]:
+    from lmzoo.data import PairBatches, encode_pairs, read_pair_file, read_pair_splits
+    from lmzoo.device import pick_precision
+    from lmzoo.errors import ConfigError
+
+    cfg = run.config
+    pairs = read_pair_file(cfg.data, str(data)) if data is not None else getattr(read_pair_splits(cfg.data), split)
+    if not pairs:
+        raise ConfigError(f"the run's {split} split has no sentence pairs; pass --data")
+    source_tok, target_tok = run.tokenizer, run.target_tokenizer
+    encoded = encode_pairs(pairs, source_tok, target_tok, max_len=cfg.data.max_len)
+    batches = PairBatches(encoded, cfg.data.eval_batch_size or cfg.data.batch_size, seed=0,
+                          bos_id=target_tok.bos_id, eos_id=target_tok.eos_id, shuffle=False, name=split)
+    metrics = evaluate_seq2seq(run.model, batches, device=device, precision=pick_precision(device, cfg.train.precision))
+    sources, references = [s for s, _ in pairs], [t for _, t in pairs]
+    for label, width in (("greedy", 1), (f"beam{beam}", beam)):
+        hyps = translate_corpus(run.model, sources, source_tok, target_tok, max_len=cfg.data.max_len, beam=width,
+                                device=device)
+        metrics[f"bleu_{label}"] = corpus_bleu(hyps, references)
+    metrics["sentences"] = float(len(pairs))
+    return metrics

@@ -21,7 +21,6 @@ import torch
 
 from lmzoo import checkpoint as ckpt
 from lmzoo.config import RunConfig, TrainConfig, config_to_yaml, load_config
-from lmzoo.data import encode_stream, make_batches, read_splits
 from lmzoo.device import (
     MaybeCompiled,
     autocast,
@@ -33,11 +32,9 @@ from lmzoo.device import (
     set_rng_state,
 )
 from lmzoo.errors import ConfigError, TrainingStopped
-from lmzoo.evaluate import evaluate_lm
-from lmzoo.generate import SamplingOptions, generate
-from lmzoo.models import build_model, count_parameters
-from lmzoo.models.base import detach_state
-from lmzoo.tokenizers import fit_tokenizer, load_tokenizer
+from lmzoo.models import count_parameters
+from lmzoo.objectives import to_device
+from lmzoo.tasks import Task, build_task
 from lmzoo.tracking import ProgressBar, Tracker
 
 EXIT_NONFINITE = 3
@@ -123,19 +120,18 @@ class StepResult:
 class TrainStep:
     """One optimiser step: `grad_accum` micro-batches of forward/backward, then unscale, clip, update.
 
-    It owns the carried recurrent state (truncated BPTT) and the fp16 grad scaler, so the loop in
-    `train` and the benchmark run exactly the same step.
+    The objective turns a batch into a loss (and keeps any state carried between batches); the
+    step owns the optimiser and the fp16 grad scaler, so `train` and the benchmark run the same step.
     """
 
     def __init__(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Any, cfg: TrainConfig,
-        device: torch.device, precision: str, *, carry: bool,
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Any, objective: Any,
+        cfg: TrainConfig, device: torch.device, precision: str,
     ) -> None:
-        self.model, self.optimizer, self.batches, self.cfg = model, optimizer, batches, cfg
-        self.device, self.precision, self.carry = device, precision, carry
+        self.model, self.optimizer, self.batches, self.objective = model, optimizer, batches, objective
+        self.cfg, self.device, self.precision = cfg, device, precision
         self.scaler = make_grad_scaler(device, precision)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.carried: Any = None
         self.forward = MaybeCompiled(model) if cfg.compile else model
 
     def __call__(self, lr: float) -> StepResult:
@@ -143,17 +139,13 @@ class TrainStep:
             group["lr"] = lr
         accum, loss_sum, tokens = self.cfg.grad_accum, 0.0, 0
         for _ in range(accum):
-            x, y, starts_epoch = self.batches.next()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            state_in = None if (starts_epoch or not self.carry) else self.carried
+            batch = to_device(self.batches.next(), self.device)
             with autocast(self.device, self.precision):
-                loss, state_out = self.forward(x, state_in, targets=y)
-            if self.carry:
-                self.carried = detach_state(state_out)
+                loss, batch_tokens = self.objective(self.forward, batch)
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(loss.detach())
-            tokens += y.numel()
+            tokens += batch_tokens
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf")))
@@ -172,7 +164,7 @@ class TrainStep:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": self.batches.state_dict(),
-            "carried": self.carried if self.carry else None,
+            **self.objective.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,7 +172,7 @@ class TrainStep:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data"])
-        self.carried = state.get("carried")
+        self.objective.load_state_dict(state)
 
 
 @dataclass
@@ -189,42 +181,26 @@ class Setup:
 
     device: torch.device
     precision: str
-    tokenizer: Any
-    train_stream: torch.Tensor
-    val_stream: torch.Tensor
-    seq_len: int
-    model: torch.nn.Module
+    task: Task
     stepper: TrainStep
     max_steps: int
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.task.model
 
-def setup_training(config: RunConfig, tokenizer: Any = None) -> Setup:
-    """Read and tokenize the data (fitting a tokenizer unless one is given), build model, optimiser and step."""
+
+def setup_training(config: RunConfig, tokenizers: dict[str, Any] | None = None) -> Setup:
+    """Read and tokenize the data (fitting tokenizers unless given), build model, optimiser and step."""
     device = pick_device(config.train.device)
     precision = pick_precision(device, config.train.precision)
     seed_everything(config.seed)
-    splits = read_splits(config.data)  # all data problems surface before a model is built
-    if tokenizer is None:
-        fit_text = splits.train if config.tokenizer.fit_on == "train" else splits.train + splits.val + splits.test
-        tokenizer = fit_tokenizer(config.tokenizer, fit_text)
-    train_stream = encode_stream(tokenizer, splits.train)
-    val_stream = encode_stream(tokenizer, splits.val)
-    seq_len = config.seq_len
-    config.data.seq_len = seq_len
-
-    model = build_model(config.model, tokenizer.vocab_size)
-    model.label_smoothing = config.train.label_smoothing
-    model.to(device)
-    sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and model.carries_state)
-    batches = make_batches(train_stream, config.data, seq_len, sequential=sequential, seed=config.seed)
-    optimizer = make_optimizer(model, config.train, device)
-    stepper = TrainStep(
-        model, optimizer, batches, config.train, device, precision, carry=model.carries_state and sequential
-    )
-    return Setup(
-        device=device, precision=precision, tokenizer=tokenizer, train_stream=train_stream, val_stream=val_stream,
-        seq_len=seq_len, model=model, stepper=stepper, max_steps=config.train.resolved_max_steps(len(batches)),
-    )
+    task = build_task(config, device, precision, tokenizers)
+    task.model.label_smoothing = config.train.label_smoothing
+    optimizer = make_optimizer(task.model, config.train, device)
+    stepper = TrainStep(task.model, optimizer, task.batches, task.objective, config.train, device, precision)
+    return Setup(device=device, precision=precision, task=task, stepper=stepper,
+                 max_steps=config.train.resolved_max_steps(len(task.batches)))
 
 
 def prepare_run_dir(config: RunConfig, resume: bool) -> tuple[Path, bool]:
@@ -264,11 +240,9 @@ def train(
         saved = load_config(run_dir / "config.yaml")
         _check_same_shape(config, saved)
         config.name = saved.name
-    setup = setup_training(config, tokenizer=load_tokenizer(run_dir / "tokenizer.json") if resuming else None)
-    model, tokenizer, stepper, device, precision = (
-        setup.model, setup.tokenizer, setup.stepper, setup.device, setup.precision
-    )
-    tcfg, max_steps, seq_len, val_stream = config.train, setup.max_steps, setup.seq_len, setup.val_stream
+    setup = setup_training(config, tokenizers=ckpt.load_tokenizers(run_dir) if resuming else None)
+    task, stepper, device, precision = setup.task, setup.stepper, setup.device, setup.precision
+    model, tcfg, max_steps = task.model, config.train, setup.max_steps
 
     loop = LoopState()
     if resuming:
@@ -280,20 +254,17 @@ def train(
         loop = LoopState(**{k: saved_state[k] for k in ("step", "tokens_seen", "best_val", "evals_since_best")})
     else:
         run_dir.mkdir(parents=True, exist_ok=False)
-        setup.tokenizer.save(run_dir / "tokenizer.json")
+        for filename, tokenizer in task.tokenizers().items():
+            tokenizer.save(run_dir / filename)
     ckpt.atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
 
     tracker = Tracker(run_dir, resume_step=loop.step if resuming else None)
     bar = ProgressBar(max_steps, loop.step, enabled=progress)
     bar.write(
         f"lmzoo: {'resuming' if resuming else 'training'} {config.model.name} ({count_parameters(model):,} "
-        f"parameters, vocab {tokenizer.vocab_size}) on {device.type}, {precision}, {max_steps} steps -> {run_dir}"
+        f"parameters, vocab {task.tokenizer.vocab_size}) on {device.type}, {precision}, {max_steps} steps -> {run_dir}"
     )
     hint = resume_hint or f"lmzoo train <config> --resume  (run {run_dir})"
-    sample_options = SamplingOptions(
-        max_new_tokens=min(config.sample.max_new_tokens, 200), temperature=config.sample.temperature,
-        top_k=config.sample.top_k, top_p=config.sample.top_p, repetition_penalty=config.sample.repetition_penalty,
-    )
 
     def save_last() -> None:
         state = {**asdict(loop), **stepper.state_dict(), "rng": rng_state()}
@@ -302,21 +273,20 @@ def train(
 
     def run_eval() -> bool:
         """Evaluate, log, keep the best weights; return True when early stopping says stop."""
-        metrics = evaluate_lm(
-            model, val_stream, batch_size=config.data.eval_batch_size or config.data.batch_size, seq_len=seq_len,
-            max_batches=tcfg.eval_batches, device=device, precision=precision,
-        )
-        tracker.log(loop.step, {"val/loss": metrics["loss"], "val/ppl": metrics["ppl"]})
-        improved = metrics["loss"] < loop.best_val
+        metrics = task.evaluate()
+        tracker.log(loop.step, {f"val/{key}": value for key, value in metrics.items() if key != "tokens"})
+        score = metrics["loss"] if tcfg.best_metric == "loss" else -metrics["bleu"]  # lower is better
+        improved = score < loop.best_val
         if improved:
-            loop.best_val, loop.evals_since_best = metrics["loss"], 0
-            ckpt.save_checkpoint(run_dir, "best", model, info={"step": loop.step, "val_loss": metrics["loss"]})
+            loop.best_val, loop.evals_since_best = score, 0
+            info = {"step": loop.step, **{f"val_{k}": v for k, v in metrics.items() if k != "tokens"}}
+            ckpt.save_checkpoint(run_dir, "best", model, info=info)
         else:
             loop.evals_since_best += 1
-        sample = _sample_text(model, tokenizer, config, sample_options, device, precision, loop.step)
-        tracker.text(loop.step, "sample", sample)
+        tracker.text(loop.step, "sample", task.sample(loop.step))
+        bleu = f", BLEU {metrics['bleu']:.2f}" if "bleu" in metrics else ""
         bar.write(
-            f"step {loop.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}"
+            f"step {loop.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}{bleu}"
             f"{' (best)' if improved else ''}"
         )
         return tcfg.patience is not None and loop.evals_since_best >= tcfg.patience
@@ -351,7 +321,7 @@ def train(
                     speed = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                     tracker.log(loop.step, {
                         "train/loss": window_loss / window_steps, "lr": lr, "grad_norm": result.grad_norm,
-                        "tokens_per_sec": speed, "train/epoch": loop.tokens_seen / max(1, len(setup.train_stream)),
+                        "tokens_per_sec": speed, "train/epoch": loop.tokens_seen / max(1, task.tokens_per_epoch),
                     })
                     bar.update(window_steps, loss=f"{window_loss / window_steps:.3f}", lr=f"{lr:.2e}",
                                tok_s=f"{speed:,.0f}")
@@ -375,16 +345,3 @@ def train(
         bar.close()
         tracker.close()
     return run_dir
-
-
-def _sample_text(model, tokenizer, config: RunConfig, options: SamplingOptions, device, precision, step: int) -> str:
-    """A short sample for TensorBoard, from its own generator so training randomness is untouched."""
-    generator = torch.Generator(device=device).manual_seed(config.seed + step)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(device, precision):
-            text = "".join(generate(model, tokenizer, config.sample.prompt, options, generator=generator))
-    finally:
-        model.train(was_training)
-    return config.sample.prompt + text

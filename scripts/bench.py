@@ -150,12 +150,12 @@ def row_recurrent(name: str, steps: int) -> dict:
         for _ in range(3):
             setup.stepper(1e-4)  # warm-up
         seconds = interleaved({"step": lambda: setup.stepper(1e-4)}, steps)["step"]
-        tokens = config.data.batch_size * setup.seq_len * config.train.grad_accum
+        tokens = config.data.batch_size * config.seq_len * config.train.grad_accum
         result[f"train_tok_s_{precision}"] = tokens / seconds
-    x, y, _ = setup.stepper.batches.next()
-    flops = 3 * forward_flops_per_token(setup.model, y, setup.seq_len)
+    _, y, _ = setup.stepper.batches.next()
+    flops = 3 * forward_flops_per_token(setup.model, y, config.seq_len)
     result["train_gflops_fp32"] = flops * result["train_tok_s_fp32"] / 1e9
-    result["gen_tok_s_first100"], result["gen_tok_s_last100"] = time_generation(setup.model, setup.tokenizer)
+    result["gen_tok_s_first100"], result["gen_tok_s_last100"] = time_generation(setup.model, setup.task.tokenizer)
     result["params"] = sum(p.numel() for p in setup.model.parameters())
     return result
 
@@ -181,7 +181,7 @@ class PlainWordLSTM(nn.Module):
 def row_word(steps: int) -> dict:
     """lmzoo's word LSTM (configs/lstm_word.yaml) against the plain full-softmax fp32 step, same data."""
     config, setup = load_setup("lstm_word")
-    vocab = setup.tokenizer.vocab_size
+    vocab = setup.task.tokenizer.vocab_size
     torch.manual_seed(0)
     baseline = PlainWordLSTM(vocab).to(setup.device)
     optimizer = torch.optim.SGD(baseline.parameters(), lr=20.0)
@@ -205,7 +205,7 @@ def row_word(steps: int) -> dict:
         baseline_step()
         setup.stepper(1e-4)
     seconds = interleaved({"baseline": baseline_step, "lmzoo": lambda: setup.stepper(1e-4)}, steps)
-    tokens = config.data.batch_size * setup.seq_len
+    tokens = config.data.batch_size * config.seq_len
     _, y, _ = batches.next()
     return {
         "row": "lstm_word", "device": setup.device.type, "vocab": vocab,
@@ -262,8 +262,8 @@ def row_gpt(steps: int) -> dict:
     from lmzoo.device import pick_precision
 
     config, setup = load_setup("gpt")
-    vocab, stream = setup.tokenizer.vocab_size, setup.train_stream
-    batch, seq = config.data.batch_size, setup.seq_len
+    vocab, stream = setup.task.tokenizer.vocab_size, setup.task.batches.stream
+    batch, seq = config.data.batch_size, config.seq_len
     torch.manual_seed(0)
     baseline = PlainGPT(vocab)
     optimizer = torch.optim.AdamW(baseline.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
@@ -288,7 +288,7 @@ def row_gpt(steps: int) -> dict:
             run()
     seconds = interleaved(runners, steps)
     tokens = batch * seq
-    x, y, _ = setup.stepper.batches.next()
+    _, y, _ = setup.stepper.batches.next()
     flops = 3 * forward_flops_per_token(setup.model, y, seq)
     result = {"row": "gpt", "device": setup.device.type, "default_precision": default,
               "model_gflop_per_token": flops / 1e9}

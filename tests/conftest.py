@@ -39,6 +39,11 @@ TINY_MODEL_SIZES: dict[str, Any] = {
     "context_len": 32,
     "context_length": 32,
     "block_size": 32,
+    "n_encoder_layers": 2,
+    "n_decoder_layers": 2,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "max_len": 32,
 }
 
 

@@ -17,7 +17,7 @@ from lmzoo.config import (
     resolve_data_path,
 )
 from lmzoo.errors import ConfigError, LmzooError
-from lmzoo.models import list_models
+from lmzoo.models import get_model_info, list_models
 
 
 def config_error(raw: dict, source: str = "config") -> str:
@@ -265,6 +265,9 @@ def test_override_with_unknown_key_gets_a_suggestion(tmp_path, raw):
 def test_resolved_config_round_trips_through_yaml(raw, model_name, tokenizer):
     raw = deep_merge(raw, {"tokenizer": tokenizer, "data": {"split": [0.8, 0.1, 0.1]}, "train": {"betas": [0.8, 0.95]}})
     raw["model"] = tiny_model_section(model_name)
+    if get_model_info(model_name).kind == "seq2seq":
+        raw["data"]["format"] = "tsv"
+        raw["data"]["max_len"] = 32
     config = RunConfig.from_dict(raw)
     text = config_to_yaml(config)
     again = RunConfig.from_dict(yaml.safe_load(text))

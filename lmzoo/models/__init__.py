@@ -1,6 +1,6 @@
 """Registered model families. Imports are explicit: a reader sees every family that exists."""
 
-from lmzoo.models import recurrent, transformer  # noqa: E402,F401  (rnn, lstm, gru; gpt)
+from lmzoo.models import recurrent, seq2seq, transformer  # noqa: E402,F401  (rnn lstm gru; seq2seq; gpt transformer)
 from lmzoo.models.registry import (
     MODEL_REGISTRY,
     ModelInfo,

@@ -33,6 +33,13 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[2]
 
+    def select(self, indices: torch.Tensor) -> KVCache:
+        """A cache holding only the given batch rows (beam search reorders hypotheses with it)."""
+        chosen = KVCache.__new__(KVCache)
+        chosen.k, chosen.v = self.k.index_select(0, indices), self.v.index_select(0, indices)
+        chosen.length = self.length
+        return chosen
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add (B, H, T, d_k) keys/values; return views of everything cached so far."""
         end = self.length + k.shape[2]

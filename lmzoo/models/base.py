@@ -57,3 +57,61 @@ def detach_state(state: Any) -> Any:
     if isinstance(state, dict):
         return {k: detach_state(v) for k, v in state.items()}
     return state
+
+
+class Seq2SeqModel(nn.Module):
+    """An encoder-decoder: `encode(src, src_mask) -> memory`, `decode(tgt, memory, src_mask, state)`.
+
+    src_mask is (B, S) bool, True at padding. Greedy, sampling and beam search (lmzoo.translate)
+    are written once against this contract; a model adds `init_decode_state` (what incremental
+    decoding starts from) and `reorder_state` (beam search's reshuffle of hypotheses).
+    """
+
+    kind = "seq2seq"
+    label_smoothing = 0.0  # set by the trainer from train.label_smoothing
+    head: OutputHead
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def decode_features(
+        self, tgt: torch.Tensor, memory: Any, src_mask: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def init_decode_state(self, memory: Any, src_mask: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def reorder_state(self, state: Any, indices: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def decode(
+        self, tgt: torch.Tensor, memory: Any, src_mask: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits (B, T, V) of the next target tokens, and the state to continue from."""
+        h, state = self.decode_features(tgt, memory, src_mask, state)
+        return self.head.logits(h), state
+
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """Teacher forcing: (logits (B, T, V), None), or (mean loss over non-pad targets, None)."""
+        src_mask = src == PAD_ID
+        memory = self.encode(src, src_mask)
+        h, _ = self.decode_features(tgt_in, memory, src_mask)
+        if targets is None:
+            return self.head.logits(h), None
+        return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=self.label_smoothing), None
+
+
+def select_rows(value: Any, indices: torch.Tensor) -> Any:
+    """Pick batch rows (dim 0) of every tensor inside tuples/lists/dicts (beam search's memory shuffle)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, indices)
+    if isinstance(value, (list, tuple)):
+        return type(value)(select_rows(v, indices) for v in value)
+    if isinstance(value, dict):
+        return {k: select_rows(v, indices) for k, v in value.items()}
+    raise TypeError(f"cannot select rows of {type(value).__name__}")

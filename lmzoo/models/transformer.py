@@ -1,4 +1,5 @@
-"""Transformer models built on the shared attention module: the decoder-only GPT.
+"""Transformer models built on the shared attention module: the decoder-only GPT and the original
+encoder-decoder Transformer ("Attention Is All You Need").
 
 GPT: token embedding + positions (learned, or sinusoidal as in "Attention Is All You Need") ->
 N blocks of masked multi-head self-attention and a position-wise feed-forward network, each with
@@ -8,6 +9,12 @@ final norm -> output projection tied to the embedding.
 Decoding keeps a KV cache per layer. When the text reaches the context length the window slides:
 the oldest quarter is dropped and the cache rebuilt from the kept tokens, so generation continues
 past the context at a constant amortised cost per token, never indexing out of range.
+
+Transformer (encoder-decoder): embeddings scaled by sqrt(d) plus sinusoidal positions -> N encoder
+layers (self-attention over the source with its padding mask, feed-forward) -> N decoder layers
+(masked self-attention, cross-attention over the encoder output, feed-forward), residual + LayerNorm
+around each sub-layer (post-LN as in the paper by default) -> output projection. Decoding caches the
+decoder's self-attention keys/values and projects the encoder output for cross-attention once.
 """
 
 from __future__ import annotations
@@ -22,9 +29,17 @@ from torch import nn
 
 from lmzoo.config import ModelConfig, PositiveInt, Probability
 from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
-from lmzoo.models.base import LanguageModel
+from lmzoo.models.base import LanguageModel, Seq2SeqModel
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
+
+
+def heads_divide_width(heads: int, info: ValidationInfo) -> int:
+    """Multi-head attention splits d_model into equal heads."""
+    width = info.data.get("d_model")
+    if width is not None and width % heads:
+        raise ValueError(f"n_heads ({heads}) must divide d_model ({width})")
+    return heads
 
 
 class GPTConfig(ModelConfig):
@@ -45,10 +60,7 @@ class GPTConfig(ModelConfig):
     @field_validator("n_heads")
     @classmethod
     def _heads_divide_width(cls, value: int, info: ValidationInfo) -> int:
-        width = info.data.get("d_model")
-        if width is not None and width % value:
-            raise ValueError(f"n_heads ({value}) must divide d_model ({width})")
-        return value
+        return heads_divide_width(value, info)
 
     @property
     def context_len(self) -> int | None:
@@ -196,3 +208,154 @@ class GPT(LanguageModel):
         window = history[:, -keep:]
         h, new_state = self.features(window, GPTState())
         return h[:, -ids.shape[1] :], new_state
+
+
+class TransformerConfig(ModelConfig):
+    name: Literal["transformer"] = "transformer"
+    d_model: PositiveInt = 512
+    n_heads: PositiveInt = 8
+    n_encoder_layers: PositiveInt = 6
+    n_decoder_layers: PositiveInt = 6
+    d_ff: PositiveInt = 2048
+    dropout: Probability = 0.1
+    max_len: PositiveInt = 128  # longest source or target (positions table, decoding cache)
+    norm: Literal["pre", "post"] = "post"
+    activation: Literal["gelu", "relu"] = "relu"
+    share_embeddings: bool = True  # one embedding for source and target (needs one shared tokenizer)
+    tie_weights: bool = True  # output layer shares the target embedding
+    attention: Literal["sdpa", "explicit"] = "sdpa"
+
+    @field_validator("n_heads")
+    @classmethod
+    def _heads_divide_width(cls, value: int, info: ValidationInfo) -> int:
+        return heads_divide_width(value, info)
+
+    def check_run(self, run) -> None:
+        if self.share_embeddings and run.target_tokenizer is not None:
+            raise ValueError("model.share_embeddings: needs one tokenizer for both sides (remove target_tokenizer)")
+        if run.data.max_len > self.max_len:
+            raise ValueError(f"data.max_len: {run.data.max_len} is longer than model.max_len {self.max_len}")
+
+
+class SublayerNorm(nn.Module):
+    """Residual + LayerNorm around a sub-layer: pre-LN x + f(norm(x)), or post-LN norm(x + f(x))."""
+
+    def __init__(self, d_model: int, pre: bool, dropout: float) -> None:
+        super().__init__()
+        self.norm, self.pre, self.dropout = nn.LayerNorm(d_model), pre, _dropout(dropout)
+
+    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+        if self.pre:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        pre, d = config.norm == "pre", config.d_model
+        self.self_attn = MultiHeadAttention(d, config.n_heads, dropout=config.dropout,
+                                            explicit=config.attention == "explicit")
+        self.ff = FeedForward(d, config.d_ff, config.activation, True, 0.0)
+        self.sub1, self.sub2 = SublayerNorm(d, pre, config.dropout), SublayerNorm(d, pre, config.dropout)
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        x = self.sub1(x, lambda h: self.self_attn(h, key_padding_mask=src_mask))
+        return self.sub2(x, self.ff)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        pre, d, explicit = config.norm == "pre", config.d_model, config.attention == "explicit"
+        self.self_attn = MultiHeadAttention(d, config.n_heads, dropout=config.dropout, explicit=explicit)
+        self.cross_attn = MultiHeadAttention(d, config.n_heads, dropout=config.dropout, explicit=explicit)
+        self.ff = FeedForward(d, config.d_ff, config.activation, True, 0.0)
+        self.sub1, self.sub2, self.sub3 = (SublayerNorm(d, pre, config.dropout) for _ in range(3))
+
+    def forward(self, x, memory, src_mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = self.sub1(x, lambda h: self.self_attn(h, causal=True, cache=cache))
+        x = self.sub2(x, lambda h: self.cross_attn(h, memory, key_padding_mask=src_mask))
+        return self.sub3(x, self.ff)
+
+
+@dataclass
+class EncoderDecoderState:
+    """Decoding state: per decoder layer a self-attention KV cache and the projected encoder K/V."""
+
+    caches: list[KVCache]
+    cross: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int = 0
+
+
+@register_model(
+    "transformer", config=TransformerConfig, kind="seq2seq",
+    description="encoder-decoder Transformer (Vaswani et al.): sinusoidal positions, masked and cross attention",
+)
+class EncoderDecoderTransformer(Seq2SeqModel):
+    def __init__(self, config: TransformerConfig, vocab_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.config = config
+        src_vocab, tgt_vocab = (vocab_size, vocab_size) if isinstance(vocab_size, int) else vocab_size
+        if config.share_embeddings and src_vocab != tgt_vocab:
+            raise ValueError("share_embeddings needs one vocabulary for source and target")
+        d = config.d_model
+        self.src_embedding = nn.Embedding(src_vocab, d, padding_idx=0)
+        self.tgt_embedding = self.src_embedding if config.share_embeddings else nn.Embedding(tgt_vocab, d, padding_idx=0)
+        self.register_buffer("position_table", sinusoidal_positions(config.max_len, d), persistent=False)
+        self.dropout = _dropout(config.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
+        pre = config.norm == "pre"
+        self.encoder_norm = nn.LayerNorm(d) if pre else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d) if pre else nn.Identity()
+        self.head = OutputHead(d, tgt_vocab, bias=False)
+        for name, param in self.named_parameters():
+            if param.dim() >= 2 and "embedding" not in name:
+                nn.init.xavier_uniform_(param)
+        nn.init.normal_(self.src_embedding.weight, std=d**-0.5)
+        if not config.share_embeddings:
+            nn.init.normal_(self.tgt_embedding.weight, std=d**-0.5)
+        if config.tie_weights:
+            self.head.tie_to(self.tgt_embedding)
+
+    def _embed(self, embedding: nn.Embedding, ids: torch.Tensor, start: int) -> torch.Tensor:
+        if start + ids.shape[1] > self.config.max_len:
+            raise ValueError(f"sequence longer than model.max_len {self.config.max_len}")
+        pos = self.position_table[start : start + ids.shape[1]]
+        return self.dropout(embedding(ids) * math.sqrt(self.config.d_model) + pos)  # (B, T, d)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        x = self._embed(self.src_embedding, src, 0)  # (B, S, d)
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask)
+        return self.encoder_norm(x)  # memory (B, S, d)
+
+    def init_decode_state(self, memory: torch.Tensor, src_mask: torch.Tensor) -> EncoderDecoderState:
+        batch, heads = memory.shape[0], self.config.n_heads
+        d_head = self.config.d_model // heads
+        return EncoderDecoderState(
+            caches=[KVCache(batch, heads, self.config.max_len, d_head, like=memory) for _ in self.decoder_layers],
+            cross=[layer.cross_attn.project_kv(memory) for layer in self.decoder_layers],
+        )
+
+    def reorder_state(self, state: EncoderDecoderState, indices: torch.Tensor) -> EncoderDecoderState:
+        return EncoderDecoderState(
+            caches=[cache.select(indices) for cache in state.caches],
+            cross=[(k.index_select(0, indices), v.index_select(0, indices)) for k, v in state.cross],
+            length=state.length,
+        )
+
+    def decode_features(
+        self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
+        state: EncoderDecoderState | None = None,
+    ) -> tuple[torch.Tensor, EncoderDecoderState | None]:
+        x = self._embed(self.tgt_embedding, tgt, state.length if state is not None else 0)  # (B, T, d)
+        for index, layer in enumerate(self.decoder_layers):
+            if state is None:
+                x = layer(x, memory, src_mask)
+            else:
+                x = layer(x, state.cross[index], src_mask, cache=state.caches[index])
+        if state is not None:
+            state.length += tgt.shape[1]
+        return self.decoder_norm(x), state

@@ -1,0 +1,145 @@
+"""RNN encoder-decoder with attention (Seq2Seq): encoder -> context -> decoder.
+
+The encoder reads the source with a (bidirectional) LSTM or GRU; a bridge turns its final state
+into the decoder's first state. The decoder reads the target (teacher forcing in training) and,
+at every step, attends over all encoder states (Luong "dot"/"general" or Bahdanau "additive"
+scores); the attentional state tanh(W_c [h_t; c_t]) feeds the output layer. Padded source
+positions are packed away in the encoder and masked out of the attention, so a sentence gives the
+same output alone as in a padded batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationInfo, field_validator
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from lmzoo.config import ModelConfig, PositiveInt, Probability
+from lmzoo.models.base import Seq2SeqModel
+from lmzoo.models.heads import OutputHead
+from lmzoo.models.registry import register_model
+
+
+class Seq2SeqConfig(ModelConfig):
+    name: Literal["seq2seq"] = "seq2seq"
+    cell: Literal["lstm", "gru"] = "lstm"
+    embedding_dim: PositiveInt = 256
+    hidden_size: PositiveInt = 256
+    encoder_layers: PositiveInt = 1
+    decoder_layers: PositiveInt = 1
+    bidirectional: bool = True
+    # dot: h . m (needs equal sizes); general: h . W m; additive: v . tanh(W_h h + W_m m)
+    attention: Literal["dot", "general", "additive"] = "general"
+    dropout: Probability = 0.2
+    share_embeddings: bool = False  # one embedding for source and target (needs one shared tokenizer)
+    tie_weights: bool = False  # output layer shares the target embedding
+
+    @field_validator("attention")
+    @classmethod
+    def _dot_needs_equal_sizes(cls, value: str, info: ValidationInfo) -> str:
+        if value == "dot" and info.data.get("bidirectional", True):
+            raise ValueError("dot attention needs encoder and decoder states of one size; use general with a "
+                             "bidirectional encoder")
+        return value
+
+    def check_run(self, run) -> None:
+        if self.share_embeddings and run.target_tokenizer is not None:
+            raise ValueError("model.share_embeddings: needs one tokenizer for both sides (remove target_tokenizer)")
+
+
+class RecurrentAttention(nn.Module):
+    """Scores of decoder states against encoder states, masked softmax, weighted sum of encoder states."""
+
+    def __init__(self, kind: str, query_dim: int, key_dim: int) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "general":
+            self.key_proj = nn.Linear(key_dim, query_dim, bias=False)  # W in h . W m
+        elif kind == "additive":
+            self.key_proj = nn.Linear(key_dim, query_dim, bias=False)  # W_m
+            self.query_proj = nn.Linear(query_dim, query_dim)  # W_h
+            self.v = nn.Linear(query_dim, 1, bias=False)
+
+    def keys(self, memory: torch.Tensor) -> torch.Tensor:
+        """The part of the score that depends only on the encoder states: computed once per source."""
+        return memory if self.kind == "dot" else self.key_proj(memory)
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, src_mask: torch.Tensor
+    ) -> torch.Tensor:
+        if self.kind == "additive":
+            hidden = torch.tanh(self.query_proj(query)[:, :, None, :] + keys[:, None, :, :])  # (B, T, S, H)
+            scores = self.v(hidden).squeeze(-1)  # (B, T, S)
+        else:
+            scores = query @ keys.transpose(1, 2)  # (B, T, S)
+        scores = scores.masked_fill(src_mask[:, None, :], float("-inf"))
+        return scores.softmax(-1) @ values  # context (B, T, H_enc)
+
+
+@register_model(
+    "seq2seq", config=Seq2SeqConfig, kind="seq2seq",
+    description="RNN encoder-decoder with attention: (bi)LSTM/GRU encoder, attentive decoder",
+)
+class RecurrentSeq2Seq(Seq2SeqModel):
+    def __init__(self, config: Seq2SeqConfig, vocab_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.config = config
+        src_vocab, tgt_vocab = (vocab_size, vocab_size) if isinstance(vocab_size, int) else vocab_size
+        if config.share_embeddings and src_vocab != tgt_vocab:
+            raise ValueError("share_embeddings needs one vocabulary for source and target")
+        emb, hidden = config.embedding_dim, config.hidden_size
+        rnn = nn.LSTM if config.cell == "lstm" else nn.GRU
+        self.src_embedding = nn.Embedding(src_vocab, emb)
+        self.tgt_embedding = self.src_embedding if config.share_embeddings else nn.Embedding(tgt_vocab, emb)
+        self.dropout = nn.Dropout(config.dropout)
+        self.encoder = rnn(emb, hidden, config.encoder_layers, batch_first=True, bidirectional=config.bidirectional,
+                           dropout=config.dropout if config.encoder_layers > 1 else 0.0)
+        enc_dim = hidden * (2 if config.bidirectional else 1)
+        self.bridge = nn.Linear(enc_dim, hidden * config.decoder_layers)
+        self.decoder = rnn(emb, hidden, config.decoder_layers, batch_first=True,
+                           dropout=config.dropout if config.decoder_layers > 1 else 0.0)
+        self.attention = RecurrentAttention(config.attention, hidden, enc_dim)
+        self.combine = nn.Linear(hidden + enc_dim, hidden)  # W_c
+        width = hidden
+        self.out_proj = nn.Identity()
+        if config.tie_weights and hidden != emb:
+            self.out_proj = nn.Linear(hidden, emb, bias=False)
+            width = emb
+        self.head = OutputHead(width, tgt_vocab)
+        if config.tie_weights:
+            self.head.tie_to(self.tgt_embedding)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder states (B, S, H_enc), attention keys, the decoder's first hidden state (B, L, H))."""
+        lengths = (~src_mask).sum(1).clamp(min=1).cpu()
+        x = self.dropout(self.src_embedding(src))  # (B, S, E)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        outputs, final = self.encoder(packed)
+        outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=src.shape[1])  # (B, S, H_enc)
+        h_n = final[0] if isinstance(final, tuple) else final  # (layers * dirs, B, H)
+        last = torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.config.bidirectional else h_n[-1]  # (B, H_enc)
+        start = torch.tanh(self.bridge(last)).view(src.shape[0], self.config.decoder_layers, -1)  # (B, L, H)
+        return outputs, self.attention.keys(outputs), start
+
+    def init_decode_state(self, memory: Any, src_mask: torch.Tensor) -> Any:
+        start = memory[2].transpose(0, 1).contiguous()  # (L, B, H)
+        return (start, torch.zeros_like(start)) if self.config.cell == "lstm" else start
+
+    def reorder_state(self, state: Any, indices: torch.Tensor) -> Any:
+        if isinstance(state, tuple):
+            return tuple(s.index_select(1, indices) for s in state)
+        return state.index_select(1, indices)
+
+    def decode_features(
+        self, tgt: torch.Tensor, memory: Any, src_mask: torch.Tensor, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        outputs, keys, _ = memory
+        if state is None:
+            state = self.init_decode_state(memory, src_mask)
+        h, state = self.decoder(self.dropout(self.tgt_embedding(tgt)), state)  # (B, T, H)
+        context = self.attention(h, keys, outputs, src_mask)  # (B, T, H_enc)
+        attentional = torch.tanh(self.combine(torch.cat([h, context], dim=-1)))  # (B, T, H)
+        return self.out_proj(self.dropout(attentional)), state

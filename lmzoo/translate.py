@@ -1,0 +1,191 @@
+"""Decoding for seq2seq models: greedy, sampling and beam search, written once against the contract
+`encode(src, src_mask) -> memory`, `decode(tgt, memory, src_mask, state) -> (logits, state)`.
+
+Each step feeds only the newest target token with the decoding state (the RNN hidden state, or the
+Transformer's KV cache), so a step costs the same at the end of a sentence as at its start.
+Beam search scores a hypothesis by log P(y | x) / len(y)^length_penalty and finishes a sentence
+once `beam` hypotheses have ended in <eos>; with beam 1 it is exactly greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lmzoo.generate import SamplingOptions, TextStream, next_token
+from lmzoo.models.base import PAD_ID, select_rows
+from lmzoo.tokenizers import Tokenizer
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # target ids, without <bos> and <eos>
+    score: float  # logprob / len^length_penalty: what beams are ranked by
+    logprob: float
+
+
+def _banned(scores: torch.Tensor, tokenizer_ids: tuple[int, ...]) -> torch.Tensor:
+    scores[:, list(tokenizer_ids)] = float("-inf")
+    return scores
+
+
+def encode_source(tokenizer: Tokenizer, text: str, device: torch.device) -> torch.Tensor:
+    """(1, S) source ids as training saw them: tokens + <eos>."""
+    return torch.tensor([tokenizer.encode(text) + [tokenizer.eos_id]], device=device)
+
+
+@torch.inference_mode()
+def decode_batch(
+    model: torch.nn.Module, src: torch.Tensor, *, bos_id: int, eos_id: int, max_len: int,
+    options: SamplingOptions | None = None, generator: torch.Generator | None = None,
+    banned_ids: tuple[int, ...] = (),
+) -> list[list[int]]:
+    """Greedy (options None or greedy) or sampled decoding of a batch of sources (B, S)."""
+    options = options or SamplingOptions(greedy=True)
+    src_mask = src == PAD_ID
+    memory = model.encode(src, src_mask)
+    state = model.init_decode_state(memory, src_mask)
+    batch = src.shape[0]
+    tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    seen = torch.zeros(batch, model.head.vocab_size, dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        logits, state = model.decode(tokens, memory, src_mask, state)
+        scores = _banned(logits[:, -1].float(), banned_ids)
+        choice = next_token(scores, options, seen=seen, generator=generator)  # (B,)
+        seen[torch.arange(batch), choice] = True
+        for row, token in enumerate(choice.tolist()):
+            if not done[row] and token != eos_id:
+                outputs[row].append(token)
+        done |= choice == eos_id
+        if bool(done.all()):
+            break
+        tokens = choice[:, None]
+    return outputs
+
+
+@torch.inference_mode()
+def decode_stream(
+    model: torch.nn.Module, src: torch.Tensor, *, bos_id: int, eos_id: int, max_len: int,
+    options: SamplingOptions, generator: torch.Generator | None = None, banned_ids: tuple[int, ...] = (),
+) -> Iterator[int]:
+    """Yield the target ids of one source (1, S) as they are decoded, stopping at <eos>."""
+    src_mask = src == PAD_ID
+    memory = model.encode(src, src_mask)
+    state = model.init_decode_state(memory, src_mask)
+    token = torch.tensor([[bos_id]], device=src.device)
+    seen = torch.zeros(1, model.head.vocab_size, dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        logits, state = model.decode(token, memory, src_mask, state)
+        choice = next_token(_banned(logits[:, -1].float(), banned_ids), options, seen=seen, generator=generator)
+        if int(choice) == eos_id:
+            return
+        seen[0, choice] = True
+        yield int(choice)
+        token = choice.view(1, 1)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: torch.nn.Module, src: torch.Tensor, *, beam: int, bos_id: int, eos_id: int, max_len: int,
+    length_penalty: float = 1.0, n_best: int = 1, banned_ids: tuple[int, ...] = (),
+) -> list[list[Hypothesis]]:
+    """The n best hypotheses of each source in the batch (B, S), best first."""
+    batch, device = src.shape[0], src.device
+    n_best = min(n_best, beam)
+    src_mask = src == PAD_ID
+    memory = model.encode(src, src_mask)
+    rows = torch.arange(batch, device=device).repeat_interleave(beam)  # hypothesis -> sentence
+    memory, src_mask = select_rows(memory, rows), src_mask.index_select(0, rows)
+    state = model.init_decode_state(memory, src_mask)
+    alive_tokens: list[list[int]] = [[] for _ in range(batch * beam)]
+    alive_scores = torch.full((batch, beam), float("-inf"), device=device)
+    alive_scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    last = torch.full((batch * beam, 1), bos_id, dtype=torch.long, device=device)
+
+    def ranked(tokens: list[int], logprob: float) -> Hypothesis:
+        return Hypothesis(tokens, logprob / max(1, len(tokens) + 1) ** length_penalty, logprob)
+
+    for step in range(max_len):
+        logits, state = model.decode(last, memory, src_mask, state)
+        logprobs = _banned(logits[:, -1].float().log_softmax(-1), banned_ids)  # (B*K, V)
+        vocab = logprobs.shape[-1]
+        candidates = (alive_scores.view(-1, 1) + logprobs).view(batch, beam * vocab)
+        top_scores, top_ids = candidates.topk(2 * beam, dim=-1)  # (B, 2K)
+        next_rows, next_tokens, next_scores = [], [], []
+        for b in range(batch):
+            picked = []
+            for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist(), strict=True)):
+                source_beam, token = divmod(flat, vocab)
+                row = b * beam + source_beam
+                if done[b] or score == float("-inf"):
+                    break
+                if token == eos_id:
+                    if rank < beam:  # an <eos> among the top `beam` candidates ends a hypothesis
+                        finished[b].append(ranked(alive_tokens[row], score))
+                    continue
+                picked.append((row, token, score))
+                if len(picked) == beam:
+                    break
+            if len(finished[b]) >= beam:
+                done[b] = True
+            while len(picked) < beam:  # a finished sentence keeps dummy beams in place
+                picked.append((b * beam, PAD_ID, float("-inf")))
+            for row, token, score in picked:
+                next_rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(score)
+        if all(done):
+            break
+        index = torch.tensor(next_rows, device=device)
+        alive_tokens = [alive_tokens[r] + [t] for r, t in zip(next_rows, next_tokens, strict=True)]
+        alive_scores = torch.tensor(next_scores, device=device).view(batch, beam)
+        state = model.reorder_state(state, index)
+        last = torch.tensor(next_tokens, device=device).view(-1, 1)
+        if step == max_len - 1:
+            break
+    for b in range(batch):
+        if len(finished[b]) < n_best:  # out of length: the best unfinished beams count too
+            for k in range(beam):
+                score = float(alive_scores[b, k])
+                if score > float("-inf"):
+                    finished[b].append(ranked(alive_tokens[b * beam + k], score))
+        finished[b].sort(key=lambda h: h.score, reverse=True)
+    return [hyps[:n_best] for hyps in finished]
+
+
+def translate(
+    model: torch.nn.Module, source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, text: str, *,
+    max_len: int, beam: int = 1, length_penalty: float = 1.0, n_best: int = 1,
+) -> list[tuple[str, float]]:
+    """(translation, score) pairs for one sentence: greedy when beam is 1, else the n best beams."""
+    device = next(model.parameters()).device
+    src = encode_source(source_tokenizer, text, device)
+    banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
+    hyps = beam_search(model, src, beam=beam, bos_id=target_tokenizer.bos_id, eos_id=target_tokenizer.eos_id,
+                       max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned_ids=banned)[0]
+    return [(target_tokenizer.decode(h.tokens), h.score) for h in hyps]
+
+
+def translate_stream(
+    model: torch.nn.Module, source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, text: str, *,
+    max_len: int, options: SamplingOptions, generator: torch.Generator | None = None,
+) -> Iterator[str]:
+    """Stream the translation of one sentence as text pieces (greedy or sampled)."""
+    device = next(model.parameters()).device
+    src = encode_source(source_tokenizer, text, device)
+    banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
+    stream = TextStream(target_tokenizer)
+    for token in decode_stream(model, src, bos_id=target_tokenizer.bos_id, eos_id=target_tokenizer.eos_id,
+                               max_len=max_len, options=options, generator=generator, banned_ids=banned):
+        piece = stream.push(token)
+        if piece:
+            yield piece
+    tail = stream.flush()
+    if tail:
+        yield tail
