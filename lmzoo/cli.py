@@ -149,15 +149,20 @@ def generate(
 
             source, target = loaded.tokenizer, loaded.target_tokenizer
             limit = min(loaded.config.data.max_len, max_new_tokens or loaded.config.data.max_len)
-            encode_prompt(source, text, warn)  # warns about unseen pieces; the ids are made below
+            ids = encode_prompt(source, text, warn)  # warns about unseen pieces; translate() encodes again
+            source_limit = getattr(loaded.config.model, "max_len", None)  # positions the encoder has
+            if source_limit is not None and len(ids) + 1 > source_limit:
+                warn(f"warning: the text is {len(ids) + 1} tokens long with <eos>, more than model.max_len "
+                     f"{source_limit}; translating its first {source_limit - 1} tokens")
             if beam > 1:
                 for hypothesis, score in translate(loaded.model, source, target, text, max_len=limit, beam=beam,
-                                                   length_penalty=length_penalty, n_best=n_best):
+                                                   length_penalty=length_penalty, n_best=n_best,
+                                                   max_source_len=source_limit):
                     typer.echo(f"{hypothesis}\t{score:.4f}" if n_best > 1 else hypothesis)
                 return
             for _ in range(num_samples):
                 for piece in translate_stream(loaded.model, source, target, text, max_len=limit, options=options,
-                                              generator=generator):
+                                              generator=generator, max_source_len=source_limit):
                     typer.echo(piece, nl=False)
                 typer.echo()
 

@@ -225,11 +225,18 @@ class PairSplits:
     test: list[Pair]
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of a file, split at "\n" only: str.splitlines() also splits at characters that may
+    occur inside a sentence (U+2028, U+0085, form feed...), which would misalign a parallel corpus."""
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def read_pair_file(config: DataConfig, path: str) -> list[Pair]:
     """Sentence pairs from a `<path>.<source>`/`<path>.<target>` file pair or a TSV file."""
     if config.format == "tsv":
         pairs = []
-        for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        for number, line in enumerate(_lines(read_text_file(path)), start=1):
             if not line.strip():
                 continue
             fields = line.split("\t")
@@ -238,8 +245,8 @@ def read_pair_file(config: DataConfig, path: str) -> list[Pair]:
             pairs.append((fields[0].strip(), fields[1].strip()))
         return pairs
     source_path, target_path = config.files_of(path)
-    sources = read_text_file(source_path).splitlines()
-    targets = read_text_file(target_path).splitlines()
+    sources = _lines(read_text_file(source_path))
+    targets = _lines(read_text_file(target_path))
     if len(sources) != len(targets):
         raise DataError(
             f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}: "

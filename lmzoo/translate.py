@@ -31,9 +31,12 @@ def _banned(scores: torch.Tensor, tokenizer_ids: tuple[int, ...]) -> torch.Tenso
     return scores
 
 
-def encode_source(tokenizer: Tokenizer, text: str, device: torch.device) -> torch.Tensor:
-    """(1, S) source ids as training saw them: tokens + <eos>."""
-    return torch.tensor([tokenizer.encode(text) + [tokenizer.eos_id]], device=device)
+def encode_source(tokenizer: Tokenizer, text: str, device: torch.device, max_len: int | None = None) -> torch.Tensor:
+    """(1, S) source ids as training saw them: tokens + <eos>, cut to max_len (as translate_corpus does)."""
+    ids = tokenizer.encode(text)
+    if max_len is not None:
+        ids = ids[: max_len - 1]
+    return torch.tensor([ids + [tokenizer.eos_id]], device=device)
 
 
 @torch.inference_mode()
@@ -161,11 +164,11 @@ def beam_search(
 
 def translate(
     model: torch.nn.Module, source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, text: str, *,
-    max_len: int, beam: int = 1, length_penalty: float = 1.0, n_best: int = 1,
+    max_len: int, beam: int = 1, length_penalty: float = 1.0, n_best: int = 1, max_source_len: int | None = None,
 ) -> list[tuple[str, float]]:
     """(translation, score) pairs for one sentence: greedy when beam is 1, else the n best beams."""
     device = next(model.parameters()).device
-    src = encode_source(source_tokenizer, text, device)
+    src = encode_source(source_tokenizer, text, device, max_source_len)
     banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
     hyps = beam_search(model, src, beam=beam, bos_id=target_tokenizer.bos_id, eos_id=target_tokenizer.eos_id,
                        max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned_ids=banned)[0]
@@ -175,10 +178,11 @@ def translate(
 def translate_stream(
     model: torch.nn.Module, source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, text: str, *,
     max_len: int, options: SamplingOptions, generator: torch.Generator | None = None,
+    max_source_len: int | None = None,
 ) -> Iterator[str]:
     """Stream the translation of one sentence as text pieces (greedy or sampled)."""
     device = next(model.parameters()).device
-    src = encode_source(source_tokenizer, text, device)
+    src = encode_source(source_tokenizer, text, device, max_source_len)
     banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
     stream = TextStream(target_tokenizer)
     for token in decode_stream(model, src, bos_id=target_tokenizer.bos_id, eos_id=target_tokenizer.eos_id,

@@ -181,9 +181,9 @@ class GPT(LanguageModel):
     def features(self, ids: torch.Tensor, state: GPTState | None = None) -> tuple[torch.Tensor, GPTState | None]:
         batch, steps = ids.shape
         context = self.config.context_length
+        if steps > context:  # with a state too: a sliding window would return fewer positions than given
+            raise ValueError(f"sequence of {steps} tokens is longer than the context length {context}")
         if state is None:
-            if steps > context:
-                raise ValueError(f"sequence of {steps} tokens is longer than the context length {context}")
             x = self._embed(ids, 0)
             for block in self.blocks:
                 x = block(x)
