@@ -199,6 +199,19 @@ def evaluate(
 
 
 @app.command()
+def merge(
+    run: str = typer.Option(..., "--run", "-r", help="A LoRA fine-tune run directory (or name under ./runs)."),
+    out: Path | None = typer.Option(None, help="Where to write the merged run (default: <run>-merged beside it)."),
+) -> None:
+    """Fold a LoRA run's updates into its base weights: a plain run with the same outputs."""
+    with user_errors():
+        from lmzoo.checkpoint import merge_run, resolve_run
+
+        merged = merge_run(resolve_run(run), out)
+        typer.echo(f"merged: {merged}  (sample it with: lmzoo generate --run {merged})")
+
+
+@app.command()
 def models() -> None:
     """List the registered model families with their parameter counts at default settings."""
     with user_errors():

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from lmzoo.device import (
     set_rng_state,
 )
 from lmzoo.errors import ConfigError, TrainingStopped
-from lmzoo.models import count_parameters
 from lmzoo.objectives import to_device
+from lmzoo.peft import parameter_counts
 from lmzoo.tasks import Task, build_task
 from lmzoo.tracking import ProgressBar, Tracker
 
@@ -115,6 +115,7 @@ class StepResult:
     grad_norm: float
     tokens: int
     applied: bool  # False when the loss or gradient was not finite and the update was skipped
+    metrics: dict[str, float] = field(default_factory=dict)  # objective-specific (DPO rewards, ...)
 
 
 class TrainStep:
@@ -138,10 +139,13 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum, loss_sum, tokens = self.cfg.grad_accum, 0.0, 0
+        metrics: dict[str, float] = {}
         for _ in range(accum):
             batch = to_device(self.batches.next(), self.device)
             with autocast(self.device, self.precision):
                 loss, batch_tokens = self.objective(self.forward, batch)
+            for key, value in getattr(self.objective, "metrics", {}).items():
+                metrics[key] = metrics.get(key, 0.0) + value / accum
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(loss.detach())
@@ -157,7 +161,7 @@ class TrainStep:
         elif applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, applied=applied)
+        return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, applied=applied, metrics=metrics)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -195,6 +199,8 @@ def setup_training(config: RunConfig, tokenizers: dict[str, Any] | None = None) 
     device = pick_device(config.train.device)
     precision = pick_precision(device, config.train.precision)
     seed_everything(config.seed)
+    if tokenizers is None and config.init_from:
+        tokenizers = ckpt.load_tokenizers(Path(config.init_from))  # reused as they are, never re-fitted
     task = build_task(config, device, precision, tokenizers)
     task.model.label_smoothing = config.train.label_smoothing
     optimizer = make_optimizer(task.model, config.train, device)
@@ -247,7 +253,7 @@ def train(
     loop = LoopState()
     if resuming:
         last = ckpt.checkpoint_dir(run_dir, "last")
-        ckpt.load_weights(model, last / ckpt.WEIGHTS)
+        ckpt.load_checkpoint_weights(model, last)
         saved_state = ckpt.load_train_state(last / ckpt.STATE, device)
         stepper.load_state_dict(saved_state)
         set_rng_state(saved_state["rng"])
@@ -260,10 +266,14 @@ def train(
 
     tracker = Tracker(run_dir, resume_step=loop.step if resuming else None)
     bar = ProgressBar(max_steps, loop.step, enabled=progress)
+    trainable, total = parameter_counts(model)
+    share = f", {trainable:,} trainable ({trainable / total:.2%})" if trainable != total else ""
     bar.write(
-        f"lmzoo: {'resuming' if resuming else 'training'} {config.model.name} ({count_parameters(model):,} "
-        f"parameters, vocab {task.tokenizer.vocab_size}) on {device.type}, {precision}, {max_steps} steps -> {run_dir}"
+        f"lmzoo: {'resuming' if resuming else 'training'} {config.model.name} ({total:,} parameters{share}, "
+        f"vocab {task.tokenizer.vocab_size}) on {device.type}, {precision}, {max_steps} steps -> {run_dir}"
     )
+    if not resuming:
+        tracker.log(0, {"params/trainable": float(trainable), "params/total": float(total)})
     hint = resume_hint or f"lmzoo train <config> --resume  (run {run_dir})"
 
     def save_last() -> None:
@@ -284,14 +294,15 @@ def train(
         else:
             loop.evals_since_best += 1
         tracker.text(loop.step, "sample", task.sample(loop.step))
-        bleu = f", BLEU {metrics['bleu']:.2f}" if "bleu" in metrics else ""
+        others = "".join(f", {key} {value:.4f}" for key, value in metrics.items() if key not in ("loss", "ppl", "tokens"))
         bar.write(
-            f"step {loop.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}{bleu}"
+            f"step {loop.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}{others}"
             f"{' (best)' if improved else ''}"
         )
         return tcfg.patience is not None and loop.evals_since_best >= tcfg.patience
 
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    window_extra: dict[str, float] = {}
     stopped_early = False
     model.train()
     try:
@@ -312,6 +323,8 @@ def train(
                 loop.tokens_seen += result.tokens
                 window_loss += result.loss
                 window_steps += 1
+                for key, value in result.metrics.items():
+                    window_extra[key] = window_extra.get(key, 0.0) + value
                 window_tokens += result.tokens
                 if on_step is not None:
                     on_step(loop.step, result.loss)
@@ -322,7 +335,9 @@ def train(
                     tracker.log(loop.step, {
                         "train/loss": window_loss / window_steps, "lr": lr, "grad_norm": result.grad_norm,
                         "tokens_per_sec": speed, "train/epoch": loop.tokens_seen / max(1, task.tokens_per_epoch),
+                        **{f"train/{key}": value / window_steps for key, value in window_extra.items()},
                     })
+                    window_extra = {}
                     bar.update(window_steps, loss=f"{window_loss / window_steps:.3f}", lr=f"{lr:.2e}",
                                tok_s=f"{speed:,.0f}")
                     window_loss, window_steps, window_tokens = 0.0, 0, 0
