@@ -306,25 +306,27 @@ def _step_at(setup, precision: str) -> None:
     setup.stepper(1e-4)
 
 
-def gpt_generation(context: int = 256, new_tokens: int = 512) -> dict:
+def gpt_generation(context: int = 256, new_tokens: int = 512, device: str = "cpu") -> dict:
     """Greedy decoding tokens/s at context 256 (configs/gpt_gpu.yaml size): KV cache vs recomputing the window."""
     from lmzoo.config import load_config
     from lmzoo.generate import SamplingOptions, generate_ids
     from lmzoo.models import build_model
 
     config = load_config(CONFIGS / "gpt_gpu.yaml")
-    model = build_model(config.model, 69).eval()
+    model = build_model(config.model, 69).to(device).eval()
     assert model.context_len == context
     options = SamplingOptions(max_new_tokens=new_tokens, greedy=True)
     start = time.perf_counter()
     cached = list(generate_ids(model, [5], options))
+    _sync()
     with_cache = new_tokens / (time.perf_counter() - start)
-    ids = torch.tensor([[5]])
+    ids = torch.tensor([[5]], device=device)
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(new_tokens):
             logits, _ = model(ids[:, -context:])  # the whole window, every token
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    _sync()
     without_cache = new_tokens / (time.perf_counter() - start)
     same_prefix = ids[0, 1 : 1 + context].tolist() == cached[:context]
     return {"gen_tok_s_kv_cache": with_cache, "gen_tok_s_recompute": without_cache,
