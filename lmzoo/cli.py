@@ -8,6 +8,7 @@ ends as one `error: ...` line on stderr with exit code 2 (see lmzoo.errors), nev
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,7 +73,8 @@ def train(
         hint = " ".join(["lmzoo train", str(config), *(overrides or []), "--resume"])
         show = sys.stderr.isatty() if progress is None else progress
         run_dir = run_training(cfg, resume=resume, progress=show, resume_hint=hint)
-        typer.echo(f"done: {run_dir}  (sample it with: lmzoo generate --run {run_dir})", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+            typer.echo(f"done: {run_dir}  (sample it with: lmzoo generate --run {run_dir})", err=True)
 
 
 @app.command()

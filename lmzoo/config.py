@@ -219,6 +219,7 @@ class TrainConfig(Section):
     nan_policy: Literal["stop", "skip"] = "stop"
     dpo_beta: Annotated[float, Field(gt=0)] = 0.1  # DPO: strength of the pull towards the reference model
     compile: bool = False  # torch.compile the model's forward (falls back to eager with a warning)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP) the model
 
     @field_validator("device")
     @classmethod

@@ -203,11 +203,11 @@ def eval_windows(stream: torch.Tensor, batch_size: int, seq_len: int, max_batche
         count += 1
 
 
-def make_batches(stream: torch.Tensor, config: DataConfig, seq_len: int, *, sequential: bool, seed: int):
-    """The training batch source that `data.sampling` asks for."""
+def make_batches(stream: torch.Tensor, batch_size: int, seq_len: int, *, sequential: bool, seed: int):
+    """The training batch source: contiguous truncated-BPTT batches, or random windows."""
     if sequential:
-        return SequentialBatches(stream, config.batch_size, seq_len)
-    return RandomWindows(stream, config.batch_size, seq_len, seed=seed)
+        return SequentialBatches(stream, batch_size, seq_len)
+    return RandomWindows(stream, batch_size, seq_len, seed=seed)
 
 
 # ---- sentence pairs (seq2seq) ------------------------------------------------------------------

@@ -60,16 +60,22 @@ class Task:
 
 
 def build_task(
-    config: RunConfig, device: torch.device, precision: str, tokenizers: dict[str, Tokenizer] | None = None
+    config: RunConfig, device: torch.device, precision: str, tokenizers: dict[str, Tokenizer] | None = None,
+    batch_scale: int = 1,
 ) -> Task:
-    """The task for `config`; `tokenizers` (from a run directory) are reused instead of fitted."""
+    """The task for `config`; `tokenizers` (from a run directory) are reused instead of fitted.
+
+    Training batches hold data.batch_size x `batch_scale` rows: the global batch that the ranks
+    of a distributed run share out (lmzoo.distributed.ShardedBatches).
+    """
+    batch = config.data.batch_size * batch_scale
     if config.kind == "seq2seq":
-        return _seq2seq_task(config, device, precision, tokenizers)
+        return _seq2seq_task(config, device, precision, tokenizers, batch)
     if config.data.format == "instruct":
-        return _sft_task(config, device, precision, tokenizers)
+        return _sft_task(config, device, precision, tokenizers, batch)
     if config.data.format == "preference":
-        return _dpo_task(config, device, precision, tokenizers)
-    return _lm_task(config, device, precision, tokenizers)
+        return _dpo_task(config, device, precision, tokenizers, batch)
+    return _lm_task(config, device, precision, tokenizers, batch)
 
 
 def _sample_options(config: RunConfig) -> SamplingOptions:
@@ -88,7 +94,7 @@ def _in_eval_mode(model: torch.nn.Module, device: torch.device, precision: str, 
         model.train(was_training)
 
 
-def _lm_task(config: RunConfig, device, precision, tokenizers) -> Task:
+def _lm_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
     splits = read_splits(config.data)
     if tokenizers is None:
         fit_text = splits.train if config.tokenizer.fit_on == "train" else splits.train + splits.val + splits.test
@@ -100,7 +106,7 @@ def _lm_task(config: RunConfig, device, precision, tokenizers) -> Task:
     seq_len = config.data.seq_len = config.seq_len
     model = initial_model(config, tokenizer.vocab_size, device)
     sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and model.carries_state)
-    batches = make_batches(train_stream, config.data, seq_len, sequential=sequential, seed=config.seed)
+    batches = make_batches(train_stream, batch, seq_len, sequential=sequential, seed=config.seed)
     options = _sample_options(config)
 
     def evaluate() -> dict[str, float]:
@@ -120,7 +126,7 @@ def _lm_task(config: RunConfig, device, precision, tokenizers) -> Task:
                 evaluate=evaluate, sample=sample)
 
 
-def _seq2seq_task(config: RunConfig, device, precision, tokenizers) -> Task:
+def _seq2seq_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
     pairs = read_pair_splits(config.data)
     if tokenizers is not None:
         source_tok = tokenizers["tokenizer.json"]
@@ -139,7 +145,7 @@ def _seq2seq_task(config: RunConfig, device, precision, tokenizers) -> Task:
     val_pairs = encode_pairs(pairs.val, source_tok, target_tok, max_len=max_len)
     model = initial_model(config, (source_tok.vocab_size, target_tok.vocab_size), device)
     ids = {"bos_id": target_tok.bos_id, "eos_id": target_tok.eos_id}
-    batches = PairBatches(train_pairs, config.data.batch_size, seed=config.seed, **ids)
+    batches = PairBatches(train_pairs, batch, seed=config.seed, **ids)
     val_batches = PairBatches(val_pairs, config.data.eval_batch_size or config.data.batch_size, seed=0,
                               shuffle=False, name="validation", **ids)
     bleu_pairs = pairs.val[: config.train.bleu_sentences]
@@ -205,7 +211,7 @@ def _mean_lm_loss(model, batches, device, precision) -> dict[str, float]:
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(count)}
 
 
-def _sft_task(config: RunConfig, device, precision, tokenizers) -> Task:
+def _sft_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
     """Instruction tuning: the loss covers only the response tokens of each templated record."""
     fields = ("instruction", "input", "output")
     parts = _record_splits(config, fields)
@@ -215,7 +221,7 @@ def _sft_task(config: RunConfig, device, precision, tokenizers) -> Task:
     model = initial_model(config, tokenizer.vocab_size, device)
     context = model.context_len
     encode = {name: [prompt_response_ids(tokenizer, p, r, context) for p, r in pairs] for name, pairs in prompts.items()}
-    batches = ShuffledBatches(encode["train"], config.data.batch_size, seed=config.seed, collate=sft_batch)
+    batches = ShuffledBatches(encode["train"], batch, seed=config.seed, collate=sft_batch)
     val = ShuffledBatches(encode["val"], config.data.eval_batch_size or config.data.batch_size, seed=0,
                           collate=sft_batch, shuffle=False)
     options = _sample_options(config)
@@ -232,7 +238,7 @@ def _sft_task(config: RunConfig, device, precision, tokenizers) -> Task:
                 evaluate=lambda: _mean_lm_loss(model, val, device, precision), sample=sample)
 
 
-def _dpo_task(config: RunConfig, device, precision, tokenizers) -> Task:
+def _dpo_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
     """Preference tuning with DPO against the frozen init_from model."""
     from lmzoo.objectives import DPOObjective, preference_metrics, sequence_logprobs
     from lmzoo.peft import adapters_disabled, has_adapters
@@ -247,7 +253,7 @@ def _dpo_task(config: RunConfig, device, precision, tokenizers) -> Task:
                  prompt_response_ids(tokenizer, r["prompt"], r["rejected"], context)) for r in records]
 
     train, val_pairs = encode(parts["train"]), encode(parts["val"])
-    batches = ShuffledBatches(train, config.data.batch_size, seed=config.seed, collate=preference_batch)
+    batches = ShuffledBatches(train, batch, seed=config.seed, collate=preference_batch)
     val = ShuffledBatches(val_pairs, config.data.eval_batch_size or config.data.batch_size, seed=0,
                           collate=preference_batch, shuffle=False)
     if has_adapters(model):
