@@ -30,6 +30,7 @@ from lmzoo.errors import CheckpointError
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"  # LoRA / adapter runs: only the fine-tuned tensors; the base comes from init_from
 STATE = "state.pt"
 INFO = "info.json"
 
@@ -67,8 +68,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_checkpoint(
     run_dir: Path, tag: str, model: nn.Module, *, info: dict[str, Any], train_state: dict | None = None
 ) -> Path:
-    """Write checkpoints/<tag>/ atomically (weights, optional training state, info)."""
-    from safetensors.torch import save_model
+    """Write checkpoints/<tag>/ atomically (weights, optional training state, info).
+
+    A model with LoRA or adapters saves only its trainable tensors (adapter.safetensors).
+    """
+    from safetensors.torch import save_file, save_model
+
+    from lmzoo.peft import has_adapters, trainable_state_dict
 
     root = run_dir / "checkpoints"
     final, tmp, old = root / tag, root / f".{tag}.tmp", root / f".{tag}.old"
@@ -77,7 +83,12 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "lmzoo", "version": str(FORMAT_VERSION)})
+        metadata = {"format": "lmzoo", "version": str(FORMAT_VERSION)}
+        if has_adapters(model):
+            tensors = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
+            save_file(tensors, str(tmp / ADAPTER), metadata=metadata)
+        else:
+            save_model(model, str(tmp / WEIGHTS), metadata=metadata)
         if train_state is not None:
             torch.save({"format_version": FORMAT_VERSION, **train_state}, tmp / STATE)
         (tmp / INFO).write_text(json.dumps({"format_version": FORMAT_VERSION, "saved_at": time.time(), **info}))
@@ -120,9 +131,41 @@ def checkpoint_dir(run_dir: Path, tag: str) -> Path:
     """The directory holding checkpoint `tag`, including one a crash left mid-swap (read-only lookup)."""
     root = run_dir / "checkpoints"
     for candidate in (root / tag, root / f".{tag}.old"):
-        if (candidate / WEIGHTS).is_file():
+        if (candidate / WEIGHTS).is_file() or (candidate / ADAPTER).is_file():
             return candidate
     raise CheckpointError(f"{run_dir} has no '{tag}' checkpoint (looked for {root / tag / WEIGHTS})")
+
+
+def load_checkpoint_weights(model: nn.Module, ckpt: Path) -> None:
+    """Load a checkpoint directory's weights: the whole model, or (fine-tunes) its adapter tensors."""
+    if (ckpt / ADAPTER).is_file():
+        load_adapter(model, ckpt / ADAPTER)
+    else:
+        load_weights(model, ckpt / WEIGHTS)
+
+
+def load_adapter(model: nn.Module, path: Path) -> None:
+    """Load the LoRA / adapter tensors of a fine-tune into a model that has the same adapters applied."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    params = dict(model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(tensors) != expected:
+        extra = sorted(set(tensors) - expected) or sorted(expected - set(tensors))
+        raise CheckpointError(f"{path}: adapter tensors do not match this model's fine-tuning setup ({extra[0]!r})")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)} in the checkpoint but "
+                    f"{tuple(params[name].shape)} in the model"
+                )
+            params[name].copy_(tensor)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -252,6 +295,35 @@ def load_tokenizers(run_dir: Path) -> dict[str, Any]:
     return found
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """checkpoints/best, or checkpoints/last for a run that never evaluated."""
+    try:
+        return checkpoint_dir(run_dir, "best")
+    except CheckpointError:
+        return checkpoint_dir(run_dir, "last")
+
+
+def initial_model(config: Any, vocab: int | tuple[int, int], device: torch.device | str) -> nn.Module:
+    """The model a run starts from: fresh, or with the weights of its `init_from` run; then LoRA or
+    adapters as its `finetune` section says."""
+    from lmzoo.models import build_model
+    from lmzoo.peft import apply_finetune
+
+    model = build_model(config.model, vocab)
+    if config.init_from:
+        base = Path(config.init_from)
+        if not (base / "config.yaml").is_file():
+            raise CheckpointError(f"init_from: the base run {base} is missing (it holds the weights this run starts from)")
+        ckpt = best_checkpoint(base)
+        if (ckpt / ADAPTER).is_file():
+            raise CheckpointError(f"init_from: {base} is a LoRA/adapter run; merge it first: lmzoo merge --run {base}")
+        load_weights(model, ckpt / WEIGHTS)
+    model.to(device)
+    if config.finetune is not None:
+        apply_finetune(model, config.finetune)
+    return model
+
+
 def load_run(run_dir: str | Path, tag: str = "best", device: torch.device | str = "cpu") -> Run:
     """Rebuild a run's model from its config and tokenizer and load its `tag` weights ('best' falls back to 'last')."""
     from lmzoo.config import RunConfig, read_yaml
@@ -264,15 +336,37 @@ def load_run(run_dir: str | Path, tag: str = "best", device: torch.device | str 
     tokenizers = load_tokenizers(run_dir)
     tokenizer = tokenizers["tokenizer.json"]
     target = tokenizers.get("target_tokenizer.json", tokenizer) if config.kind == "seq2seq" else None
-    try:
-        ckpt = checkpoint_dir(run_dir, tag)
-    except CheckpointError:
-        if tag != "best":
-            raise
-        ckpt = checkpoint_dir(run_dir, "last")
+    ckpt = best_checkpoint(run_dir) if tag == "best" else checkpoint_dir(run_dir, tag)
     vocab = tokenizer.vocab_size if target is None else (tokenizer.vocab_size, target.vocab_size)
-    model = build_model(config.model, vocab)
-    load_weights(model, ckpt / WEIGHTS)
+    if (ckpt / ADAPTER).is_file():
+        model = initial_model(config, vocab, device)  # the frozen base, with LoRA / adapters applied
+    else:
+        model = build_model(config.model, vocab)
+    load_checkpoint_weights(model, ckpt)
     model.to(device).eval()
     return Run(path=run_dir, config=config, tokenizer=tokenizer, model=model, info=read_info(ckpt),
                target_tokenizer=target)
+
+
+def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Fold a LoRA run into a plain run (config without init_from/finetune, full weights); returns its path."""
+    from lmzoo.config import config_to_yaml
+    from lmzoo.peft import Adapter, merge_finetune
+
+    run = load_run(run_dir, "best")
+    if run.config.finetune is None or run.config.finetune.method == "full":
+        raise CheckpointError(f"{run_dir} is not a LoRA run; its weights are already plain")
+    if any(isinstance(m, Adapter) for m in run.model.modules()):
+        raise CheckpointError(f"{run_dir} uses adapters, which add layers and cannot be folded into the base weights")
+    merge_finetune(run.model)
+    run_path = Path(run_dir)
+    target = Path(out) if out is not None else new_run_dir(run_path.parent, f"{run_path.name}-merged")
+    if target.exists():
+        raise CheckpointError(f"{target} already exists; choose another --out")
+    config = run.config.model_copy(update={"init_from": None, "finetune": None, "name": target.name})
+    target.mkdir(parents=True)
+    for name, tokenizer in load_tokenizers(run_path).items():
+        tokenizer.save(target / name)
+    atomic_write_text(target / "config.yaml", config_to_yaml(config))
+    save_checkpoint(target, "best", run.model, info={**run.info, "merged_from": str(run_path)})
+    return target

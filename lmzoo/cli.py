@@ -8,6 +8,7 @@ ends as one `error: ...` line on stderr with exit code 2 (see lmzoo.errors), nev
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,7 +73,8 @@ def train(
         hint = " ".join(["lmzoo train", str(config), *(overrides or []), "--resume"])
         show = sys.stderr.isatty() if progress is None else progress
         run_dir = run_training(cfg, resume=resume, progress=show, resume_hint=hint)
-        typer.echo(f"done: {run_dir}  (sample it with: lmzoo generate --run {run_dir})", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+            typer.echo(f"done: {run_dir}  (sample it with: lmzoo generate --run {run_dir})", err=True)
 
 
 @app.command()
@@ -201,6 +203,19 @@ def evaluate(
         bleu = "".join(f"  BLEU {key[5:]} {value:.2f}" for key, value in metrics.items() if key.startswith("bleu_"))
         typer.echo(f"{run_dir} ({checkpoint}) on {source}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}{bleu}  "
                    f"({int(metrics['tokens']):,} tokens)")
+
+
+@app.command()
+def merge(
+    run: str = typer.Option(..., "--run", "-r", help="A LoRA fine-tune run directory (or name under ./runs)."),
+    out: Path | None = typer.Option(None, help="Where to write the merged run (default: <run>-merged beside it)."),
+) -> None:
+    """Fold a LoRA run's updates into its base weights: a plain run with the same outputs."""
+    with user_errors():
+        from lmzoo.checkpoint import merge_run, resolve_run
+
+        merged = merge_run(resolve_run(run), out)
+        typer.echo(f"merged: {merged}  (sample it with: lmzoo generate --run {merged})")
 
 
 @app.command()

@@ -60,10 +60,11 @@ class DataConfig(Section):
 
     format text: language-model text files. format parallel: aligned sentence files named
     `<path>.<source>` and `<path>.<target>` (one sentence per line). format tsv: one
-    `source<TAB>target` pair per line.
+    `source<TAB>target` pair per line. format instruct: JSON/JSONL records {instruction, input,
+    output} (supervised fine-tuning). format preference: JSONL records {prompt, chosen, rejected} (DPO).
     """
 
-    format: Literal["text", "parallel", "tsv"] = "text"
+    format: Literal["text", "parallel", "tsv", "instruct", "preference"] = "text"
     source: str = "src"  # parallel: suffix of the source-side files
     target: str = "tgt"  # parallel: suffix of the target-side files
     train: str | list[str] = "lmzoo:tinyshakespeare.txt"
@@ -71,6 +72,8 @@ class DataConfig(Section):
     test: str | None = None
     split: tuple[Probability, Probability, Probability] = (0.9, 0.05, 0.05)  # train/val/test, by lines
     max_len: PositiveInt = 100  # seq2seq: training pairs with a longer source or target are skipped
+    # instruct: the prompt built from each {instruction, input, output} record; the loss covers only `output`
+    template: str = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
     seq_len: PositiveInt | None = None  # None: the model's context length, or 128 for recurrent models
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt | None = None  # None: same as batch_size
@@ -97,6 +100,20 @@ class DataConfig(Section):
         if value is not None:
             for file in _files_of(value, info.data):
                 _existing_file(file, info)
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        import string
+
+        try:
+            names = {field for _, field, _, _ in string.Formatter().parse(value) if field is not None}
+        except ValueError as err:
+            raise ValueError(f"not a valid template ({err})") from None
+        unknown = names - {"instruction", "input"}
+        if unknown:
+            raise ValueError(f"may use {{instruction}} and {{input}} only, not {{{sorted(unknown)[0]}}}")
         return value
 
     def files_of(self, path: str) -> list[str]:
@@ -200,7 +217,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     nan_policy: Literal["stop", "skip"] = "stop"
+    dpo_beta: Annotated[float, Field(gt=0)] = 0.1  # DPO: strength of the pull towards the reference model
     compile: bool = False  # torch.compile the model's forward (falls back to eager with a warning)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP) the model
 
     @field_validator("device")
     @classmethod
@@ -217,6 +236,19 @@ class TrainConfig(Section):
         if self.epochs is not None:
             return max(1, round(self.epochs * batches_per_epoch / self.grad_accum))
         return 2000
+
+
+class FinetuneConfig(Section):
+    """How to fine-tune the model loaded with `init_from`: all weights, LoRA, or adapters (lmzoo.peft)."""
+
+    method: Literal["full", "lora", "adapter"] = "full"
+    r: PositiveInt = 8  # LoRA rank
+    alpha: Annotated[float, Field(gt=0)] = 16.0  # LoRA scale is alpha / r
+    dropout: Probability = 0.0  # LoRA rank dropout
+    # LoRA: parameter-name patterns (fnmatch) of the weights to adapt
+    targets: list[str] = ["*in_proj.weight", "*out_proj.weight", "*weight_ih*", "*weight_hh*"]
+    bottleneck: PositiveInt = 16  # adapter width
+    positions: list[Literal["ff", "rnn"]] = ["ff", "rnn"]  # adapters after feed-forwards / recurrent layers
 
 
 class SampleConfig(Section):
@@ -243,6 +275,8 @@ class RunConfig(Section):
     model: SerializeAsAny[ModelConfig]
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    init_from: str | None = None  # a run directory: start from its weights, model config and tokenizer
+    finetune: FinetuneConfig | None = None  # with init_from: full (default), lora or adapter
 
     @property
     def seq_len(self) -> int:
@@ -261,6 +295,10 @@ class RunConfig(Section):
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections, got {_kind(raw)}")
         raw = dict(raw)
+        if raw.get("init_from"):
+            raw = _inherit_from_run(raw, source, check_files)
+        elif raw.get("finetune"):
+            raise ConfigError(f"{source}: finetune: needs init_from (the run whose model is fine-tuned)")
         tokenizer_raw = raw.pop("tokenizer", {}) or {}
         model_raw = raw.pop("model", None)
         if model_raw is None:
@@ -289,6 +327,40 @@ class RunConfig(Section):
         return get_model_info(self.model.name).kind
 
 
+FREE_WHEN_FINE_TUNING = {"dropout"}  # model keys a fine-tune may change; every other key must match
+
+
+def _inherit_from_run(raw: dict, source: str, check_files: bool) -> dict:
+    """Take model and tokenizer sections from the `init_from` run; a conflicting section is an error."""
+    base_dir = Path(str(raw["init_from"]))
+    if not (base_dir / "config.yaml").is_file():
+        if not check_files:  # reloading a finished fine-tune whose base moved: keep its own sections
+            return raw
+        raise ConfigError(f"{source}: init_from: {base_dir} is not a run directory (no config.yaml)")
+    base = read_yaml(base_dir / "config.yaml")
+    if not isinstance(base, dict) or "model" not in base:
+        raise ConfigError(f"{source}: init_from: {base_dir}/config.yaml is not an lmzoo run config")
+    merged = dict(raw)
+    model = dict(base["model"])
+    for key, value in (raw.get("model") or {}).items():
+        if key not in FREE_WHEN_FINE_TUNING and model.get(key) != value:
+            raise ConfigError(
+                f"{source}: model.{key}: {value!r} differs from the init_from run's {model.get(key)!r}; "
+                "a fine-tune keeps the model it starts from (leave the model section out)"
+            )
+        model[key] = value
+    merged["model"] = model
+    for section in ("tokenizer", "target_tokenizer"):
+        mine, theirs = raw.get(section), base.get(section)
+        if mine is not None and mine != theirs:
+            raise ConfigError(
+                f"{source}: {section}: differs from the init_from run's; a fine-tune reuses that run's "
+                "tokenizer as it is (leave the section out)"
+            )
+        merged[section] = theirs
+    return merged
+
+
 def _check_kind(run: RunConfig) -> None:
     """A seq2seq model needs sentence pairs; a language model needs text."""
     paired = run.data.format in ("parallel", "tsv")
@@ -297,7 +369,11 @@ def _check_kind(run: RunConfig) -> None:
             f"data.format: model {run.model.name!r} translates sentence pairs; set data.format to parallel or tsv"
         )
     if run.kind == "lm" and paired:
-        raise ValueError(f"data.format: model {run.model.name!r} is a language model; it trains on format text")
+        raise ValueError(
+            f"data.format: model {run.model.name!r} is a language model; use format text, instruct or preference"
+        )
+    if run.data.format == "preference" and not run.init_from:
+        raise ValueError("data.format: preference tuning (DPO) needs init_from: the model it starts from is its reference")
     if run.target_tokenizer is not None and run.kind != "seq2seq":
         raise ValueError("target_tokenizer: only seq2seq models have a target side")
     if run.train.best_metric == "bleu" and (run.kind != "seq2seq" or not run.train.bleu_sentences):

@@ -20,7 +20,7 @@ import torch
 
 from lmzoo.config import DataConfig, resolve_data_path
 from lmzoo.errors import DataError
-from lmzoo.objectives import LMBatch, PairBatch
+from lmzoo.objectives import LMBatch, PairBatch, PreferenceBatch
 
 
 def read_text_file(path: str | Path) -> str:
@@ -203,11 +203,11 @@ def eval_windows(stream: torch.Tensor, batch_size: int, seq_len: int, max_batche
         count += 1
 
 
-def make_batches(stream: torch.Tensor, config: DataConfig, seq_len: int, *, sequential: bool, seed: int):
-    """The training batch source that `data.sampling` asks for."""
+def make_batches(stream: torch.Tensor, batch_size: int, seq_len: int, *, sequential: bool, seed: int):
+    """The training batch source: contiguous truncated-BPTT batches, or random windows."""
     if sequential:
-        return SequentialBatches(stream, config.batch_size, seq_len)
-    return RandomWindows(stream, config.batch_size, seq_len, seed=seed)
+        return SequentialBatches(stream, batch_size, seq_len)
+    return RandomWindows(stream, batch_size, seq_len, seed=seed)
 
 
 # ---- sentence pairs (seq2seq) ------------------------------------------------------------------
@@ -350,3 +350,124 @@ class PairBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._order = self._epoch_order()
+
+
+# ---- records: instruction tuning (SFT) and preference pairs (DPO) ---------------------------------
+
+
+def read_records(path: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
+    """JSON array or JSONL records holding string `fields`; a bad line or record is named by its number."""
+    import json
+
+    text = read_text_file(path)
+    records: list = []
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {err.lineno}: invalid JSON ({err.msg})") from None
+        where = "record"
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: invalid JSON ({err.msg})") from None
+        where = "line"
+    checked = []
+    for index, item in enumerate(records, start=1):
+        number, record = item if where == "line" else (index, item)
+        if not isinstance(record, dict):
+            raise DataError(f"{path} {where} {number}: expected an object with {', '.join(fields)}")
+        for field in fields:
+            value = record.get(field, "" if field == "input" else None)
+            if not isinstance(value, str):
+                raise DataError(f"{path} {where} {number}: field {field!r} is missing or not a string")
+        checked.append({field: record.get(field, "") for field in fields})
+    if not checked:
+        raise DataError(f"{path}: no records")
+    return checked
+
+
+def prompt_response_ids(tokenizer, prompt: str, response: str, context: int | None) -> tuple[list[int], list[int]]:
+    """(input ids, target ids) of prompt + response + <eos>; targets are PAD except on the response.
+
+    A sequence longer than the context keeps the response and the end of the prompt.
+    """
+    from lmzoo.models.base import PAD_ID
+
+    prompt_ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
+    response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
+    if context is not None and len(prompt_ids) + len(response_ids) > context + 1:
+        response_ids = response_ids[:context]
+        prompt_ids = prompt_ids[-(context + 1 - len(response_ids)) :]
+    ids = prompt_ids + response_ids
+    targets = [PAD_ID] * (len(prompt_ids) - 1) + response_ids
+    return ids[:-1], targets
+
+
+def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (inputs, targets) rows into two (B, T) tensors."""
+    width = max(len(inputs) for inputs, _ in rows)
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for row, (ids, tgt) in enumerate(rows):
+        inputs[row, : len(ids)] = torch.tensor(ids)
+        targets[row, : len(tgt)] = torch.tensor(tgt)
+    return inputs, targets
+
+
+class ShuffledBatches:
+    """Batches of examples in a fresh seeded order every epoch; `collate` turns a list into a batch."""
+
+    def __init__(self, examples: list, batch_size: int, *, seed: int, collate, shuffle: bool = True) -> None:
+        if not examples:
+            raise DataError("no training examples")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.collate, self.shuffle = collate, shuffle
+        self.batches_per_epoch = max(1, len(examples) // batch_size) if shuffle else -(-len(examples) // batch_size)
+        self.epoch, self.index = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.examples)))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        """One ordered pass (for evaluation)."""
+        for start in range(0, len(self.examples), self.batch_size):
+            yield self.collate(self.examples[start : start + self.batch_size])
+
+    def next(self):
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        chosen = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        return self.collate([self.examples[i] for i in chosen])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._epoch_order()
+
+
+def sft_batch(rows: list[tuple[list[int], list[int]]]) -> LMBatch:
+    inputs, targets = collate_sequences(rows)
+    return LMBatch(inputs, targets, True)
+
+
+def preference_batch(rows: list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]) -> PreferenceBatch:
+    """Chosen and rejected sequences padded to one width, so one forward pass scores both."""
+    inputs, targets = collate_sequences([chosen for chosen, _ in rows] + [rejected for _, rejected in rows])
+    half = len(rows)
+    return PreferenceBatch(inputs[:half], targets[:half], inputs[half:], targets[half:])

@@ -32,6 +32,13 @@ class PairBatch(NamedTuple):
     target_out: torch.Tensor  # (B, T): y_1 .. y_n <eos>, padded
 
 
+class PreferenceBatch(NamedTuple):
+    chosen_inputs: torch.Tensor  # (B, T): prompt + chosen response
+    chosen_targets: torch.Tensor  # (B, T): PAD except on the response tokens
+    rejected_inputs: torch.Tensor
+    rejected_targets: torch.Tensor
+
+
 class LMObjective:
     """Next-token cross-entropy; with `carry`, the recurrent state flows from one batch to the next."""
 
@@ -65,3 +72,56 @@ class Seq2SeqObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def sequence_logprobs(forward: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(response | prompt) per row: the sum of token log-probabilities where targets != PAD."""
+    logits, _ = forward(inputs)  # (B, T, V)
+    logprobs = logits.float().log_softmax(-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * (targets != PAD_ID)).sum(-1)  # (B,)
+
+
+class DPOObjective:
+    """Direct Preference Optimisation (Rafailov et al., 2023):
+
+        loss = -log sigmoid(beta * [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
+
+    over response tokens only. `reference` scores the frozen reference model: with LoRA or adapters
+    it is the same model with them switched off, otherwise a frozen copy. `metrics` holds the last
+    batch's reward accuracy (ties count half), margin, and chosen/rejected rewards.
+    """
+
+    def __init__(self, beta: float, reference: Any) -> None:
+        self.beta = beta
+        self.reference = reference  # callable(inputs, targets) -> reference log-probs (B,)
+        self.metrics: dict[str, float] = {}
+        self.last_rewards: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, forward: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, int]:
+        inputs = torch.cat([batch.chosen_inputs, batch.rejected_inputs])
+        targets = torch.cat([batch.chosen_targets, batch.rejected_targets])
+        policy = sequence_logprobs(forward, inputs, targets)
+        with torch.no_grad():
+            reference = self.reference(inputs, targets)
+        rewards = self.beta * (policy - reference)
+        chosen, rejected = rewards.chunk(2)
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        self.last_rewards = (chosen.detach().float(), rejected.detach().float())
+        self.metrics = preference_metrics(*self.last_rewards)
+        return loss, int((targets != PAD_ID).sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Reward accuracy (ties count half), mean margin, mean chosen and rejected rewards."""
+    accuracy = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    return {
+        "reward_accuracy": float(accuracy.mean()), "reward_margin": float((chosen - rejected).mean()),
+        "reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
+    }

@@ -7,26 +7,36 @@ any model is built), then builds the model and the matching batches and objectiv
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmzoo.config import RunConfig
+from lmzoo.checkpoint import initial_model
+from lmzoo.config import RunConfig, read_yaml, resolve_data_path
 from lmzoo.data import (
     PairBatches,
+    ShuffledBatches,
     encode_pairs,
     encode_stream,
     make_batches,
+    preference_batch,
+    prompt_response_ids,
     read_pair_splits,
+    read_records,
     read_splits,
+    sft_batch,
 )
 from lmzoo.device import autocast
+from lmzoo.errors import DataError
 from lmzoo.evaluate import corpus_bleu, evaluate_lm, evaluate_seq2seq, translate_corpus
 from lmzoo.generate import SamplingOptions, generate
-from lmzoo.models import build_model
-from lmzoo.objectives import LMObjective, Seq2SeqObjective
+from lmzoo.objectives import LMObjective, Seq2SeqObjective, to_device
 from lmzoo.tokenizers import Tokenizer, fit_tokenizer
 
 
@@ -50,12 +60,22 @@ class Task:
 
 
 def build_task(
-    config: RunConfig, device: torch.device, precision: str, tokenizers: dict[str, Tokenizer] | None = None
+    config: RunConfig, device: torch.device, precision: str, tokenizers: dict[str, Tokenizer] | None = None,
+    batch_scale: int = 1,
 ) -> Task:
-    """The task for `config`; `tokenizers` (from a run directory) are reused instead of fitted."""
+    """The task for `config`; `tokenizers` (from a run directory) are reused instead of fitted.
+
+    Training batches hold data.batch_size x `batch_scale` rows: the global batch that the ranks
+    of a distributed run share out (lmzoo.distributed.ShardedBatches).
+    """
+    batch = config.data.batch_size * batch_scale
     if config.kind == "seq2seq":
-        return _seq2seq_task(config, device, precision, tokenizers)
-    return _lm_task(config, device, precision, tokenizers)
+        return _seq2seq_task(config, device, precision, tokenizers, batch)
+    if config.data.format == "instruct":
+        return _sft_task(config, device, precision, tokenizers, batch)
+    if config.data.format == "preference":
+        return _dpo_task(config, device, precision, tokenizers, batch)
+    return _lm_task(config, device, precision, tokenizers, batch)
 
 
 def _sample_options(config: RunConfig) -> SamplingOptions:
@@ -74,7 +94,7 @@ def _in_eval_mode(model: torch.nn.Module, device: torch.device, precision: str, 
         model.train(was_training)
 
 
-def _lm_task(config: RunConfig, device, precision, tokenizers) -> Task:
+def _lm_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
     splits = read_splits(config.data)
     if tokenizers is None:
         fit_text = splits.train if config.tokenizer.fit_on == "train" else splits.train + splits.val + splits.test
@@ -84,9 +104,9 @@ def _lm_task(config: RunConfig, device, precision, tokenizers) -> Task:
     train_stream = encode_stream(tokenizer, splits.train)
     val_stream = encode_stream(tokenizer, splits.val)
     seq_len = config.data.seq_len = config.seq_len
-    model = build_model(config.model, tokenizer.vocab_size).to(device)
+    model = initial_model(config, tokenizer.vocab_size, device)
     sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and model.carries_state)
-    batches = make_batches(train_stream, config.data, seq_len, sequential=sequential, seed=config.seed)
+    batches = make_batches(train_stream, batch, seq_len, sequential=sequential, seed=config.seed)
     options = _sample_options(config)
 
     def evaluate() -> dict[str, float]:
@@ -106,7 +126,7 @@ def _lm_task(config: RunConfig, device, precision, tokenizers) -> Task:
                 evaluate=evaluate, sample=sample)
 
 
-def _seq2seq_task(config: RunConfig, device, precision, tokenizers) -> Task:
+def _seq2seq_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
     pairs = read_pair_splits(config.data)
     if tokenizers is not None:
         source_tok = tokenizers["tokenizer.json"]
@@ -123,9 +143,9 @@ def _seq2seq_task(config: RunConfig, device, precision, tokenizers) -> Task:
     max_len = config.data.max_len
     train_pairs = encode_pairs(pairs.train, source_tok, target_tok, max_len=max_len)
     val_pairs = encode_pairs(pairs.val, source_tok, target_tok, max_len=max_len)
-    model = build_model(config.model, (source_tok.vocab_size, target_tok.vocab_size)).to(device)
+    model = initial_model(config, (source_tok.vocab_size, target_tok.vocab_size), device)
     ids = {"bos_id": target_tok.bos_id, "eos_id": target_tok.eos_id}
-    batches = PairBatches(train_pairs, config.data.batch_size, seed=config.seed, **ids)
+    batches = PairBatches(train_pairs, batch, seed=config.seed, **ids)
     val_batches = PairBatches(val_pairs, config.data.eval_batch_size or config.data.batch_size, seed=0,
                               shuffle=False, name="validation", **ids)
     bleu_pairs = pairs.val[: config.train.bleu_sentences]
@@ -150,3 +170,149 @@ def _seq2seq_task(config: RunConfig, device, precision, tokenizers) -> Task:
     tokens = sum(len(t) + 1 for _, t in train_pairs)
     return Task(tokenizer=source_tok, target_tokenizer=target_tok, model=model, batches=batches,
                 objective=Seq2SeqObjective(), tokens_per_epoch=tokens, evaluate=evaluate, sample=sample)
+
+
+def _record_splits(config: RunConfig, fields: tuple[str, ...]) -> dict[str, list[dict[str, str]]]:
+    """Records of the train file; the validation records come from data.val or are split off train."""
+    from lmzoo.data import _carve
+
+    records = read_records(config.data.train_files[0], fields)
+    given = {"val": bool(config.data.val), "test": bool(config.data.test)}
+    parts = _carve(records, config.data.split, given)
+    if config.data.val:
+        parts["val"] = read_records(config.data.val, fields)
+    if not parts.get("val"):
+        raise DataError("no validation records: give data.val or raise the validation fraction in data.split")
+    return parts
+
+
+def _require_tokenizer(config: RunConfig, tokenizers, text: str) -> Tokenizer:
+    if tokenizers is not None:
+        return tokenizers["tokenizer.json"]
+    return fit_tokenizer(config.tokenizer, text)
+
+
+def _mean_lm_loss(model, batches, device, precision) -> dict[str, float]:
+    """Token-weighted mean loss over (inputs, targets) batches whose targets mask what is not scored."""
+    from lmzoo.models.base import PAD_ID
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+            with autocast(device, precision):
+                loss, _ = model(inputs, targets=targets)
+            tokens = int((targets != PAD_ID).sum())
+            total, count = total + float(loss) * tokens, count + tokens
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(count)}
+
+
+def _sft_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
+    """Instruction tuning: the loss covers only the response tokens of each templated record."""
+    fields = ("instruction", "input", "output")
+    parts = _record_splits(config, fields)
+    prompts = {name: [(config.data.template.format(instruction=r["instruction"], input=r["input"]), r["output"])
+                      for r in records] for name, records in parts.items()}
+    tokenizer = _require_tokenizer(config, tokenizers, "\n".join(p + r for p, r in prompts["train"]))
+    model = initial_model(config, tokenizer.vocab_size, device)
+    context = model.context_len
+    encode = {name: [prompt_response_ids(tokenizer, p, r, context) for p, r in pairs] for name, pairs in prompts.items()}
+    batches = ShuffledBatches(encode["train"], batch, seed=config.seed, collate=sft_batch)
+    val = ShuffledBatches(encode["val"], config.data.eval_batch_size or config.data.batch_size, seed=0,
+                          collate=sft_batch, shuffle=False)
+    options = _sample_options(config)
+    first_prompt = prompts["val"][0][0]
+
+    def sample(step: int) -> str:
+        generator = torch.Generator(device=device).manual_seed(config.seed + step)
+        stop_options = SamplingOptions(**{**options.__dict__, "stop": ("\n\n",)})
+        return first_prompt + _in_eval_mode(model, device, precision, lambda: "".join(
+            generate(model, tokenizer, first_prompt, stop_options, generator=generator)))
+
+    return Task(tokenizer=tokenizer, target_tokenizer=None, model=model, batches=batches,
+                objective=LMObjective(carry=False), tokens_per_epoch=sum(len(t) for _, t in encode["train"]),
+                evaluate=lambda: _mean_lm_loss(model, val, device, precision), sample=sample)
+
+
+def _dpo_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
+    """Preference tuning with DPO against the frozen init_from model."""
+    from lmzoo.objectives import DPOObjective, preference_metrics, sequence_logprobs
+    from lmzoo.peft import adapters_disabled, has_adapters
+
+    parts = _record_splits(config, ("prompt", "chosen", "rejected"))
+    tokenizer = _require_tokenizer(config, tokenizers, "")
+    model = initial_model(config, tokenizer.vocab_size, device)
+    context = model.context_len
+
+    def encode(records):
+        return [(prompt_response_ids(tokenizer, r["prompt"], r["chosen"], context),
+                 prompt_response_ids(tokenizer, r["prompt"], r["rejected"], context)) for r in records]
+
+    train, val_pairs = encode(parts["train"]), encode(parts["val"])
+    batches = ShuffledBatches(train, batch, seed=config.seed, collate=preference_batch)
+    val = ShuffledBatches(val_pairs, config.data.eval_batch_size or config.data.batch_size, seed=0,
+                          collate=preference_batch, shuffle=False)
+    if has_adapters(model):
+        def frozen(inputs, targets):  # the same weights with LoRA/adapters off: no second copy
+            with adapters_disabled(model), _eval_mode(model):
+                return sequence_logprobs(model, inputs, targets)
+    else:
+        reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+        def frozen(inputs, targets):
+            return sequence_logprobs(reference_model, inputs, targets)
+    beta = config.train.dpo_beta
+    objective = DPOObjective(beta, frozen)
+    base = RunConfig.from_dict(read_yaml(Path(config.init_from) / "config.yaml"), check_files=False)
+    pretrain_val = None  # the base run's own validation text, to watch what DPO costs the language model
+    if base.data.format == "text" and all(resolve_data_path(f).is_file() for f in base.data.train_files):
+        pretrain_val = encode_stream(tokenizer, read_splits(base.data).val)
+
+    def evaluate() -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        chosen, rejected, losses = [], [], []
+        with torch.inference_mode():
+            for batch in val:
+                batch = to_device(batch, device)
+                with autocast(device, precision):
+                    loss, _ = objective(model, batch)
+                rewards = objective.last_rewards
+                chosen.append(rewards[0])
+                rejected.append(rewards[1])
+                losses.append(float(loss) * len(rewards[0]))
+        model.train(was_training)
+        chosen_all, rejected_all = torch.cat(chosen), torch.cat(rejected)
+        metrics = {"loss": sum(losses) / len(chosen_all), **preference_metrics(chosen_all, rejected_all)}
+        metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
+        if pretrain_val is not None:
+            lm = evaluate_lm(model, pretrain_val, batch_size=config.data.eval_batch_size or config.data.batch_size,
+                             seq_len=base.seq_len, max_batches=config.train.eval_batches, device=device,
+                             precision=precision)
+            metrics["pretrain_loss"] = lm["loss"]
+        return metrics
+
+    first = parts["val"][0]["prompt"]
+    options = _sample_options(config)
+
+    def sample(step: int) -> str:
+        generator = torch.Generator(device=device).manual_seed(config.seed + step)
+        return first + _in_eval_mode(model, device, precision, lambda: "".join(
+            generate(model, tokenizer, first, options, generator=generator)))
+
+    return Task(tokenizer=tokenizer, target_tokenizer=None, model=model, batches=batches, objective=objective,
+                tokens_per_epoch=sum(len(c[1]) + len(r[1]) for c, r in train), evaluate=evaluate, sample=sample)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

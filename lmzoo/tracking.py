@@ -81,8 +81,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 class ProgressBar:
     """A tqdm bar over optimiser steps that shows loss, lr and tokens/s; silent when disabled."""
 
-    def __init__(self, total: int, initial: int, *, enabled: bool) -> None:
+    def __init__(self, total: int, initial: int, *, enabled: bool, quiet: bool = False) -> None:
         self.bar = None
+        self.quiet = quiet  # other ranks of a distributed run print nothing
         if enabled:
             from tqdm import tqdm
 
@@ -95,6 +96,8 @@ class ProgressBar:
                 self.bar.set_postfix(postfix, refresh=False)
 
     def write(self, message: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
         else:

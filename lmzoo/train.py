@@ -7,13 +7,15 @@ recurrent state, the step, the best validation loss and the early-stopping count
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 
 from lmzoo import checkpoint as ckpt
 from lmzoo.config import RunConfig, TrainConfig, config_to_yaml, load_config
+from lmzoo.data import RandomWindows
 from lmzoo.device import (
     MaybeCompiled,
     autocast,
@@ -31,13 +34,29 @@ from lmzoo.device import (
     seed_everything,
     set_rng_state,
 )
+from lmzoo.distributed import (
+    SINGLE,
+    DistContext,
+    ShardedBatches,
+    any_rank,
+    from_main,
+    full_state_dict,
+    gather_to_main,
+    init_distributed,
+    mean_over_ranks,
+    rank_device,
+    shutdown,
+    unsharded,
+    wrap_model,
+)
 from lmzoo.errors import ConfigError, TrainingStopped
-from lmzoo.models import count_parameters
 from lmzoo.objectives import to_device
+from lmzoo.peft import parameter_counts
 from lmzoo.tasks import Task, build_task
 from lmzoo.tracking import ProgressBar, Tracker
 
 EXIT_NONFINITE = 3
+EXIT_PEER_FAILED = 4
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -115,6 +134,7 @@ class StepResult:
     grad_norm: float
     tokens: int
     applied: bool  # False when the loss or gradient was not finite and the update was skipped
+    metrics: dict[str, float] = field(default_factory=dict)  # objective-specific (DPO rewards, ...)
 
 
 class TrainStep:
@@ -122,34 +142,53 @@ class TrainStep:
 
     The objective turns a batch into a loss (and keeps any state carried between batches); the
     step owns the optimiser and the fp16 grad scaler, so `train` and the benchmark run the same step.
+    `forward` is what the objective calls: the model, or its DDP/FSDP/compiled wrapper.
     """
 
     def __init__(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Any, objective: Any,
-        cfg: TrainConfig, device: torch.device, precision: str,
+        cfg: TrainConfig, device: torch.device, precision: str, forward: Any = None, dist: DistContext = SINGLE,
     ) -> None:
         self.model, self.optimizer, self.batches, self.objective = model, optimizer, batches, objective
         self.cfg, self.device, self.precision = cfg, device, precision
         self.scaler = make_grad_scaler(device, precision)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.forward = MaybeCompiled(model) if cfg.compile else model
+        self.wrapped = forward if forward is not None else model
+        self.dist = dist
+        self.forward = MaybeCompiled(self.wrapped) if cfg.compile else self.wrapped
+
+    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+        if enabled:
+            return contextlib.nullcontext()
+        if hasattr(self.wrapped, "no_sync"):  # DDP
+            return self.wrapped.no_sync()
+        if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP (fully_shard)
+            self.wrapped.set_requires_gradient_sync(False)
+            return _restore_fsdp_sync(self.wrapped)
+        return contextlib.nullcontext()
 
     def __call__(self, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum, loss_sum, tokens = self.cfg.grad_accum, 0.0, 0
-        for _ in range(accum):
+        metrics: dict[str, float] = {}
+        for micro in range(accum):
             batch = to_device(self.batches.next(), self.device)
-            with autocast(self.device, self.precision):
-                loss, batch_tokens = self.objective(self.forward, batch)
-            scaled = loss / accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            with self._gradient_sync(micro == accum - 1):
+                with autocast(self.device, self.precision):
+                    loss, batch_tokens = self.objective(self.forward, batch)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            for key, value in getattr(self.objective, "metrics", {}).items():
+                metrics[key] = metrics.get(key, 0.0) + value / accum
             loss_sum += float(loss.detach())
             tokens += batch_tokens
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf")))
-        loss = loss_sum / accum
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP returns a DTensor
+        loss = mean_over_ranks(self.dist, loss_sum / accum, self.device)  # the global batch's loss
         applied = self.scaler is not None or (math.isfinite(loss) and math.isfinite(grad_norm))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
@@ -157,14 +196,14 @@ class TrainStep:
         elif applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, applied=applied)
+        return StepResult(loss=loss, grad_norm=grad_norm, tokens=tokens, applied=applied, metrics=metrics)
 
     def state_dict(self) -> dict[str, Any]:
+        """What all ranks share: optimiser, grad scaler, data position."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": self.batches.state_dict(),
-            **self.objective.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -172,7 +211,14 @@ class TrainStep:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data"])
-        self.objective.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _restore_fsdp_sync(module: Any):
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 @dataclass
@@ -184,34 +230,51 @@ class Setup:
     task: Task
     stepper: TrainStep
     max_steps: int
+    dist: DistContext = SINGLE
+    save_copy: torch.nn.Module | None = None  # FSDP: an unsharded CPU copy that checkpoints are written from
 
     @property
     def model(self) -> torch.nn.Module:
         return self.task.model
 
 
-def setup_training(config: RunConfig, tokenizers: dict[str, Any] | None = None) -> Setup:
+def setup_training(
+    config: RunConfig, tokenizers: dict[str, Any] | None = None, dist: DistContext = SINGLE
+) -> Setup:
     """Read and tokenize the data (fitting tokenizers unless given), build model, optimiser and step."""
-    device = pick_device(config.train.device)
+    device = rank_device(dist, pick_device(config.train.device))
     precision = pick_precision(device, config.train.precision)
     seed_everything(config.seed)
-    task = build_task(config, device, precision, tokenizers)
+    if tokenizers is None and config.init_from:
+        tokenizers = ckpt.load_tokenizers(Path(config.init_from))  # reused as they are, never re-fitted
+    task = build_task(config, device, precision, tokenizers, batch_scale=dist.world_size)
+    if dist.enabled:
+        task.batches = ShardedBatches(task.batches, dist)
+        seed_everything(config.seed + dist.rank)  # same initial weights, different dropout per rank
     task.model.label_smoothing = config.train.label_smoothing
+    # FSDP shards the weights in place; checkpoints gather them into this full CPU copy first.
+    sharded = dist.enabled and config.train.strategy == "fsdp"
+    save_copy = copy.deepcopy(task.model).cpu() if sharded else None
+    forward = wrap_model(task.model, dist, device, config.train.strategy)
     optimizer = make_optimizer(task.model, config.train, device)
-    stepper = TrainStep(task.model, optimizer, task.batches, task.objective, config.train, device, precision)
-    return Setup(device=device, precision=precision, task=task, stepper=stepper,
+    stepper = TrainStep(task.model, optimizer, task.batches, task.objective, config.train, device, precision,
+                        forward=forward, dist=dist)
+    return Setup(device=device, precision=precision, task=task, stepper=stepper, dist=dist, save_copy=save_copy,
                  max_steps=config.train.resolved_max_steps(len(task.batches)))
 
 
-def prepare_run_dir(config: RunConfig, resume: bool) -> tuple[Path, bool]:
-    """(run directory, resuming?) A new run gets a fresh directory; --resume finds the newest of this name."""
+def prepare_run_dir(config: RunConfig, resume: bool, dist: DistContext = SINGLE) -> tuple[Path, bool]:
+    """(run directory, resuming?) A new run gets a fresh directory; --resume finds the newest of this name.
+
+    Under torchrun every rank must agree on the directory, so rank 0 decides.
+    """
     assert config.name is not None
     if resume:
-        found = ckpt.latest_run(config.out_dir, config.name)
+        found = from_main(dist, ckpt.latest_run(config.out_dir, config.name) if dist.is_main else None)
         if found is None:
             raise ConfigError(f"--resume: no run named {config.name!r} with a checkpoint under {config.out_dir}/")
-        return found, True
-    return ckpt.new_run_dir(config.out_dir, config.name), False
+        return Path(found), True
+    return Path(from_main(dist, str(ckpt.new_run_dir(config.out_dir, config.name)) if dist.is_main else None)), False
 
 
 def _check_same_shape(config: RunConfig, saved: RunConfig) -> None:
@@ -233,115 +296,248 @@ def train(
     resume_hint: str | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
-    """Train the run the config describes (or continue it with resume=True); return its directory."""
-    run_dir, resuming = prepare_run_dir(config, resume)
-    if resuming:
-        ckpt.recover_checkpoints(run_dir)
-        saved = load_config(run_dir / "config.yaml")
-        _check_same_shape(config, saved)
-        config.name = saved.name
-    setup = setup_training(config, tokenizers=ckpt.load_tokenizers(run_dir) if resuming else None)
-    task, stepper, device, precision = setup.task, setup.stepper, setup.device, setup.precision
-    model, tcfg, max_steps = task.model, config.train, setup.max_steps
+    """Train the run the config describes (or continue it with resume=True); return its directory.
 
-    loop = LoopState()
-    if resuming:
-        last = ckpt.checkpoint_dir(run_dir, "last")
-        ckpt.load_weights(model, last / ckpt.WEIGHTS)
-        saved_state = ckpt.load_train_state(last / ckpt.STATE, device)
-        stepper.load_state_dict(saved_state)
-        set_rng_state(saved_state["rng"])
-        loop = LoopState(**{k: saved_state[k] for k in ("step", "tokens_seen", "best_val", "evals_since_best")})
-    else:
-        run_dir.mkdir(parents=True, exist_ok=False)
-        for filename, tokenizer in task.tokenizers().items():
-            tokenizer.save(run_dir / filename)
-    ckpt.atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    Under torchrun this runs on every rank (DDP, or FSDP with train.strategy: fsdp); rank 0 alone
+    writes the run directory.
+    """
+    dist = init_distributed(config.train.device)
+    try:
+        return Trainer(config, dist, resume=resume, progress=progress, resume_hint=resume_hint).run(on_step)
+    except (RuntimeError, OSError) as err:
+        if dist.enabled and _is_peer_failure(err):
+            raise TrainingStopped(
+                f"rank {dist.rank}: another process of this distributed run stopped ({str(err).splitlines()[0][:160]}); "
+                "exiting", EXIT_PEER_FAILED,
+            ) from None
+        raise
+    finally:
+        shutdown(dist)
 
-    tracker = Tracker(run_dir, resume_step=loop.step if resuming else None)
-    bar = ProgressBar(max_steps, loop.step, enabled=progress)
-    bar.write(
-        f"lmzoo: {'resuming' if resuming else 'training'} {config.model.name} ({count_parameters(model):,} "
-        f"parameters, vocab {task.tokenizer.vocab_size}) on {device.type}, {precision}, {max_steps} steps -> {run_dir}"
-    )
-    hint = resume_hint or f"lmzoo train <config> --resume  (run {run_dir})"
 
-    def save_last() -> None:
-        state = {**asdict(loop), **stepper.state_dict(), "rng": rng_state()}
-        ckpt.save_checkpoint(run_dir, "last", model, info={"step": loop.step, "best_val_loss": loop.best_val},
-                             train_state=state)
+def _is_peer_failure(err: Exception) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    return any(word in text for word in ("connection", "gloo", "nccl", "timed out", "timeout", "broken pipe", "peer"))
 
-    def run_eval() -> bool:
-        """Evaluate, log, keep the best weights; return True when early stopping says stop."""
-        metrics = task.evaluate()
-        tracker.log(loop.step, {f"val/{key}": value for key, value in metrics.items() if key != "tokens"})
-        score = metrics["loss"] if tcfg.best_metric == "loss" else -metrics["bleu"]  # lower is better
-        improved = score < loop.best_val
-        if improved:
-            loop.best_val, loop.evals_since_best = score, 0
-            info = {"step": loop.step, **{f"val_{k}": v for k, v in metrics.items() if k != "tokens"}}
-            ckpt.save_checkpoint(run_dir, "best", model, info=info)
+
+class Trainer:
+    """One training run: setup from the config (or the run being resumed), then the loop."""
+
+    def __init__(self, config: RunConfig, dist: DistContext, *, resume: bool, progress: bool,
+                 resume_hint: str | None) -> None:
+        self.config, self.dist = config, dist
+        self.run_dir, self.resuming = prepare_run_dir(config, resume, dist)
+        if self.resuming:
+            if dist.is_main:
+                ckpt.recover_checkpoints(self.run_dir)
+            _barrier(dist)
+            saved = load_config(self.run_dir / "config.yaml")
+            _check_same_shape(config, saved)
+            config.name = saved.name
+        self.setup = setup_training(config, ckpt.load_tokenizers(self.run_dir) if self.resuming else None, dist)
+        self.task, self.stepper = self.setup.task, self.setup.stepper
+        self.model, self.tcfg = self.task.model, config.train
+        self.save_copy = self.setup.save_copy
+        self.loop = LoopState()
+        if self.resuming:
+            self._restore()
+        elif dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=False)
+            for filename, tokenizer in self.task.tokenizers().items():
+                tokenizer.save(self.run_dir / filename)
+        if dist.is_main:
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(config))
+        self.tracker = Tracker(self.run_dir, resume_step=self.loop.step if self.resuming else None) if dist.is_main else None
+        self.bar = ProgressBar(self.setup.max_steps, self.loop.step, enabled=progress and dist.is_main,
+                               quiet=not dist.is_main)
+        self.hint = resume_hint or f"lmzoo train <config> --resume  (run {self.run_dir})"
+        self._announce()
+
+    def _announce(self) -> None:
+        trainable, total = parameter_counts(self.model)
+        share = f", {trainable:,} trainable ({trainable / total:.2%})" if trainable != total else ""
+        world = self.dist.world_size
+        batch = self.config.data.batch_size
+        scale = (f", {world} processes x batch {batch} x accumulation {self.tcfg.grad_accum} = global batch "
+                 f"{world * batch * self.tcfg.grad_accum}") if self.dist.enabled else ""
+        self.bar.write(
+            f"lmzoo: {'resuming' if self.resuming else 'training'} {self.config.model.name} ({total:,} parameters"
+            f"{share}, vocab {self.task.tokenizer.vocab_size}) on {self.setup.device.type}, {self.setup.precision}, "
+            f"{self.setup.max_steps} steps{scale} -> {self.run_dir}"
+        )
+        if self.tracker is not None and not self.resuming:
+            self.tracker.log(0, {"params/trainable": float(trainable), "params/total": float(total),
+                                 "global_batch": float(world * self.config.data.batch_size * self.tcfg.grad_accum)})
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"rng": rng_state(), **self.task.objective.state_dict()}
+
+    def _checkpoint_model(self) -> torch.nn.Module | None:
+        """The module to write (rank 0), after gathering FSDP shards (a collective: every rank calls it)."""
+        if self.save_copy is None:
+            return self.model if self.dist.is_main else None
+        state = full_state_dict(self.model, self.dist)
+        if not self.dist.is_main:
+            return None
+        self.save_copy.load_state_dict(state)
+        return self.save_copy
+
+    def save_last(self) -> None:
+        ranks = gather_to_main(self.dist, self._rank_state())
+        optimizer_state = self._optimizer_state()
+        model = self._checkpoint_model()
+        if self.dist.is_main:
+            state = {**asdict(self.loop), **self.stepper.state_dict(), "optimizer": optimizer_state,
+                     "ranks": ranks, "world_size": self.dist.world_size}
+            ckpt.save_checkpoint(self.run_dir, "last", model,
+                                 info={"step": self.loop.step, "best_val_loss": self.loop.best_val}, train_state=state)
+        _barrier(self.dist)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.save_copy is None:
+            return self.stepper.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.stepper.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _restore(self) -> None:
+        last = ckpt.checkpoint_dir(self.run_dir, "last")
+        state = ckpt.load_train_state(last / ckpt.STATE, "cpu")
+        saved_world = state.get("world_size", 1)
+        sequential = not isinstance(getattr(self.task.batches, "batches", self.task.batches), RandomWindows)
+        if saved_world != self.dist.world_size and sequential:
+            raise ConfigError(
+                f"--resume: this run was checkpointed with {saved_world} process(es); its data order depends on "
+                f"the process count, so resume it with {saved_world} (random-window runs may change it)"
+            )
+        if self.save_copy is None:
+            ckpt.load_checkpoint_weights(self.model, last)
+            self.stepper.load_state_dict(state)
         else:
-            loop.evals_since_best += 1
-        tracker.text(loop.step, "sample", task.sample(loop.step))
-        bleu = f", BLEU {metrics['bleu']:.2f}" if "bleu" in metrics else ""
-        bar.write(
-            f"step {loop.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}{bleu}"
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            ckpt.load_checkpoint_weights(self.save_copy, last)
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, self.save_copy.state_dict(), options=options)
+            set_optimizer_state_dict(self.model, self.stepper.optimizer, state["optimizer"], options=options)
+            self.stepper.batches.load_state_dict(state["data"])
+        ranks = state.get("ranks") or [{"rng": state.get("rng"), "carried": state.get("carried")}]
+        mine = ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0]
+        self.task.objective.load_state_dict(mine)
+        set_rng_state(mine["rng"])
+        self.loop = LoopState(**{k: state[k] for k in ("step", "tokens_seen", "best_val", "evals_since_best")})
+
+    # ---- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> bool:
+        """Evaluate (every rank: sharded models need them all), log and keep the best weights (rank 0).
+
+        Returns True when early stopping says stop; rank 0's decision is every rank's.
+        """
+        with unsharded(self.model):
+            metrics = self.task.evaluate()
+            sample = self.task.sample(self.loop.step)
+        score = metrics["loss"] if self.tcfg.best_metric == "loss" else -metrics["bleu"]  # lower is better
+        improved = score < self.loop.best_val
+        if improved:
+            self.loop.best_val, self.loop.evals_since_best = score, 0
+            model = self._checkpoint_model()
+            if self.dist.is_main:
+                info = {"step": self.loop.step, **{f"val_{k}": v for k, v in metrics.items() if k != "tokens"}}
+                ckpt.save_checkpoint(self.run_dir, "best", model, info=info)
+        else:
+            self.loop.evals_since_best += 1
+        if self.tracker is not None:
+            self.tracker.log(self.loop.step, {f"val/{k}": v for k, v in metrics.items() if k != "tokens"})
+            self.tracker.text(self.loop.step, "sample", sample)
+        others = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k not in ("loss", "ppl", "tokens"))
+        self.bar.write(
+            f"step {self.loop.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}{others}"
             f"{' (best)' if improved else ''}"
         )
-        return tcfg.patience is not None and loop.evals_since_best >= tcfg.patience
+        stop = self.tcfg.patience is not None and self.loop.evals_since_best >= self.tcfg.patience
+        return bool(from_main(self.dist, stop))
 
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    stopped_early = False
-    model.train()
-    try:
-        with GracefulStop() as stop:
-            while loop.step < max_steps:
-                lr = lr_at(loop.step, tcfg, max_steps)
-                result = stepper(lr)
-                if not result.applied:
-                    if tcfg.nan_policy == "stop":
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self, on_step: Callable[[int, float], None] | None = None) -> Path:
+        loop, tcfg, max_steps, device = self.loop, self.tcfg, self.setup.max_steps, self.setup.device
+        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_extra: dict[str, float] = {}
+        stopped_early = False
+        self.model.train()
+        try:
+            with GracefulStop() as stop:
+                while loop.step < max_steps:
+                    lr = lr_at(loop.step, tcfg, max_steps)
+                    result = self.stepper(lr)
+                    if not result.applied:
+                        if tcfg.nan_policy == "stop":
+                            raise TrainingStopped(
+                                f"the loss became {result.loss} (gradient norm {result.grad_norm}) at step "
+                                f"{loop.step + 1}; stopped without saving it. The last good checkpoint is in "
+                                f"{self.run_dir / 'checkpoints'} (lower train.lr, or set train.nan_policy: skip)",
+                                EXIT_NONFINITE,
+                            )
+                        self.bar.write(f"warning: non-finite loss or gradient at step {loop.step + 1}; update skipped")
+                    loop.step += 1
+                    loop.tokens_seen += result.tokens * self.dist.world_size
+                    window_loss += result.loss
+                    window_steps += 1
+                    window_tokens += result.tokens * self.dist.world_size
+                    for key, value in result.metrics.items():
+                        window_extra[key] = window_extra.get(key, 0.0) + value
+                    if on_step is not None:
+                        on_step(loop.step, result.loss)
+
+                    at_end = loop.step == max_steps
+                    if loop.step % tcfg.log_every == 0 or at_end:
+                        speed = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                        if self.tracker is not None:
+                            self.tracker.log(loop.step, {
+                                "train/loss": window_loss / window_steps, "lr": lr, "grad_norm": result.grad_norm,
+                                "tokens_per_sec": speed,
+                                "train/epoch": loop.tokens_seen / max(1, self.task.tokens_per_epoch),
+                                **{f"train/{key}": value / window_steps for key, value in window_extra.items()},
+                            })
+                        self.bar.update(window_steps, loss=f"{window_loss / window_steps:.3f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{speed:,.0f}")
+                        window_loss, window_steps, window_tokens, window_extra = 0.0, 0, 0, {}
+                        window_start = time.perf_counter()
+                    if loop.step % tcfg.eval_every == 0 or at_end:
+                        stopped_early = self.evaluate()
+                        window_start = time.perf_counter()  # tokens/s measures training only
+                    signalled = any_rank(self.dist, stop.signal is not None, device)  # all ranks stop together
+                    every = tcfg.checkpoint_every or tcfg.eval_every
+                    if loop.step % every == 0 or at_end or stopped_early or signalled:
+                        self.save_last()
+                    if signalled:
+                        code = EXIT_SIGNAL.get(stop.signal, EXIT_SIGNAL[signal.SIGTERM])
                         raise TrainingStopped(
-                            f"the loss became {result.loss} (gradient norm {result.grad_norm}) at step "
-                            f"{loop.step + 1}; stopped without saving it. The last good checkpoint is in "
-                            f"{run_dir / 'checkpoints'} (lower train.lr, or set train.nan_policy: skip)",
-                            EXIT_NONFINITE,
+                            f"interrupted at step {loop.step}/{max_steps}; saved "
+                            f"{self.run_dir / 'checkpoints' / 'last'}. Resume with: {self.hint}", code,
                         )
-                    bar.write(f"warning: non-finite loss or gradient at step {loop.step + 1}; update skipped")
-                loop.step += 1
-                loop.tokens_seen += result.tokens
-                window_loss += result.loss
-                window_steps += 1
-                window_tokens += result.tokens
-                if on_step is not None:
-                    on_step(loop.step, result.loss)
+                    if stopped_early:
+                        self.bar.write(
+                            f"early stopping at step {loop.step}: no improvement in {tcfg.patience} evaluations"
+                        )
+                        break
+        finally:
+            self.bar.close()
+            if self.tracker is not None:
+                self.tracker.close()
+        return self.run_dir
 
-                at_end = loop.step == max_steps
-                if loop.step % tcfg.log_every == 0 or at_end:
-                    speed = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                    tracker.log(loop.step, {
-                        "train/loss": window_loss / window_steps, "lr": lr, "grad_norm": result.grad_norm,
-                        "tokens_per_sec": speed, "train/epoch": loop.tokens_seen / max(1, task.tokens_per_epoch),
-                    })
-                    bar.update(window_steps, loss=f"{window_loss / window_steps:.3f}", lr=f"{lr:.2e}",
-                               tok_s=f"{speed:,.0f}")
-                    window_loss, window_steps, window_tokens = 0.0, 0, 0
-                    window_start = time.perf_counter()
-                if loop.step % tcfg.eval_every == 0 or at_end:
-                    stopped_early = run_eval()
-                    window_start = time.perf_counter()  # tokens/s measures training only
-                every = tcfg.checkpoint_every or tcfg.eval_every
-                if loop.step % every == 0 or at_end or stopped_early or stop.signal is not None:
-                    save_last()
-                if stop.signal is not None:
-                    raise TrainingStopped(
-                        f"interrupted at step {loop.step}/{max_steps}; saved {run_dir / 'checkpoints' / 'last'}. "
-                        f"Resume with: {hint}", EXIT_SIGNAL[stop.signal],
-                    )
-                if stopped_early:
-                    bar.write(f"early stopping at step {loop.step}: no improvement in {tcfg.patience} evaluations")
-                    break
-    finally:
-        bar.close()
-        tracker.close()
-    return run_dir
+
+def _barrier(dist: DistContext) -> None:
+    if dist.enabled:
+        import torch.distributed
+
+        torch.distributed.barrier()

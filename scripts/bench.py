@@ -124,6 +124,7 @@ def time_generation(model: nn.Module, tokenizer, n_tokens: int = 1000) -> tuple[
     from lmzoo.generate import SamplingOptions, generate_ids
 
     model.eval()
+    list(generate_ids(model, [tokenizer.encode("\n")[0]], SamplingOptions(max_new_tokens=50, greedy=True)))  # warm-up
     options = SamplingOptions(max_new_tokens=n_tokens, greedy=True)
     stamps = [time.perf_counter()]
     for _ in generate_ids(model, [tokenizer.encode("\n")[0]], options):
@@ -305,29 +306,62 @@ def _step_at(setup, precision: str) -> None:
     setup.stepper(1e-4)
 
 
-def gpt_generation(context: int = 256, new_tokens: int = 512) -> dict:
+def gpt_generation(context: int = 256, new_tokens: int = 512, device: str = "cpu") -> dict:
     """Greedy decoding tokens/s at context 256 (configs/gpt_gpu.yaml size): KV cache vs recomputing the window."""
     from lmzoo.config import load_config
     from lmzoo.generate import SamplingOptions, generate_ids
     from lmzoo.models import build_model
 
     config = load_config(CONFIGS / "gpt_gpu.yaml")
-    model = build_model(config.model, 69).eval()
+    model = build_model(config.model, 69).to(device).eval()
     assert model.context_len == context
     options = SamplingOptions(max_new_tokens=new_tokens, greedy=True)
     start = time.perf_counter()
     cached = list(generate_ids(model, [5], options))
+    _sync()
     with_cache = new_tokens / (time.perf_counter() - start)
-    ids = torch.tensor([[5]])
+    ids = torch.tensor([[5]], device=device)
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(new_tokens):
             logits, _ = model(ids[:, -context:])  # the whole window, every token
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    _sync()
     without_cache = new_tokens / (time.perf_counter() - start)
     same_prefix = ids[0, 1 : 1 + context].tolist() == cached[:context]
     return {"gen_tok_s_kv_cache": with_cache, "gen_tok_s_recompute": without_cache,
             "gen_cache_speedup": with_cache / without_cache, "gen_same_tokens_within_context": same_prefix}
+
+
+def row_finetune(method: str, steps: int) -> dict:
+    """Peak memory of fine-tuning a configs/gpt_gpu.yaml-sized GPT (batch 8): full vs LoRA vs adapters."""
+    from lmzoo.config import FinetuneConfig, load_config
+    from lmzoo.device import pick_device
+    from lmzoo.models import build_model
+    from lmzoo.peft import apply_finetune, parameter_counts
+    from lmzoo.train import make_optimizer
+
+    config = load_config(CONFIGS / "gpt_gpu.yaml")
+    device = pick_device("auto")
+    torch.manual_seed(0)
+    model = build_model(config.model, 69).to(device)
+    if method != "full":
+        apply_finetune(model, FinetuneConfig(method=method, targets=["*attn.in_proj.weight", "*attn.out_proj.weight"]))
+    optimizer = make_optimizer(model, config.train, device)
+    batch, seq = 8, config.model.context_length
+    x = torch.randint(4, 69, (batch, seq), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_rss_mb()
+    for _ in range(max(2, min(steps, 3))):
+        loss, _ = model(x, targets=x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    trainable, total = parameter_counts(model)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
+    return {"row": f"finetune_{method}", "device": device.type, "trainable": trainable, "total": total,
+            "peak_mb": peak, "rss_before_mb": before}
 
 
 ROWS = {
@@ -336,8 +370,15 @@ ROWS = {
     "gru": lambda steps: row_recurrent("gru", steps),
     "word": row_word,
     "gpt": row_gpt,
+    "finetune_full": lambda steps: row_finetune("full", steps),
+    "finetune_lora": lambda steps: row_finetune("lora", steps),
+    "finetune_adapter": lambda steps: row_finetune("adapter", steps),
 }
-ROW_GROUPS = {"recurrent": ["rnn", "lstm", "gru"], "all": list(ROWS)}
+ROW_GROUPS = {
+    "recurrent": ["rnn", "lstm", "gru"],
+    "finetune": ["finetune_full", "finetune_lora", "finetune_adapter"],
+    "all": list(ROWS),
+}
 
 
 def run_row(name: str, steps: int) -> dict:
@@ -353,11 +394,14 @@ def format_table(peaks: dict, results: list[dict]) -> str:
     lines = [
         f"matmul peak (1024^3): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s "
         f"({peaks['device']}, {torch.get_num_threads()} threads, torch {torch.__version__})",
-        "",
-        "| row | train tok/s fp32 | train tok/s default | model GFLOP/s (fp32) | of fp32 peak | "
-        "gen tok/s 1-100 | gen tok/s 901-1000 | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if any(r["row"] in ROW_GROUPS["recurrent"] for r in results):
+        lines += [
+            "",
+            "| row | train tok/s fp32 | train tok/s default | model GFLOP/s (fp32) | of fp32 peak | "
+            "gen tok/s 1-100 | gen tok/s 901-1000 | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['row']} | error: {r['error']} |")
@@ -403,6 +447,15 @@ def format_table(peaks: dict, results: list[dict]) -> str:
                 f"recomputing the window {r['gen_tok_s_recompute']:,.0f} tok/s: **{r['gen_cache_speedup']:.1f}x** "
                 f"(same tokens within the context: {r['gen_same_tokens_within_context']})",
             ]
+    tuned = [r for r in results if r.get("row", "").startswith("finetune_") and "error" not in r]
+    if tuned:
+        full = next((r for r in tuned if r["row"] == "finetune_full"), tuned[0])
+        memory = "peak GPU memory allocated" if full["device"] == "cuda" else "peak process RSS"
+        lines += ["", f"| fine-tuning a 6x384 GPT (gpt_gpu.yaml size), batch 8x256 | trainable params | {memory} MB | vs full |",
+                  "|---|---|---|---|"]
+        for r in tuned:
+            lines.append(f"| {r['row'][9:]} | {r['trainable']:,} of {r['total']:,} ({r['trainable'] / r['total']:.1%}) | "
+                         f"{r['peak_mb']:,.0f} | {r['peak_mb'] / full['peak_mb']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -165,10 +165,9 @@ def test_corpus_shorter_than_one_batch_is_a_data_error():
 
 
 def test_make_batches_picks_the_layout():
-    config = DataConfig(batch_size=2)
     stream = torch.arange(200)
-    assert isinstance(make_batches(stream, config, 8, sequential=True, seed=0), SequentialBatches)
-    assert isinstance(make_batches(stream, config, 8, sequential=False, seed=0), RandomWindows)
+    assert isinstance(make_batches(stream, 2, 8, sequential=True, seed=0), SequentialBatches)
+    assert isinstance(make_batches(stream, 2, 8, sequential=False, seed=0), RandomWindows)
 
 
 # ---- RandomWindows --------------------------------------------------------------------------------
