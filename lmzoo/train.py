@@ -457,7 +457,8 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.log(self.loop.step, {f"val/{k}": v for k, v in metrics.items() if k != "tokens"})
             self.tracker.text(self.loop.step, "sample", sample)
-        others = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k not in ("loss", "ppl", "tokens"))
+        others = "".join(f", {'BLEU' if k == 'bleu' else k} {v:.4f}" for k, v in metrics.items()
+                         if k not in ("loss", "ppl", "tokens"))
         self.bar.write(
             f"step {self.loop.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}{others}"
             f"{' (best)' if improved else ''}"
