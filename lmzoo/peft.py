@@ -144,7 +144,7 @@ def apply_finetune(model: nn.Module, config: FinetuneConfig) -> nn.Module:
 
 
 def _refresh_rnn(module: nn.Module) -> None:
-    """nn.LSTM/GRU cache their weight list; rebuild it so the parametrised weight is used."""
+    """nn.LSTM/GRU cache their weight list; rebuild it so the parametrised weight is used (cuDNN included)."""
     if isinstance(module, nn.RNNBase):
         module._init_flat_weights()
 

@@ -81,7 +81,7 @@ def lstm_lora_on_cuda() -> dict:
     from lmzoo.peft import apply_finetune
 
     torch.manual_seed(0)
-    model = build_model({"name": "lstm", "embedding_dim": 32, "hidden_size": 64, "num_layers": 2}, 50).cuda()
+    model = build_model({"name": "lstm", "embedding_dim": 32, "hidden_size": 64, "num_layers": 2, "dropout": 0.0}, 50).cuda()
     ids = torch.randint(4, 50, (4, 20), device="cuda")
     before, _ = model(ids)
     apply_finetune(model, FinetuneConfig(method="lora", targets=["*weight_ih*", "*weight_hh*"]))

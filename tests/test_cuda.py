@@ -70,7 +70,7 @@ def test_kv_cache_decoding_equals_full_forward_on_cuda():
 
 def test_lora_on_cudnn_lstm_trains_only_the_update():
     torch.manual_seed(0)
-    model = build_model({"name": "lstm", "embedding_dim": 16, "hidden_size": 32, "num_layers": 2}, 30).cuda()
+    model = build_model({"name": "lstm", "embedding_dim": 16, "hidden_size": 32, "num_layers": 2, "dropout": 0.0}, 30).cuda()
     ids = torch.randint(4, 30, (3, 12), device="cuda")
     base, _ = model(ids)
     apply_finetune(model, FinetuneConfig(method="lora", targets=["*weight_ih*", "*weight_hh*"]))
