@@ -234,12 +234,14 @@ def new_run_dir(out_dir: str | Path, name: str) -> Path:
 
 def _has_checkpoint(run_dir: Path) -> bool:
     root = run_dir / "checkpoints"
-    return any((root / tag / WEIGHTS).is_file() or (root / f".{tag}.old" / WEIGHTS).is_file() for tag in ("last", "best"))
+    return any((root / folder / weights).is_file() for tag in ("last", "best") for folder in (tag, f".{tag}.old")
+               for weights in (WEIGHTS, ADAPTER))  # a LoRA / adapter run keeps adapter.safetensors only
 
 
 def _run_time(run_dir: Path) -> float:
-    stamps = [p.stat().st_mtime for p in (run_dir / "checkpoints").glob("*/" + WEIGHTS)]
-    stamps += [p.stat().st_mtime for p in (run_dir / "checkpoints").glob(".*.old/" + WEIGHTS)]
+    root = run_dir / "checkpoints"
+    stamps = [p.stat().st_mtime for weights in (WEIGHTS, ADAPTER) for pattern in ("*/", ".*.old/")
+              for p in root.glob(pattern + weights)]
     return max(stamps, default=run_dir.stat().st_mtime)
 
 

@@ -343,7 +343,8 @@ def _inherit_from_run(raw: dict, source: str, check_files: bool) -> dict:
     merged = dict(raw)
     model = dict(base["model"])
     for key, value in (raw.get("model") or {}).items():
-        if key not in FREE_WHEN_FINE_TUNING and model.get(key) != value:
+        # an unknown key falls through to validation, which names it with a "did you mean"
+        if key in model and key not in FREE_WHEN_FINE_TUNING and model[key] != value:
             raise ConfigError(
                 f"{source}: model.{key}: {value!r} differs from the init_from run's {model.get(key)!r}; "
                 "a fine-tune keeps the model it starts from (leave the model section out)"
@@ -352,9 +353,16 @@ def _inherit_from_run(raw: dict, source: str, check_files: bool) -> dict:
     merged["model"] = model
     for section in ("tokenizer", "target_tokenizer"):
         mine, theirs = raw.get(section), base.get(section)
-        if mine is not None and mine != theirs:
+        # Key by key, as for the model: restating the base run's values (a copied base config) is no
+        # conflict, while the saved section lists every key with its default.
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            differing = [key for key, value in mine.items() if theirs.get(key) != value]
+        else:
+            differing = [] if mine is None or mine == theirs else [None]
+        if differing:
+            where = section if differing[0] is None else f"{section}.{differing[0]}"
             raise ConfigError(
-                f"{source}: {section}: differs from the init_from run's; a fine-tune reuses that run's "
+                f"{source}: {where}: differs from the init_from run's; a fine-tune reuses that run's "
                 "tokenizer as it is (leave the section out)"
             )
         merged[section] = theirs

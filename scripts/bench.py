@@ -364,6 +364,24 @@ def row_finetune(method: str, steps: int) -> dict:
             "peak_mb": peak, "rss_before_mb": before}
 
 
+def row_tokenizers(steps: int) -> dict:
+    """Seconds to encode a 1,000,000-character text with each tokenizer (fitted on Tiny Shakespeare)."""
+    from lmzoo.config import TOKENIZER_CONFIGS
+    from lmzoo.data import read_text_file
+    from lmzoo.tokenizers import fit_tokenizer
+
+    corpus = read_text_file("lmzoo:tinyshakespeare.txt")
+    text = (corpus * 2)[:1_000_000]
+    result = {"row": "tokenizers", "device": "cpu", "chars": len(text)}
+    for kind, cls in TOKENIZER_CONFIGS.items():
+        tokenizer = fit_tokenizer(cls(), corpus)
+        start = time.perf_counter()
+        ids = tokenizer.encode(text)
+        result[f"{kind}_encode_s"] = time.perf_counter() - start
+        result[f"{kind}_tokens"] = len(ids)
+    return result
+
+
 ROWS = {
     "rnn": lambda steps: row_recurrent("rnn", steps),
     "lstm": lambda steps: row_recurrent("lstm", steps),
@@ -373,6 +391,7 @@ ROWS = {
     "finetune_full": lambda steps: row_finetune("full", steps),
     "finetune_lora": lambda steps: row_finetune("lora", steps),
     "finetune_adapter": lambda steps: row_finetune("adapter", steps),
+    "tokenizers": row_tokenizers,
 }
 ROW_GROUPS = {
     "recurrent": ["rnn", "lstm", "gru"],
@@ -447,6 +466,10 @@ def format_table(peaks: dict, results: list[dict]) -> str:
                 f"recomputing the window {r['gen_tok_s_recompute']:,.0f} tok/s: **{r['gen_cache_speedup']:.1f}x** "
                 f"(same tokens within the context: {r['gen_same_tokens_within_context']})",
             ]
+    for r in results:
+        if r.get("row") == "tokenizers" and "error" not in r:
+            lines += ["", f"| encoding {r['chars']:,} characters | seconds | tokens |", "|---|---|---|"]
+            lines += [f"| {kind} | {r[f'{kind}_encode_s']:.2f} | {r[f'{kind}_tokens']:,} |" for kind in ("char", "word", "bpe")]
     tuned = [r for r in results if r.get("row", "").startswith("finetune_") and "error" not in r]
     if tuned:
         full = next((r for r in tuned if r["row"] == "finetune_full"), tuned[0])

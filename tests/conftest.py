@@ -127,3 +127,20 @@ def trained_run(tmp_path_factory) -> Path:
     corpus.write_text(TINY_TEXT, encoding="utf-8")
     raw = deep_merge(base_config_dict(root / "runs", corpus, name="shared"), {"train": {"max_steps": 30}})
     return train(RunConfig.from_dict(raw), progress=False)
+
+
+# ---- figures printed at the end of a run (the reliability suite reports its trial counts) ----------
+
+FIGURES: list[str] = []
+
+
+def report_figure(line: str) -> None:
+    """Record a measured figure; pytest prints all of them in its terminal summary."""
+    FIGURES.append(line)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FIGURES:
+        terminalreporter.section("lmzoo reliability figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
