@@ -338,8 +338,8 @@ def row_finetune(method: str, steps: int) -> dict:
     from lmzoo.config import FinetuneConfig, load_config
     from lmzoo.device import pick_device
     from lmzoo.models import build_model
+    from lmzoo.optim import make_optimizer
     from lmzoo.peft import apply_finetune, parameter_counts
-    from lmzoo.train import make_optimizer
 
     config = load_config(CONFIGS / "gpt_gpu.yaml")
     device = pick_device("auto")

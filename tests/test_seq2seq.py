@@ -17,8 +17,8 @@ from lmzoo.evaluate import evaluate_seq2seq, translate_corpus
 from lmzoo.generate import SamplingOptions
 from lmzoo.models import build_model, get_model_info, list_models
 from lmzoo.models.base import PAD_ID, Seq2SeqModel, select_rows
+from lmzoo.optim import lr_at
 from lmzoo.tokenizers import CharTokenizer
-from lmzoo.train import lr_at
 from lmzoo.translate import beam_search, decode_batch, decode_stream, translate
 
 SEQ2SEQ_MODELS = [info.name for info in list_models() if info.kind == "seq2seq"]

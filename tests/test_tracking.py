@@ -9,8 +9,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmzoo.checkpoint import load_run
+from lmzoo.optim import lr_at
 from lmzoo.tracking import METRICS_FILE, Tracker, read_metrics
-from lmzoo.train import lr_at
 
 TAGS = {"train/loss", "val/loss", "val/ppl", "lr", "grad_norm", "tokens_per_sec"}
 

@@ -14,8 +14,9 @@ from lmzoo.checkpoint import load_run, load_train_state
 from lmzoo.config import TrainConfig
 from lmzoo.errors import ConfigError, DataError, TrainingStopped
 from lmzoo.models import list_models
+from lmzoo.optim import lr_at
 from lmzoo.tracking import read_metrics
-from lmzoo.train import lr_at, train
+from lmzoo.train import train
 
 LM_MODELS = [info.name for info in list_models() if info.kind == "lm"]
 
