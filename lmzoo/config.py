@@ -407,6 +407,9 @@ def _validate_tagged(
         raise ConfigError(f"{source}: {section}: expected a mapping, got {_kind(raw)}")
     choice = raw.get(tag, default)
     if choice is None:
+        misspelt = difflib.get_close_matches(tag, [str(k) for k in raw], n=1, cutoff=0.6)
+        if misspelt:  # `nme: lstm`: name the key that is there, not only the one that is missing
+            raise ConfigError(f"{source}: {section}.{misspelt[0]}: unknown key (did you mean {tag!r}?)")
         raise ConfigError(f"{source}: {section}.{tag}: missing; choose one of {', '.join(sorted(classes))}")
     if choice not in classes:
         hint = _did_you_mean(str(choice), classes)
@@ -428,6 +431,8 @@ def _validate(
 def _describe(err: ValidationError, cls: type[BaseModel], prefix: tuple[str, ...]) -> str:
     """One line for the first error of a pydantic ValidationError, naming the key path."""
     errors = err.errors(include_url=False)
+    # An unknown key usually explains the rest (a misspelt d_model leaves the default in place), so it comes first.
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     loc = _key_path(cls, first["loc"])
     path = ".".join(prefix + loc) or "(top level)"

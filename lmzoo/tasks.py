@@ -36,6 +36,7 @@ from lmzoo.device import autocast
 from lmzoo.errors import DataError
 from lmzoo.evaluate import corpus_bleu, evaluate_lm, evaluate_seq2seq, translate_corpus
 from lmzoo.generate import SamplingOptions, generate
+from lmzoo.models import get_model_info
 from lmzoo.objectives import LMObjective, Seq2SeqObjective, to_device
 from lmzoo.tokenizers import Tokenizer, fit_tokenizer
 
@@ -104,9 +105,11 @@ def _lm_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Ta
     train_stream = encode_stream(tokenizer, splits.train)
     val_stream = encode_stream(tokenizer, splits.val)
     seq_len = config.data.seq_len = config.seq_len
-    model = initial_model(config, tokenizer.vocab_size, device)
-    sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and model.carries_state)
+    carries_state = get_model_info(config.model.name).cls.carries_state
+    sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and carries_state)
+    # Batches before the model: a corpus too short for one batch fails before anything is built.
     batches = make_batches(train_stream, batch, seq_len, sequential=sequential, seed=config.seed)
+    model = initial_model(config, tokenizer.vocab_size, device)
     options = _sample_options(config)
 
     def evaluate() -> dict[str, float]:
@@ -122,7 +125,7 @@ def _lm_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Ta
         )
 
     return Task(tokenizer=tokenizer, target_tokenizer=None, model=model, batches=batches,
-                objective=LMObjective(carry=model.carries_state and sequential), tokens_per_epoch=len(train_stream),
+                objective=LMObjective(carry=carries_state and sequential), tokens_per_epoch=len(train_stream),
                 evaluate=evaluate, sample=sample)
 
 

@@ -321,12 +321,11 @@ def mutate(raw: dict, rng: random.Random, kind: str) -> tuple[str, str]:
     if kind == "bad yaml":
         return yaml.safe_dump(raw) + "model: [unclosed\n", "line"
     if kind == "missing section":
-        raw.pop("model", None)
-        raw.pop("init_from", None)
+        for section in ("model", "init_from", "finetune"):  # a fine-tune's model comes from its init_from run
+            raw.pop(section, None)
         return yaml.safe_dump(raw), "model"
     if kind == "missing file":
         raw.setdefault("data", {})["train"] = "no/such/corpus.txt"
-        raw.pop("init_from", None)
         return yaml.safe_dump(raw), "data.train"
     section = rng.choice(["data", "train", "sample", "model"])
     raw.setdefault(section, {})
@@ -463,7 +462,7 @@ def test_bad_data_fails_before_a_model_is_built(tmp_path, make_config, monkeypat
     src.write_text("a\nb\nc\n")
     tgt.write_text("a\nb\n")
     raw = base_config_dict(tmp_path / "runs", src)
-    raw["data"] = {"format": "parallel", "train": str(tmp_path / "p"), "source": "de", "target": "en"}
+    raw["data"] = {"format": "parallel", "train": str(tmp_path / "p"), "source": "de", "target": "en", "max_len": 32}
     raw["model"] = tiny_model_section("transformer")
     with pytest.raises(DataError, match="3 lines but .* has 2"):
         train(RunConfig.from_dict(raw), progress=False)
