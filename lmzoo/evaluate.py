@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmzoo.data import eval_windows
 from lmzoo.device import autocast
 from lmzoo.models.base import PAD_ID
+from lmzoo.objectives import to_device
 
 
-@torch.inference_mode()
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off for the duration; the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def token_weighted_loss(
+    model: torch.nn.Module, batches: Iterable, loss_of: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], *,
+    device: torch.device, precision: str, max_batches: int | None = None,
+) -> dict[str, float]:
+    """Mean NLL over every scored token of `batches` (each batch's mean weighted by its token count).
+
+    `loss_of(batch)` returns (mean loss, targets) for a batch already on `device`; targets equal to
+    PAD are not scored. Returns loss (nats), perplexity and the number of tokens.
+    """
+    total, count = 0.0, 0
+    with torch.inference_mode(), eval_mode(model):
+        for index, batch in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            with autocast(device, precision):
+                loss, targets = loss_of(to_device(batch, device))
+            tokens = int((targets != PAD_ID).sum())
+            total, count = total + float(loss) * tokens, count + tokens
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(count)}
+
+
 def evaluate_lm(
     model: torch.nn.Module,
     stream: torch.Tensor,
@@ -28,46 +64,30 @@ def evaluate_lm(
     Recurrent models carry their state from one window to the next, as in training, so every
     token after the first window is predicted with the full left context.
     """
-    was_training = model.training
-    model.eval()
-    total, count, state = 0.0, 0, None
-    for x, y in eval_windows(stream, batch_size, seq_len, max_batches):
-        x, y = x.to(device), y.to(device)
-        with autocast(device, precision):
-            h, new_state = model.features(x, state if model.carries_state else None)
-            loss = model.head.loss(h, y, ignore_index=PAD_ID)
-        state = new_state
-        tokens = int((y != PAD_ID).sum())
-        total += float(loss) * tokens
-        count += tokens
-    model.train(was_training)
-    mean = total / max(count, 1)
-    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(count)}
+    carried: list[Any] = [None]
+
+    def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        h, carried[0] = model.features(x, carried[0] if model.carries_state else None)
+        return model.head.loss(h, y, ignore_index=PAD_ID), y
+
+    windows = eval_windows(stream, batch_size, seq_len, max_batches)
+    return token_weighted_loss(model, windows, loss_of, device=device, precision=precision)
 
 
-@torch.inference_mode()
 def evaluate_seq2seq(
     model: torch.nn.Module, batches, *, device: torch.device, precision: str = "fp32",
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Teacher-forced mean NLL (nats) and perplexity over target tokens (padding excluded)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for index, batch in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            break
-        src, tgt_in, tgt_out = (t.to(device) for t in batch)
-        with autocast(device, precision):
-            src_mask = src == PAD_ID
-            h, _ = model.decode_features(tgt_in, model.encode(src, src_mask), src_mask)
-            loss = model.head.loss(h, tgt_out, ignore_index=PAD_ID)
-        tokens = int((tgt_out != PAD_ID).sum())
-        total += float(loss) * tokens
-        count += tokens
-    model.train(was_training)
-    mean = total / max(count, 1)
-    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(count)}
+
+    def loss_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        src, tgt_in, tgt_out = batch
+        src_mask = src == PAD_ID
+        h, _ = model.decode_features(tgt_in, model.encode(src, src_mask), src_mask)
+        return model.head.loss(h, tgt_out, ignore_index=PAD_ID), tgt_out
+
+    return token_weighted_loss(model, batches, loss_of, device=device, precision=precision, max_batches=max_batches)
 
 
 def translate_corpus(
@@ -78,25 +98,24 @@ def translate_corpus(
     from lmzoo.data import collate_pairs
     from lmzoo.translate import beam_search, decode_batch
 
-    was_training = model.training
-    model.eval()
     tgt = target_tokenizer
     banned = (tgt.pad_id, tgt.unk_id, tgt.bos_id)
     encoded = [source_tokenizer.encode(s)[: max_len - 1] + [source_tokenizer.eos_id] for s in sources]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(sources)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        src = collate_pairs([(encoded[i], []) for i in chunk], bos_id=tgt.bos_id, eos_id=tgt.eos_id).source.to(device)
-        if beam == 1:
-            ids = decode_batch(model, src, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len, banned_ids=banned)
-        else:
-            hyps = beam_search(model, src, beam=beam, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len,
-                               length_penalty=length_penalty, banned_ids=banned)
-            ids = [h[0].tokens for h in hyps]
-        for i, tokens in zip(chunk, ids, strict=True):
-            outputs[i] = tgt.decode(tokens)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            src = collate_pairs([(encoded[i], []) for i in chunk], bos_id=tgt.bos_id, eos_id=tgt.eos_id).source
+            src = src.to(device)
+            if beam == 1:
+                ids = decode_batch(model, src, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len, banned_ids=banned)
+            else:
+                hyps = beam_search(model, src, beam=beam, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len,
+                                   length_penalty=length_penalty, banned_ids=banned)
+                ids = [h[0].tokens for h in hyps]
+            for i, tokens in zip(chunk, ids, strict=True):
+                outputs[i] = tgt.decode(tokens)
     return outputs
 
 

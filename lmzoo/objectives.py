@@ -16,8 +16,9 @@ from lmzoo.models.base import PAD_ID, detach_state
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """The same batch (a NamedTuple) with every tensor moved to `device`."""
-    return type(batch)(*(v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for v in batch))
+    """The same batch (a NamedTuple or a plain tuple) with every tensor moved to `device`."""
+    moved = [v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for v in batch]
+    return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
 
 
 class LMBatch(NamedTuple):

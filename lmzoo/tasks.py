@@ -7,7 +7,6 @@ any model is built), then builds the model and the matching batches and objectiv
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -34,7 +33,14 @@ from lmzoo.data import (
 )
 from lmzoo.device import autocast
 from lmzoo.errors import DataError
-from lmzoo.evaluate import corpus_bleu, evaluate_lm, evaluate_seq2seq, translate_corpus
+from lmzoo.evaluate import (
+    corpus_bleu,
+    eval_mode,
+    evaluate_lm,
+    evaluate_seq2seq,
+    token_weighted_loss,
+    translate_corpus,
+)
 from lmzoo.generate import SamplingOptions, generate
 from lmzoo.models import get_model_info
 from lmzoo.objectives import LMObjective, Seq2SeqObjective, to_device
@@ -86,13 +92,8 @@ def _sample_options(config: RunConfig) -> SamplingOptions:
 
 
 def _in_eval_mode(model: torch.nn.Module, device: torch.device, precision: str, make: Callable[[], str]) -> str:
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(device, precision):
-            return make()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), autocast(device, precision):
+        return make()
 
 
 def _lm_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
@@ -195,25 +196,6 @@ def _require_tokenizer(config: RunConfig, tokenizers, text: str) -> Tokenizer:
     return fit_tokenizer(config.tokenizer, text)
 
 
-def _mean_lm_loss(model, batches, device, precision) -> dict[str, float]:
-    """Token-weighted mean loss over (inputs, targets) batches whose targets mask what is not scored."""
-    from lmzoo.models.base import PAD_ID
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for batch in batches:
-            inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-            with autocast(device, precision):
-                loss, _ = model(inputs, targets=targets)
-            tokens = int((targets != PAD_ID).sum())
-            total, count = total + float(loss) * tokens, count + tokens
-    model.train(was_training)
-    mean = total / max(count, 1)
-    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(count)}
-
-
 def _sft_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
     """Instruction tuning: the loss covers only the response tokens of each templated record."""
     fields = ("instruction", "input", "output")
@@ -238,7 +220,9 @@ def _sft_task(config: RunConfig, device, precision, tokenizers, batch: int) -> T
 
     return Task(tokenizer=tokenizer, target_tokenizer=None, model=model, batches=batches,
                 objective=LMObjective(carry=False), tokens_per_epoch=sum(len(t) for _, t in encode["train"]),
-                evaluate=lambda: _mean_lm_loss(model, val, device, precision), sample=sample)
+                evaluate=lambda: token_weighted_loss(model, val, lambda b: (model(b.inputs, targets=b.targets)[0], b.targets),
+                                                     device=device, precision=precision),
+                sample=sample)
 
 
 def _dpo_task(config: RunConfig, device, precision, tokenizers, batch: int) -> Task:
@@ -261,7 +245,7 @@ def _dpo_task(config: RunConfig, device, precision, tokenizers, batch: int) -> T
                           collate=preference_batch, shuffle=False)
     if has_adapters(model):
         def frozen(inputs, targets):  # the same weights with LoRA/adapters off: no second copy
-            with adapters_disabled(model), _eval_mode(model):
+            with adapters_disabled(model), eval_mode(model):
                 return sequence_logprobs(model, inputs, targets)
     else:
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -276,10 +260,8 @@ def _dpo_task(config: RunConfig, device, precision, tokenizers, batch: int) -> T
         pretrain_val = encode_stream(tokenizer, read_splits(base.data).val)
 
     def evaluate() -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         chosen, rejected, losses = [], [], []
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             for batch in val:
                 batch = to_device(batch, device)
                 with autocast(device, precision):
@@ -288,7 +270,6 @@ def _dpo_task(config: RunConfig, device, precision, tokenizers, batch: int) -> T
                 chosen.append(rewards[0])
                 rejected.append(rewards[1])
                 losses.append(float(loss) * len(rewards[0]))
-        model.train(was_training)
         chosen_all, rejected_all = torch.cat(chosen), torch.cat(rejected)
         metrics = {"loss": sum(losses) / len(chosen_all), **preference_metrics(chosen_all, rejected_all)}
         metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
@@ -309,13 +290,3 @@ def _dpo_task(config: RunConfig, device, precision, tokenizers, batch: int) -> T
 
     return Task(tokenizer=tokenizer, target_tokenizer=None, model=model, batches=batches, objective=objective,
                 tokens_per_epoch=sum(len(c[1]) + len(r[1]) for c, r in train), evaluate=evaluate, sample=sample)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -346,6 +346,8 @@ class Trainer:
         window_extra: dict[str, float] = {}
         stopped_early = False
         self.model.train()
+        if self.config.init_from and loop.step == 0:
+            self.evaluate()  # a fine-tune's starting point: the base model's scores, in the same run
         try:
             with GracefulStop() as stop:
                 while loop.step < max_steps:

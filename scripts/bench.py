@@ -382,6 +382,36 @@ def row_tokenizers(steps: int) -> dict:
     return result
 
 
+def row_decode(steps: int) -> dict:
+    """Seq2seq decoding sentences/s, greedy and beam 5, on 200 test sentences, with the trained runs
+    runs/seq2seq and runs/transformer_small when they exist (else untrained models, which decode to max_len)."""
+    from lmzoo.checkpoint import load_run
+    from lmzoo.config import load_config
+    from lmzoo.data import read_pair_splits
+    from lmzoo.evaluate import translate_corpus
+    from lmzoo.tasks import build_task
+
+    result: dict = {"row": "decode", "device": "cpu"}
+    for name in ("seq2seq", "transformer_small"):
+        run_dir = Path("runs") / name
+        if (run_dir / "config.yaml").is_file():
+            run = load_run(run_dir)
+            model, src_tok, tgt_tok, config = run.model, run.tokenizer, run.target_tokenizer, run.config
+            result[f"{name}_trained"] = True
+        else:
+            config = load_config(CONFIGS / f"{name}.yaml", ["train.device=cpu"])
+            task = build_task(config, torch.device("cpu"), "fp32")
+            model, src_tok, tgt_tok = task.model.eval(), task.tokenizer, task.target_tokenizer
+            result[f"{name}_trained"] = False
+        sources = [s for s, _ in read_pair_splits(config.data).test[:200]]
+        for label, beam in (("greedy", 1), ("beam5", 5)):
+            start = time.perf_counter()
+            translate_corpus(model, sources, src_tok, tgt_tok, max_len=config.data.max_len, beam=beam,
+                             device=torch.device("cpu"))
+            result[f"{name}_{label}_sent_s"] = len(sources) / (time.perf_counter() - start)
+    return result
+
+
 ROWS = {
     "rnn": lambda steps: row_recurrent("rnn", steps),
     "lstm": lambda steps: row_recurrent("lstm", steps),
@@ -392,6 +422,7 @@ ROWS = {
     "finetune_lora": lambda steps: row_finetune("lora", steps),
     "finetune_adapter": lambda steps: row_finetune("adapter", steps),
     "tokenizers": row_tokenizers,
+    "decode": row_decode,
 }
 ROW_GROUPS = {
     "recurrent": ["rnn", "lstm", "gru"],
@@ -467,6 +498,11 @@ def format_table(peaks: dict, results: list[dict]) -> str:
                 f"(same tokens within the context: {r['gen_same_tokens_within_context']})",
             ]
     for r in results:
+        if r.get("row") == "decode" and "error" not in r:
+            lines += ["", "| seq2seq decoding, 200 test sentences | greedy sentences/s | beam 5 sentences/s |", "|---|---|---|"]
+            for name in ("seq2seq", "transformer_small"):
+                note = "" if r[f"{name}_trained"] else " (untrained: decodes to max_len)"
+                lines.append(f"| {name}{note} | {r[f'{name}_greedy_sent_s']:.1f} | {r[f'{name}_beam5_sent_s']:.1f} |")
         if r.get("row") == "tokenizers" and "error" not in r:
             lines += ["", f"| encoding {r['chars']:,} characters | seconds | tokens |", "|---|---|---|"]
             lines += [f"| {kind} | {r[f'{kind}_encode_s']:.2f} | {r[f'{kind}_tokens']:,} |" for kind in ("char", "word", "bpe")]
