@@ -32,7 +32,7 @@ CONFIGS = ROOT / "configs"
 # ---- measurement helpers -------------------------------------------------------------------------
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 30) -> float:
     """Best achieved GFLOP/s of an n x n x n matmul (the machine's practical peak for dtype)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(n, n, device=device).to(dtype)
@@ -119,20 +119,27 @@ def load_setup(config_name: str, overrides: list[str] | None = None):
     return config, setup_training(config)
 
 
-def time_generation(model: nn.Module, tokenizer, n_tokens: int = 1000) -> tuple[float, float]:
-    """Tokens/s over the first 100 and the last 100 of n_tokens new tokens (greedy, one prompt token)."""
+def time_generation(model: nn.Module, tokenizer, n_tokens: int = 1000, repeats: int = 3) -> tuple[float, float]:
+    """Tokens/s over the first 100 and the last 100 of n_tokens new tokens (greedy, one prompt token).
+
+    Each token's time is the median over `repeats` generations, and a window's speed is 1 / the
+    median token time in it, so a scheduler hiccup does not pass for a cost that grows with length.
+    """
     from lmzoo.generate import SamplingOptions, generate_ids
 
     model.eval()
-    list(generate_ids(model, [tokenizer.encode("\n")[0]], SamplingOptions(max_new_tokens=50, greedy=True)))  # warm-up
+    start_id = tokenizer.encode("\n")[0]
+    list(generate_ids(model, [start_id], SamplingOptions(max_new_tokens=50, greedy=True)))  # warm-up
     options = SamplingOptions(max_new_tokens=n_tokens, greedy=True)
-    stamps = [time.perf_counter()]
-    for _ in generate_ids(model, [tokenizer.encode("\n")[0]], options):
-        stamps.append(time.perf_counter())
+    runs = []
+    for _ in range(repeats):
+        stamps = [time.perf_counter()]
+        for _ in generate_ids(model, [start_id], options):
+            stamps.append(time.perf_counter())
+        runs.append([b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)])
+    per_token = [statistics.median(times) for times in zip(*runs, strict=True)]
     model.train()
-    first = 100 / (stamps[100] - stamps[0])
-    last = 100 / (stamps[n_tokens] - stamps[n_tokens - 100])
-    return first, last
+    return 1 / statistics.median(per_token[:100]), 1 / statistics.median(per_token[n_tokens - 100 :])
 
 
 # ---- rows ------------------------------------------------------------------------------------------
