@@ -168,7 +168,6 @@ class BpeTokenizerConfig(Section):
     fit_on: Literal["train", "all"] = "train"
 
 
-TokenizerConfig = CharTokenizerConfig | WordTokenizerConfig | BpeTokenizerConfig
 TOKENIZER_CONFIGS: dict[str, type[Section]] = {
     "char": CharTokenizerConfig,
     "word": WordTokenizerConfig,

@@ -119,7 +119,7 @@ def load_setup(config_name: str, overrides: list[str] | None = None):
     return config, setup_training(config)
 
 
-def time_generation(model: nn.Module, tokenizer, n_tokens: int = 1000, repeats: int = 3) -> tuple[float, float]:
+def time_generation(model: nn.Module, tokenizer, n_tokens: int = 1000, repeats: int = 7) -> tuple[float, float]:
     """Tokens/s over the first 100 and the last 100 of n_tokens new tokens (greedy, one prompt token).
 
     Each token's time is the median over `repeats` generations, and a window's speed is 1 / the
