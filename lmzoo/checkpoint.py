@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,13 +199,31 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path}: no weights for {sorted(missing)[0]!r} (the checkpoint is for another model)")
 
 
+def _unpickler_reason(err: Exception) -> str:
+    """The weights-only unpickler's own reason (e.g. the refused global), without torch's advice."""
+    text = str(err)
+    if found := re.search(r"GLOBAL ([\w.]+)", text):
+        return f"refused global {found.group(1)}"
+    if found := re.search(r"WeightsUnpickler error:\s*(.+)", text):
+        return found.group(1).strip()[:160]
+    return type(err).__name__
+
+
 def load_train_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Read state.pt with weights_only=True: tensors and plain containers only, never code."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            # a foreign file's pickle protocol is not worth a multi-line warning: it loads or is refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"training state not found: {path}") from None
-    except Exception as err:  # UnpicklingError for refused globals, RuntimeError for damage
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load training state: it is not a file of plain tensors and containers "
+            f"({_unpickler_reason(err)}); lmzoo never runs code from a checkpoint"
+        ) from None
+    except Exception as err:  # RuntimeError and friends for a damaged file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: refused to load training state ({first[:200]})") from None
     if not isinstance(state, dict) or "format_version" not in state:
