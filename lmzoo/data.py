@@ -303,6 +303,15 @@ def collate_pairs(items: list[tuple[list[int], list[int]]], *, bos_id: int, eos_
     return PairBatch(source, target_in, target_out)
 
 
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    """The visiting order of n items in one epoch: a permutation drawn from (seed, epoch) alone,
+    so a resumed run redraws exactly the order it was in."""
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
 class PairBatches:
     """Length-bucketed batches of sentence pairs, in a fresh random order of batches every epoch.
 
@@ -323,10 +332,7 @@ class PairBatches:
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.batches)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.batches), generator=generator).tolist()
+        return epoch_order(len(self.batches), self.shuffle, self.seed, self.epoch)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -432,10 +438,7 @@ class ShuffledBatches:
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.examples)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.examples), generator=generator).tolist()
+        return epoch_order(len(self.examples), self.shuffle, self.seed, self.epoch)
 
     def __len__(self) -> int:
         return self.batches_per_epoch

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lmzoo.errors import ConfigError
+from lmzoo.models.base import map_tensors
 
 
 @dataclass(frozen=True)
@@ -132,18 +133,8 @@ def gather_to_main(ctx: DistContext, value: Any) -> list[Any] | None:
     if not ctx.enabled:
         return [value]
     found: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(_cpu(value), found, dst=0)
+    dist.gather_object(map_tensors(torch.Tensor.cpu, value), found, dst=0)
     return found
-
-
-def _cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _cpu(v) for k, v in value.items()}
-    return value
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device, strategy: str) -> torch.nn.Module:

@@ -8,6 +8,7 @@ adaptive softmax) and a wrapped model (DDP, compile) is still called through `fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,17 +47,28 @@ class LanguageModel(nn.Module):
         return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=self.label_smoothing), state
 
 
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+    """`fn` applied to every tensor inside nested tuples/lists/dicts; anything else kept as is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(fn, v) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(fn, v) for k, v in value.items()}
+    return value
+
+
 def detach_state(state: Any) -> Any:
     """Cut the autograd history of a carried state (tensors inside tuples/lists/dicts)."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, (list, tuple)):
-        return type(state)(detach_state(s) for s in state)
-    if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    return state
+    return map_tensors(torch.Tensor.detach, state)
+
+
+def seq2seq_vocab_sizes(vocab_size: int | tuple[int, int], share_embeddings: bool) -> tuple[int, int]:
+    """(source, target) vocabulary sizes: one int means a shared tokenizer."""
+    src_vocab, tgt_vocab = (vocab_size, vocab_size) if isinstance(vocab_size, int) else vocab_size
+    if share_embeddings and src_vocab != tgt_vocab:
+        raise ValueError("share_embeddings needs one vocabulary for source and target")
+    return src_vocab, tgt_vocab
 
 
 class Seq2SeqModel(nn.Module):

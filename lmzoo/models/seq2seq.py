@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lmzoo.config import ModelConfig, PositiveInt, Probability
-from lmzoo.models.base import Seq2SeqModel
+from lmzoo.models.base import Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
 
@@ -87,9 +87,7 @@ class RecurrentSeq2Seq(Seq2SeqModel):
     def __init__(self, config: Seq2SeqConfig, vocab_size: int | tuple[int, int]) -> None:
         super().__init__()
         self.config = config
-        src_vocab, tgt_vocab = (vocab_size, vocab_size) if isinstance(vocab_size, int) else vocab_size
-        if config.share_embeddings and src_vocab != tgt_vocab:
-            raise ValueError("share_embeddings needs one vocabulary for source and target")
+        src_vocab, tgt_vocab = seq2seq_vocab_sizes(vocab_size, config.share_embeddings)
         emb, hidden = config.embedding_dim, config.hidden_size
         rnn = nn.LSTM if config.cell == "lstm" else nn.GRU
         self.src_embedding = nn.Embedding(src_vocab, emb)

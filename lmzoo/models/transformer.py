@@ -29,7 +29,7 @@ from torch import nn
 
 from lmzoo.config import ModelConfig, PositiveInt, Probability
 from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
-from lmzoo.models.base import LanguageModel, Seq2SeqModel
+from lmzoo.models.base import LanguageModel, Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
 
@@ -296,9 +296,7 @@ class EncoderDecoderTransformer(Seq2SeqModel):
     def __init__(self, config: TransformerConfig, vocab_size: int | tuple[int, int]) -> None:
         super().__init__()
         self.config = config
-        src_vocab, tgt_vocab = (vocab_size, vocab_size) if isinstance(vocab_size, int) else vocab_size
-        if config.share_embeddings and src_vocab != tgt_vocab:
-            raise ValueError("share_embeddings needs one vocabulary for source and target")
+        src_vocab, tgt_vocab = seq2seq_vocab_sizes(vocab_size, config.share_embeddings)
         d = config.d_model
         self.src_embedding = nn.Embedding(src_vocab, d, padding_idx=0)
         self.tgt_embedding = self.src_embedding if config.share_embeddings else nn.Embedding(tgt_vocab, d, padding_idx=0)
