@@ -1,13 +1,10 @@
-"""The run directory: atomic writes, safe loads, and finding runs.
+"""Checkpoints: tensors and training state in and out of a run's checkpoints/ folder.
 
-    runs/<name>/
-      config.yaml            the resolved config that ran
-      tokenizer.json         the tokenizer (generate never needs the corpus)
-      checkpoints/last/      model.safetensors + state.pt (optimizer, RNG, data position, ...) + info.json
-      checkpoints/best/      model.safetensors + info.json of the best validation score
-      metrics.jsonl, events.out.tfevents.*
+    checkpoints/last/      model.safetensors + state.pt (optimizer, RNG, data position, ...) + info.json
+    checkpoints/best/      model.safetensors + info.json of the best validation score
+    (LoRA / adapter runs write adapter.safetensors instead of model.safetensors)
 
-A checkpoint directory is written whole under a temporary name and swapped in with renames, so a
+The rest of the run directory belongs to lmzoo.run. A checkpoint directory is written whole under a temporary name and swapped in with renames, so a
 crash at any moment leaves either the previous or the new checkpoint complete under its final
 name. Weights are safetensors; the training state is read with torch.load(weights_only=True);
 everything else is JSON or YAML. Nothing in a run directory can execute code when loaded.
@@ -22,7 +19,6 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,42 +26,13 @@ import torch
 from torch import nn
 
 from lmzoo.errors import CheckpointError
+from lmzoo.io import fsync_dir, fsync_tree
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"  # LoRA / adapter runs: only the fine-tuned tensors; the base comes from init_from
 STATE = "state.pt"
 INFO = "info.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {err.strerror or err}") from None
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(
@@ -95,16 +62,13 @@ def save_checkpoint(
         if train_state is not None:
             torch.save({"format_version": FORMAT_VERSION, **train_state}, tmp / STATE)
         (tmp / INFO).write_text(json.dumps({"format_version": FORMAT_VERSION, "saved_at": time.time(), **info}))
-        for child in tmp.iterdir():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         recover_checkpoints(run_dir)
@@ -233,89 +197,32 @@ def load_train_state(path: Path, device: torch.device | str = "cpu") -> dict[str
     return state
 
 
-def read_info(ckpt: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A small JSON file as a dict; {} when it is missing or unreadable (info files are advisory)."""
     try:
-        return json.loads((ckpt / INFO).read_text())
-    except (OSError, json.JSONDecodeError):
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return payload if isinstance(payload, dict) else {}
 
 
-# ---- finding and loading runs --------------------------------------------------------------
+def read_info(ckpt: Path) -> dict[str, Any]:
+    return read_json(ckpt / INFO)
 
 
-def new_run_dir(out_dir: str | Path, name: str) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... if taken: a new run never overwrites an old one."""
-    base = Path(out_dir) / name
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{name}-{n}")
-    return candidate
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
+def _weight_files(run_dir: Path) -> list[Path]:
+    """Every checkpoint weights file of a run, including one a crash left mid-swap."""
     root = run_dir / "checkpoints"
-    return any((root / folder / weights).is_file() for tag in ("last", "best") for folder in (tag, f".{tag}.old")
-               for weights in (WEIGHTS, ADAPTER))  # a LoRA / adapter run keeps adapter.safetensors only
+    return [path for weights in (WEIGHTS, ADAPTER) for pattern in ("*/", ".*.old/") for path in root.glob(pattern + weights)]
 
 
-def _run_time(run_dir: Path) -> float:
-    root = run_dir / "checkpoints"
-    stamps = [p.stat().st_mtime for weights in (WEIGHTS, ADAPTER) for pattern in ("*/", ".*.old/")
-              for p in root.glob(pattern + weights)]
-    return max(stamps, default=run_dir.stat().st_mtime)
+def has_checkpoint(run_dir: Path) -> bool:
+    return bool(_weight_files(run_dir))
 
 
-def latest_run(out_dir: str | Path = "runs", name: str | None = None) -> Path | None:
-    """The run under `out_dir` with the newest checkpoint; with `name`, only <name> and <name>-N."""
-    root = Path(out_dir)
-    if not root.is_dir():
-        return None
-    runs = [
-        d for d in root.iterdir()
-        if d.is_dir() and _has_checkpoint(d)
-        and (name is None or d.name == name or (d.name.startswith(name + "-") and d.name[len(name) + 1 :].isdigit()))
-    ]
-    return max(runs, key=_run_time, default=None)
-
-
-def resolve_run(run: str | Path | None, out_dir: str | Path = "runs") -> Path:
-    """A run directory from a path, a name under ./runs, or (None) the newest run."""
-    if run is None:
-        found = latest_run(out_dir)
-        if found is None:
-            raise CheckpointError(f"no trained run found under ./{out_dir}; train one first: lmzoo train configs/lstm.yaml")
-        return found
-    path = Path(run)
-    if not path.exists() and (Path(out_dir) / run).exists():
-        path = Path(out_dir) / run
-    if not path.is_dir():
-        raise CheckpointError(f"run directory not found: {run}")
-    if not (path / "config.yaml").is_file():
-        raise CheckpointError(f"{path} is not an lmzoo run (no config.yaml)")
-    return path
-
-
-@dataclass
-class Run:
-    """A trained run, ready to sample from or evaluate."""
-
-    path: Path
-    config: Any  # RunConfig
-    tokenizer: Any  # Tokenizer (the source side of a seq2seq run)
-    model: nn.Module
-    info: dict[str, Any]
-    target_tokenizer: Any = None  # seq2seq: the target side (the same object when shared)
-
-
-def load_tokenizers(run_dir: Path) -> dict[str, Any]:
-    """tokenizer.json, and target_tokenizer.json when the run has a separate target side."""
-    from lmzoo.tokenizers import load_tokenizer
-
-    found = {"tokenizer.json": load_tokenizer(run_dir / "tokenizer.json")}
-    if (run_dir / "target_tokenizer.json").is_file():
-        found["target_tokenizer.json"] = load_tokenizer(run_dir / "target_tokenizer.json")
-    return found
+def checkpoint_time(run_dir: Path) -> float:
+    """When the run last wrote a checkpoint (its directory's time if it has none)."""
+    return max((path.stat().st_mtime for path in _weight_files(run_dir)), default=run_dir.stat().st_mtime)
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -324,72 +231,3 @@ def best_checkpoint(run_dir: Path) -> Path:
         return checkpoint_dir(run_dir, "best")
     except CheckpointError:
         return checkpoint_dir(run_dir, "last")
-
-
-def initial_model(config: Any, vocab: int | tuple[int, int], device: torch.device | str) -> nn.Module:
-    """The model a run starts from: fresh, or with the weights of its `init_from` run; then LoRA or
-    adapters as its `finetune` section says."""
-    from lmzoo.models import build_model
-    from lmzoo.peft import apply_finetune
-
-    model = build_model(config.model, vocab)
-    if config.init_from:
-        base = Path(config.init_from)
-        if not (base / "config.yaml").is_file():
-            raise CheckpointError(f"init_from: the base run {base} is missing (it holds the weights this run starts from)")
-        ckpt = best_checkpoint(base)
-        if (ckpt / ADAPTER).is_file():
-            raise CheckpointError(f"init_from: {base} is a LoRA/adapter run; merge it first: lmzoo merge --run {base}")
-        load_weights(model, ckpt / WEIGHTS)
-    model.to(device)
-    if config.finetune is not None:
-        apply_finetune(model, config.finetune)
-    return model
-
-
-def load_run(run_dir: str | Path, tag: str = "best", device: torch.device | str = "cpu") -> Run:
-    """Rebuild a run's model from its config and tokenizer and load its `tag` weights ('best' falls back to 'last')."""
-    from lmzoo.config import RunConfig, read_yaml
-    from lmzoo.models import build_model
-
-    run_dir = Path(run_dir)
-    config = RunConfig.from_dict(  # the corpus may be gone: generate never needs it
-        read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"), check_files=False
-    )
-    tokenizers = load_tokenizers(run_dir)
-    tokenizer = tokenizers["tokenizer.json"]
-    target = tokenizers.get("target_tokenizer.json", tokenizer) if config.kind == "seq2seq" else None
-    ckpt = best_checkpoint(run_dir) if tag == "best" else checkpoint_dir(run_dir, tag)
-    vocab = tokenizer.vocab_size if target is None else (tokenizer.vocab_size, target.vocab_size)
-    if (ckpt / ADAPTER).is_file():
-        model = initial_model(config, vocab, device)  # the frozen base, with LoRA / adapters applied
-    else:
-        model = build_model(config.model, vocab)
-    load_checkpoint_weights(model, ckpt)
-    model.to(device).eval()
-    return Run(path=run_dir, config=config, tokenizer=tokenizer, model=model, info=read_info(ckpt),
-               target_tokenizer=target)
-
-
-def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Fold a LoRA run into a plain run (config without init_from/finetune, full weights); returns its path."""
-    from lmzoo.config import config_to_yaml
-    from lmzoo.peft import Adapter, merge_finetune
-
-    run = load_run(run_dir, "best")
-    if run.config.finetune is None or run.config.finetune.method == "full":
-        raise CheckpointError(f"{run_dir} is not a LoRA run; its weights are already plain")
-    if any(isinstance(m, Adapter) for m in run.model.modules()):
-        raise CheckpointError(f"{run_dir} uses adapters, which add layers and cannot be folded into the base weights")
-    merge_finetune(run.model)
-    run_path = Path(run_dir)
-    target = Path(out) if out is not None else new_run_dir(run_path.parent, f"{run_path.name}-merged")
-    if target.exists():
-        raise CheckpointError(f"{target} already exists; choose another --out")
-    config = run.config.model_copy(update={"init_from": None, "finetune": None, "name": target.name})
-    target.mkdir(parents=True)
-    for name, tokenizer in load_tokenizers(run_path).items():
-        tokenizer.save(target / name)
-    atomic_write_text(target / "config.yaml", config_to_yaml(config))
-    save_checkpoint(target, "best", run.model, info={**run.info, "merged_from": str(run_path)})
-    return target

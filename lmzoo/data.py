@@ -7,18 +7,22 @@ Two ways to cut a language-model stream into batches:
   recurrent model can carry its hidden state across batches.
 * `RandomWindows`: independent windows at random offsets (what attention models train on).
 
-Both keep their position in a small `state_dict`, so a resumed run reads exactly the batches an
-uninterrupted run would have read.
+Examples that are not one stream (sentence pairs, SFT records, preference pairs) come in
+`ShuffledBatches`. Every source keeps its position in a small `state_dict`, so a resumed run reads
+exactly the batches an uninterrupted run would have read.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lmzoo.config import DataConfig, resolve_data_path
+from lmzoo.config.schema import DataConfig, resolve_data_path
 from lmzoo.errors import DataError
 from lmzoo.objectives import LMBatch, PairBatch, PreferenceBatch
 
@@ -312,50 +316,12 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-class PairBatches:
-    """Length-bucketed batches of sentence pairs, in a fresh random order of batches every epoch.
-
-    Pairs are sorted by length once (ties broken by a seeded shuffle), so a batch holds sentences
-    of similar length and little padding; the epoch's batch order comes from (seed, epoch).
-    """
-
-    def __init__(self, pairs: list[tuple[list[int], list[int]]], batch_size: int, *, seed: int,
-                 bos_id: int, eos_id: int, shuffle: bool = True, name: str = "train") -> None:
-        if not pairs:
-            raise DataError(f"the {name} split has no sentence pairs within data.max_len")
-        self.pairs, self.seed, self.shuffle = pairs, seed, shuffle
-        self.bos_id, self.eos_id = bos_id, eos_id
-        tie = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), len(pairs[i][1]), tie[i]))
-        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        self.epoch, self.index = 0, 0
-        self._order = self._epoch_order()
-
-    def _epoch_order(self) -> list[int]:
-        return epoch_order(len(self.batches), self.shuffle, self.seed, self.epoch)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        """One pass over the batches in length order (for evaluation)."""
-        for indices in self.batches:
-            yield collate_pairs([self.pairs[i] for i in indices], bos_id=self.bos_id, eos_id=self.eos_id)
-
-    def next(self) -> PairBatch:
-        if self.index >= len(self.batches):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        indices = self.batches[self._order[self.index]]
-        self.index += 1
-        return collate_pairs([self.pairs[i] for i in indices], bos_id=self.bos_id, eos_id=self.eos_id)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._epoch_order()
+def pair_batches(pairs: list[tuple[list[int], list[int]]], batch_size: int, *, seed: int, bos_id: int,
+                 eos_id: int, shuffle: bool = True, name: str = "train") -> ShuffledBatches:
+    """Length-bucketed batches of sentence pairs (similar lengths together, little padding)."""
+    return ShuffledBatches(pairs, batch_size, seed=seed, shuffle=shuffle, buckets=True,
+                           collate=functools.partial(collate_pairs, bos_id=bos_id, eos_id=eos_id),
+                           empty=f"the {name} split has no sentence pairs within data.max_len")
 
 
 # ---- records: instruction tuning (SFT) and preference pairs (DPO) ---------------------------------
@@ -397,6 +363,17 @@ def read_records(path: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
     return checked
 
 
+def read_record_splits(config: DataConfig, fields: tuple[str, ...]) -> dict[str, list[dict[str, str]]]:
+    """Records of the train file; the validation records come from data.val or are split off train."""
+    records = read_records(config.train_files[0], fields)
+    parts = _carve(records, config.split, {"val": bool(config.val), "test": bool(config.test)})
+    if config.val:
+        parts["val"] = read_records(config.val, fields)
+    if not parts.get("val"):
+        raise DataError("no validation records: give data.val or raise the validation fraction in data.split")
+    return parts
+
+
 def prompt_response_ids(tokenizer, prompt: str, response: str, context: int | None) -> tuple[list[int], list[int]]:
     """(input ids, target ids) of prompt + response + <eos>; targets are PAD except on the response.
 
@@ -426,35 +403,60 @@ def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int = 0) 
 
 
 class ShuffledBatches:
-    """Batches of examples in a fresh seeded order every epoch; `collate` turns a list into a batch."""
+    """The batch source of examples (sentence pairs, SFT records, preference pairs), in a seeded order
+    that changes every epoch and that a resumed run redraws exactly from (seed, epoch, index).
 
-    def __init__(self, examples: list, batch_size: int, *, seed: int, collate, shuffle: bool = True) -> None:
+    With `buckets`, examples are sorted by length once (ties broken by a seeded shuffle) and cut
+    into fixed batches of similar length; each epoch visits those batches in a new order. Without,
+    each epoch shuffles the examples and cuts them into batches (the incomplete last one dropped).
+    `collate` turns a list of examples into a batch; iterating gives one ordered pass (evaluation).
+    """
+
+    def __init__(self, examples: list, batch_size: int, *, seed: int, collate: Callable[[list], Any],
+                 shuffle: bool = True, buckets: bool = False, empty: str = "no training examples") -> None:
         if not examples:
-            raise DataError("no training examples")
+            raise DataError(empty)
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.collate, self.shuffle = collate, shuffle
-        self.batches_per_epoch = max(1, len(examples) // batch_size) if shuffle else -(-len(examples) // batch_size)
+        self.buckets: list[list[int]] | None = None
+        if buckets:
+            tie = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+            order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), len(examples[i][1]), tie[i]))
+            self.buckets = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+            self.batches_per_epoch = len(self.buckets)
+        elif shuffle:
+            self.batches_per_epoch = max(1, len(examples) // batch_size)
+        else:
+            self.batches_per_epoch = -(-len(examples) // batch_size)
         self.epoch, self.index = 0, 0
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
-        return epoch_order(len(self.examples), self.shuffle, self.seed, self.epoch)
+        count = len(self.buckets) if self.buckets is not None else len(self.examples)
+        return epoch_order(count, self.shuffle, self.seed, self.epoch)
+
+    def _indices(self, position: int, order: list[int]) -> list[int]:
+        if self.buckets is not None:
+            return self.buckets[order[position]]
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def __iter__(self):
-        """One ordered pass (for evaluation)."""
-        for start in range(0, len(self.examples), self.batch_size):
-            yield self.collate(self.examples[start : start + self.batch_size])
+    def __iter__(self) -> Iterator[Any]:
+        """One pass in a fixed order (length order for buckets), for evaluation."""
+        size, count = self.batch_size, len(self.examples)
+        groups = self.buckets or [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        for indices in groups:
+            yield self.collate([self.examples[i] for i in indices])
 
-    def next(self):
+    def next(self) -> Any:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._epoch_order()
-        chosen = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        indices = self._indices(self.index, self._order)
         self.index += 1
-        return self.collate([self.examples[i] for i in chosen])
+        return self.collate([self.examples[i] for i in indices])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

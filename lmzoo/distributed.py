@@ -144,8 +144,9 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device, s
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        units = tuple(model.fsdp_units())  # the model says which blocks to shard one by one
         for module in model.modules():
-            if type(module).__name__ in ("DecoderBlock", "EncoderLayer", "DecoderLayer"):
+            if units and isinstance(module, units):
                 fully_shard(module)
         fully_shard(model)
         return model
@@ -170,6 +171,26 @@ def unsharded(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module in sharded:
             module.reshard()
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if ctx.enabled:
+        dist.barrier()
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                    optimizer_state: dict[str, Any]) -> None:
+    """Load full (unsharded) model and optimiser state dicts into an FSDP model; each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def full_state_dict(model: torch.nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:

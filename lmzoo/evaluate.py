@@ -68,7 +68,7 @@ def evaluate_lm(
 
     def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        h, carried[0] = model.features(x, carried[0] if model.carries_state else None)
+        h, carried[0] = model.hidden(x, carried[0] if model.carries_state else None)
         return model.head.loss(h, y, ignore_index=PAD_ID), y
 
     windows = eval_windows(stream, batch_size, seq_len, max_batches)
@@ -84,7 +84,7 @@ def evaluate_seq2seq(
     def loss_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
         src, tgt_in, tgt_out = batch
         src_mask = src == PAD_ID
-        h, _ = model.decode_features(tgt_in, model.encode(src, src_mask), src_mask)
+        h, _ = model.decode_hidden(tgt_in, model.encode(src, src_mask), src_mask)
         return model.head.loss(h, tgt_out, ignore_index=PAD_ID), tgt_out
 
     return token_weighted_loss(model, batches, loss_of, device=device, precision=precision, max_batches=max_batches)
@@ -127,38 +127,36 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
 
 
 def evaluate_run(
-    run_dir: Path, *, data: Path | None = None, split: str = "val", checkpoint: str = "best", device: str = "auto",
-    beam: int = 5,
+    run: Any, *, data: str | Path | None = None, split: str = "val", beam: int = 5, checkpoint_tag: str = "best",
+    device: torch.device,
 ) -> dict[str, float]:
-    """Score a trained run on a text file (or pairs), or on its own validation/test split.
+    """Score a trained `Run` on a text file (or pairs), or on its own validation/test split.
 
     Language models: loss and perplexity. Seq2seq models: loss, perplexity and corpus BLEU with
     greedy decoding and with beam search (`beam`).
     """
-    from lmzoo.checkpoint import load_run
     from lmzoo.data import encode_stream, read_splits, read_text_file
-    from lmzoo.device import pick_device, pick_precision
+    from lmzoo.device import pick_precision
     from lmzoo.errors import ConfigError
 
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be val or test, got {split!r}")
-    torch_device = pick_device(device)
-    run = load_run(run_dir, checkpoint, torch_device)
-    if run.config.kind == "seq2seq":
-        return evaluate_seq2seq_run(run, data=data, split=split, device=torch_device, beam=beam)
+    model = run.model(checkpoint_tag, device)
+    if run.kind == "seq2seq":
+        return _evaluate_seq2seq_run(run, model, data=data, split=split, device=device, beam=beam)
     text = read_text_file(data) if data is not None else getattr(read_splits(run.config.data), split)
     if not text.strip():
         raise ConfigError(f"the run's {split} split is empty; pass --data FILE")
-    stream = encode_stream(run.tokenizer, text)
     cfg = run.config
     return evaluate_lm(
-        run.model, stream, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size, seq_len=cfg.seq_len,
-        device=torch_device, precision=pick_precision(torch_device, cfg.train.precision),
+        model, encode_stream(run.tokenizer, text), batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+        seq_len=cfg.seq_len, device=device, precision=pick_precision(device, cfg.train.precision),
     )
 
 
-def evaluate_seq2seq_run(run, *, data: Path | None, split: str, device: torch.device, beam: int) -> dict[str, float]:
-    from lmzoo.data import PairBatches, encode_pairs, read_pair_file, read_pair_splits
+def _evaluate_seq2seq_run(run: Any, model: torch.nn.Module, *, data: str | Path | None, split: str,
+                          device: torch.device, beam: int) -> dict[str, float]:
+    from lmzoo.data import encode_pairs, pair_batches, read_pair_file, read_pair_splits
     from lmzoo.device import pick_precision
     from lmzoo.errors import ConfigError
 
@@ -168,12 +166,12 @@ def evaluate_seq2seq_run(run, *, data: Path | None, split: str, device: torch.de
         raise ConfigError(f"the run's {split} split has no sentence pairs; pass --data")
     source_tok, target_tok = run.tokenizer, run.target_tokenizer
     encoded = encode_pairs(pairs, source_tok, target_tok, max_len=cfg.data.max_len)
-    batches = PairBatches(encoded, cfg.data.eval_batch_size or cfg.data.batch_size, seed=0,
-                          bos_id=target_tok.bos_id, eos_id=target_tok.eos_id, shuffle=False, name=split)
-    metrics = evaluate_seq2seq(run.model, batches, device=device, precision=pick_precision(device, cfg.train.precision))
+    batches = pair_batches(encoded, cfg.data.eval_batch_size or cfg.data.batch_size, seed=0,
+                           bos_id=target_tok.bos_id, eos_id=target_tok.eos_id, shuffle=False, name=split)
+    metrics = evaluate_seq2seq(model, batches, device=device, precision=pick_precision(device, cfg.train.precision))
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     for label, width in (("greedy", 1), (f"beam{beam}", beam)):
-        hyps = translate_corpus(run.model, sources, source_tok, target_tok, max_len=cfg.data.max_len, beam=width,
+        hyps = translate_corpus(model, sources, source_tok, target_tok, max_len=cfg.data.max_len, beam=width,
                                 device=device)
         metrics[f"bleu_{label}"] = corpus_bleu(hyps, references)
     metrics["sentences"] = float(len(pairs))

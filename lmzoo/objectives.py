@@ -41,15 +41,19 @@ class PreferenceBatch(NamedTuple):
 
 
 class LMObjective:
-    """Next-token cross-entropy; with `carry`, the recurrent state flows from one batch to the next."""
+    """Next-token cross-entropy; with `carry`, the recurrent state flows from one batch to the next.
 
-    def __init__(self, *, carry: bool) -> None:
+    Label smoothing applies to training only: evaluation always reports the plain likelihood.
+    """
+
+    def __init__(self, *, carry: bool, label_smoothing: float = 0.0) -> None:
         self.carry = carry
+        self.label_smoothing = label_smoothing
         self.state: Any = None
 
     def __call__(self, forward: Any, batch: LMBatch) -> tuple[torch.Tensor, int]:
         state_in = None if (batch.starts_epoch or not self.carry) else self.state
-        loss, state_out = forward(batch.inputs, state_in, targets=batch.targets)
+        loss, state_out = forward(batch.inputs, state_in, targets=batch.targets, label_smoothing=self.label_smoothing)
         if self.carry:
             self.state = detach_state(state_out)
         return loss, batch.targets.numel()
@@ -62,10 +66,15 @@ class LMObjective:
 
 
 class Seq2SeqObjective:
-    """Teacher-forced cross-entropy of the target given the source (padding ignored)."""
+    """Teacher-forced cross-entropy of the target given the source (padding ignored; label smoothing
+    in training only)."""
+
+    def __init__(self, *, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
 
     def __call__(self, forward: Any, batch: PairBatch) -> tuple[torch.Tensor, int]:
-        loss, _ = forward(batch.source, batch.target_in, targets=batch.target_out)
+        loss, _ = forward(batch.source, batch.target_in, targets=batch.target_out,
+                          label_smoothing=self.label_smoothing)
         return loss, int((batch.target_out != PAD_ID).sum())
 
     def state_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lmzoo.config import FinetuneConfig
+from lmzoo.config.schema import FinetuneConfig
 from lmzoo.errors import ConfigError
 
 
@@ -85,28 +85,13 @@ class AdapterAfter(nn.Module):
         return self.adapter(out)
 
 
-def _recurrent_width(module: nn.Module) -> int | None:
-    from lmzoo.models.recurrent import ElmanRNN
-
-    if isinstance(module, (nn.LSTM, nn.GRU)):
-        return module.hidden_size * (2 if module.bidirectional else 1)
-    if isinstance(module, ElmanRNN):
-        return module.hidden_size
-    return None
-
-
-def _adapter_sites(model: nn.Module, positions: list[str]) -> list[tuple[nn.Module, str, int]]:
-    """(parent, attribute, width) of every module an adapter goes after."""
-    from lmzoo.models.transformer import FeedForward
-
+def _adapter_sites(model: nn.Module, patterns: list[str] | None) -> list[tuple[nn.Module, str, int]]:
+    """(parent, attribute, width) of every site the model offers for adapters (matching `patterns`)."""
     sites = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if "ff" in positions and isinstance(child, FeedForward):
-                sites.append((parent, name, child.down.out_features))
-            elif "rnn" in positions and _recurrent_width(child) is not None and name != "encoder":
-                # a packed-sequence encoder has no per-position output to adapt
-                sites.append((parent, name, _recurrent_width(child)))
+    for name, width in model.adapter_sites():
+        if patterns is None or any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            parent_name, _, attribute = name.rpartition(".")
+            sites.append((model.get_submodule(parent_name) if parent_name else model, attribute, width))
     return sites
 
 
@@ -117,14 +102,15 @@ def apply_finetune(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     if config.method == "lora":
+        patterns = config.targets if config.targets is not None else list(model.default_lora_targets)
         targets = [
             name for name, p in model.named_parameters()
-            if p.dim() >= 2 and any(fnmatch.fnmatch(name, pattern) for pattern in config.targets)
+            if p.dim() >= 2 and any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
             and "embedding" not in name
         ]
         if not targets:
             raise ConfigError(
-                f"finetune.targets: {config.targets} match no weight of this model; "
+                f"finetune.targets: {patterns} match no weight of this model; "
                 f"its weights are: {', '.join(n for n, p in model.named_parameters() if p.dim() >= 2)}"
             )
         for name in targets:
@@ -134,9 +120,10 @@ def apply_finetune(model: nn.Module, config: FinetuneConfig) -> nn.Module:
             parametrize.register_parametrization(owner, attribute, LoRA(weight, config.r, config.alpha, config.dropout))
             _refresh_rnn(owner)
     else:
-        sites = _adapter_sites(model, list(config.positions))
+        sites = _adapter_sites(model, config.sites)
         if not sites:
-            raise ConfigError(f"finetune.positions: {config.positions} find no place for adapters in this model")
+            offered = ", ".join(name for name, _ in model.adapter_sites()) or "none"
+            raise ConfigError(f"finetune.sites: {config.sites} match no adapter site of this model (it offers: {offered})")
         for parent, name, width in sites:
             inner = getattr(parent, name)
             setattr(parent, name, AdapterAfter(inner, width, config.bottleneck).to(next(inner.parameters()).device))

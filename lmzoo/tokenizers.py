@@ -1,5 +1,7 @@
 """Character, word and byte-level BPE tokenizers behind one interface, saved as one JSON file.
 
+Tokenizers are registered like models: each kind with its own config class (the YAML
+`tokenizer:` section is validated against it) and its tokenizer class (`fit`, `from_dict`).
 Every tokenizer reserves the same four special ids at the front of its vocabulary:
 <pad>=0 (ignored by losses), <unk>=1, <bos>=2, <eos>=3.
 """
@@ -8,17 +10,70 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from lmzoo.config import KERAS_FILTERS, Section
+from pydantic import Field
+
+from lmzoo.config.schema import PositiveInt, TokenizerConfig
 from lmzoo.errors import CheckpointError, DataError
+from lmzoo.io import atomic_write_text
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIALS = (PAD, UNK, BOS, EOS)
 FORMAT = "lmzoo.tokenizer"
 FORMAT_VERSION = 1
+KERAS_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
+
+
+@dataclass(frozen=True)
+class TokenizerEntry:
+    kind: str
+    config: type[TokenizerConfig]
+    cls: type[Tokenizer]
+
+
+TOKENIZER_REGISTRY: dict[str, TokenizerEntry] = {}
+
+
+def register_tokenizer(kind: str, *, config: type[TokenizerConfig]) -> Callable[[type[Tokenizer]], type[Tokenizer]]:
+    """Class decorator: make `kind` usable as `tokenizer: {kind: ...}` in a run config."""
+
+    def decorate(cls: type[Tokenizer]) -> type[Tokenizer]:
+        if kind in TOKENIZER_REGISTRY:
+            raise ValueError(f"tokenizer {kind!r} is registered twice")
+        TOKENIZER_REGISTRY[kind] = TokenizerEntry(kind, config, cls)
+        cls.kind = kind
+        return cls
+
+    return decorate
+
+
+class CharTokenizerConfig(TokenizerConfig):
+    """One token per character seen in the training text."""
+
+    kind: Literal["char"] = "char"
+
+
+class WordTokenizerConfig(TokenizerConfig):
+    """Words split on whitespace, optionally lowercased and stripped of punctuation (Keras-style)."""
+
+    kind: Literal["word"] = "word"
+    lowercase: bool = True
+    filters: str = KERAS_FILTERS  # characters removed before splitting; "" keeps punctuation
+    newline_token: bool = True  # a line end becomes an <eos> token (and decodes back to "\n")
+    min_freq: PositiveInt = 1
+    max_vocab: PositiveInt | None = None
+
+
+class BpeTokenizerConfig(TokenizerConfig):
+    """Byte-level BPE trained on the corpus with the `tokenizers` library: any text encodes."""
+
+    kind: Literal["bpe"] = "bpe"
+    vocab_size: Annotated[int, Field(ge=260)] = 1024
+    min_freq: PositiveInt = 2
 
 
 class Tokenizer:
@@ -41,12 +96,20 @@ class Tokenizer:
         """Pieces of `text` this tokenizer cannot represent (they would become <unk>)."""
         return []
 
+    @classmethod
+    def fit(cls, text: str, config: Any) -> Tokenizer:
+        """A tokenizer of this kind built from training text and its config section."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> Tokenizer:
+        """The tokenizer a `to_dict` payload (tokenizer.json) describes."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def save(self, path: str | Path) -> None:
-        from lmzoo.checkpoint import atomic_write_text
-
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, **self.to_dict()}
         atomic_write_text(Path(path), json.dumps(payload, ensure_ascii=False))
 
@@ -66,14 +129,17 @@ class VocabTokenizer(Tokenizer):
         return len(self.itos)
 
 
+@register_tokenizer("char", config=CharTokenizerConfig)
 class CharTokenizer(VocabTokenizer):
     """One id per character; characters never seen in training map to <unk>."""
 
-    kind = "char"
+    @classmethod
+    def fit(cls, text: str, config: Any = None) -> CharTokenizer:
+        return cls(sorted(set(text)))
 
     @classmethod
-    def fit(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
+    def from_dict(cls, payload: dict[str, Any]) -> CharTokenizer:
+        return cls(payload["tokens"])
 
     def encode(self, text: str) -> list[int]:
         get, unk = self.stoi.get, self.unk_id
@@ -91,14 +157,13 @@ class CharTokenizer(VocabTokenizer):
         return {"tokens": self.itos[len(SPECIALS) :]}
 
 
+@register_tokenizer("word", config=WordTokenizerConfig)
 class WordTokenizer(VocabTokenizer):
     """Whitespace words, Keras-style: optional lowercasing and punctuation filtering, <unk> for rare words.
 
     With `newline_token`, each line end is an <eos> token that decodes back to a newline, so a
     generated text keeps its line structure.
     """
-
-    kind = "word"
 
     def __init__(self, tokens: list[str], *, lowercase: bool, filters: str, newline_token: bool) -> None:
         super().__init__(tokens)
@@ -133,6 +198,11 @@ class WordTokenizer(VocabTokenizer):
             ranked = ranked[: max(0, config.max_vocab - len(SPECIALS))]
         return cls(ranked, lowercase=config.lowercase, filters=config.filters, newline_token=config.newline_token)
 
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> WordTokenizer:
+        return cls(payload["tokens"], lowercase=payload["lowercase"], filters=payload.get("filters", KERAS_FILTERS),
+                   newline_token=payload["newline_token"])
+
     def encode(self, text: str) -> list[int]:
         get, unk = self.stoi.get, self.unk_id
         return [get(w, unk) for w in self.words(text)]
@@ -159,10 +229,9 @@ class WordTokenizer(VocabTokenizer):
         }
 
 
+@register_tokenizer("bpe", config=BpeTokenizerConfig)
 class BpeTokenizer(Tokenizer):
     """Byte-level BPE from the `tokenizers` library: every string encodes, and decodes back exactly."""
-
-    kind = "bpe"
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
@@ -189,6 +258,12 @@ class BpeTokenizer(Tokenizer):
         backend.train_from_iterator(_chunks(text), trainer=trainer, length=None)
         return cls(backend)
 
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> BpeTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(payload["backend"]))
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
@@ -213,18 +288,11 @@ def _chunks(text: str, size: int = 1 << 16) -> Iterable[str]:
         start = end
 
 
-def fit_tokenizer(config: Section, text: str) -> Tokenizer:
+def fit_tokenizer(config: TokenizerConfig, text: str) -> Tokenizer:
     """Build the tokenizer described by the config's `tokenizer:` section from training text."""
     if not text.strip():
         raise DataError("cannot fit a tokenizer on empty text")
-    kind = config.kind  # type: ignore[attr-defined]
-    if kind == "char":
-        return CharTokenizer.fit(text)
-    if kind == "word":
-        return WordTokenizer.fit(text, config)
-    if kind == "bpe":
-        return BpeTokenizer.fit(text, config)
-    raise ValueError(f"unknown tokenizer kind {kind!r}")
+    return TOKENIZER_REGISTRY[config.kind].cls.fit(text, config)
 
 
 def tokenizer_from_dict(payload: dict[str, Any]) -> Tokenizer:
@@ -235,21 +303,10 @@ def tokenizer_from_dict(payload: dict[str, Any]) -> Tokenizer:
             f"tokenizer format version {payload.get('version')} is newer than this lmzoo "
             f"understands ({FORMAT_VERSION}); upgrade lmzoo"
         )
-    kind = payload.get("kind")
-    if kind == "char":
-        return CharTokenizer(payload["tokens"])
-    if kind == "word":
-        return WordTokenizer(
-            payload["tokens"],
-            lowercase=payload["lowercase"],
-            filters=payload.get("filters", KERAS_FILTERS),
-            newline_token=payload["newline_token"],
-        )
-    if kind == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return BpeTokenizer(HFTokenizer.from_str(payload["backend"]))
-    raise CheckpointError(f"unknown tokenizer kind {kind!r}")
+    entry = TOKENIZER_REGISTRY.get(payload.get("kind"))  # type: ignore[arg-type]
+    if entry is None:
+        raise CheckpointError(f"unknown tokenizer kind {payload.get('kind')!r}")
+    return entry.cls.from_dict(payload)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

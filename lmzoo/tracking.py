@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lmzoo.io import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -37,8 +41,6 @@ class Tracker:
     def _truncate_metrics(self, step: int) -> None:
         if not self.metrics_path.exists():
             return
-        from lmzoo.checkpoint import atomic_write_text
-
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
@@ -106,3 +108,36 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@dataclass
+class LogWindow:
+    """Training numbers summed since the last log line."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, result: Any, world_size: int) -> None:
+        """Add one optimiser step's StepResult (lmzoo.optim)."""
+        self.loss += result.loss
+        self.steps += 1
+        self.tokens += result.tokens * world_size
+        for key, value in result.metrics.items():
+            self.extra[key] = self.extra.get(key, 0.0) + value
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.tokens, self.extra = 0.0, 0, 0, {}
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+
+def describe_metrics(metrics: Any) -> str:
+    """`loss 1.2345, ppl 3.44, BLEU 12.3000` for the progress line, from lmzoo.tasks.Metrics."""
+    names = {"bleu": "BLEU"}
+    return ", ".join(f"{names.get(k, k)} {v:.2f}" if k == "ppl" else f"{names.get(k, k)} {v:.4f}"
+                     for k, v in metrics.values.items() if k != "tokens")

@@ -7,7 +7,6 @@ recurrent state, the step, the best validation loss and the early-stopping count
 
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import sys
@@ -20,8 +19,8 @@ from typing import Any
 
 import torch
 
-from lmzoo import checkpoint as ckpt
-from lmzoo.config import RunConfig, config_to_yaml, load_config
+from lmzoo import checkpoint
+from lmzoo.config.schema import RunConfig
 from lmzoo.data import RandomWindows
 from lmzoo.device import (
     pick_device,
@@ -35,20 +34,23 @@ from lmzoo.distributed import (
     DistContext,
     ShardedBatches,
     any_rank,
+    barrier,
     from_main,
     full_state_dict,
     gather_to_main,
     init_distributed,
+    load_full_state,
     rank_device,
     shutdown,
     unsharded,
     wrap_model,
 )
 from lmzoo.errors import ConfigError, TrainingStopped
-from lmzoo.optim import TrainStep, lr_at, make_optimizer
+from lmzoo.optim import StepResult, TrainStep, lr_at, make_optimizer
 from lmzoo.peft import parameter_counts
-from lmzoo.tasks import Task, build_task
-from lmzoo.tracking import ProgressBar, Tracker
+from lmzoo.run import Run
+from lmzoo.tasks import Task, TaskContext, build_task
+from lmzoo.tracking import LogWindow, ProgressBar, Tracker, describe_metrics
 
 EXIT_NONFINITE = 3
 EXIT_PEER_FAILED = 4
@@ -89,7 +91,7 @@ class LoopState:
 
     step: int = 0
     tokens_seen: int = 0
-    best_val: float = math.inf
+    best_score: float | None = None  # the best validation value of the metric that picks `best`
     evals_since_best: int = 0
 
 
@@ -102,62 +104,69 @@ class Setup:
     task: Task
     stepper: TrainStep
     max_steps: int
+    run: Run
     dist: DistContext = SINGLE
-    save_copy: torch.nn.Module | None = None  # FSDP: an unsharded CPU copy that checkpoints are written from
 
     @property
     def model(self) -> torch.nn.Module:
         return self.task.model
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP: each rank holds a shard of the weights; checkpoints gather them on rank 0."""
+        return self.dist.enabled and self.run.config.train.strategy == "fsdp"
+
 
 def setup_training(
-    config: RunConfig, tokenizers: dict[str, Any] | None = None, dist: DistContext = SINGLE
+    config: RunConfig, tokenizers: dict[str, Any] | None = None, dist: DistContext = SINGLE, run: Run | None = None
 ) -> Setup:
-    """Read and tokenize the data (fitting tokenizers unless given), build model, optimiser and step."""
+    """Read and tokenize the data (fitting tokenizers unless given), build model, optimiser and step.
+
+    `run` is the run directory being trained; without one (benchmarks, tests) an unsaved Run stands in.
+    """
+    run = run or Run(Path(config.out_dir) / (config.name or "run"), config)
     device = rank_device(dist, pick_device(config.train.device))
     precision = pick_precision(device, config.train.precision)
     seed_everything(config.seed)
-    if tokenizers is None and config.init_from:
-        tokenizers = ckpt.load_tokenizers(Path(config.init_from))  # reused as they are, never re-fitted
-    task = build_task(config, device, precision, tokenizers, batch_scale=dist.world_size)
+    base = run.base if config.init_from else None
+    if tokenizers is None and base is not None:
+        tokenizers = base.tokenizers()  # a fine-tune reuses its base run's tokenizers as they are
+    context = TaskContext(
+        config=config, device=device, precision=precision, tokenizers=tokenizers,
+        make_model=lambda vocab: run.initial_model(device, vocab_size=vocab),
+        batch_size=config.data.batch_size * dist.world_size, base_config=base.config if base else None,
+    )
+    task = build_task(context)
     if dist.enabled:
         task.batches = ShardedBatches(task.batches, dist)
         seed_everything(config.seed + dist.rank)  # same initial weights, different dropout per rank
-    task.model.label_smoothing = config.train.label_smoothing
-    # FSDP shards the weights in place; checkpoints gather them into this full CPU copy first.
-    sharded = dist.enabled and config.train.strategy == "fsdp"
-    save_copy = copy.deepcopy(task.model).cpu() if sharded else None
     forward = wrap_model(task.model, dist, device, config.train.strategy)
     optimizer = make_optimizer(task.model, config.train, device)
     stepper = TrainStep(task.model, optimizer, task.batches, task.objective, config.train, device, precision,
                         forward=forward, dist=dist)
-    return Setup(device=device, precision=precision, task=task, stepper=stepper, dist=dist, save_copy=save_copy,
+    return Setup(device=device, precision=precision, task=task, stepper=stepper, dist=dist, run=run,
                  max_steps=config.train.resolved_max_steps(len(task.batches)))
 
 
-def prepare_run_dir(config: RunConfig, resume: bool, dist: DistContext = SINGLE) -> tuple[Path, bool]:
-    """(run directory, resuming?) A new run gets a fresh directory; --resume finds the newest of this name.
-
-    Under torchrun every rank must agree on the directory, so rank 0 decides.
-    """
-    assert config.name is not None
-    if resume:
-        found = from_main(dist, ckpt.latest_run(config.out_dir, config.name) if dist.is_main else None)
-        if found is None:
-            raise ConfigError(f"--resume: no run named {config.name!r} with a checkpoint under {config.out_dir}/")
-        return Path(found), True
-    return Path(from_main(dist, str(ckpt.new_run_dir(config.out_dir, config.name)) if dist.is_main else None)), False
-
-
-def _check_same_shape(config: RunConfig, saved: RunConfig) -> None:
-    for section in ("model", "tokenizer"):
-        new, old = getattr(config, section).model_dump(), getattr(saved, section).model_dump()
-        for key in sorted(set(new) | set(old)):
-            if new.get(key) != old.get(key):
-                raise ConfigError(
-                    f"--resume: {section}.{key} is {new.get(key)!r} in the config but {old.get(key)!r} in the run; "
-                    "a resumed run must keep its model and tokenizer (start a new run instead)"
-                )
+def open_run(config: RunConfig, resume: bool, dist: DistContext = SINGLE, say: Callable[[str], None] = print
+             ) -> tuple[Run, bool]:
+    """(the run to train, resuming?) A new run gets a fresh directory; --resume continues the newest run
+    of this name from its last checkpoint, or starts it when there is none yet (a requeued job that
+    died before its first checkpoint). Under torchrun rank 0 decides and the others follow."""
+    found = None
+    if dist.is_main and resume:
+        resumable = Run.for_resume(config)
+        found = None if resumable is None else str(resumable.path)
+        if resumable is None:
+            say(f"--resume: run {config.name!r} has no checkpoint under {config.out_dir}/ yet; starting it at step 0")
+    found = from_main(dist, found)
+    if found is not None:
+        if not dist.is_main:  # rank 0's Run.for_resume checked the config already
+            config.name = Run.open(found).config.name
+        return Run(Path(found), config), True
+    reserved = Run.reserve(config) if dist.is_main else None
+    path = from_main(dist, None if reserved is None else str(reserved.path))
+    return reserved or Run(Path(path), config), False
 
 
 def train(
@@ -197,28 +206,20 @@ class Trainer:
 
     def __init__(self, config: RunConfig, dist: DistContext, *, resume: bool, progress: bool,
                  resume_hint: str | None) -> None:
-        self.config, self.dist = config, dist
-        self.run_dir, self.resuming = prepare_run_dir(config, resume, dist)
-        if self.resuming:
-            if dist.is_main:
-                ckpt.recover_checkpoints(self.run_dir)
-            _barrier(dist)
-            saved = load_config(self.run_dir / "config.yaml")
-            _check_same_shape(config, saved)
-            config.name = saved.name
-        self.setup = setup_training(config, ckpt.load_tokenizers(self.run_dir) if self.resuming else None, dist)
-        self.task, self.stepper = self.setup.task, self.setup.stepper
-        self.model, self.tcfg = self.task.model, config.train
-        self.save_copy = self.setup.save_copy
+        self.config, self.dist, self.tcfg = config, dist, config.train
+        self.bar = ProgressBar(0, 0, enabled=False, quiet=not dist.is_main)
+        self.run_, self.resuming = open_run(config, resume, dist, say=self.bar.write)
+        self.run_dir = self.run_.path
+        self.setup = setup_training(config, self.run_.tokenizers() if self.resuming else None, dist, self.run_)
+        self.task, self.stepper, self.model = self.setup.task, self.setup.stepper, self.setup.task.model
         self.loop = LoopState()
         if self.resuming:
             self._restore()
-        elif dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=False)
-            for filename, tokenizer in self.task.tokenizers().items():
-                tokenizer.save(self.run_dir / filename)
         if dist.is_main:
-            ckpt.atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(config))
+            if not self.resuming:
+                self.run_.start()  # only now: a setup problem leaves no directory behind
+                self.run_.save_tokenizers(self.task.tokenizer, self.task.target_tokenizer)
+            self.run_.write_config()  # the resolved config: every default, and seq_len filled in
         self.tracker = Tracker(self.run_dir, resume_step=self.loop.step if self.resuming else None) if dist.is_main else None
         self.bar = ProgressBar(self.setup.max_steps, self.loop.step, enabled=progress and dist.is_main,
                                quiet=not dist.is_main)
@@ -228,10 +229,9 @@ class Trainer:
     def _announce(self) -> None:
         trainable, total = parameter_counts(self.model)
         share = f", {trainable:,} trainable ({trainable / total:.2%})" if trainable != total else ""
-        world = self.dist.world_size
-        batch = self.config.data.batch_size
-        scale = (f", {world} processes x batch {batch} x accumulation {self.tcfg.grad_accum} = global batch "
-                 f"{world * batch * self.tcfg.grad_accum}") if self.dist.enabled else ""
+        world, batch, accum = self.dist.world_size, self.config.data.batch_size, self.tcfg.grad_accum
+        scale = (f", {world} processes x batch {batch} x accumulation {accum} = global batch "
+                 f"{world * batch * accum}") if self.dist.enabled else ""
         self.bar.write(
             f"lmzoo: {'resuming' if self.resuming else 'training'} {self.config.model.name} ({total:,} parameters"
             f"{share}, vocab {self.task.tokenizer.vocab_size}) on {self.setup.device.type}, {self.setup.precision}, "
@@ -239,7 +239,7 @@ class Trainer:
         )
         if self.tracker is not None and not self.resuming:
             self.tracker.log(0, {"params/trainable": float(trainable), "params/total": float(total),
-                                 "global_batch": float(world * self.config.data.batch_size * self.tcfg.grad_accum)})
+                                 "global_batch": float(world * batch * accum)})
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -247,14 +247,20 @@ class Trainer:
         return {"rng": rng_state(), **self.task.objective.state_dict()}
 
     def _checkpoint_model(self) -> torch.nn.Module | None:
-        """The module to write (rank 0), after gathering FSDP shards (a collective: every rank calls it)."""
-        if self.save_copy is None:
+        """The module rank 0 writes. FSDP: every rank sends its shards (a collective) and rank 0 alone
+        builds a full CPU copy for the duration of the save."""
+        if not self.setup.sharded:
             return self.model if self.dist.is_main else None
         state = full_state_dict(self.model, self.dist)
         if not self.dist.is_main:
             return None
-        self.save_copy.load_state_dict(state)
-        return self.save_copy
+        full = self.run_.initial_model("cpu", vocab_size=self._vocab_size(), base_weights=False)
+        full.load_state_dict(state)
+        return full
+
+    def _vocab_size(self) -> int | tuple[int, int]:
+        source, target = self.task.tokenizer, self.task.target_tokenizer
+        return source.vocab_size if target is None else (source.vocab_size, target.vocab_size)
 
     def save_last(self) -> None:
         ranks = gather_to_main(self.dist, self._rank_state())
@@ -263,12 +269,12 @@ class Trainer:
         if self.dist.is_main:
             state = {**asdict(self.loop), **self.stepper.state_dict(), "optimizer": optimizer_state,
                      "ranks": ranks, "world_size": self.dist.world_size}
-            ckpt.save_checkpoint(self.run_dir, "last", model,
-                                 info={"step": self.loop.step, "best_val_loss": self.loop.best_val}, train_state=state)
-        _barrier(self.dist)
+            info = {"step": self.loop.step, "best_score": self.loop.best_score, "best_metric": self.tcfg.best_metric}
+            checkpoint.save_checkpoint(self.run_dir, "last", model, info=info, train_state=state)
+        barrier(self.dist)
 
     def _optimizer_state(self) -> dict[str, Any]:
-        if self.save_copy is None:
+        if not self.setup.sharded:
             return self.stepper.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -276,8 +282,8 @@ class Trainer:
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _restore(self) -> None:
-        last = ckpt.checkpoint_dir(self.run_dir, "last")
-        state = ckpt.load_train_state(last / ckpt.STATE, "cpu")
+        last = checkpoint.checkpoint_dir(self.run_dir, "last")
+        state = checkpoint.load_train_state(last / checkpoint.STATE, "cpu")
         saved_world = state.get("world_size", 1)
         sequential = not isinstance(getattr(self.task.batches, "batches", self.task.batches), RandomWindows)
         if saved_world != self.dist.world_size and sequential:
@@ -285,26 +291,20 @@ class Trainer:
                 f"--resume: this run was checkpointed with {saved_world} process(es); its data order depends on "
                 f"the process count, so resume it with {saved_world} (random-window runs may change it)"
             )
-        if self.save_copy is None:
-            ckpt.load_checkpoint_weights(self.model, last)
-            self.stepper.load_state_dict(state)
-        else:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            ckpt.load_checkpoint_weights(self.save_copy, last)
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, self.save_copy.state_dict(), options=options)
-            set_optimizer_state_dict(self.model, self.stepper.optimizer, state["optimizer"], options=options)
+        if self.setup.sharded:
+            full = self.run_.initial_model("cpu", vocab_size=self._vocab_size(), base_weights=False)
+            checkpoint.load_checkpoint_weights(full, last)
+            load_full_state(self.model, self.stepper.optimizer, full.state_dict(), state["optimizer"])
             self.stepper.batches.load_state_dict(state["data"])
+        else:
+            checkpoint.load_checkpoint_weights(self.model, last)
+            self.stepper.load_state_dict(state)
         ranks = state.get("ranks") or [{"rng": state.get("rng"), "carried": state.get("carried")}]
         mine = ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0]
         self.task.objective.load_state_dict(mine)
         set_rng_state(mine["rng"])
-        self.loop = LoopState(**{k: state[k] for k in ("step", "tokens_seen", "best_val", "evals_since_best")})
+        self.loop = LoopState(step=state["step"], tokens_seen=state["tokens_seen"],
+                              best_score=_saved_best(state), evals_since_best=state["evals_since_best"])
 
     # ---- evaluation -----------------------------------------------------------------------------
 
@@ -316,35 +316,29 @@ class Trainer:
         with unsharded(self.model):
             metrics = self.task.evaluate()
             sample = self.task.sample(self.loop.step)
-        score = metrics["loss"] if self.tcfg.best_metric == "loss" else -metrics["bleu"]  # lower is better
-        improved = score < self.loop.best_val
+        improved = metrics.improves_on(self.loop.best_score)
         if improved:
-            self.loop.best_val, self.loop.evals_since_best = score, 0
+            self.loop.best_score, self.loop.evals_since_best = metrics.score, 0
             model = self._checkpoint_model()
             if self.dist.is_main:
-                info = {"step": self.loop.step, **{f"val_{k}": v for k, v in metrics.items() if k != "tokens"}}
-                ckpt.save_checkpoint(self.run_dir, "best", model, info=info)
+                info = {"step": self.loop.step, "best_metric": metrics.key,
+                        **{f"val_{k}": v for k, v in metrics.values.items() if k != "tokens"}}
+                checkpoint.save_checkpoint(self.run_dir, "best", model, info=info)
         else:
             self.loop.evals_since_best += 1
         if self.tracker is not None:
-            self.tracker.log(self.loop.step, {f"val/{k}": v for k, v in metrics.items() if k != "tokens"})
+            self.tracker.log(self.loop.step, {f"val/{k}": v for k, v in metrics.values.items() if k != "tokens"})
             self.tracker.text(self.loop.step, "sample", sample)
-        others = "".join(f", {'BLEU' if k == 'bleu' else k} {v:.4f}" for k, v in metrics.items()
-                         if k not in ("loss", "ppl", "tokens"))
-        self.bar.write(
-            f"step {self.loop.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}{others}"
-            f"{' (best)' if improved else ''}"
-        )
+        self.bar.write(f"step {self.loop.step}: val {describe_metrics(metrics)}{' (best)' if improved else ''}")
         stop = self.tcfg.patience is not None and self.loop.evals_since_best >= self.tcfg.patience
         return bool(from_main(self.dist, stop))
 
     # ---- the loop -------------------------------------------------------------------------------
 
     def run(self, on_step: Callable[[int, float], None] | None = None) -> Path:
-        loop, tcfg, max_steps, device = self.loop, self.tcfg, self.setup.max_steps, self.setup.device
-        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-        window_extra: dict[str, float] = {}
-        stopped_early = False
+        """Step until max_steps, early stopping, a non-finite loss or a signal; log, evaluate, checkpoint."""
+        loop, tcfg, max_steps = self.loop, self.tcfg, self.setup.max_steps
+        window = LogWindow()
         self.model.train()
         if self.config.init_from and loop.step == 0:
             self.evaluate()  # a fine-tune's starting point: the base model's scores, in the same run
@@ -353,56 +347,20 @@ class Trainer:
                 while loop.step < max_steps:
                     lr = lr_at(loop.step, tcfg, max_steps)
                     result = self.stepper(lr)
-                    if not result.applied:
-                        if tcfg.nan_policy == "stop":
-                            raise TrainingStopped(
-                                f"the loss became {result.loss} (gradient norm {result.grad_norm}) at step "
-                                f"{loop.step + 1}; stopped without saving it. The last good checkpoint is in "
-                                f"{self.run_dir / 'checkpoints'} (lower train.lr, or set train.nan_policy: skip)",
-                                EXIT_NONFINITE,
-                            )
-                        self.bar.write(f"warning: non-finite loss or gradient at step {loop.step + 1}; update skipped")
+                    self._check_finite(result)
                     loop.step += 1
                     loop.tokens_seen += result.tokens * self.dist.world_size
-                    window_loss += result.loss
-                    window_steps += 1
-                    window_tokens += result.tokens * self.dist.world_size
-                    for key, value in result.metrics.items():
-                        window_extra[key] = window_extra.get(key, 0.0) + value
+                    window.add(result, self.dist.world_size)
                     if on_step is not None:
                         on_step(loop.step, result.loss)
-
                     at_end = loop.step == max_steps
                     if loop.step % tcfg.log_every == 0 or at_end:
-                        speed = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                        if self.tracker is not None:
-                            self.tracker.log(loop.step, {
-                                "train/loss": window_loss / window_steps, "lr": lr, "grad_norm": result.grad_norm,
-                                "tokens_per_sec": speed,
-                                "train/epoch": loop.tokens_seen / max(1, self.task.tokens_per_epoch),
-                                **{f"train/{key}": value / window_steps for key, value in window_extra.items()},
-                            })
-                        self.bar.update(window_steps, loss=f"{window_loss / window_steps:.3f}", lr=f"{lr:.2e}",
-                                        tok_s=f"{speed:,.0f}")
-                        window_loss, window_steps, window_tokens, window_extra = 0.0, 0, 0, {}
-                        window_start = time.perf_counter()
-                    if loop.step % tcfg.eval_every == 0 or at_end:
-                        stopped_early = self.evaluate()
-                        window_start = time.perf_counter()  # tokens/s measures training only
-                    signalled = any_rank(self.dist, stop.signal is not None, device)  # all ranks stop together
-                    every = tcfg.checkpoint_every or tcfg.eval_every
-                    if loop.step % every == 0 or at_end or stopped_early or signalled:
-                        self.save_last()
-                    if signalled:
-                        code = EXIT_SIGNAL.get(stop.signal, EXIT_SIGNAL[signal.SIGTERM])
-                        raise TrainingStopped(
-                            f"interrupted at step {loop.step}/{max_steps}; saved "
-                            f"{self.run_dir / 'checkpoints' / 'last'}. Resume with: {self.hint}", code,
-                        )
-                    if stopped_early:
-                        self.bar.write(
-                            f"early stopping at step {loop.step}: no improvement in {tcfg.patience} evaluations"
-                        )
+                        self._log(window, lr, result)
+                    evaluating = loop.step % tcfg.eval_every == 0 or at_end
+                    stopped_early = evaluating and self.evaluate()
+                    if evaluating:
+                        window.restart_clock()  # tokens/s measures training only
+                    if self._checkpoint_and_maybe_stop(stop, at_end or stopped_early):
                         break
         finally:
             self.bar.close()
@@ -410,9 +368,50 @@ class Trainer:
                 self.tracker.close()
         return self.run_dir
 
+    def _check_finite(self, result: StepResult) -> None:
+        if result.applied:
+            return
+        if self.tcfg.nan_policy == "stop":
+            raise TrainingStopped(
+                f"the loss became {result.loss} (gradient norm {result.grad_norm}) at step {self.loop.step + 1}; "
+                f"stopped without saving it. The last good checkpoint is in {self.run_dir / 'checkpoints'} "
+                "(lower train.lr, or set train.nan_policy: skip)", EXIT_NONFINITE,
+            )
+        self.bar.write(f"warning: non-finite loss or gradient at step {self.loop.step + 1}; update skipped")
 
-def _barrier(dist: DistContext) -> None:
-    if dist.enabled:
-        import torch.distributed
+    def _log(self, window: LogWindow, lr: float, result: StepResult) -> None:
+        speed = window.tokens / max(time.perf_counter() - window.start, 1e-9)
+        mean_loss = window.loss / window.steps
+        if self.tracker is not None:
+            self.tracker.log(self.loop.step, {
+                "train/loss": mean_loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_sec": speed,
+                "train/epoch": self.loop.tokens_seen / max(1, self.task.tokens_per_epoch),
+                **{f"train/{key}": value / window.steps for key, value in window.extra.items()},
+            })
+        self.bar.update(window.steps, loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+        window.reset()
 
-        torch.distributed.barrier()
+    def _checkpoint_and_maybe_stop(self, stop: GracefulStop, finishing: bool) -> bool:
+        """Save `last` when due; raise TrainingStopped after a signal; True when early stopping ends the run."""
+        loop, tcfg = self.loop, self.tcfg
+        signalled = any_rank(self.dist, stop.signal is not None, self.setup.device)  # all ranks stop together
+        if loop.step % (tcfg.checkpoint_every or tcfg.eval_every) == 0 or finishing or signalled:
+            self.save_last()
+        if signalled:
+            code = EXIT_SIGNAL.get(stop.signal, EXIT_SIGNAL[signal.SIGTERM])
+            raise TrainingStopped(
+                f"interrupted at step {loop.step}/{self.setup.max_steps}; saved "
+                f"{self.run_dir / 'checkpoints' / 'last'}. Resume with: {self.hint}", code,
+            )
+        if finishing and loop.step < self.setup.max_steps:
+            self.bar.write(f"early stopping at step {loop.step}: no improvement in {tcfg.patience} evaluations")
+            return True
+        return False
+
+
+def _saved_best(state: dict[str, Any]) -> float | None:
+    """The best validation score of a training state (format 1 stored `best_val`, -BLEU for BLEU runs)."""
+    if "best_score" in state:
+        return state["best_score"]
+    best = state.get("best_val", math.inf)
+    return None if math.isinf(best) else best

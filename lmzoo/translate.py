@@ -9,12 +9,12 @@ once `beam` hypotheses have ended in <eos>; with beam 1 it is exactly greedy dec
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from lmzoo.generate import SamplingOptions, TextStream, next_token
+from lmzoo.generate import SamplingOptions, TextStream, encode_prompt, next_token
 from lmzoo.models.base import PAD_ID, select_rows
 from lmzoo.tokenizers import Tokenizer
 
@@ -31,11 +31,19 @@ def _banned(scores: torch.Tensor, tokenizer_ids: tuple[int, ...]) -> torch.Tenso
     return scores
 
 
-def encode_source(tokenizer: Tokenizer, text: str, device: torch.device, max_len: int | None = None) -> torch.Tensor:
-    """(1, S) source ids as training saw them: tokens + <eos>, cut to max_len (as translate_corpus does)."""
-    ids = tokenizer.encode(text)
-    if max_len is not None:
-        ids = ids[: max_len - 1]
+def encode_source(
+    model: torch.nn.Module, tokenizer: Tokenizer, text: str, warn: Callable[[str], None] | None = None
+) -> torch.Tensor:
+    """(1, S) source ids as training saw them: tokens + <eos>, cut to the positions the encoder has
+    (`model.max_source_len`, as translate_corpus does); unseen pieces and a cut are warned about."""
+    ids = encode_prompt(tokenizer, text, warn) if text else []
+    limit = model.max_source_len
+    if limit is not None and len(ids) + 1 > limit:
+        if warn is not None:
+            warn(f"warning: the text is {len(ids) + 1} tokens long with <eos>, more than the model's "
+                 f"{limit} source positions; translating its first {limit - 1} tokens")
+        ids = ids[: limit - 1]
+    device = next(model.parameters()).device
     return torch.tensor([ids + [tokenizer.eos_id]], device=device)
 
 
@@ -164,11 +172,11 @@ def beam_search(
 
 def translate(
     model: torch.nn.Module, source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, text: str, *,
-    max_len: int, beam: int = 1, length_penalty: float = 1.0, n_best: int = 1, max_source_len: int | None = None,
+    max_len: int, beam: int = 1, length_penalty: float = 1.0, n_best: int = 1,
+    warn: Callable[[str], None] | None = None,
 ) -> list[tuple[str, float]]:
     """(translation, score) pairs for one sentence: greedy when beam is 1, else the n best beams."""
-    device = next(model.parameters()).device
-    src = encode_source(source_tokenizer, text, device, max_source_len)
+    src = encode_source(model, source_tokenizer, text, warn)
     banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
     hyps = beam_search(model, src, beam=beam, bos_id=target_tokenizer.bos_id, eos_id=target_tokenizer.eos_id,
                        max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned_ids=banned)[0]
@@ -178,11 +186,10 @@ def translate(
 def translate_stream(
     model: torch.nn.Module, source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, text: str, *,
     max_len: int, options: SamplingOptions, generator: torch.Generator | None = None,
-    max_source_len: int | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[str]:
     """Stream the translation of one sentence as text pieces (greedy or sampled)."""
-    device = next(model.parameters()).device
-    src = encode_source(source_tokenizer, text, device, max_source_len)
+    src = encode_source(model, source_tokenizer, text, warn)
     banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
     stream = TextStream(target_tokenizer)
     for token in decode_stream(model, src, bos_id=target_tokenizer.bos_id, eos_id=target_tokenizer.eos_id,

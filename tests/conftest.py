@@ -6,13 +6,15 @@ Everything here is sized to keep the whole suite well under two minutes on a 2-c
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from lmzoo.config import RunConfig
+from lmzoo.config.schema import RunConfig
+from lmzoo.run import Run, resolve_config
 
 # The suite shares a small machine: one intra-op thread is also the fastest for these tiny models.
 torch.set_num_threads(1)
@@ -23,29 +25,6 @@ SENTENCES = [
     "a bird sang in the tree.",
 ]
 TINY_TEXT = "".join(line + "\n" for line in SENTENCES * 15)  # 45 lines, ~1000 characters
-
-# Size knobs that a model family may expose; only those its config class has are set.
-TINY_MODEL_SIZES: dict[str, Any] = {
-    "embedding_dim": 8,
-    "hidden_size": 16,
-    "num_layers": 2,
-    "dropout": 0.0,
-    "d_model": 16,
-    "n_layers": 2,
-    "n_layer": 2,
-    "n_heads": 2,
-    "n_head": 2,
-    "d_ff": 32,
-    "context_len": 32,
-    "context_length": 32,
-    "block_size": 32,
-    "n_encoder_layers": 2,
-    "n_decoder_layers": 2,
-    "encoder_layers": 1,
-    "decoder_layers": 1,
-    "max_len": 32,
-}
-
 
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
@@ -58,17 +37,49 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def tiny_model_section(name: str, *, optional: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """A `model:` section for family `name` with every size knob it has set tiny.
+    """A `model:` section for family `name` at the tiny size the family itself declares (tiny_config).
 
     `extra` keys are always set (a typo is a config error); `optional` ones only if the family has them.
     """
-    from lmzoo.models import get_model_info
+    from lmzoo.models import get_model_info, tiny_model_config
 
     fields = get_model_info(name).config.model_fields
-    section = {"name": name, **{k: v for k, v in TINY_MODEL_SIZES.items() if k in fields}}
-    section.update({k: v for k, v in (optional or {}).items() if k in fields})
-    section.update(extra)
-    return section
+    return tiny_model_config(name, **{**{k: v for k, v in (optional or {}).items() if k in fields}, **extra})
+
+
+@dataclass
+class LoadedRun:
+    """A run opened with one checkpoint's model loaded: what the tests read back."""
+
+    run: Run
+    model: torch.nn.Module
+    info: dict[str, Any]
+
+    @property
+    def config(self) -> RunConfig:
+        return self.run.config
+
+    @property
+    def tokenizer(self):
+        return self.run.tokenizer
+
+    @property
+    def target_tokenizer(self):
+        return self.run.target_tokenizer
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+
+def load_run(path: Path | str, tag: str = "best", device: str = "cpu") -> LoadedRun:
+    run = Run.open(path)
+    return LoadedRun(run, run.model(tag, device), run.info(tag))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """A validated RunConfig from a raw dict (init_from resolved, as `lmzoo train` does)."""
+    return resolve_config(raw, source=source)
 
 
 @pytest.fixture
@@ -112,7 +123,7 @@ def make_config(tmp_path: Path, corpus_file: Path):
         extra = dict(extra or {})
         if "name" in extra.get("model", {}):  # a whole model section (another family): replace, don't merge
             raw["model"] = extra.pop("model")
-        return RunConfig.from_dict(deep_merge(raw, extra))
+        return config_from_dict(deep_merge(raw, extra))
 
     return factory
 
@@ -126,7 +137,7 @@ def trained_run(tmp_path_factory) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text(TINY_TEXT, encoding="utf-8")
     raw = deep_merge(base_config_dict(root / "runs", corpus, name="shared"), {"train": {"max_steps": 30}})
-    return train(RunConfig.from_dict(raw), progress=False)
+    return train(config_from_dict(raw), progress=False)
 
 
 # ---- figures printed at the end of a run (the reliability suite reports its trial counts) ----------

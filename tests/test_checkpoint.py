@@ -17,18 +17,14 @@ from conftest import tiny_model_section
 
 import lmzoo.checkpoint as ckpt
 from lmzoo.checkpoint import (
-    atomic_write_text,
     checkpoint_dir,
-    latest_run,
-    load_run,
     load_train_state,
     load_weights,
-    new_run_dir,
     recover_checkpoints,
-    resolve_run,
     save_checkpoint,
 )
 from lmzoo.errors import CheckpointError
+from lmzoo.io import atomic_write_text
 from lmzoo.models import build_model
 
 VOCAB = 17
@@ -297,74 +293,3 @@ def test_train_state_format_checks(tmp_path):
     damaged.write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="refused to load"):
         load_train_state(damaged)
-
-
-# ---- finding runs -------------------------------------------------------------------------------------
-
-
-def test_new_run_dir_never_reuses_a_name(tmp_path):
-    assert new_run_dir(tmp_path, "exp") == tmp_path / "exp"
-    (tmp_path / "exp").mkdir()
-    assert new_run_dir(tmp_path, "exp") == tmp_path / "exp-2"
-    (tmp_path / "exp-2").mkdir()
-    assert new_run_dir(tmp_path, "exp") == tmp_path / "exp-3"
-
-
-def test_latest_run_and_resolve_run(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    assert latest_run(runs) is None
-    for name, stamp in [("exp", 100), ("exp-2", 300), ("exp-other", 400), ("other", 200)]:
-        save_checkpoint(runs / name, "last", model_for(), info={})
-        weights = runs / name / "checkpoints" / "last" / ckpt.WEIGHTS
-        os.utime(weights, (stamp, stamp))
-        (runs / name / "config.yaml").write_text("{}")
-    (runs / "empty").mkdir()
-    assert latest_run(runs) == runs / "exp-other"
-    assert latest_run(runs, "exp") == runs / "exp-2"  # exp-other is not a numbered exp run
-    assert latest_run(runs, "other") == runs / "other"
-    monkeypatch.chdir(tmp_path)
-    assert resolve_run("exp") == Path("runs") / "exp"
-    assert resolve_run(None) == Path("runs") / "exp-other"
-    with pytest.raises(CheckpointError, match="run directory not found"):
-        resolve_run("nope")
-    with pytest.raises(CheckpointError, match="not an lmzoo run"):
-        resolve_run("runs/empty")
-
-
-def test_resolve_run_without_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match="no trained run found"):
-        resolve_run(None)
-
-
-# ---- whole runs ----------------------------------------------------------------------------------------
-
-
-def test_load_run_best_and_last(trained_run):
-    best, last = load_run(trained_run, "best"), load_run(trained_run, "last")
-    assert last.info["step"] == 30
-    assert best.info["step"] in (10, 20, 30)
-    assert not best.model.training
-    assert best.tokenizer.vocab_size == best.model.embedding.num_embeddings
-    assert best.config.name == "shared"
-    with pytest.raises(CheckpointError, match="no 'middle' checkpoint"):
-        load_run(trained_run, "middle")
-
-
-def test_load_run_falls_back_from_best_to_last(tmp_path, trained_run):
-    copy = tmp_path / "copy"
-    shutil.copytree(trained_run, copy)
-    shutil.rmtree(copy / "checkpoints" / "best")
-    assert load_run(copy, "best").info["step"] == 30
-
-
-def test_a_run_loads_without_its_corpus(tmp_path, trained_run):
-    """A run directory is self-contained: sampling from it never needs the training text."""
-    moved = tmp_path / "moved"
-    shutil.copytree(trained_run, moved)
-    config = yaml.safe_load((moved / "config.yaml").read_text())
-    config["data"]["train"] = str(tmp_path / "gone" / "corpus.txt")
-    (moved / "config.yaml").write_text(yaml.safe_dump(config))
-    run = load_run(moved, "last")
-    expected = load_run(trained_run, "last")
-    assert_weights_equal(run.model, state_of(expected.model))

@@ -9,15 +9,14 @@ import sys
 
 import pytest
 import yaml
-from conftest import TINY_TEXT, base_config_dict
+from conftest import TINY_TEXT, base_config_dict, load_run
 from typer.testing import CliRunner
 
 from lmzoo import __version__
-from lmzoo.checkpoint import load_run
 from lmzoo.cli import app
-from lmzoo.evaluate import evaluate_run
 from lmzoo.generate import SamplingOptions, generate
 from lmzoo.models import list_models
+from lmzoo.run import Run
 from lmzoo.tracking import read_metrics
 
 
@@ -95,7 +94,6 @@ def test_train_with_an_unknown_key_is_one_error_line(runner, project):
         (["train", "missing.yaml"], "config file not found"),
         (["train", "tiny.yaml", "train.lr"], "section.key=value"),
         (["train", "tiny.yaml", "train.lr=-1"], "train.lr"),
-        (["train", "tiny.yaml", "--resume"], "no run named 'tiny'"),
         (["generate", "--run", "nowhere", "--seed", "x"], "run directory not found"),
         (["eval"], "no trained run found"),
     ],
@@ -136,7 +134,7 @@ def test_generate_stop_and_option_checks(runner, trained_run):
     cut = runner.invoke(app, [*base, "--max-new-tokens", "40", "--stop", stop]).stdout
     assert cut == full[: full.index(stop, len("the"))] + "\n"
     line = assert_one_error_line(runner.invoke(app, [*base, "--top-p", "1.5"]))
-    assert "--top-p" in line
+    assert "top_p" in line
 
 
 def test_generate_interactive_prompt(runner, trained_run):
@@ -155,7 +153,7 @@ def test_eval_prints_loss_and_ppl(runner, trained_run):
     assert match, result.stdout
     loss, ppl = float(match.group(1)), float(match.group(2))
     assert ppl == pytest.approx(math.exp(loss), rel=2e-3)
-    expected = evaluate_run(trained_run, device="cpu")
+    expected = Run.open(trained_run).evaluate(device="cpu")
     assert loss == pytest.approx(expected["loss"], abs=1e-4)
     assert int(match.group(3).replace(",", "")) == int(expected["tokens"])
     assert "(best) on the val split" in result.stdout

@@ -9,15 +9,15 @@ import re
 
 import pytest
 import yaml
-from conftest import tiny_model_section
+from conftest import load_run, tiny_model_section
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from lmzoo.checkpoint import load_run
 from lmzoo.cli import app
 from lmzoo.data import read_pair_splits
-from lmzoo.evaluate import corpus_bleu, evaluate_run
+from lmzoo.evaluate import corpus_bleu
 from lmzoo.generate import SamplingOptions
+from lmzoo.run import Run
 from lmzoo.tracking import read_metrics
 from lmzoo.translate import translate, translate_stream
 
@@ -111,7 +111,7 @@ def test_generate_translates_one_line(seq2seq_run, runner):
 
 
 def test_generate_crops_a_text_longer_than_the_model_takes(seq2seq_run, runner):
-    """model.max_len is 32 positions: a longer text is translated from its first 31 tokens (+ <eos>), as
+    """The encoder has 32 positions (model.max_len): a longer text is translated from its first 31 tokens (+ <eos>), as
     `lmzoo eval` does, with a warning, not a traceback."""
     _, run = seq2seq_run
     text = "the big red cat sees the small blue dog and a cat"  # 49 characters
@@ -125,7 +125,7 @@ def test_generate_crops_a_text_longer_than_the_model_takes(seq2seq_run, runner):
         result = runner.invoke(app, ["generate", "--run", str(run), "--seed", text, "--device", "cpu", *extra])
         assert result.exit_code == 0, (result.output, result.exception)
         assert result.stdout == expected + "\n"
-        assert "model.max_len 32" in result.stderr and "50 tokens" in result.stderr
+        assert "32 source positions" in result.stderr and "50 tokens" in result.stderr
 
 
 def test_generate_beam_prints_the_n_best_with_scores(seq2seq_run, runner):
@@ -160,7 +160,7 @@ def test_eval_prints_loss_ppl_and_bleu(seq2seq_run, runner):
     assert match, result.stdout
     loss, ppl, greedy, beam = (float(match.group(i)) for i in range(1, 5))
     assert ppl == pytest.approx(math.exp(loss), rel=2e-3)
-    expected = evaluate_run(run, split="test", device="cpu")
+    expected = Run.open(run).evaluate(split="test", device="cpu")
     assert loss == pytest.approx(expected["loss"], abs=1e-4)
     assert greedy == pytest.approx(expected["bleu_greedy"], abs=0.01)
     assert beam == pytest.approx(expected["bleu_beam5"], abs=0.01)

@@ -6,23 +6,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import base_config_dict, deep_merge, tiny_model_section
+from conftest import base_config_dict, config_from_dict, deep_merge, tiny_model_section
 
-from lmzoo.config import (
-    RunConfig,
-    apply_overrides,
-    config_to_yaml,
-    load_config,
-    parse_overrides,
-    resolve_data_path,
-)
+from lmzoo.config.load import apply_overrides, config_to_yaml, parse_overrides
+from lmzoo.config.schema import resolve_data_path
 from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.models import get_model_info, list_models
+from lmzoo.run import load_config
 
 
 def config_error(raw: dict, source: str = "config") -> str:
     with pytest.raises(ConfigError) as info:
-        RunConfig.from_dict(raw, source=source)
+        config_from_dict(raw, source=source)
     message = str(info.value)
     assert "\n" not in message, f"error must be one line: {message!r}"
     assert isinstance(info.value, LmzooError) and info.value.exit_code == 2
@@ -268,9 +263,9 @@ def test_resolved_config_round_trips_through_yaml(raw, model_name, tokenizer):
     if get_model_info(model_name).kind == "seq2seq":
         raw["data"]["format"] = "tsv"
         raw["data"]["max_len"] = 32
-    config = RunConfig.from_dict(raw)
+    config = config_from_dict(raw)
     text = config_to_yaml(config)
-    again = RunConfig.from_dict(yaml.safe_load(text))
+    again = config_from_dict(yaml.safe_load(text))
     assert again == config
     assert again.to_dict() == config.to_dict()
     assert config_to_yaml(again) == text

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import config_from_dict, load_run
 
-from lmzoo.checkpoint import load_run
-from lmzoo.config import FinetuneConfig, RunConfig
+from lmzoo.config.schema import FinetuneConfig, RunConfig
 from lmzoo.device import pick_precision
 from lmzoo.models import build_model
 from lmzoo.peft import apply_finetune
@@ -27,7 +27,7 @@ TEXT = "".join(f"the quick brown fox {i % 7} jumps over the lazy dog\n" for i in
 def tiny_gpt_config(tmp_path, precision: str) -> RunConfig:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
-    return RunConfig.from_dict({
+    return config_from_dict({
         "name": f"gpt-{precision}", "out_dir": str(tmp_path / "runs"),
         "data": {"train": str(corpus), "batch_size": 8, "seq_len": 32},
         "model": {"name": "gpt", "d_model": 32, "n_heads": 2, "n_layers": 2, "context_length": 32},

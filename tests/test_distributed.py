@@ -20,12 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from conftest import TINY_TEXT, base_config_dict, deep_merge, tiny_model_section
+from conftest import TINY_TEXT, base_config_dict, config_from_dict, deep_merge, load_run, tiny_model_section
 from typer.testing import CliRunner
 
-from lmzoo.checkpoint import load_run, load_train_state
+from lmzoo.checkpoint import load_train_state
 from lmzoo.cli import app
-from lmzoo.config import RunConfig
 from lmzoo.generate import SamplingOptions, generate
 from lmzoo.tracking import read_metrics
 from lmzoo.train import train
@@ -186,7 +185,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
                                   "data": {"train": str(where / "corpus.txt"), "batch_size": 2 * PER_RANK_BATCH}})
         found[family] = {
             "root": root, "raw": raw, "where": where, "ddp": where / "runs" / family, "stderr": result.stderr,
-            "single": train(RunConfig.from_dict(single), progress=False),
+            "single": train(config_from_dict(single), progress=False),
         }
     return found
 
@@ -292,7 +291,7 @@ def test_resuming_with_another_process_count(runs, tmp_path, monkeypatch):
     shutil.copytree(runs["gpt"]["where"], where)
     raw = deep_merge(runs["gpt"]["raw"], {"out_dir": str(where / "runs"), "data": {"train": str(where / "corpus.txt")},
                                           "train": {"max_steps": STEPS + 2}})
-    run_dir = train(RunConfig.from_dict(raw), resume=True, progress=False)
+    run_dir = train(config_from_dict(raw), resume=True, progress=False)
     assert run_dir == where / "runs" / "gpt"
     assert [s for s, _ in train_losses(run_dir)] == list(range(1, STEPS + 3))
     state = load_train_state(run_dir / "checkpoints" / "last" / "state.pt")

@@ -10,13 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SENTENCES, TINY_TEXT, base_config_dict, deep_merge, tiny_model_section
+from conftest import (
+    SENTENCES,
+    TINY_TEXT,
+    base_config_dict,
+    config_from_dict,
+    deep_merge,
+    load_run,
+    tiny_model_section,
+)
 from torch import nn
 from typer.testing import CliRunner
 
-from lmzoo.checkpoint import load_run
 from lmzoo.cli import app
-from lmzoo.config import CharTokenizerConfig, RunConfig
+from lmzoo.config.schema import RunConfig
 from lmzoo.data import (
     encode_stream,
     make_batches,
@@ -38,7 +45,8 @@ from lmzoo.objectives import (
     sequence_logprobs,
 )
 from lmzoo.peft import LoRA, adapters_disabled
-from lmzoo.tokenizers import fit_tokenizer
+from lmzoo.run import Run
+from lmzoo.tokenizers import CharTokenizerConfig, fit_tokenizer
 from lmzoo.tracking import read_metrics
 from lmzoo.train import setup_training, train
 
@@ -52,7 +60,7 @@ def _train_base(root: Path, name: str, model: dict) -> Path:
     raw = base_config_dict(root / "runs", corpus, name=name)
     raw["model"] = model
     raw["train"].update(max_steps=8, eval_every=4)
-    return train(RunConfig.from_dict(raw), progress=False)
+    return train(config_from_dict(raw), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +118,13 @@ def test_finetune_starts_from_the_base_weights_and_writes_its_own_run(base_lstm,
     base_before = tree_digest(base_lstm)
     base = load_run(base_lstm)
     finetune = {"method": method, "r": 2, "alpha": 4.0, "bottleneck": 4}
-    config = RunConfig.from_dict(finetune_dict(base_lstm, tmp_path, f"ft_{method}", {"finetune": finetune}))
+    config = config_from_dict(finetune_dict(base_lstm, tmp_path, f"ft_{method}", {"finetune": finetune}))
     assert config.model == base.config.model and config.tokenizer == base.config.tokenizer  # inherited
 
     # Step 0: the fine-tune's own evaluation gives the base model's loss on the fine-tuning data.
     setup = setup_training(config)
     expected = val_loss(base.model, config, base.tokenizer)
-    assert setup.task.evaluate()["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert setup.task.evaluate().values["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert setup.task.tokenizer.to_dict() == base.tokenizer.to_dict()
 
     run_dir = train(config, progress=False)
@@ -164,17 +172,15 @@ def test_finetune_starts_from_the_base_weights_and_writes_its_own_run(base_lstm,
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_lora_and_adapter_runs_resume_exactly(base_lstm, tmp_path, method):
     """A run whose checkpoints hold only adapter.safetensors is still found by --resume (and as the newest run)."""
-    from lmzoo.checkpoint import latest_run, resolve_run
-
     def config(out: str, steps: int) -> RunConfig:
-        return RunConfig.from_dict(finetune_dict(base_lstm, tmp_path, "ft", {
+        return config_from_dict(finetune_dict(base_lstm, tmp_path, "ft", {
             "out_dir": str(tmp_path / out), "finetune": {"method": method, "r": 2},
             "train": {"max_steps": steps, "eval_every": 3}}))
 
     straight = train(config("straight", 6), progress=False)
     first = train(config("split", 3), progress=False)
-    assert latest_run(tmp_path / "split") == first
-    assert resolve_run(None, out_dir=tmp_path / "split") == first
+    assert Run.latest(tmp_path / "split") == first
+    assert Run.open(None, runs_dir=tmp_path / "split").path == first
     resumed = train(config("split", 6), resume=True, progress=False)
     assert resumed == first
     assert [r["train/loss"] for r in read_metrics(resumed) if "train/loss" in r] == \
@@ -187,7 +193,7 @@ def test_lora_and_adapter_runs_resume_exactly(base_lstm, tmp_path, method):
 def test_init_from_errors_are_one_line(base_lstm, tmp_path):
     def error(raw: dict, kind=ConfigError) -> str:
         with pytest.raises(kind) as info:
-            RunConfig.from_dict(raw)
+            config_from_dict(raw)
         message = str(info.value)
         assert "\n" not in message and "Traceback" not in message
         return message
@@ -209,7 +215,7 @@ def test_init_from_errors_are_one_line(base_lstm, tmp_path):
     same = finetune_dict(base_lstm, tmp_path, "x", {
         "model": {**base_config_dict(Path(), Path())["model"], "dropout": 0.25}, "tokenizer": {"kind": "char"},
     })
-    config = RunConfig.from_dict(same)
+    config = config_from_dict(same)
     assert config.model.dropout == 0.25 and config.model.hidden_size == 16 and config.tokenizer.kind == "char"
 
 
@@ -218,12 +224,12 @@ def test_init_from_a_run_that_disappeared_or_is_a_lora_run(base_lstm, tmp_path):
 
     base_copy = tmp_path / "base_copy"
     shutil.copytree(base_lstm, base_copy)
-    lora = train(RunConfig.from_dict(finetune_dict(
+    lora = train(config_from_dict(finetune_dict(
         base_copy, tmp_path, "lora", {"finetune": {"method": "lora", "r": 2}, "train": {"max_steps": 2}})),
         progress=False)
     # A LoRA run cannot be the base of another fine-tune until it is merged.
     with pytest.raises(CheckpointError) as info:
-        train(RunConfig.from_dict(finetune_dict(lora, tmp_path, "again")), progress=False)
+        train(config_from_dict(finetune_dict(lora, tmp_path, "again")), progress=False)
     assert "merge it first" in str(info.value) and "\n" not in str(info.value)
     # Without its base, a LoRA run cannot be rebuilt: one line naming the missing run.
     shutil.rmtree(base_copy)
@@ -237,7 +243,7 @@ def test_init_from_a_run_that_disappeared_or_is_a_lora_run(base_lstm, tmp_path):
 
 def test_cli_merge_writes_a_plain_run_with_the_same_outputs(base_lstm, tmp_path):
     runner = CliRunner()
-    lora_dir = train(RunConfig.from_dict(finetune_dict(
+    lora_dir = train(config_from_dict(finetune_dict(
         base_lstm, tmp_path, "lora", {"finetune": {"method": "lora", "r": 2, "alpha": 8.0}})), progress=False)
     result = runner.invoke(app, ["merge", "--run", str(lora_dir)])
     assert result.exit_code == 0, result.output
@@ -261,7 +267,7 @@ def test_cli_merge_writes_a_plain_run_with_the_same_outputs(base_lstm, tmp_path)
     assert outputs[0].exit_code == 0 and outputs[0].stdout == outputs[1].stdout
 
     # Adapters (and full fine-tunes) cannot be merged: one error line.
-    adapter_dir = train(RunConfig.from_dict(finetune_dict(
+    adapter_dir = train(config_from_dict(finetune_dict(
         base_lstm, tmp_path, "adapter", {"finetune": {"method": "adapter"}, "train": {"max_steps": 2}})),
         progress=False)
     for run, words in ((adapter_dir, "adapters"), (merged, "not a LoRA run")):
@@ -307,7 +313,7 @@ class BigramLM(LanguageModel):
         self.embedding = nn.Embedding(vocab, 6)
         self.head = OutputHead(6, vocab)
 
-    def features(self, ids, state=None):
+    def hidden(self, ids, state=None):
         return self.embedding(ids), None
 
 
@@ -386,7 +392,7 @@ def test_sft_end_to_end_scores_only_responses(base_gpt, tmp_path):
                  "seq_len": None},
         "finetune": {"method": "full"}, "train": {"max_steps": 4, "eval_every": 4, "lr": 1e-2},
     })
-    config = RunConfig.from_dict(raw)
+    config = config_from_dict(raw)
     base = load_run(base_gpt)
     setup = setup_training(config)
     # Step 0: the validation loss is the base model's mean NLL of the response tokens given the prompts.
@@ -399,7 +405,7 @@ def test_sft_end_to_end_scores_only_responses(base_gpt, tmp_path):
             for t in range(len(base.tokenizer.encode(prompt)) - 1, len(ids) - 1):
                 total -= float(logp[t, ids[t + 1]])
                 count += 1
-    metrics = setup.task.evaluate()
+    metrics = setup.task.evaluate().values
     assert metrics["tokens"] == count
     assert metrics["loss"] == pytest.approx(total / count, rel=1e-5)
     run_dir = train(config, progress=False)
@@ -507,13 +513,13 @@ def test_dpo_reference_stays_frozen_and_starts_equal_to_the_policy(base_gpt, tmp
         "finetune": {"method": method, "r": 4, "targets": ["*attn.in_proj.weight", "*attn.out_proj.weight"]},
         "train": {"max_steps": 3, "eval_every": 3, "lr": 2e-2, "dpo_beta": 0.5},
     })
-    config = RunConfig.from_dict(raw)
+    config = config_from_dict(raw)
     base = load_run(base_gpt)
     setup = setup_training(config)
     task, objective = setup.task, setup.task.objective
 
     # Step 0: policy == reference, so every reward is 0, every pair a tie, the loss log 2.
-    metrics = task.evaluate()
+    metrics = task.evaluate().values
     assert metrics["reward_accuracy"] == 0.5
     assert metrics["reward_margin"] == 0.0 and metrics["reward_chosen"] == 0.0
     assert metrics["loss"] == pytest.approx(math.log(2), rel=1e-6)
@@ -550,7 +556,7 @@ def test_dpo_reference_stays_frozen_and_starts_equal_to_the_policy(base_gpt, tmp
 
 def test_dpo_run_logs_rewards_and_saves_only_lora_tensors(base_gpt, tmp_path):
     train_file, val_file = preference_files(tmp_path)
-    config = RunConfig.from_dict(finetune_dict(base_gpt, tmp_path, "dpo", {
+    config = config_from_dict(finetune_dict(base_gpt, tmp_path, "dpo", {
         "data": {"format": "preference", "train": str(train_file), "val": str(val_file), "seq_len": None},
         "finetune": {"method": "lora", "r": 4, "targets": ["*attn.in_proj.weight"]},
         "train": {"max_steps": 4, "eval_every": 2, "lr": 2e-2},
@@ -573,5 +579,5 @@ def test_dpo_run_logs_rewards_and_saves_only_lora_tensors(base_gpt, tmp_path):
     del raw["init_from"]
     raw["model"] = tiny_model_section("gpt")
     with pytest.raises(ConfigError) as info:
-        RunConfig.from_dict(raw)
+        config_from_dict(raw)
     assert "init_from" in str(info.value)

@@ -10,7 +10,6 @@ from conftest import TINY_TEXT, tiny_model_section
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmzoo.config import BpeTokenizerConfig, CharTokenizerConfig, WordTokenizerConfig
 from lmzoo.generate import (
     SamplingOptions,
     TextStream,
@@ -24,7 +23,7 @@ from lmzoo.generate import (
 )
 from lmzoo.models import build_model, list_models
 from lmzoo.models.base import LanguageModel
-from lmzoo.tokenizers import fit_tokenizer
+from lmzoo.tokenizers import BpeTokenizerConfig, CharTokenizerConfig, WordTokenizerConfig, fit_tokenizer
 
 LM_MODELS = [info.name for info in list_models() if info.kind == "lm"]
 CYCLE = "abcdefgh\n"

@@ -14,7 +14,7 @@ from conftest import tiny_model_section
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lmzoo.config import FinetuneConfig
+from lmzoo.config.schema import FinetuneConfig
 from lmzoo.errors import ConfigError
 from lmzoo.models import build_model, list_models
 from lmzoo.models.base import PAD_ID
@@ -33,23 +33,6 @@ from lmzoo.peft import (
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = [info.name for info in list_models()]
 VOCAB = 11
-
-# The weights LoRA adapts in each family (fnmatch patterns over parameter names).
-LORA_TARGETS = {
-    "rnn": ["*weight_ih", "*weight_hh"],  # ElmanRNN: W_x and W_h of each layer
-    "lstm": ["*weight_ih_l0", "*weight_hh_l0"],  # nn.LSTM's input and recurrent matrices
-    "gru": ["*weight_ih_l0", "*weight_hh_l0"],
-    "gpt": ["*attn.in_proj.weight", "*attn.out_proj.weight"],  # fused Q/K/V and output projections
-    "seq2seq": ["*weight_ih_l0*", "*weight_hh_l0*"],  # bidirectional encoder (both directions) and decoder
-    "transformer": ["*in_proj.weight", "*out_proj.weight"],  # self- and cross-attention
-}
-# Where adapters go in each family, and how many places that is at the tiny size (2 layers each).
-ADAPTER_POSITIONS = {
-    "rnn": (["rnn"], 2), "lstm": (["rnn"], 2), "gru": (["rnn"], 2), "gpt": (["ff"], 2),
-    "seq2seq": (["rnn"], 1),  # the decoder; the packed-sequence encoder has no per-position output
-    "transformer": (["ff"], 4),  # 2 encoder + 2 decoder feed-forwards
-}
-
 
 def family_config(name: str) -> dict:
     # dropout 0 everywhere so train and eval mode compute the same function
@@ -87,12 +70,13 @@ def loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def lora(model: nn.Module, name: str, **kwargs) -> nn.Module:
-    return apply_finetune(model, FinetuneConfig(method="lora", r=2, alpha=4.0, targets=LORA_TARGETS[name], **kwargs))
+    """LoRA on the weights the family names as its default targets."""
+    return apply_finetune(model, FinetuneConfig(method="lora", r=2, alpha=4.0, **kwargs))
 
 
 def adapters(model: nn.Module, name: str) -> nn.Module:
-    positions, _ = ADAPTER_POSITIONS[name]
-    return apply_finetune(model, FinetuneConfig(method="adapter", bottleneck=3, positions=positions))
+    """Adapters at every site the family offers."""
+    return apply_finetune(model, FinetuneConfig(method="adapter", bottleneck=3))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRA]:
@@ -105,8 +89,26 @@ def lora_modules(model: nn.Module) -> dict[str, LoRA]:
     return found
 
 
-def test_every_family_has_lora_targets_and_adapter_positions():
-    assert set(LORA_TARGETS) == set(FAMILIES) == set(ADAPTER_POSITIONS), "a new family needs PEFT tests"
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_names_lora_targets_and_adapter_sites(name):
+    """The model contract: each pattern matches a weight matrix; each site is a submodule of the stated width."""
+    model = tiny_model(name)
+    matrices = [n for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    assert model.default_lora_targets
+    for pattern in model.default_lora_targets:
+        assert any(fnmatch.fnmatch(n, pattern) for n in matrices), f"{name}: {pattern} matches no weight"
+    sites = model.adapter_sites()
+    assert sites, f"{name} offers no adapter site"
+    batch = batch_for(model)
+    outputs = {}
+    hooks = [model.get_submodule(site).register_forward_hook(
+        lambda module, args, out, site=site: outputs.__setitem__(site, out[0] if isinstance(out, tuple) else out))
+        for site, _ in sites]
+    logits(model, batch)
+    for hook in hooks:
+        hook.remove()
+    for site, width in sites:
+        assert outputs[site].shape[-1] == width, f"{name}: {site} is {outputs[site].shape[-1]} wide, not {width}"
 
 
 # ---- 1. LoRA starts equal to the base, trains only its own tensors ----------------------------------
@@ -117,7 +119,7 @@ def test_zero_lora_leaves_outputs_unchanged(name):
     base = tiny_model(name)
     expected_targets = sorted(
         n for n, p in base.named_parameters()
-        if p.dim() >= 2 and "embedding" not in n and any(fnmatch.fnmatch(n, pat) for pat in LORA_TARGETS[name])
+        if p.dim() >= 2 and "embedding" not in n and any(fnmatch.fnmatch(n, pat) for pat in base.default_lora_targets)
     )
     assert expected_targets, f"{name}: the patterns match nothing"
     batch = batch_for(base)
@@ -150,7 +152,7 @@ def test_only_the_new_tensors_train(name, method):
                              for t in lora_modules(model) for m in "AB"}
     else:
         assert trainable and all(".adapter." in n for n in trainable)
-        assert sum(isinstance(m, AdapterAfter) for m in model.modules()) == ADAPTER_POSITIONS[name][1]
+        assert sum(isinstance(m, AdapterAfter) for m in model.modules()) == len(model.adapter_sites())
     assert set(trainable_state_dict(model)) == trainable
     # every base tensor is still there, frozen (LoRA moves a target under parametrizations.<w>.original)
     renamed = {n.replace(".inner.", ".").replace("parametrizations.", "").replace(".original", "") for n in frozen}
@@ -220,8 +222,8 @@ def test_lora_and_adapter_misconfigurations_are_one_line_errors():
     assert "match no weight" in str(info.value) and "layers.0.weight_hh_l0" in str(info.value)
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError) as info:
-        apply_finetune(tiny_model("lstm"), FinetuneConfig(method="adapter", positions=["ff"]))
-    assert "finetune.positions" in str(info.value) and "\n" not in str(info.value)
+        apply_finetune(tiny_model("lstm"), FinetuneConfig(method="adapter", sites=["blocks.*"]))
+    assert "finetune.sites" in str(info.value) and "layers.0" in str(info.value) and "\n" not in str(info.value)
     # LoRA never adapts an embedding, even when a pattern matches it
     with pytest.raises(ConfigError):
         apply_finetune(tiny_model("gpt"), FinetuneConfig(method="lora", targets=["*embedding.weight"]))
@@ -350,8 +352,7 @@ def test_lora_rank_dropout_only_in_training():
     """Rank dropout drops whole components of B A (scaled by 1 / (1 - p)) in training, none in eval."""
     import itertools
 
-    model = apply_finetune(tiny_model("gpt"), FinetuneConfig(method="lora", r=4, alpha=4.0, dropout=0.5,
-                                                             targets=LORA_TARGETS["gpt"]))
+    model = apply_finetune(tiny_model("gpt"), FinetuneConfig(method="lora", r=4, alpha=4.0, dropout=0.5))
     randomize_lora(model)
     module = next(iter(lora_modules(model).values()))
     with torch.no_grad():

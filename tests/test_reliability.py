@@ -24,18 +24,27 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_TEXT, base_config_dict, report_figure, tiny_model_section
+from conftest import (
+    TINY_TEXT,
+    base_config_dict,
+    config_from_dict,
+    load_run,
+    report_figure,
+    tiny_model_section,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from lmzoo import checkpoint as ckpt
-from lmzoo.checkpoint import load_run, load_train_state
+from lmzoo.checkpoint import load_train_state
 from lmzoo.cli import app
-from lmzoo.config import RunConfig, config_to_yaml, load_config
+from lmzoo.config.load import config_to_yaml
+from lmzoo.config.schema import RunConfig
 from lmzoo.errors import CheckpointError, ConfigError, DataError, LmzooError, TrainingStopped
 from lmzoo.generate import SamplingOptions, generate
 from lmzoo.models import list_models
+from lmzoo.run import load_config
 from lmzoo.tokenizers import fit_tokenizer
 from lmzoo.train import train
 
@@ -178,7 +187,7 @@ def family_config(tmp_path: Path, name: str, out: str, sampling: str) -> RunConf
         pairs = tmp_path / "pairs.tsv"
         pairs.write_text("".join(f"{s}\t{s[::-1]}\n" for s in TINY_TEXT.splitlines()), encoding="utf-8")
         raw["data"] = {"format": "tsv", "train": str(pairs), "batch_size": 4, "max_len": 32}
-    return RunConfig.from_dict(raw)
+    return config_from_dict(raw)
 
 
 @pytest.mark.parametrize("name", [info.name for info in list_models()])
@@ -297,7 +306,7 @@ def prepared_configs(tmp_path: Path) -> list[Path]:
 
 def known_keys(raw: dict) -> dict[str, list[str]]:
     """Section -> its valid keys ("" for the top level), from the validated config (defaults included)."""
-    data = RunConfig.from_dict(raw).to_dict()
+    data = config_from_dict(raw).to_dict()
     keys = {section: list(value) for section, value in data.items() if isinstance(value, dict)}
     keys[""] = list(data)
     return keys
@@ -402,7 +411,7 @@ def test_every_one_letter_misspelling_of_every_key_gets_a_did_you_mean(tmp_path,
                     mutated = json.loads(json.dumps(raw))
                     (mutated.setdefault(section, {}) if section else mutated)[wrong] = 1
                     with pytest.raises(ConfigError) as info:
-                        RunConfig.from_dict(mutated)
+                        config_from_dict(mutated)
                     path = f"{section}.{wrong}" if section else wrong
                     assert f"{path}: unknown key (did you mean" in str(info.value), str(info.value)
                     checked += 1
@@ -465,7 +474,7 @@ def test_bad_data_fails_before_a_model_is_built(tmp_path, make_config, monkeypat
     raw["data"] = {"format": "parallel", "train": str(tmp_path / "p"), "source": "de", "target": "en", "max_len": 32}
     raw["model"] = tiny_model_section("transformer")
     with pytest.raises(DataError, match="3 lines but .* has 2"):
-        train(RunConfig.from_dict(raw), progress=False)
+        train(config_from_dict(raw), progress=False)
     jsonl = tmp_path / "prefs.jsonl"
     jsonl.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
     from lmzoo.data import read_records
@@ -523,9 +532,9 @@ def test_prompts_from_empty_to_twice_the_context_generate(tmp_path, make_config)
 # ---- 10. tokenizer properties ------------------------------------------------------------------------------
 
 ALPHABET = sorted(set(TINY_TEXT))
-CHAR = fit_tokenizer(RunConfig.from_dict({"model": {"name": "lstm"}}).tokenizer, TINY_TEXT)
+CHAR = fit_tokenizer(config_from_dict({"model": {"name": "lstm"}}).tokenizer, TINY_TEXT)
 BPE = fit_tokenizer(
-    RunConfig.from_dict({"model": {"name": "lstm"}, "tokenizer": {"kind": "bpe", "vocab_size": 300}}).tokenizer,
+    config_from_dict({"model": {"name": "lstm"}, "tokenizer": {"kind": "bpe", "vocab_size": 300}}).tokenizer,
     TINY_TEXT * 5,
 )
 

@@ -9,12 +9,14 @@ from conftest import TINY_TEXT
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lmzoo.config import BpeTokenizerConfig, CharTokenizerConfig, WordTokenizerConfig
 from lmzoo.errors import CheckpointError, DataError
 from lmzoo.tokenizers import (
     BpeTokenizer,
+    BpeTokenizerConfig,
     CharTokenizer,
+    CharTokenizerConfig,
     WordTokenizer,
+    WordTokenizerConfig,
     fit_tokenizer,
     load_tokenizer,
 )

@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
+from conftest import load_run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmzoo.checkpoint import load_run
 from lmzoo.optim import lr_at
 from lmzoo.tracking import METRICS_FILE, Tracker, read_metrics
 

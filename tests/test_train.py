@@ -8,9 +8,9 @@ import signal
 
 import pytest
 import torch
-from conftest import TINY_TEXT, tiny_model_section
+from conftest import TINY_TEXT, load_run, tiny_model_section
 
-from lmzoo.checkpoint import load_run, load_train_state
+from lmzoo.checkpoint import load_train_state
 from lmzoo.config import TrainConfig
 from lmzoo.errors import ConfigError, DataError, TrainingStopped
 from lmzoo.models import list_models
@@ -159,9 +159,13 @@ def test_resume_refuses_a_changed_model(make_config):
         train(make_config({"model": {"hidden_size": 32}, "train": {"max_steps": 4}}), resume=True, progress=False)
 
 
-def test_resume_without_a_run_is_a_config_error(make_config):
-    with pytest.raises(ConfigError, match="no run named 'tiny'"):
-        train(make_config(), resume=True, progress=False)
+def test_resume_without_a_checkpoint_starts_the_run(make_config, capsys):
+    """A requeued job always passes --resume: with no checkpoint yet, it starts at step 0 (one notice)."""
+    run_dir = train(make_config({"train": {"max_steps": 4}}), resume=True, progress=False)
+    assert "has no checkpoint" in capsys.readouterr().err
+    assert load_run(run_dir, "last").info["step"] == 4
+    again = train(make_config({"train": {"max_steps": 6}}), resume=True, progress=False)
+    assert again == run_dir and load_run(run_dir, "last").info["step"] == 6
 
 
 def test_corpus_too_short_for_one_batch(make_config, tmp_path):

@@ -1,6 +1,13 @@
-"""Registered model families. Imports are explicit: a reader sees every family that exists."""
+"""Registered model families: every module in this package that is not a building block is a family.
 
-from lmzoo.models import recurrent, seq2seq, transformer  # noqa: E402,F401  (rnn lstm gru; seq2seq; gpt transformer)
+Families are found by listing the package, so a new family is one new file here and nothing else
+(`lmzoo models` lists what registered). Today: recurrent (rnn, lstm, gru), seq2seq, transformer
+(gpt, transformer); see each module's docstring.
+"""
+
+import importlib
+import pkgutil
+
 from lmzoo.models.registry import (
     MODEL_REGISTRY,
     ModelInfo,
@@ -9,6 +16,7 @@ from lmzoo.models.registry import (
     get_model_info,
     list_models,
     register_model,
+    tiny_model_config,
 )
 
 __all__ = [
@@ -19,4 +27,11 @@ __all__ = [
     "get_model_info",
     "list_models",
     "register_model",
+    "tiny_model_config",
 ]
+
+BUILDING_BLOCKS = {"attention", "base", "heads", "registry"}  # shared parts, not families
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in BUILDING_BLOCKS:
+        importlib.import_module(f"{__name__}.{_module}")

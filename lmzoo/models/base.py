@@ -1,15 +1,20 @@
-"""What every language model shares: the forward contract and state helpers.
+"""The model contract: what every family provides, so the rest of lmzoo never checks a type.
 
-A language model maps ids (B, T) and an optional decoding state to logits (B, T, V) and a new
-state. Given `targets`, it returns the mean token loss instead of the logits, computed from the
-features by the output head, so a loss never needs the full logits tensor (which matters for an
-adaptive softmax) and a wrapped model (DDP, compile) is still called through `forward`.
+A language model (`LanguageModel`, kind "lm") maps ids (B, T) and an optional decoding state to
+logits (B, T, V) and a new state. Given `targets`, it returns the mean token loss instead of the
+logits, computed from the hidden state by the output head, so a loss never needs the full logits
+tensor (which matters for an adaptive softmax) and a wrapped model (DDP, compile) is still called
+through `forward`. A seq2seq model (`Seq2SeqModel`) has `encode` and `decode` instead.
+
+Both answer, through `ZooModel`, what the trainer, PEFT, distributed training and benchmarks need
+to know about a family: FSDP wrap units, adapter sites, default LoRA targets, FLOPs per token and
+a tiny config for tests. Defaults below fit most families; a family overrides what differs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,12 +24,58 @@ from lmzoo.models.heads import OutputHead
 PAD_ID = 0  # every lmzoo tokenizer puts <pad> at id 0; losses ignore it
 
 
-class LanguageModel(nn.Module):
+class ZooModel(nn.Module):
+    """What lmzoo asks of every registered model besides its forward pass."""
+
+    kind: ClassVar[str]  # "lm" (LanguageModel) or "seq2seq" (Seq2SeqModel)
+    # LoRA: parameter-name patterns (fnmatch) adapted when finetune.targets is not given
+    default_lora_targets: ClassVar[tuple[str, ...]] = ()
+    head: OutputHead
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        """The smallest sensible `model:` section (without `name`): tests and benchmarks build from it."""
+        raise NotImplementedError(f"{cls.__name__} does not define tiny_config()")
+
+    def fsdp_units(self) -> set[type[nn.Module]]:
+        """Module types FSDP shards one by one (the repeated blocks); empty: shard the model whole."""
+        return set()
+
+    def adapter_sites(self) -> list[tuple[str, int]]:
+        """(submodule name, output width) of every module a bottleneck adapter is inserted after."""
+        return []
+
+    def flops_per_token(self, seq_len: int, targets: torch.Tensor | None = None) -> float:
+        """Matmul FLOPs of one token's forward pass (training costs 3x: forward + 2x backward).
+
+        Linear layers count 2 * in * out, recurrent layers 2 * gates * H * (I + H), the output head
+        what it computes for `targets` (an adaptive softmax's tail only for the share that reaches
+        it), and every module with `attention_flops_per_token` adds that (scores and weighted values).
+        """
+        head_modules = {id(m) for m in self.head.modules()}
+        total = self.head.flops_per_token(targets)
+        for module in self.modules():
+            if id(module) in head_modules:
+                continue
+            if isinstance(module, nn.Linear):
+                total += 2 * module.in_features * module.out_features
+            elif isinstance(module, nn.RNNBase):
+                gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+                directions = 2 if module.bidirectional else 1
+                for layer in range(module.num_layers):
+                    inputs = module.input_size if layer == 0 else module.hidden_size * directions
+                    total += directions * 2 * gates * module.hidden_size * (inputs + module.hidden_size)
+            elif hasattr(module, "recurrent_flops_per_token"):
+                total += module.recurrent_flops_per_token()
+            if hasattr(module, "attention_flops_per_token"):
+                total += module.attention_flops_per_token(seq_len)
+        return total
+
+
+class LanguageModel(ZooModel):
     kind = "lm"
     # True when training should carry the state from one batch to the next (truncated BPTT).
     carries_state = False
-    label_smoothing = 0.0  # set by the trainer from train.label_smoothing
-    head: OutputHead
 
     @property
     def context_len(self) -> int | None:
@@ -34,17 +85,21 @@ class LanguageModel(nn.Module):
         """The state to pass with a prompt to start decoding (None: the model builds its own)."""
         return None
 
-    def features(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+    def hidden(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """The state the output layer reads, per position (B, T, C), and the new decoding state.
+
+        kNN-LM datastores and probes use it as the representation of the text up to each position.
+        """
         raise NotImplementedError
 
     def forward(
-        self, ids: torch.Tensor, state: Any = None, targets: torch.Tensor | None = None
+        self, ids: torch.Tensor, state: Any = None, targets: torch.Tensor | None = None, label_smoothing: float = 0.0
     ) -> tuple[torch.Tensor, Any]:
         """(logits (B, T, V), state), or (mean loss over targets != pad, state) when targets are given."""
-        h, state = self.features(ids, state)  # (B, T, C)
+        h, state = self.hidden(ids, state)  # (B, T, C)
         if targets is None:
             return self.head.logits(h), state
-        return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=self.label_smoothing), state
+        return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=label_smoothing), state
 
 
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
@@ -71,7 +126,7 @@ def seq2seq_vocab_sizes(vocab_size: int | tuple[int, int], share_embeddings: boo
     return src_vocab, tgt_vocab
 
 
-class Seq2SeqModel(nn.Module):
+class Seq2SeqModel(ZooModel):
     """An encoder-decoder: `encode(src, src_mask) -> memory`, `decode(tgt, memory, src_mask, state)`.
 
     src_mask is (B, S) bool, True at padding. Greedy, sampling and beam search (lmzoo.translate)
@@ -80,13 +135,16 @@ class Seq2SeqModel(nn.Module):
     """
 
     kind = "seq2seq"
-    label_smoothing = 0.0  # set by the trainer from train.label_smoothing
-    head: OutputHead
+
+    @property
+    def max_source_len(self) -> int | None:
+        """Longest source (in tokens, <eos> included) the encoder has positions for; None: no limit."""
+        return None
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> Any:
         raise NotImplementedError
 
-    def decode_features(
+    def decode_hidden(
         self, tgt: torch.Tensor, memory: Any, src_mask: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
@@ -101,19 +159,20 @@ class Seq2SeqModel(nn.Module):
         self, tgt: torch.Tensor, memory: Any, src_mask: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, Any]:
         """Logits (B, T, V) of the next target tokens, and the state to continue from."""
-        h, state = self.decode_features(tgt, memory, src_mask, state)
+        h, state = self.decode_hidden(tgt, memory, src_mask, state)
         return self.head.logits(h), state
 
     def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, targets: torch.Tensor | None = None
+        self, src: torch.Tensor, tgt_in: torch.Tensor, targets: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, None]:
         """Teacher forcing: (logits (B, T, V), None), or (mean loss over non-pad targets, None)."""
         src_mask = src == PAD_ID
         memory = self.encode(src, src_mask)
-        h, _ = self.decode_features(tgt_in, memory, src_mask)
+        h, _ = self.decode_hidden(tgt_in, memory, src_mask)
         if targets is None:
             return self.head.logits(h), None
-        return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=self.label_smoothing), None
+        return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=label_smoothing), None
 
 
 def select_rows(value: Any, indices: torch.Tensor) -> Any:

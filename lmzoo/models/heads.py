@@ -51,10 +51,26 @@ class OutputHead(nn.Module):
         if not self.adaptive:
             logits = self.proj(flat_h).float()
             return F.cross_entropy(logits, flat_t, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if label_smoothing:
+            raise ValueError("label smoothing needs softmax: full (an adaptive softmax scores only the target)")
         keep = flat_t != ignore_index
         if not bool(keep.all()):
             flat_h, flat_t = flat_h[keep], flat_t[keep]
         return self.adaptive_softmax(flat_h.float(), flat_t).loss
+
+    def flops_per_token(self, targets: torch.Tensor | None = None) -> float:
+        """Matmul FLOPs per token: the projection, or an adaptive softmax's head plus each tail cluster
+        for the share of `targets` that reaches it (none without targets)."""
+        if not self.adaptive:
+            return 2.0 * self.proj.in_features * self.proj.out_features
+        softmax = self.adaptive_softmax
+        total = 2.0 * softmax.head.in_features * softmax.head.out_features
+        flat = targets.reshape(-1) if targets is not None else None
+        for index, cluster in enumerate(softmax.tail):
+            low, high = softmax.cutoffs[index], softmax.cutoffs[index + 1]
+            share = float(((flat >= low) & (flat < high)).float().mean()) if flat is not None else 0.0
+            total += share * sum(2 * m.in_features * m.out_features for m in cluster if isinstance(m, nn.Linear))
+        return total
 
     def tie_to(self, embedding: nn.Embedding) -> None:
         """Share the output projection with the input embedding (Press & Wolf, 2017)."""

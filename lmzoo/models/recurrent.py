@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lmzoo.config import ModelConfig, PositiveInt, Probability
+from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
 from lmzoo.models.base import LanguageModel
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
@@ -35,6 +35,11 @@ class RecurrentConfig(ModelConfig):
     softmax: Literal["full", "adaptive"] = "full"
     adaptive_cutoffs: list[PositiveInt] = [2000, 10000]  # word-rank boundaries of the adaptive clusters
     adaptive_div_value: Annotated[float, Field(gt=1)] = 4.0
+
+    def check_run(self, run) -> None:
+        if self.softmax == "adaptive" and run.train.label_smoothing:
+            raise ValueError("train.label_smoothing: needs model.softmax: full (an adaptive softmax scores only "
+                             "the target token)")
 
 
 class RNNConfig(RecurrentConfig):
@@ -79,11 +84,20 @@ class ElmanRNN(nn.Module):
             outputs.append(h)
         return torch.stack(outputs, dim=1), h  # (B, T, H), (B, H)
 
+    def recurrent_flops_per_token(self) -> float:
+        """W_x x_t and W_h h_{t-1}: 2 * H * (I + H) (read by ZooModel.flops_per_token)."""
+        return 2.0 * self.hidden_size * (self.weight_ih.shape[1] + self.hidden_size)
+
 
 class RecurrentLM(LanguageModel):
     """Embedding -> recurrent layers -> optional MLP head -> output layer."""
 
     carries_state = True
+    default_lora_targets = ("*weight_ih*", "*weight_hh*")
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"embedding_dim": 8, "hidden_size": 16, "num_layers": 2, "dropout": 0.0}
 
     def __init__(self, config: RecurrentConfig, vocab_size: int) -> None:
         super().__init__()
@@ -110,7 +124,10 @@ class RecurrentLM(LanguageModel):
     def make_layer(self, input_size: int, hidden_size: int) -> nn.Module:
         raise NotImplementedError
 
-    def features(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, list[Any]]:
+    def adapter_sites(self) -> list[tuple[str, int]]:
+        return [(f"layers.{index}", self.config.hidden_size) for index in range(len(self.layers))]
+
+    def hidden(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, list[Any]]:
         x = self.dropout(self.embedding(ids))  # (B, T, E)
         new_state = []
         for index, layer in enumerate(self.layers):
@@ -121,7 +138,7 @@ class RecurrentLM(LanguageModel):
 
 
 @register_model(
-    "rnn", config=RNNConfig, kind="lm",
+    "rnn", config=RNNConfig,
     description="vanilla (Elman) RNN LM: h_t = tanh(W_x x_t + W_h h_{t-1} + b), y_t = W_y h_t",
 )
 class RNNLM(RecurrentLM):
@@ -129,13 +146,13 @@ class RNNLM(RecurrentLM):
         return ElmanRNN(input_size, hidden_size, self.config.nonlinearity)  # type: ignore[attr-defined]
 
 
-@register_model("lstm", config=LSTMConfig, kind="lm", description="LSTM language model (stacked, dropout, optional tying)")
+@register_model("lstm", config=LSTMConfig, description="LSTM language model (stacked, dropout, optional tying)")
 class LSTMLM(RecurrentLM):
     def make_layer(self, input_size: int, hidden_size: int) -> nn.Module:
         return nn.LSTM(input_size, hidden_size, batch_first=True)
 
 
-@register_model("gru", config=GRUConfig, kind="lm", description="GRU language model (stacked, dropout, optional tying)")
+@register_model("gru", config=GRUConfig, description="GRU language model (stacked, dropout, optional tying)")
 class GRULM(RecurrentLM):
     def make_layer(self, input_size: int, hidden_size: int) -> nn.Module:
         return nn.GRU(input_size, hidden_size, batch_first=True)

@@ -17,7 +17,7 @@ from pydantic import ValidationInfo, field_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lmzoo.config import ModelConfig, PositiveInt, Probability
+from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
 from lmzoo.models.base import Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
@@ -80,10 +80,20 @@ class RecurrentAttention(nn.Module):
 
 
 @register_model(
-    "seq2seq", config=Seq2SeqConfig, kind="seq2seq",
+    "seq2seq", config=Seq2SeqConfig,
     description="RNN encoder-decoder with attention: (bi)LSTM/GRU encoder, attentive decoder",
 )
 class RecurrentSeq2Seq(Seq2SeqModel):
+    default_lora_targets = ("*weight_ih*", "*weight_hh*")
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"embedding_dim": 8, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0}
+
+    def adapter_sites(self) -> list[tuple[str, int]]:
+        # the decoder only: a packed-sequence encoder has no per-position output to adapt
+        return [("decoder", self.config.hidden_size)]
+
     def __init__(self, config: Seq2SeqConfig, vocab_size: int | tuple[int, int]) -> None:
         super().__init__()
         self.config = config
@@ -131,7 +141,7 @@ class RecurrentSeq2Seq(Seq2SeqModel):
             return tuple(s.index_select(1, indices) for s in state)
         return state.index_select(1, indices)
 
-    def decode_features(
+    def decode_hidden(
         self, tgt: torch.Tensor, memory: Any, src_mask: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, Any]:
         outputs, keys, _ = memory

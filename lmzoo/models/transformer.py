@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import ValidationInfo, field_validator
 from torch import nn
 
-from lmzoo.config import ModelConfig, PositiveInt, Probability
+from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
 from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
 from lmzoo.models.base import LanguageModel, Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
@@ -128,12 +128,23 @@ class GPTState:
 
 
 @register_model(
-    "gpt", config=GPTConfig, kind="lm",
+    "gpt", config=GPTConfig,
     description="decoder-only Transformer LM (GPT): masked multi-head self-attention, KV-cache decoding",
 )
 class GPT(LanguageModel):
     carries_state = False
     keep_fraction = 0.75  # share of the context kept when the decoding window slides
+    default_lora_targets = ("*attn.in_proj.weight", "*attn.out_proj.weight")
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32, "context_length": 32, "dropout": 0.0}
+
+    def fsdp_units(self) -> set[type[nn.Module]]:
+        return {DecoderBlock}
+
+    def adapter_sites(self) -> list[tuple[str, int]]:
+        return [(f"blocks.{index}.ff", self.config.d_model) for index in range(len(self.blocks))]
 
     def __init__(self, config: GPTConfig, vocab_size: int) -> None:
         super().__init__()
@@ -178,7 +189,7 @@ class GPT(LanguageModel):
         scale = math.sqrt(self.config.d_model) if self.config.positions == "sinusoidal" else 1.0
         return self.dropout(self.token_embedding(ids) * scale + pos)  # (B, T, d)
 
-    def features(self, ids: torch.Tensor, state: GPTState | None = None) -> tuple[torch.Tensor, GPTState | None]:
+    def hidden(self, ids: torch.Tensor, state: GPTState | None = None) -> tuple[torch.Tensor, GPTState | None]:
         batch, steps = ids.shape
         context = self.config.context_length
         if steps > context:  # with a state too: a sliding window would return fewer positions than given
@@ -206,7 +217,7 @@ class GPT(LanguageModel):
         history = ids if state.ids is None else torch.cat([state.ids, ids], dim=1)
         keep = min(context, max(ids.shape[1], int(context * self.keep_fraction)))
         window = history[:, -keep:]
-        h, new_state = self.features(window, GPTState())
+        h, new_state = self.hidden(window, GPTState())
         return h[:, -ids.shape[1] :], new_state
 
 
@@ -289,10 +300,29 @@ class EncoderDecoderState:
 
 
 @register_model(
-    "transformer", config=TransformerConfig, kind="seq2seq",
+    "transformer", config=TransformerConfig,
     description="encoder-decoder Transformer (Vaswani et al.): sinusoidal positions, masked and cross attention",
 )
 class EncoderDecoderTransformer(Seq2SeqModel):
+    default_lora_targets = ("*attn.in_proj.weight", "*attn.out_proj.weight")
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"d_model": 16, "n_heads": 2, "n_encoder_layers": 2, "n_decoder_layers": 2, "d_ff": 32,
+                "max_len": 32, "dropout": 0.0}
+
+    @property
+    def max_source_len(self) -> int:
+        return self.config.max_len
+
+    def fsdp_units(self) -> set[type[nn.Module]]:
+        return {EncoderLayer, DecoderLayer}
+
+    def adapter_sites(self) -> list[tuple[str, int]]:
+        d = self.config.d_model
+        return [(f"{stack}.{index}.ff", d) for stack in ("encoder_layers", "decoder_layers")
+                for index in range(len(getattr(self, stack)))]
+
     def __init__(self, config: TransformerConfig, vocab_size: int | tuple[int, int]) -> None:
         super().__init__()
         self.config = config
@@ -344,7 +374,7 @@ class EncoderDecoderTransformer(Seq2SeqModel):
             length=state.length,
         )
 
-    def decode_features(
+    def decode_hidden(
         self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
         state: EncoderDecoderState | None = None,
     ) -> tuple[torch.Tensor, EncoderDecoderState | None]:

@@ -1,0 +1,14 @@
+"""The `lmzoo` command line: a thin typer layer over the library (lmzoo.run.Run and friends).
+
+Each command module registers its verbs on `lmzoo.cli.app.app`; every verb parses its arguments,
+calls one library function and prints. Importing this package imports no torch.
+"""
+
+from lmzoo.cli import commands  # noqa: F401  (train, generate, eval, merge, models)
+from lmzoo.cli.app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,150 @@
+"""The core verbs: train, generate, eval, merge, models. Each parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+from lmzoo.cli.app import BASE_HELP, DEVICE_HELP, RUN_HELP, app, user_errors, warn
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML run config, e.g. configs/lstm.yaml.", show_default=False),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Overrides as section.key=value, e.g. train.lr=3e-4 model.hidden_size=256.", show_default=False
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the newest run of this config from its last checkpoint (or start it)."
+    ),
+    device: str | None = typer.Option(None, help="Force a device: cpu, cuda, cuda:N or mps (default: train.device)."),
+    progress: bool | None = typer.Option(
+        None, "--progress/--no-progress", help="Show the progress bar (default: when stderr is a terminal)."
+    ),
+) -> None:
+    """Train a model as the config describes; writes runs/<name>/ (config, tokenizer, checkpoints, logs)."""
+    with user_errors():
+        from lmzoo.run import load_config
+        from lmzoo.train import train as run_training
+
+        items = list(overrides or []) + ([f"train.device={device}"] if device else [])
+        hint = " ".join(["lmzoo train", str(config), *(overrides or []), "--resume"])
+        show = sys.stderr.isatty() if progress is None else progress
+        run_dir = run_training(load_config(config, items), resume=resume, progress=show, resume_hint=hint)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+            typer.echo(f"done: {run_dir}  (sample it with: lmzoo generate --run {run_dir})", err=True)
+
+
+def _prompts(seed: str | None, verb: str) -> Iterator[str]:
+    """The seed text, or (without one) lines typed at an interactive prompt until 'exit' or Ctrl-D."""
+    if seed is not None:
+        yield seed
+        return
+    warn(f"lmzoo: {verb} (type a text; 'exit' or Ctrl-D quits)")
+    while True:
+        try:
+            prompt = input("seed> ")
+        except EOFError:
+            return
+        if prompt.strip() == "exit":
+            return
+        yield prompt
+
+
+@app.command()
+def generate(
+    run: str | None = typer.Option(None, "--run", "-r", help=RUN_HELP),
+    seed: str | None = typer.Option(None, "--seed", "-s", help="Text to continue; without it, an interactive prompt opens."),
+    max_new_tokens: int | None = typer.Option(None, help="Tokens to generate (default: the run's sample.max_new_tokens)."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature; 0 = greedy."),
+    top_k: int | None = typer.Option(None, help="Sample only among the k most likely tokens."),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling: smallest set of tokens with this much probability."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token."),
+    repetition_penalty: float | None = typer.Option(None, help="> 1 discourages tokens already in the text."),
+    num_samples: int = typer.Option(1, min=1, help="How many continuations to write."),
+    seed_rng: int | None = typer.Option(None, "--seed-rng", help="Random seed for sampling (reproducible output)."),
+    stop: list[str] | None = typer.Option(None, help="Stop when this text appears (repeatable)."),
+    beam: int = typer.Option(1, min=1, help="Seq2seq: beam search with this many beams (1 = greedy/sampling, streamed)."),
+    n_best: int = typer.Option(1, min=1, help="Seq2seq with --beam: print this many best translations with their scores."),
+    length_penalty: float = typer.Option(1.0, help="Seq2seq beam search: score = logprob / length^penalty."),
+    checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
+    base: Path | None = typer.Option(None, help=BASE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Continue a text with a language model, or translate it with a seq2seq model, streaming the output."""
+    with user_errors():
+        from lmzoo.run import Run
+
+        loaded = Run.open(run, base=base)
+        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, greedy=greedy or None, stop=stop or None)
+        loaded.sampling(**sampling)  # a bad option fails before the model loads
+        verb = "translating with" if loaded.kind == "seq2seq" else "sampling from"
+        for prompt in _prompts(seed, f"{verb} {loaded.path}"):
+            if beam > 1 and loaded.kind == "seq2seq":
+                for text, score in loaded.translate(prompt, beam=beam, n_best=n_best, length_penalty=length_penalty,
+                                                    max_new_tokens=max_new_tokens, checkpoint_tag=checkpoint,
+                                                    device=device, warn=warn):
+                    typer.echo(f"{text}\t{score:.4f}" if n_best > 1 else text)
+                continue
+            for index in range(num_samples):
+                typer.echo(("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False)
+                for piece in loaded.generate(prompt, checkpoint_tag=checkpoint, device=device, seed=seed_rng,
+                                             warn=warn if index == 0 else None, **sampling):
+                    typer.echo(piece, nl=False)
+                typer.echo()
+
+
+@app.command("eval")
+def evaluate(
+    run: str | None = typer.Option(None, "--run", "-r", help=RUN_HELP),
+    data: Path | None = typer.Option(None, help="A text file to score (default: the run's split)."),
+    split: str = typer.Option("val", help="Which split of the run's corpus when --data is not given: val or test."),
+    checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
+    beam: int = typer.Option(5, min=1, help="Seq2seq: beam size for the beam-search BLEU (greedy BLEU is reported too)."),
+    base: Path | None = typer.Option(None, help=BASE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Print loss and perplexity on held-out text; for seq2seq runs also corpus BLEU, greedy and beam."""
+    with user_errors():
+        from lmzoo.run import Run
+
+        loaded = Run.open(run, base=base)
+        metrics = loaded.evaluate(data, split, beam=beam, checkpoint_tag=checkpoint, device=device)
+        source = str(data) if data else f"the {split} split"
+        bleu = "".join(f"  BLEU {key[5:]} {value:.2f}" for key, value in metrics.items() if key.startswith("bleu_"))
+        typer.echo(f"{loaded.path} ({checkpoint}) on {source}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}"
+                   f"{bleu}  ({int(metrics['tokens']):,} tokens)")
+
+
+@app.command()
+def merge(
+    run: str = typer.Option(..., "--run", "-r", help="A LoRA fine-tune run directory (or name under ./runs)."),
+    out: Path | None = typer.Option(None, help="Where to write the merged run (default: <run>-merged beside it)."),
+    base: Path | None = typer.Option(None, help=BASE_HELP),
+) -> None:
+    """Fold a LoRA run's updates into its base weights: a plain run with the same outputs."""
+    with user_errors():
+        from lmzoo.run import Run
+
+        merged = Run.open(run, base=base).merge(out)
+        typer.echo(f"merged: {merged.path}  (sample it with: lmzoo generate --run {merged.path})")
+
+
+@app.command()
+def models() -> None:
+    """List the registered model families with their parameter counts at default settings."""
+    with user_errors():
+        from lmzoo.models import list_models
+        from lmzoo.models.registry import REFERENCE_VOCAB
+
+        rows = [(m.name, m.kind, f"{m.reference_params():,}", m.description) for m in list_models()]
+        widths = [max(len(r[i]) for r in rows + [("name", "kind", "params", "")]) for i in range(3)]
+        typer.echo(f"{'name':<{widths[0]}}  {'kind':<{widths[1]}}  {'params':>{widths[2]}}  description")
+        for name, kind, params, description in rows:
+            typer.echo(f"{name:<{widths[0]}}  {kind:<{widths[1]}}  {params:>{widths[2]}}  {description}")
+        typer.echo(f"(params: default config at a {REFERENCE_VOCAB}-token vocabulary, char-level Tiny Shakespeare)")
