@@ -1,0 +1,340 @@
+"""The modern decoder: a decoder-only LM in the style of LLaMA and its successors.
+
+It is GPT with the components that replaced the 2018 ones:
+
+- RoPE, rotary position embeddings (Su et al., 2021, "RoFormer"): no position table is added to
+  the input; each head's query and key are rotated pairwise by angles proportional to their
+  position, so a score q_m . k_n depends only on the offset m - n.
+- RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * g, LayerNorm without centring
+  or bias, in pre-norm blocks and once before the output layer.
+- SwiGLU feed-forward (Shazeer, 2020, "GLU Variants Improve Transformer"):
+  down(silu(gate(x)) * up(x)), with hidden width 8/3 * d_model (rounded up to a multiple of
+  `ff_multiple_of`) so its three matrices cost what a 4 * d_model two-matrix MLP does.
+- Grouped-query attention (Ainslie et al., 2023, "GQA"): `n_kv_heads` key/value heads shared by
+  groups of query heads, a smaller KV cache; n_kv_heads = n_heads is multi-head attention,
+  n_kv_heads = 1 multi-query attention.
+- Optional QK-norm: RMSNorm on each head's query and key before the rotation, which keeps
+  attention logits bounded at high learning rates.
+- No biases anywhere; output layer tied to the embedding by default.
+
+Decoding keeps a KV cache per layer (K/V of the n_kv_heads, already rotated). When the text reaches
+the context length the window slides like GPT's: the oldest quarter is dropped and the cache is
+rebuilt from the kept tokens, whose positions restart at 0, exactly as a fresh forward over that
+window computes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationInfo, field_validator
+from torch import nn
+
+from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
+from lmzoo.models.attention import KVCache
+from lmzoo.models.base import LanguageModel
+from lmzoo.models.heads import OutputHead
+from lmzoo.models.registry import register_model
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def swiglu_hidden_size(d_model: int, multiple_of: int) -> int:
+    """round(8/3 * d_model), rounded up to a multiple of `multiple_of` (128 -> 352 with 32)."""
+    hidden = round(8 * d_model / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class ModernConfig(ModelConfig):
+    name: Literal["modern"] = "modern"
+    d_model: PositiveInt = 128
+    n_heads: PositiveInt = 4
+    n_kv_heads: PositiveInt | None = None  # key/value heads (GQA); None = n_heads (multi-head attention)
+    n_layers: PositiveInt = 4
+    d_ff: PositiveInt | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to ff_multiple_of
+    ff_multiple_of: PositiveInt = 32
+    context_length: PositiveInt = 64
+    dropout: Probability = 0.0
+    rope_base: PositiveFloat = 10000.0
+    norm_eps: PositiveFloat = 1e-5
+    qk_norm: bool = False
+    tie_weights: bool = True
+    attention: Literal["sdpa", "explicit"] = "sdpa"  # explicit = the formula step by step (teaching, tests)
+
+    @field_validator("n_heads")
+    @classmethod
+    def _heads_divide_width(cls, value: int, info: ValidationInfo) -> int:
+        width = info.data.get("d_model")
+        if width is not None and width % value:
+            raise ValueError(f"n_heads ({value}) must divide d_model ({width})")
+        if width is not None and (width // value) % 2:
+            raise ValueError(
+                f"head width d_model / n_heads = {width // value} must be even (RoPE rotates pairs)"
+            )
+        return value
+
+    @field_validator("n_kv_heads")
+    @classmethod
+    def _kv_heads_divide_heads(cls, value: int | None, info: ValidationInfo) -> int | None:
+        heads = info.data.get("n_heads")
+        if value is not None and heads is not None and heads % value:
+            raise ValueError(f"n_kv_heads ({value}) must divide n_heads ({heads})")
+        return value
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_hidden(self) -> int:
+        return self.d_ff or swiglu_hidden_size(self.d_model, self.ff_multiple_of)
+
+    @property
+    def context_len(self) -> int | None:
+        return self.context_length
+
+    def check_run(self, run) -> None:
+        if run.data.seq_len is not None and run.data.seq_len > self.context_length:
+            raise ValueError(
+                f"data.seq_len: {run.data.seq_len} is longer than model.context_length {self.context_length}; "
+                "a model cannot train on sequences longer than its context"
+            )
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension; no centring, no bias."""
+
+    def __init__(self, width: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # the mean of squares in float32, also under bf16 autocast
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., C)
+        return normed.type_as(x) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE: rotate each pair (x_2i, x_2i+1) of a head by the angle pos * base^(-2i/d).
+
+    A rotation by angle a(m) of q and a(n) of k leaves q . k depending on m - n only, so attention
+    sees relative positions without a position table. cos/sin are precomputed for the context.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (d/2,)
+        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (L, d/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x (B, H, T, d) at positions start .. start+T-1, rotated; same dtype as x."""
+        steps = x.shape[-2]
+        cos, sin = self.cos[start : start + steps], self.sin[start : start + steps]  # (T, d/2)
+        pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, d/2, 2)
+        even, odd = pairs[..., 0], pairs[..., 1]  # (B, H, T, d/2)
+        rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (B, H, T, d/2, 2)
+        return rotated.flatten(-2).type_as(x)  # (B, H, T, d)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward: down(silu(gate(x)) * up(x)); the gate decides what of `up` passes."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.dropout = _dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C)
+
+
+def causal_mask(steps: int, keys: int, device: torch.device) -> torch.Tensor | None:
+    """(1, 1, T, S) bool, True where query t (the last T of S positions) may see key s; None: all may."""
+    if steps == 1:  # one new query sees every cached key
+        return None
+    return torch.ones(steps, keys, dtype=torch.bool, device=device).tril(diagonal=keys - steps)[None, None]
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal self-attention with RoPE, n_kv_heads key/value heads shared by groups of query heads."""
+
+    def __init__(self, config: ModernConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
+        self.head_dim = config.d_model // config.n_heads
+        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+        self.explicit = config.attention == "explicit"
+
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        return x.view(batch, steps, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, d_k)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a cache, x continues the cached text (positions offset)."""
+        batch, steps, _ = x.shape
+        start = cache.length if cache is not None else 0
+        q = self._heads(self.q_proj(x), self.n_heads)  # (B, H, T, d_k)
+        k = self._heads(self.k_proj(x), self.n_kv_heads)  # (B, KV, T, d_k)
+        v = self._heads(self.v_proj(x), self.n_kv_heads)  # (B, KV, T, d_k)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, start), rope(k, start)  # rotated by their absolute positions
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, KV, S, d_k), S = cached + T
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:  # query head h reads key/value head h // groups
+            k = k.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
+            v = v.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
+        dropout = self.dropout if self.training else 0.0
+        mask = causal_mask(steps, k.shape[2], x.device)  # (1, 1, T, S) or None
+        if self.explicit:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)  # (B, H, T, S)
+            if dropout:
+                weights = F.dropout(weights, p=dropout)
+            out = weights @ v  # (B, H, T, d_k)
+        else:
+            square = steps == k.shape[2]  # no cache before: the plain causal triangle
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if square else mask, dropout_p=dropout, is_causal=square and steps > 1
+            )  # (B, H, T, d_k)
+        out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * self.head_dim)  # (B, T, H * d_k)
+        return self.o_proj(out)  # (B, T, C)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Score and weighted-sum FLOPs per query token (GQA shares K/V, not these products)."""
+        return 2 * 2 * seq_len * self.n_heads * self.head_dim
+
+
+class ModernBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ff(norm(x))."""
+
+    def __init__(self, config: ModernConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = GroupedQueryAttention(config)
+        self.attn_dropout = _dropout(config.dropout)
+        self.ff_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ff = SwiGLU(config.d_model, config.ff_hidden, config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn_dropout(self.attn(self.attn_norm(x), rope, cache))  # (B, T, C)
+        return x + self.ff(self.ff_norm(x))  # (B, T, C)
+
+
+@dataclass
+class ModernState:
+    """Decoding state: one KV cache per layer and the token ids currently in the window (B, L)."""
+
+    caches: list[KVCache] | None = None
+    ids: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.ids is None else self.ids.shape[1]
+
+
+@register_model(
+    "modern", config=ModernConfig,
+    description="LLaMA-style decoder LM: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, KV cache",
+)
+class ModernDecoder(LanguageModel):
+    carries_state = False
+    keep_fraction = 0.75  # share of the context kept when the decoding window slides
+    default_lora_targets = ("*attn.q_proj.weight", "*attn.k_proj.weight", "*attn.v_proj.weight",
+                            "*attn.o_proj.weight")
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        return {"d_model": 16, "n_heads": 2, "n_kv_heads": 1, "n_layers": 2, "d_ff": 32, "context_length": 32,
+                "dropout": 0.0}
+
+    def fsdp_units(self) -> set[type[nn.Module]]:
+        return {ModernBlock}
+
+    def adapter_sites(self) -> list[tuple[str, int]]:
+        return [(f"blocks.{index}.ff", self.config.d_model) for index in range(len(self.blocks))]
+
+    def __init__(self, config: ModernConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.token_embedding = nn.Embedding(vocab_size, d)
+        self.rope = RotaryEmbedding(d // config.n_heads, config.context_length, config.rope_base)
+        self.dropout = _dropout(config.dropout)
+        self.blocks = nn.ModuleList(ModernBlock(config) for _ in range(config.n_layers))
+        self.final_norm = RMSNorm(d, config.norm_eps)
+        self.head = OutputHead(d, vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_weights:
+            self.head.tie_to(self.token_embedding)
+
+    def _init_weights(self) -> None:
+        """N(0, 0.02) for matrices, residual output projections scaled by 1/sqrt(2 * layers); norms 1."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if param.dim() >= 2:
+                std = residual_std if name.endswith(("o_proj.weight", "ff.down.weight")) else 0.02
+                nn.init.normal_(param, mean=0.0, std=std)
+            else:  # RMSNorm gains
+                nn.init.ones_(param)
+
+    @property
+    def context_len(self) -> int:
+        return self.config.context_length
+
+    def init_state(self, batch_size: int) -> ModernState:
+        return ModernState()
+
+    def hidden(
+        self, ids: torch.Tensor, state: ModernState | None = None
+    ) -> tuple[torch.Tensor, ModernState | None]:
+        batch, steps = ids.shape
+        context = self.config.context_length
+        if steps > context:  # with a state too: a sliding window would return fewer positions than given
+            raise ValueError(f"sequence of {steps} tokens is longer than the context length {context}")
+        x = self.dropout(self.token_embedding(ids))  # (B, T, C)
+        if state is None:
+            for block in self.blocks:
+                x = block(x, self.rope)
+            return self.final_norm(x), None
+        if state.length + steps > context:
+            return self._slide(ids, state)
+        if state.caches is None:
+            like = self.token_embedding.weight
+            head_dim = self.config.d_model // self.config.n_heads
+            kv_heads = self.config.kv_heads
+            state.caches = [KVCache(batch, kv_heads, context, head_dim, like=like) for _ in self.blocks]
+        for block, cache in zip(self.blocks, state.caches, strict=True):
+            x = block(x, self.rope, cache)
+        state.ids = ids if state.ids is None else torch.cat([state.ids, ids], dim=1)
+        return self.final_norm(x), state  # (B, T, C)
+
+    def _slide(self, ids: torch.Tensor, state: ModernState) -> tuple[torch.Tensor, ModernState]:
+        """Drop the oldest tokens and rebuild the cache from the kept window (positions from 0)."""
+        context = self.config.context_length
+        history = ids if state.ids is None else torch.cat([state.ids, ids], dim=1)
+        keep = min(context, max(ids.shape[1], int(context * self.keep_fraction)))
+        h, new_state = self.hidden(history[:, -keep:], ModernState())
+        return h[:, -ids.shape[1] :], new_state
