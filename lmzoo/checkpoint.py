@@ -4,9 +4,9 @@
     checkpoints/best/      model.safetensors + info.json of the best validation score
     (LoRA / adapter runs write adapter.safetensors instead of model.safetensors)
 
-The rest of the run directory belongs to lmzoo.run. A checkpoint directory is written whole under a temporary name and swapped in with renames, so a
-crash at any moment leaves either the previous or the new checkpoint complete under its final
-name. Weights are safetensors; the training state is read with torch.load(weights_only=True);
+The rest of the run directory belongs to lmzoo.run. A checkpoint directory is written whole under
+a temporary name and swapped in with renames, so a crash at any moment leaves either the previous
+or the new checkpoint complete under its final name. Weights are safetensors; the training state is read with torch.load(weights_only=True);
 everything else is JSON or YAML. Nothing in a run directory can execute code when loaded.
 """
 
@@ -30,7 +30,9 @@ from lmzoo.io import fsync_dir, fsync_tree
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
-ADAPTER = "adapter.safetensors"  # LoRA / adapter runs: only the fine-tuned tensors; the base comes from init_from
+ADAPTER = (
+    "adapter.safetensors"  # LoRA / adapter runs: only the fine-tuned tensors; the base comes from init_from
+)
 STATE = "state.pt"
 INFO = "info.json"
 
@@ -61,7 +63,9 @@ def save_checkpoint(
             save_model(model, str(tmp / WEIGHTS), metadata=metadata)
         if train_state is not None:
             torch.save({"format_version": FORMAT_VERSION, **train_state}, tmp / STATE)
-        (tmp / INFO).write_text(json.dumps({"format_version": FORMAT_VERSION, "saved_at": time.time(), **info}))
+        (tmp / INFO).write_text(
+            json.dumps({"format_version": FORMAT_VERSION, "saved_at": time.time(), **info})
+        )
         fsync_tree(tmp)
         if final.exists():
             if old.exists():
@@ -124,7 +128,9 @@ def load_adapter(model: nn.Module, path: Path) -> None:
     expected = {name for name, p in params.items() if p.requires_grad}
     if set(tensors) != expected:
         extra = sorted(set(tensors) - expected) or sorted(expected - set(tensors))
-        raise CheckpointError(f"{path}: adapter tensors do not match this model's fine-tuning setup ({extra[0]!r})")
+        raise CheckpointError(
+            f"{path}: adapter tensors do not match this model's fine-tuning setup ({extra[0]!r})"
+        )
     with torch.no_grad():
         for name, tensor in tensors.items():
             if params[name].shape != tensor.shape:
@@ -154,13 +160,17 @@ def load_weights(model: nn.Module, path: Path) -> None:
             )
     unknown = sorted(set(shapes) - set(expected))
     if unknown:
-        raise CheckpointError(f"{path}: weights for {unknown[0]!r} have no place in this model (another family?)")
+        raise CheckpointError(
+            f"{path}: weights for {unknown[0]!r} have no place in this model (another family?)"
+        )
     try:
         missing, _ = load_model(model, str(path), strict=False)
     except (SafetensorError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot load weights ({str(err).splitlines()[0]})") from None
     if missing:  # a set in recent safetensors releases, a list in older ones
-        raise CheckpointError(f"{path}: no weights for {sorted(missing)[0]!r} (the checkpoint is for another model)")
+        raise CheckpointError(
+            f"{path}: no weights for {sorted(missing)[0]!r} (the checkpoint is for another model)"
+        )
 
 
 def _unpickler_reason(err: Exception) -> str:
@@ -193,7 +203,9 @@ def load_train_state(path: Path, device: torch.device | str = "cpu") -> dict[str
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not an lmzoo training state")
     if state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {state['format_version']} is newer than this lmzoo reads")
+        raise CheckpointError(
+            f"{path}: format version {state['format_version']} is newer than this lmzoo reads"
+        )
     return state
 
 
@@ -213,7 +225,12 @@ def read_info(ckpt: Path) -> dict[str, Any]:
 def _weight_files(run_dir: Path) -> list[Path]:
     """Every checkpoint weights file of a run, including one a crash left mid-swap."""
     root = run_dir / "checkpoints"
-    return [path for weights in (WEIGHTS, ADAPTER) for pattern in ("*/", ".*.old/") for path in root.glob(pattern + weights)]
+    return [
+        path
+        for weights in (WEIGHTS, ADAPTER)
+        for pattern in ("*/", ".*.old/")
+        for path in root.glob(pattern + weights)
+    ]
 
 
 def has_checkpoint(run_dir: Path) -> bool:

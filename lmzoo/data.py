@@ -259,7 +259,9 @@ def read_pair_file(config: DataConfig, path: str) -> list[Pair]:
     for number, (src, tgt) in enumerate(zip(sources, targets, strict=True), start=1):
         if not src.strip() or not tgt.strip():
             empty = source_path if not src.strip() else target_path
-            raise DataError(f"{empty} line {number}: empty sentence (parallel files need one sentence per line)")
+            raise DataError(
+                f"{empty} line {number}: empty sentence (parallel files need one sentence per line)"
+            )
     return [(src.strip(), tgt.strip()) for src, tgt in zip(sources, targets, strict=True)]
 
 
@@ -275,7 +277,9 @@ def read_pair_splits(config: DataConfig) -> PairSplits:
     if not parts["train"]:
         raise DataError("the training split has no sentence pairs")
     if not parts.get("val"):
-        raise DataError("the validation split has no sentence pairs: give data.val or raise its fraction in data.split")
+        raise DataError(
+            "the validation split has no sentence pairs: give data.val or raise its fraction in data.split"
+        )
     return PairSplits(train=parts["train"], val=parts["val"], test=parts.get("test", []))
 
 
@@ -293,7 +297,9 @@ def encode_pairs(
     return encoded
 
 
-def collate_pairs(items: list[tuple[list[int], list[int]]], *, bos_id: int, eos_id: int, pad_id: int = 0) -> PairBatch:
+def collate_pairs(
+    items: list[tuple[list[int], list[int]]], *, bos_id: int, eos_id: int, pad_id: int = 0
+) -> PairBatch:
     """Pad a list of (source ids, target ids) into a PairBatch; targets get <bos> in and <eos> out."""
     src_len = max(len(s) for s, _ in items)
     tgt_len = max(len(t) for _, t in items) + 1
@@ -316,12 +322,26 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def pair_batches(pairs: list[tuple[list[int], list[int]]], batch_size: int, *, seed: int, bos_id: int,
-                 eos_id: int, shuffle: bool = True, name: str = "train") -> ShuffledBatches:
+def pair_batches(
+    pairs: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    *,
+    seed: int,
+    bos_id: int,
+    eos_id: int,
+    shuffle: bool = True,
+    name: str = "train",
+) -> ShuffledBatches:
     """Length-bucketed batches of sentence pairs (similar lengths together, little padding)."""
-    return ShuffledBatches(pairs, batch_size, seed=seed, shuffle=shuffle, buckets=True,
-                           collate=functools.partial(collate_pairs, bos_id=bos_id, eos_id=eos_id),
-                           empty=f"the {name} split has no sentence pairs within data.max_len")
+    return ShuffledBatches(
+        pairs,
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        buckets=True,
+        collate=functools.partial(collate_pairs, bos_id=bos_id, eos_id=eos_id),
+        empty=f"the {name} split has no sentence pairs within data.max_len",
+    )
 
 
 # ---- records: instruction tuning (SFT) and preference pairs (DPO) ---------------------------------
@@ -374,7 +394,9 @@ def read_record_splits(config: DataConfig, fields: tuple[str, ...]) -> dict[str,
     return parts
 
 
-def prompt_response_ids(tokenizer, prompt: str, response: str, context: int | None) -> tuple[list[int], list[int]]:
+def prompt_response_ids(
+    tokenizer, prompt: str, response: str, context: int | None
+) -> tuple[list[int], list[int]]:
     """(input ids, target ids) of prompt + response + <eos>; targets are PAD except on the response.
 
     A sequence longer than the context keeps the response and the end of the prompt.
@@ -391,7 +413,9 @@ def prompt_response_ids(tokenizer, prompt: str, response: str, context: int | No
     return ids[:-1], targets
 
 
-def collate_sequences(rows: list[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_sequences(
+    rows: list[tuple[list[int], list[int]]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad (inputs, targets) rows into two (B, T) tensors."""
     width = max(len(inputs) for inputs, _ in rows)
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -412,8 +436,17 @@ class ShuffledBatches:
     `collate` turns a list of examples into a batch; iterating gives one ordered pass (evaluation).
     """
 
-    def __init__(self, examples: list, batch_size: int, *, seed: int, collate: Callable[[list], Any],
-                 shuffle: bool = True, buckets: bool = False, empty: str = "no training examples") -> None:
+    def __init__(
+        self,
+        examples: list,
+        batch_size: int,
+        *,
+        seed: int,
+        collate: Callable[[list], Any],
+        shuffle: bool = True,
+        buckets: bool = False,
+        empty: str = "no training examples",
+    ) -> None:
         if not examples:
             raise DataError(empty)
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
@@ -421,7 +454,9 @@ class ShuffledBatches:
         self.buckets: list[list[int]] | None = None
         if buckets:
             tie = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-            order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), len(examples[i][1]), tie[i]))
+            order = sorted(
+                range(len(examples)), key=lambda i: (len(examples[i][0]), len(examples[i][1]), tie[i])
+            )
             self.buckets = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
             self.batches_per_epoch = len(self.buckets)
         elif shuffle:
@@ -446,7 +481,9 @@ class ShuffledBatches:
     def __iter__(self) -> Iterator[Any]:
         """One pass in a fixed order (length order for buckets), for evaluation."""
         size, count = self.batch_size, len(self.examples)
-        groups = self.buckets or [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+        groups = self.buckets or [
+            list(range(start, min(start + size, count))) for start in range(0, count, size)
+        ]
         for indices in groups:
             yield self.collate([self.examples[i] for i in indices])
 
@@ -471,7 +508,9 @@ def sft_batch(rows: list[tuple[list[int], list[int]]]) -> LMBatch:
     return LMBatch(inputs, targets, True)
 
 
-def preference_batch(rows: list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]) -> PreferenceBatch:
+def preference_batch(
+    rows: list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]],
+) -> PreferenceBatch:
     """Chosen and rejected sequences padded to one width, so one forward pass scores both."""
     inputs, targets = collate_sequences([chosen for chosen, _ in rows] + [rejected for _, rejected in rows])
     half = len(rows)

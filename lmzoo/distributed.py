@@ -114,7 +114,9 @@ def mean_over_ranks(ctx: DistContext, value: float, device: torch.device) -> flo
     """The mean of a number over all ranks (each rank's loss -> the global batch's loss)."""
     if not ctx.enabled:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    tensor = torch.tensor(
+        [value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device
+    )
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor.item()) / ctx.world_size
 
@@ -137,7 +139,9 @@ def gather_to_main(ctx: DistContext, value: Any) -> list[Any] | None:
     return found
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device, strategy: str) -> torch.nn.Module:
+def wrap_model(
+    model: torch.nn.Module, ctx: DistContext, device: torch.device, strategy: str
+) -> torch.nn.Module:
     """The module the training step calls: DDP, FSDP (fully_shard, in place), or the model itself."""
     if not ctx.enabled:
         return model
@@ -179,8 +183,12 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
-                    optimizer_state: dict[str, Any]) -> None:
+def load_full_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+) -> None:
     """Load full (unsharded) model and optimiser state dicts into an FSDP model; each rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,

@@ -28,8 +28,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def token_weighted_loss(
-    model: torch.nn.Module, batches: Iterable, loss_of: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], *,
-    device: torch.device, precision: str, max_batches: int | None = None,
+    model: torch.nn.Module,
+    batches: Iterable,
+    loss_of: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: str,
+    max_batches: int | None = None,
 ) -> dict[str, float]:
     """Mean NLL over every scored token of `batches` (each batch's mean weighted by its token count).
 
@@ -76,7 +81,11 @@ def evaluate_lm(
 
 
 def evaluate_seq2seq(
-    model: torch.nn.Module, batches, *, device: torch.device, precision: str = "fp32",
+    model: torch.nn.Module,
+    batches,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Teacher-forced mean NLL (nats) and perplexity over target tokens (padding excluded)."""
@@ -87,12 +96,22 @@ def evaluate_seq2seq(
         h, _ = model.decode_hidden(tgt_in, model.encode(src, src_mask), src_mask)
         return model.head.loss(h, tgt_out, ignore_index=PAD_ID), tgt_out
 
-    return token_weighted_loss(model, batches, loss_of, device=device, precision=precision, max_batches=max_batches)
+    return token_weighted_loss(
+        model, batches, loss_of, device=device, precision=precision, max_batches=max_batches
+    )
 
 
 def translate_corpus(
-    model: torch.nn.Module, sources: list[str], source_tokenizer, target_tokenizer, *, max_len: int,
-    beam: int = 1, length_penalty: float = 1.0, batch_size: int = 64, device: torch.device,
+    model: torch.nn.Module,
+    sources: list[str],
+    source_tokenizer,
+    target_tokenizer,
+    *,
+    max_len: int,
+    beam: int = 1,
+    length_penalty: float = 1.0,
+    batch_size: int = 64,
+    device: torch.device,
 ) -> list[str]:
     """Translate sentences in length-sorted batches (greedy for beam 1, else beam search), in input order."""
     from lmzoo.data import collate_pairs
@@ -106,13 +125,25 @@ def translate_corpus(
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            src = collate_pairs([(encoded[i], []) for i in chunk], bos_id=tgt.bos_id, eos_id=tgt.eos_id).source
+            src = collate_pairs(
+                [(encoded[i], []) for i in chunk], bos_id=tgt.bos_id, eos_id=tgt.eos_id
+            ).source
             src = src.to(device)
             if beam == 1:
-                ids = decode_batch(model, src, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len, banned_ids=banned)
+                ids = decode_batch(
+                    model, src, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len, banned_ids=banned
+                )
             else:
-                hyps = beam_search(model, src, beam=beam, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len,
-                                   length_penalty=length_penalty, banned_ids=banned)
+                hyps = beam_search(
+                    model,
+                    src,
+                    beam=beam,
+                    bos_id=tgt.bos_id,
+                    eos_id=tgt.eos_id,
+                    max_len=max_len,
+                    length_penalty=length_penalty,
+                    banned_ids=banned,
+                )
                 ids = [h[0].tokens for h in hyps]
             for i, tokens in zip(chunk, ids, strict=True):
                 outputs[i] = tgt.decode(tokens)
@@ -127,7 +158,12 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
 
 
 def evaluate_run(
-    run: Any, *, data: str | Path | None = None, split: str = "val", beam: int = 5, checkpoint_tag: str = "best",
+    run: Any,
+    *,
+    data: str | Path | None = None,
+    split: str = "val",
+    beam: int = 5,
+    checkpoint_tag: str = "best",
     device: torch.device,
 ) -> dict[str, float]:
     """Score a trained `Run` on a text file (or pairs), or on its own validation/test split.
@@ -149,30 +185,49 @@ def evaluate_run(
         raise ConfigError(f"the run's {split} split is empty; pass --data FILE")
     cfg = run.config
     return evaluate_lm(
-        model, encode_stream(run.tokenizer, text), batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
-        seq_len=cfg.seq_len, device=device, precision=pick_precision(device, cfg.train.precision),
+        model,
+        encode_stream(run.tokenizer, text),
+        batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+        seq_len=cfg.seq_len,
+        device=device,
+        precision=pick_precision(device, cfg.train.precision),
     )
 
 
-def _evaluate_seq2seq_run(run: Any, model: torch.nn.Module, *, data: str | Path | None, split: str,
-                          device: torch.device, beam: int) -> dict[str, float]:
+def _evaluate_seq2seq_run(
+    run: Any, model: torch.nn.Module, *, data: str | Path | None, split: str, device: torch.device, beam: int
+) -> dict[str, float]:
     from lmzoo.data import encode_pairs, pair_batches, read_pair_file, read_pair_splits
     from lmzoo.device import pick_precision
     from lmzoo.errors import ConfigError
 
     cfg = run.config
-    pairs = read_pair_file(cfg.data, str(data)) if data is not None else getattr(read_pair_splits(cfg.data), split)
+    pairs = (
+        read_pair_file(cfg.data, str(data))
+        if data is not None
+        else getattr(read_pair_splits(cfg.data), split)
+    )
     if not pairs:
         raise ConfigError(f"the run's {split} split has no sentence pairs; pass --data")
     source_tok, target_tok = run.tokenizer, run.target_tokenizer
     encoded = encode_pairs(pairs, source_tok, target_tok, max_len=cfg.data.max_len)
-    batches = pair_batches(encoded, cfg.data.eval_batch_size or cfg.data.batch_size, seed=0,
-                           bos_id=target_tok.bos_id, eos_id=target_tok.eos_id, shuffle=False, name=split)
-    metrics = evaluate_seq2seq(model, batches, device=device, precision=pick_precision(device, cfg.train.precision))
+    batches = pair_batches(
+        encoded,
+        cfg.data.eval_batch_size or cfg.data.batch_size,
+        seed=0,
+        bos_id=target_tok.bos_id,
+        eos_id=target_tok.eos_id,
+        shuffle=False,
+        name=split,
+    )
+    metrics = evaluate_seq2seq(
+        model, batches, device=device, precision=pick_precision(device, cfg.train.precision)
+    )
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     for label, width in (("greedy", 1), (f"beam{beam}", beam)):
-        hyps = translate_corpus(model, sources, source_tok, target_tok, max_len=cfg.data.max_len, beam=width,
-                                device=device)
+        hyps = translate_corpus(
+            model, sources, source_tok, target_tok, max_len=cfg.data.max_len, beam=width, device=device
+        )
         metrics[f"bleu_{label}"] = corpus_bleu(hyps, references)
     metrics["sentences"] = float(len(pairs))
     return metrics

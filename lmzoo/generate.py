@@ -125,7 +125,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, warn: Callable[[str], None]
     unknown = tokenizer.unknown_pieces(prompt)
     if unknown and warn is not None:
         shown = ", ".join(repr(p) for p in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        warn(f"warning: {len(unknown)} piece(s) of the prompt are not in the vocabulary ({shown}); read as <unk>")
+        warn(
+            f"warning: {len(unknown)} piece(s) of the prompt are not in the vocabulary ({shown}); read as <unk>"
+        )
     ids = tokenizer.encode(prompt)
     return ids or start_ids(tokenizer)
 

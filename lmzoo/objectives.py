@@ -53,7 +53,9 @@ class LMObjective:
 
     def __call__(self, forward: Any, batch: LMBatch) -> tuple[torch.Tensor, int]:
         state_in = None if (batch.starts_epoch or not self.carry) else self.state
-        loss, state_out = forward(batch.inputs, state_in, targets=batch.targets, label_smoothing=self.label_smoothing)
+        loss, state_out = forward(
+            batch.inputs, state_in, targets=batch.targets, label_smoothing=self.label_smoothing
+        )
         if self.carry:
             self.state = detach_state(state_out)
         return loss, batch.targets.numel()
@@ -73,8 +75,9 @@ class Seq2SeqObjective:
         self.label_smoothing = label_smoothing
 
     def __call__(self, forward: Any, batch: PairBatch) -> tuple[torch.Tensor, int]:
-        loss, _ = forward(batch.source, batch.target_in, targets=batch.target_out,
-                          label_smoothing=self.label_smoothing)
+        loss, _ = forward(
+            batch.source, batch.target_in, targets=batch.target_out, label_smoothing=self.label_smoothing
+        )
         return loss, int((batch.target_out != PAD_ID).sum())
 
     def state_dict(self) -> dict[str, Any]:
@@ -132,6 +135,8 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str
     """Reward accuracy (ties count half), mean margin, mean chosen and rejected rewards."""
     accuracy = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
     return {
-        "reward_accuracy": float(accuracy.mean()), "reward_margin": float((chosen - rejected).mean()),
-        "reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
+        "reward_accuracy": float(accuracy.mean()),
+        "reward_margin": float((chosen - rejected).mean()),
+        "reward_chosen": float(chosen.mean()),
+        "reward_rejected": float(rejected.mean()),
     }

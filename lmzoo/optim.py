@@ -67,8 +67,16 @@ class TrainStep:
     """
 
     def __init__(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Any, objective: Any,
-        cfg: TrainConfig, device: torch.device, precision: str, forward: Any = None, dist: DistContext = SINGLE,
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Any,
+        objective: Any,
+        cfg: TrainConfig,
+        device: torch.device,
+        precision: str,
+        forward: Any = None,
+        dist: DistContext = SINGLE,
     ) -> None:
         self.model, self.optimizer, self.batches, self.objective = model, optimizer, batches, objective
         self.cfg, self.device, self.precision = cfg, device, precision
@@ -108,7 +116,9 @@ class TrainStep:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf"))
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP returns a DTensor
+        grad_norm = float(
+            norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        )  # FSDP returns a DTensor
         loss = mean_over_ranks(self.dist, loss_sum / accum, self.device)  # the global batch's loss
         applied = self.scaler is not None or (math.isfinite(loss) and math.isfinite(grad_norm))
         if self.scaler is not None:

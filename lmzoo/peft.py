@@ -104,8 +104,10 @@ def apply_finetune(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     if config.method == "lora":
         patterns = config.targets if config.targets is not None else list(model.default_lora_targets)
         targets = [
-            name for name, p in model.named_parameters()
-            if p.dim() >= 2 and any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+            name
+            for name, p in model.named_parameters()
+            if p.dim() >= 2
+            and any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
             and "embedding" not in name
         ]
         if not targets:
@@ -117,16 +119,24 @@ def apply_finetune(model: nn.Module, config: FinetuneConfig) -> nn.Module:
             owner_name, _, attribute = name.rpartition(".")
             owner = model.get_submodule(owner_name)
             weight = getattr(owner, attribute)
-            parametrize.register_parametrization(owner, attribute, LoRA(weight, config.r, config.alpha, config.dropout))
+            parametrize.register_parametrization(
+                owner, attribute, LoRA(weight, config.r, config.alpha, config.dropout)
+            )
             _refresh_rnn(owner)
     else:
         sites = _adapter_sites(model, config.sites)
         if not sites:
             offered = ", ".join(name for name, _ in model.adapter_sites()) or "none"
-            raise ConfigError(f"finetune.sites: {config.sites} match no adapter site of this model (it offers: {offered})")
+            raise ConfigError(
+                f"finetune.sites: {config.sites} match no adapter site of this model (it offers: {offered})"
+            )
         for parent, name, width in sites:
             inner = getattr(parent, name)
-            setattr(parent, name, AdapterAfter(inner, width, config.bottleneck).to(next(inner.parameters()).device))
+            setattr(
+                parent,
+                name,
+                AdapterAfter(inner, width, config.bottleneck).to(next(inner.parameters()).device),
+            )
     return model
 
 

@@ -131,8 +131,9 @@ class Run:
     # ---- opening and creating ----
 
     @classmethod
-    def open(cls, where: str | Path | None = None, *, runs_dir: str | Path = "runs",
-             base: str | Path | None = None) -> Run:
+    def open(
+        cls, where: str | Path | None = None, *, runs_dir: str | Path = "runs", base: str | Path | None = None
+    ) -> Run:
         """A trained run from a path, a name under `runs_dir`, or (None) the newest run there."""
         if where is None:
             found = cls.latest(runs_dir)
@@ -160,8 +161,11 @@ class Run:
         root = Path(runs_dir)
         if not root.is_dir():
             return None
-        runs = [d for d in root.iterdir() if d.is_dir() and checkpoint.has_checkpoint(d)
-                and (name is None or _is_named(d, name))]
+        runs = [
+            d
+            for d in root.iterdir()
+            if d.is_dir() and checkpoint.has_checkpoint(d) and (name is None or _is_named(d, name))
+        ]
         return max(runs, key=checkpoint.checkpoint_time, default=None)
 
     @classmethod
@@ -189,7 +193,10 @@ class Run:
         self.write_config()
         if self.config.init_from:
             base = Path(self.config.init_from).resolve()
-            record = {"path": os.path.relpath(base, self.path.resolve()), "weights_sha256": _weights_hash(base)}
+            record = {
+                "path": os.path.relpath(base, self.path.resolve()),
+                "weights_sha256": _weights_hash(base),
+            }
             atomic_write_text(self.path / BASE_FILE, json.dumps(record))
 
     @classmethod
@@ -268,7 +275,11 @@ class Run:
         """checkpoints/<tag>; 'best' falls back to 'last' for a run that never evaluated."""
         if tag not in ("best", "last"):
             raise ConfigError(f"--checkpoint must be best or last, got {tag!r}")
-        return checkpoint.best_checkpoint(self.path) if tag == "best" else checkpoint.checkpoint_dir(self.path, tag)
+        return (
+            checkpoint.best_checkpoint(self.path)
+            if tag == "best"
+            else checkpoint.checkpoint_dir(self.path, tag)
+        )
 
     def info(self, tag: str = "best") -> dict[str, Any]:
         return checkpoint.read_info(self.checkpoint(tag))
@@ -310,8 +321,13 @@ class Run:
 
     # ---- models ----
 
-    def initial_model(self, device: torch.device | str = "cpu", *, vocab_size: int | tuple[int, int] | None = None,
-                      base_weights: bool = True) -> nn.Module:
+    def initial_model(
+        self,
+        device: torch.device | str = "cpu",
+        *,
+        vocab_size: int | tuple[int, int] | None = None,
+        base_weights: bool = True,
+    ) -> nn.Module:
         """The model this run starts from: fresh, or the base run's weights; then LoRA or adapters as
         `finetune` says. `vocab_size` defaults to the saved tokenizers'; `base_weights=False` skips
         loading the base weights (the caller overwrites every tensor)."""
@@ -336,7 +352,11 @@ class Run:
             ckpt = self.checkpoint(checkpoint_tag)
             adapter_only = (ckpt / checkpoint.ADAPTER).is_file()
             # A LoRA/adapter checkpoint holds only its own tensors: the frozen base comes from the base run.
-            model = self.initial_model(device) if adapter_only else build_model(self.config.model, self.vocab_size)
+            model = (
+                self.initial_model(device)
+                if adapter_only
+                else build_model(self.config.model, self.vocab_size)
+            )
             checkpoint.load_checkpoint_weights(model, ckpt)
             self._models[key] = model.to(device).eval()
         return self._models[key]
@@ -353,8 +373,16 @@ class Run:
         fields = merged.model_dump(exclude={"prompt"})
         return SamplingOptions(**{**fields, "stop": tuple(fields["stop"])})
 
-    def generate(self, prompt: str, *, checkpoint_tag: str = "best", device: str = "auto", seed: int | None = None,
-                 warn: Callable[[str], None] | None = None, **sampling: Any) -> Iterator[str]:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        checkpoint_tag: str = "best",
+        device: str = "auto",
+        seed: int | None = None,
+        warn: Callable[[str], None] | None = None,
+        **sampling: Any,
+    ) -> Iterator[str]:
         """Stream the continuation of `prompt` (language models) or its translation (seq2seq), as text pieces."""
         from lmzoo.generate import generate
         from lmzoo.translate import translate_stream
@@ -365,13 +393,30 @@ class Run:
         if seed is not None:
             generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         if self.kind == "seq2seq":
-            return translate_stream(model, self.tokenizer, self.target_tokenizer, prompt, max_len=self._target_limit(
-                options.max_new_tokens), options=options, generator=generator, warn=warn)
+            return translate_stream(
+                model,
+                self.tokenizer,
+                self.target_tokenizer,
+                prompt,
+                max_len=self._target_limit(options.max_new_tokens),
+                options=options,
+                generator=generator,
+                warn=warn,
+            )
         return generate(model, self.tokenizer, prompt, options, generator=generator, warn=warn)
 
-    def translate(self, text: str, *, beam: int = 5, n_best: int = 1, length_penalty: float = 1.0,
-                  max_new_tokens: int | None = None, checkpoint_tag: str = "best", device: str = "auto",
-                  warn: Callable[[str], None] | None = None) -> list[tuple[str, float]]:
+    def translate(
+        self,
+        text: str,
+        *,
+        beam: int = 5,
+        n_best: int = 1,
+        length_penalty: float = 1.0,
+        max_new_tokens: int | None = None,
+        checkpoint_tag: str = "best",
+        device: str = "auto",
+        warn: Callable[[str], None] | None = None,
+    ) -> list[tuple[str, float]]:
         """seq2seq runs: the `n_best` beam-search translations of `text` with their scores."""
         from lmzoo.translate import translate
 
@@ -380,27 +425,52 @@ class Run:
         if beam < 1 or not 1 <= n_best <= beam:
             raise ConfigError("--beam must be >= 1 and --n-best between 1 and --beam")
         model = self.model(checkpoint_tag, pick_device(device))
-        return translate(model, self.tokenizer, self.target_tokenizer, text, max_len=self._target_limit(max_new_tokens),
-                         beam=beam, length_penalty=length_penalty, n_best=n_best, warn=warn)
+        return translate(
+            model,
+            self.tokenizer,
+            self.target_tokenizer,
+            text,
+            max_len=self._target_limit(max_new_tokens),
+            beam=beam,
+            length_penalty=length_penalty,
+            n_best=n_best,
+            warn=warn,
+        )
 
     def _target_limit(self, max_new_tokens: int | None) -> int:
         return min(self.config.data.max_len, max_new_tokens or self.config.data.max_len)
 
-    def evaluate(self, data: str | Path | None = None, split: str = "val", *, beam: int = 5,
-                 checkpoint_tag: str = "best", device: str = "auto") -> dict[str, float]:
+    def evaluate(
+        self,
+        data: str | Path | None = None,
+        split: str = "val",
+        *,
+        beam: int = 5,
+        checkpoint_tag: str = "best",
+        device: str = "auto",
+    ) -> dict[str, float]:
         """Loss and perplexity on a text file or the run's val/test split; seq2seq runs add greedy and beam BLEU."""
         from lmzoo.evaluate import evaluate_run
 
-        return evaluate_run(self, data=data, split=split, beam=beam, checkpoint_tag=checkpoint_tag,
-                            device=pick_device(device))
+        return evaluate_run(
+            self, data=data, split=split, beam=beam, checkpoint_tag=checkpoint_tag, device=pick_device(device)
+        )
 
-    def score(self, text: str, *, source: str | None = None, checkpoint_tag: str = "best",
-              device: str = "auto", top_k: int = 5) -> Any:
+    def score(
+        self,
+        text: str,
+        *,
+        source: str | None = None,
+        checkpoint_tag: str = "best",
+        device: str = "auto",
+        top_k: int = 5,
+    ) -> Any:
         """Per-token log-probabilities of `text` (for seq2seq runs: of the target given `source`)."""
         from lmzoo.inspect import score_text
 
-        return score_text(self, text, source=source, checkpoint_tag=checkpoint_tag, device=pick_device(device),
-                          top_k=top_k)
+        return score_text(
+            self, text, source=source, checkpoint_tag=checkpoint_tag, device=pick_device(device), top_k=top_k
+        )
 
     def merge(self, out: str | Path | None = None) -> Run:
         """Fold a LoRA run into a plain run (config without init_from/finetune, full weights)."""
@@ -409,16 +479,26 @@ class Run:
         if self.config.finetune is None or self.config.finetune.method == "full":
             raise CheckpointError(f"{self.path} is not a LoRA run; its weights are already plain")
         if self.config.finetune.method == "adapter":
-            raise CheckpointError(f"{self.path} uses adapters, which add layers and cannot be folded into the base")
+            raise CheckpointError(
+                f"{self.path} uses adapters, which add layers and cannot be folded into the base"
+            )
         model = merge_finetune(self.model("best"))
         self._models.clear()
         target = Path(out) if out is not None else None
         if target is not None and target.exists():
             raise CheckpointError(f"{target} already exists; choose another --out")
         name = target.name if target is not None else f"{self.name}-merged"
-        config = self.config.model_copy(update={"init_from": None, "finetune": None, "name": name,
-                                                "out_dir": str(target.parent if target else self.path.parent)})
+        config = self.config.model_copy(
+            update={
+                "init_from": None,
+                "finetune": None,
+                "name": name,
+                "out_dir": str(target.parent if target else self.path.parent),
+            }
+        )
         merged = Run.create(config)
         merged.save_tokenizers(self.tokenizer, self.target_tokenizer)
-        checkpoint.save_checkpoint(merged.path, "best", model, info={**self.info(), "merged_from": str(self.path)})
+        checkpoint.save_checkpoint(
+            merged.path, "best", model, info={**self.info(), "merged_from": str(self.path)}
+        )
         return merged

@@ -130,17 +130,25 @@ class TaskContext:
         with eval_mode(model), autocast(self.device, self.precision):
             return make()
 
-    def sampler(self, model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, **extra: Any) -> Callable[[int], str]:
+    def sampler(
+        self, model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, **extra: Any
+    ) -> Callable[[int], str]:
         """A short sample for TensorBoard, from its own generator so training randomness is untouched."""
         sample = self.config.sample
-        options = SamplingOptions(max_new_tokens=min(sample.max_new_tokens, 200), temperature=sample.temperature,
-                                  top_k=sample.top_k, top_p=sample.top_p,
-                                  repetition_penalty=sample.repetition_penalty, **extra)
+        options = SamplingOptions(
+            max_new_tokens=min(sample.max_new_tokens, 200),
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+            top_p=sample.top_p,
+            repetition_penalty=sample.repetition_penalty,
+            **extra,
+        )
 
         def make(step: int) -> str:
             generator = torch.Generator(device=self.device).manual_seed(self.config.seed + step)
-            return prompt + self.in_eval_mode(model, lambda: "".join(
-                generate(model, tokenizer, prompt, options, generator=generator)))
+            return prompt + self.in_eval_mode(
+                model, lambda: "".join(generate(model, tokenizer, prompt, options, generator=generator))
+            )
 
         return make
 
@@ -168,14 +176,29 @@ def _lm_task(context: TaskContext) -> Task:
     model = context.make_model(tokenizer.vocab_size)
 
     def evaluate() -> Metrics:
-        return Metrics(evaluate_lm(model, val_stream, batch_size=context.eval_batch_size, seq_len=seq_len,
-                                   max_batches=config.train.eval_batches, device=context.device,
-                                   precision=context.precision))
+        return Metrics(
+            evaluate_lm(
+                model,
+                val_stream,
+                batch_size=context.eval_batch_size,
+                seq_len=seq_len,
+                max_batches=config.train.eval_batches,
+                device=context.device,
+                precision=context.precision,
+            )
+        )
 
     objective = LMObjective(carry=carries_state and sequential, label_smoothing=config.train.label_smoothing)
-    return Task(tokenizer=tokenizer, target_tokenizer=None, model=model, batches=batches, objective=objective,
-                tokens_per_epoch=len(train_stream), evaluate=evaluate,
-                sample=context.sampler(model, tokenizer, config.sample.prompt))
+    return Task(
+        tokenizer=tokenizer,
+        target_tokenizer=None,
+        model=model,
+        batches=batches,
+        objective=objective,
+        tokens_per_epoch=len(train_stream),
+        evaluate=evaluate,
+        sample=context.sampler(model, tokenizer, config.sample.prompt),
+    )
 
 
 def _carries_state(config: RunConfig) -> bool:
@@ -185,23 +208,44 @@ def _carries_state(config: RunConfig) -> bool:
 def _seq2seq_task(context: TaskContext) -> Task:
     config = context.config
     pairs = read_pair_splits(config.data)
-    source_tok, target_tok = _pair_tokenizers(context, pairs.train + pairs.val + pairs.test
-                                              if config.tokenizer.fit_on == "all" else pairs.train)
+    source_tok, target_tok = _pair_tokenizers(
+        context, pairs.train + pairs.val + pairs.test if config.tokenizer.fit_on == "all" else pairs.train
+    )
     max_len = config.data.max_len
     ids = {"bos_id": target_tok.bos_id, "eos_id": target_tok.eos_id}
     train_pairs = encode_pairs(pairs.train, source_tok, target_tok, max_len=max_len)
     batches = pair_batches(train_pairs, context.batch_size, seed=config.seed, **ids)  # fails before the model
-    val_batches = pair_batches(encode_pairs(pairs.val, source_tok, target_tok, max_len=max_len),
-                               context.eval_batch_size, seed=0, shuffle=False, name="validation", **ids)
+    val_batches = pair_batches(
+        encode_pairs(pairs.val, source_tok, target_tok, max_len=max_len),
+        context.eval_batch_size,
+        seed=0,
+        shuffle=False,
+        name="validation",
+        **ids,
+    )
     model = context.make_model((source_tok.vocab_size, target_tok.vocab_size))
     bleu_pairs = pairs.val[: config.train.bleu_sentences]
 
     def evaluate() -> Metrics:
-        values = evaluate_seq2seq(model, val_batches, device=context.device, precision=context.precision,
-                                  max_batches=config.train.eval_batches)
+        values = evaluate_seq2seq(
+            model,
+            val_batches,
+            device=context.device,
+            precision=context.precision,
+            max_batches=config.train.eval_batches,
+        )
         if bleu_pairs:
-            hyps = context.in_eval_mode(model, lambda: translate_corpus(
-                model, [s for s, _ in bleu_pairs], source_tok, target_tok, max_len=max_len, device=context.device))
+            hyps = context.in_eval_mode(
+                model,
+                lambda: translate_corpus(
+                    model,
+                    [s for s, _ in bleu_pairs],
+                    source_tok,
+                    target_tok,
+                    max_len=max_len,
+                    device=context.device,
+                ),
+            )
             values["bleu"] = corpus_bleu(hyps, [t for _, t in bleu_pairs])
         by_bleu = config.train.best_metric == "bleu"
         return Metrics(values, key="bleu" if by_bleu else "loss", higher_is_better=by_bleu)
@@ -210,14 +254,22 @@ def _seq2seq_task(context: TaskContext) -> Task:
         from lmzoo.translate import translate
 
         source, reference = pairs.val[0]
-        [(hyp, _)] = context.in_eval_mode(model, lambda: [
-            translate(model, source_tok, target_tok, source, max_len=max_len)[0]])
+        [(hyp, _)] = context.in_eval_mode(
+            model, lambda: [translate(model, source_tok, target_tok, source, max_len=max_len)[0]]
+        )
         return f"{source}\n-> {hyp}\n(reference: {reference})"
 
     tokens = sum(len(t) + 1 for _, t in train_pairs)
-    return Task(tokenizer=source_tok, target_tokenizer=target_tok, model=model, batches=batches,
-                objective=Seq2SeqObjective(label_smoothing=config.train.label_smoothing), tokens_per_epoch=tokens,
-                evaluate=evaluate, sample=sample)
+    return Task(
+        tokenizer=source_tok,
+        target_tokenizer=target_tok,
+        model=model,
+        batches=batches,
+        objective=Seq2SeqObjective(label_smoothing=config.train.label_smoothing),
+        tokens_per_epoch=tokens,
+        evaluate=evaluate,
+        sample=sample,
+    )
 
 
 def _pair_tokenizers(context: TaskContext, fit_pairs: list[tuple[str, str]]) -> tuple[Tokenizer, Tokenizer]:
@@ -237,24 +289,44 @@ def _sft_task(context: TaskContext) -> Task:
     """Instruction tuning: the loss covers only the response tokens of each templated record."""
     config = context.config
     parts = read_record_splits(config.data, ("instruction", "input", "output"))
-    prompts = {name: [(config.data.template.format(instruction=r["instruction"], input=r["input"]), r["output"])
-                      for r in records] for name, records in parts.items()}
+    prompts = {
+        name: [
+            (config.data.template.format(instruction=r["instruction"], input=r["input"]), r["output"])
+            for r in records
+        ]
+        for name, records in parts.items()
+    }
     tokenizer = context.tokenizer(lambda: "\n".join(p + r for p, r in prompts["train"]))
     context_len = config.model.context_len
-    encoded = {name: [prompt_response_ids(tokenizer, p, r, context_len) for p, r in pairs]
-               for name, pairs in prompts.items()}
+    encoded = {
+        name: [prompt_response_ids(tokenizer, p, r, context_len) for p, r in pairs]
+        for name, pairs in prompts.items()
+    }
     batches = ShuffledBatches(encoded["train"], context.batch_size, seed=config.seed, collate=sft_batch)
     val = ShuffledBatches(encoded["val"], context.eval_batch_size, seed=0, collate=sft_batch, shuffle=False)
     model = context.make_model(tokenizer.vocab_size)
 
     def evaluate() -> Metrics:
-        return Metrics(token_weighted_loss(model, val, lambda b: (model(b.inputs, targets=b.targets)[0], b.targets),
-                                           device=context.device, precision=context.precision))
+        return Metrics(
+            token_weighted_loss(
+                model,
+                val,
+                lambda b: (model(b.inputs, targets=b.targets)[0], b.targets),
+                device=context.device,
+                precision=context.precision,
+            )
+        )
 
-    return Task(tokenizer=tokenizer, target_tokenizer=None, model=model, batches=batches,
-                objective=LMObjective(carry=False, label_smoothing=config.train.label_smoothing),
-                tokens_per_epoch=sum(len(t) for _, t in encoded["train"]), evaluate=evaluate,
-                sample=context.sampler(model, tokenizer, prompts["val"][0][0], stop=("\n\n",)))
+    return Task(
+        tokenizer=tokenizer,
+        target_tokenizer=None,
+        model=model,
+        batches=batches,
+        objective=LMObjective(carry=False, label_smoothing=config.train.label_smoothing),
+        tokens_per_epoch=sum(len(t) for _, t in encoded["train"]),
+        evaluate=evaluate,
+        sample=context.sampler(model, tokenizer, prompts["val"][0][0], stop=("\n\n",)),
+    )
 
 
 def _dpo_task(context: TaskContext) -> Task:
@@ -268,14 +340,22 @@ def _dpo_task(context: TaskContext) -> Task:
     tokenizer = context.tokenizer(lambda: "")
     context_len = config.model.context_len
 
-    def encode(records: list[dict[str, str]]) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
-        return [(prompt_response_ids(tokenizer, r["prompt"], r["chosen"], context_len),
-                 prompt_response_ids(tokenizer, r["prompt"], r["rejected"], context_len)) for r in records]
+    def encode(
+        records: list[dict[str, str]],
+    ) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
+        return [
+            (
+                prompt_response_ids(tokenizer, r["prompt"], r["chosen"], context_len),
+                prompt_response_ids(tokenizer, r["prompt"], r["rejected"], context_len),
+            )
+            for r in records
+        ]
 
     train = encode(parts["train"])
     batches = ShuffledBatches(train, context.batch_size, seed=config.seed, collate=preference_batch)
-    val = ShuffledBatches(encode(parts["val"]), context.eval_batch_size, seed=0, collate=preference_batch,
-                          shuffle=False)
+    val = ShuffledBatches(
+        encode(parts["val"]), context.eval_batch_size, seed=0, collate=preference_batch, shuffle=False
+    )
     model = context.make_model(tokenizer.vocab_size)
     objective = DPOObjective(config.train.dpo_beta, _reference(model))
     pretrain_val = _base_validation_stream(context, tokenizer)
@@ -284,23 +364,38 @@ def _dpo_task(context: TaskContext) -> Task:
         values = _dpo_validation(model, objective, val, context)
         if pretrain_val is not None:
             base = context.base_config
-            lm = evaluate_lm(model, pretrain_val, batch_size=context.eval_batch_size, seq_len=base.seq_len,
-                             max_batches=config.train.eval_batches, device=context.device,
-                             precision=context.precision)
+            lm = evaluate_lm(
+                model,
+                pretrain_val,
+                batch_size=context.eval_batch_size,
+                seq_len=base.seq_len,
+                max_batches=config.train.eval_batches,
+                device=context.device,
+                precision=context.precision,
+            )
             values["pretrain_loss"] = lm["loss"]
         return Metrics(values)
 
-    return Task(tokenizer=tokenizer, target_tokenizer=None, model=model, batches=batches, objective=objective,
-                tokens_per_epoch=sum(len(c[1]) + len(r[1]) for c, r in train), evaluate=evaluate,
-                sample=context.sampler(model, tokenizer, parts["val"][0]["prompt"]))
+    return Task(
+        tokenizer=tokenizer,
+        target_tokenizer=None,
+        model=model,
+        batches=batches,
+        objective=objective,
+        tokens_per_epoch=sum(len(c[1]) + len(r[1]) for c, r in train),
+        evaluate=evaluate,
+        sample=context.sampler(model, tokenizer, parts["val"][0]["prompt"]),
+    )
 
 
 def _reference(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """DPO's frozen reference: the same weights with LoRA/adapters off (no second copy), else a frozen copy."""
     if has_adapters(model):
+
         def frozen(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             with adapters_disabled(model), eval_mode(model):
                 return sequence_logprobs(model, inputs, targets)
+
         return frozen
     reference_model = copy.deepcopy(model).eval().requires_grad_(False)
     return lambda inputs, targets: sequence_logprobs(reference_model, inputs, targets)
@@ -316,8 +411,9 @@ def _base_validation_stream(context: TaskContext, tokenizer: Tokenizer) -> torch
     return encode_stream(tokenizer, read_splits(base.data).val)
 
 
-def _dpo_validation(model: torch.nn.Module, objective: DPOObjective, val: ShuffledBatches,
-                    context: TaskContext) -> dict[str, float]:
+def _dpo_validation(
+    model: torch.nn.Module, objective: DPOObjective, val: ShuffledBatches, context: TaskContext
+) -> dict[str, float]:
     chosen, rejected, losses = [], [], []
     with torch.inference_mode(), eval_mode(model):
         for batch in val:

@@ -38,7 +38,9 @@ class TokenizerEntry:
 TOKENIZER_REGISTRY: dict[str, TokenizerEntry] = {}
 
 
-def register_tokenizer(kind: str, *, config: type[TokenizerConfig]) -> Callable[[type[Tokenizer]], type[Tokenizer]]:
+def register_tokenizer(
+    kind: str, *, config: type[TokenizerConfig]
+) -> Callable[[type[Tokenizer]], type[Tokenizer]]:
     """Class decorator: make `kind` usable as `tokenizer: {kind: ...}` in a run config."""
 
     def decorate(cls: type[Tokenizer]) -> type[Tokenizer]:
@@ -191,17 +193,25 @@ class WordTokenizer(VocabTokenizer):
 
     @classmethod
     def fit(cls, text: str, config: Any) -> WordTokenizer:
-        probe = cls([], lowercase=config.lowercase, filters=config.filters, newline_token=config.newline_token)
+        probe = cls(
+            [], lowercase=config.lowercase, filters=config.filters, newline_token=config.newline_token
+        )
         counts = Counter(w for w in probe.words(text) if w != EOS)
         ranked = sorted((w for w, c in counts.items() if c >= config.min_freq), key=lambda w: (-counts[w], w))
         if config.max_vocab is not None:
             ranked = ranked[: max(0, config.max_vocab - len(SPECIALS))]
-        return cls(ranked, lowercase=config.lowercase, filters=config.filters, newline_token=config.newline_token)
+        return cls(
+            ranked, lowercase=config.lowercase, filters=config.filters, newline_token=config.newline_token
+        )
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> WordTokenizer:
-        return cls(payload["tokens"], lowercase=payload["lowercase"], filters=payload.get("filters", KERAS_FILTERS),
-                   newline_token=payload["newline_token"])
+        return cls(
+            payload["tokens"],
+            lowercase=payload["lowercase"],
+            filters=payload.get("filters", KERAS_FILTERS),
+            newline_token=payload["newline_token"],
+        )
 
     def encode(self, text: str) -> list[int]:
         get, unk = self.stoi.get, self.unk_id
@@ -326,4 +336,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(f"{path}: {err}") from None
     except Exception as err:  # a damaged file: name it instead of showing a traceback
         raise CheckpointError(f"{path}: corrupt tokenizer file ({type(err).__name__}: {err})") from None
-

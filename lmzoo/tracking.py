@@ -139,5 +139,8 @@ class LogWindow:
 def describe_metrics(metrics: Any) -> str:
     """`loss 1.2345, ppl 3.44, BLEU 12.3000` for the progress line, from lmzoo.tasks.Metrics."""
     names = {"bleu": "BLEU"}
-    return ", ".join(f"{names.get(k, k)} {v:.2f}" if k == "ppl" else f"{names.get(k, k)} {v:.4f}"
-                     for k, v in metrics.values.items() if k != "tokens")
+    return ", ".join(
+        f"{names.get(k, k)} {v:.2f}" if k == "ppl" else f"{names.get(k, k)} {v:.4f}"
+        for k, v in metrics.values.items()
+        if k != "tokens"
+    )

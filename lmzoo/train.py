@@ -118,7 +118,10 @@ class Setup:
 
 
 def setup_training(
-    config: RunConfig, tokenizers: dict[str, Any] | None = None, dist: DistContext = SINGLE, run: Run | None = None
+    config: RunConfig,
+    tokenizers: dict[str, Any] | None = None,
+    dist: DistContext = SINGLE,
+    run: Run | None = None,
 ) -> Setup:
     """Read and tokenize the data (fitting tokenizers unless given), build model, optimiser and step.
 
@@ -132,9 +135,13 @@ def setup_training(
     if tokenizers is None and base is not None:
         tokenizers = base.tokenizers()  # a fine-tune reuses its base run's tokenizers as they are
     context = TaskContext(
-        config=config, device=device, precision=precision, tokenizers=tokenizers,
+        config=config,
+        device=device,
+        precision=precision,
+        tokenizers=tokenizers,
         make_model=lambda vocab: run.initial_model(device, vocab_size=vocab),
-        batch_size=config.data.batch_size * dist.world_size, base_config=base.config if base else None,
+        batch_size=config.data.batch_size * dist.world_size,
+        base_config=base.config if base else None,
     )
     task = build_task(context)
     if dist.enabled:
@@ -142,14 +149,31 @@ def setup_training(
         seed_everything(config.seed + dist.rank)  # same initial weights, different dropout per rank
     forward = wrap_model(task.model, dist, device, config.train.strategy)
     optimizer = make_optimizer(task.model, config.train, device)
-    stepper = TrainStep(task.model, optimizer, task.batches, task.objective, config.train, device, precision,
-                        forward=forward, dist=dist)
-    return Setup(device=device, precision=precision, task=task, stepper=stepper, dist=dist, run=run,
-                 max_steps=config.train.resolved_max_steps(len(task.batches)))
+    stepper = TrainStep(
+        task.model,
+        optimizer,
+        task.batches,
+        task.objective,
+        config.train,
+        device,
+        precision,
+        forward=forward,
+        dist=dist,
+    )
+    return Setup(
+        device=device,
+        precision=precision,
+        task=task,
+        stepper=stepper,
+        dist=dist,
+        run=run,
+        max_steps=config.train.resolved_max_steps(len(task.batches)),
+    )
 
 
-def open_run(config: RunConfig, resume: bool, dist: DistContext = SINGLE, say: Callable[[str], None] = print
-             ) -> tuple[Run, bool]:
+def open_run(
+    config: RunConfig, resume: bool, dist: DistContext = SINGLE, say: Callable[[str], None] = print
+) -> tuple[Run, bool]:
     """(the run to train, resuming?) A new run gets a fresh directory; --resume continues the newest run
     of this name from its last checkpoint, or starts it when there is none yet (a requeued job that
     died before its first checkpoint). Under torchrun rank 0 decides and the others follow."""
@@ -158,7 +182,9 @@ def open_run(config: RunConfig, resume: bool, dist: DistContext = SINGLE, say: C
         resumable = Run.for_resume(config)
         found = None if resumable is None else str(resumable.path)
         if resumable is None:
-            say(f"--resume: run {config.name!r} has no checkpoint under {config.out_dir}/ yet; starting it at step 0")
+            say(
+                f"--resume: run {config.name!r} has no checkpoint under {config.out_dir}/ yet; starting it at step 0"
+            )
     found = from_main(dist, found)
     if found is not None:
         if not dist.is_main:  # rank 0's Run.for_resume checked the config already
@@ -187,9 +213,10 @@ def train(
         return Trainer(config, dist, resume=resume, progress=progress, resume_hint=resume_hint).run(on_step)
     except (RuntimeError, OSError) as err:
         if dist.enabled and _is_peer_failure(err):
+            reason = str(err).splitlines()[0][:160]
             raise TrainingStopped(
-                f"rank {dist.rank}: another process of this distributed run stopped ({str(err).splitlines()[0][:160]}); "
-                "exiting", EXIT_PEER_FAILED,
+                f"rank {dist.rank}: another process of this distributed run stopped ({reason}); exiting",
+                EXIT_PEER_FAILED,
             ) from None
         raise
     finally:
@@ -198,19 +225,24 @@ def train(
 
 def _is_peer_failure(err: Exception) -> bool:
     text = f"{type(err).__name__} {err}".lower()
-    return any(word in text for word in ("connection", "gloo", "nccl", "timed out", "timeout", "broken pipe", "peer"))
+    return any(
+        word in text for word in ("connection", "gloo", "nccl", "timed out", "timeout", "broken pipe", "peer")
+    )
 
 
 class Trainer:
     """One training run: setup from the config (or the run being resumed), then the loop."""
 
-    def __init__(self, config: RunConfig, dist: DistContext, *, resume: bool, progress: bool,
-                 resume_hint: str | None) -> None:
+    def __init__(
+        self, config: RunConfig, dist: DistContext, *, resume: bool, progress: bool, resume_hint: str | None
+    ) -> None:
         self.config, self.dist, self.tcfg = config, dist, config.train
         self.bar = ProgressBar(0, 0, enabled=False, quiet=not dist.is_main)
         self.run_, self.resuming = open_run(config, resume, dist, say=self.bar.write)
         self.run_dir = self.run_.path
-        self.setup = setup_training(config, self.run_.tokenizers() if self.resuming else None, dist, self.run_)
+        self.setup = setup_training(
+            config, self.run_.tokenizers() if self.resuming else None, dist, self.run_
+        )
         self.task, self.stepper, self.model = self.setup.task, self.setup.stepper, self.setup.task.model
         self.loop = LoopState()
         if self.resuming:
@@ -220,9 +252,14 @@ class Trainer:
                 self.run_.start()  # only now: a setup problem leaves no directory behind
                 self.run_.save_tokenizers(self.task.tokenizer, self.task.target_tokenizer)
             self.run_.write_config()  # the resolved config: every default, and seq_len filled in
-        self.tracker = Tracker(self.run_dir, resume_step=self.loop.step if self.resuming else None) if dist.is_main else None
-        self.bar = ProgressBar(self.setup.max_steps, self.loop.step, enabled=progress and dist.is_main,
-                               quiet=not dist.is_main)
+        self.tracker = (
+            Tracker(self.run_dir, resume_step=self.loop.step if self.resuming else None)
+            if dist.is_main
+            else None
+        )
+        self.bar = ProgressBar(
+            self.setup.max_steps, self.loop.step, enabled=progress and dist.is_main, quiet=not dist.is_main
+        )
         self.hint = resume_hint or f"lmzoo train <config> --resume  (run {self.run_dir})"
         self._announce()
 
@@ -230,16 +267,28 @@ class Trainer:
         trainable, total = parameter_counts(self.model)
         share = f", {trainable:,} trainable ({trainable / total:.2%})" if trainable != total else ""
         world, batch, accum = self.dist.world_size, self.config.data.batch_size, self.tcfg.grad_accum
-        scale = (f", {world} processes x batch {batch} x accumulation {accum} = global batch "
-                 f"{world * batch * accum}") if self.dist.enabled else ""
+        scale = (
+            (
+                f", {world} processes x batch {batch} x accumulation {accum} = global batch "
+                f"{world * batch * accum}"
+            )
+            if self.dist.enabled
+            else ""
+        )
         self.bar.write(
             f"lmzoo: {'resuming' if self.resuming else 'training'} {self.config.model.name} ({total:,} parameters"
             f"{share}, vocab {self.task.tokenizer.vocab_size}) on {self.setup.device.type}, {self.setup.precision}, "
             f"{self.setup.max_steps} steps{scale} -> {self.run_dir}"
         )
         if self.tracker is not None and not self.resuming:
-            self.tracker.log(0, {"params/trainable": float(trainable), "params/total": float(total),
-                                 "global_batch": float(world * batch * accum)})
+            self.tracker.log(
+                0,
+                {
+                    "params/trainable": float(trainable),
+                    "params/total": float(total),
+                    "global_batch": float(world * batch * accum),
+                },
+            )
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -267,9 +316,18 @@ class Trainer:
         optimizer_state = self._optimizer_state()
         model = self._checkpoint_model()
         if self.dist.is_main:
-            state = {**asdict(self.loop), **self.stepper.state_dict(), "optimizer": optimizer_state,
-                     "ranks": ranks, "world_size": self.dist.world_size}
-            info = {"step": self.loop.step, "best_score": self.loop.best_score, "best_metric": self.tcfg.best_metric}
+            state = {
+                **asdict(self.loop),
+                **self.stepper.state_dict(),
+                "optimizer": optimizer_state,
+                "ranks": ranks,
+                "world_size": self.dist.world_size,
+            }
+            info = {
+                "step": self.loop.step,
+                "best_score": self.loop.best_score,
+                "best_metric": self.tcfg.best_metric,
+            }
             checkpoint.save_checkpoint(self.run_dir, "last", model, info=info, train_state=state)
         barrier(self.dist)
 
@@ -278,8 +336,11 @@ class Trainer:
             return self.stepper.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.stepper.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            self.model,
+            self.stepper.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
 
     def _restore(self) -> None:
         last = checkpoint.checkpoint_dir(self.run_dir, "last")
@@ -303,8 +364,12 @@ class Trainer:
         mine = ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0]
         self.task.objective.load_state_dict(mine)
         set_rng_state(mine["rng"])
-        self.loop = LoopState(step=state["step"], tokens_seen=state["tokens_seen"],
-                              best_score=_saved_best(state), evals_since_best=state["evals_since_best"])
+        self.loop = LoopState(
+            step=state["step"],
+            tokens_seen=state["tokens_seen"],
+            best_score=_saved_best(state),
+            evals_since_best=state["evals_since_best"],
+        )
 
     # ---- evaluation -----------------------------------------------------------------------------
 
@@ -321,15 +386,22 @@ class Trainer:
             self.loop.best_score, self.loop.evals_since_best = metrics.score, 0
             model = self._checkpoint_model()
             if self.dist.is_main:
-                info = {"step": self.loop.step, "best_metric": metrics.key,
-                        **{f"val_{k}": v for k, v in metrics.values.items() if k != "tokens"}}
+                info = {
+                    "step": self.loop.step,
+                    "best_metric": metrics.key,
+                    **{f"val_{k}": v for k, v in metrics.values.items() if k != "tokens"},
+                }
                 checkpoint.save_checkpoint(self.run_dir, "best", model, info=info)
         else:
             self.loop.evals_since_best += 1
         if self.tracker is not None:
-            self.tracker.log(self.loop.step, {f"val/{k}": v for k, v in metrics.values.items() if k != "tokens"})
+            self.tracker.log(
+                self.loop.step, {f"val/{k}": v for k, v in metrics.values.items() if k != "tokens"}
+            )
             self.tracker.text(self.loop.step, "sample", sample)
-        self.bar.write(f"step {self.loop.step}: val {describe_metrics(metrics)}{' (best)' if improved else ''}")
+        self.bar.write(
+            f"step {self.loop.step}: val {describe_metrics(metrics)}{' (best)' if improved else ''}"
+        )
         stop = self.tcfg.patience is not None and self.loop.evals_since_best >= self.tcfg.patience
         return bool(from_main(self.dist, stop))
 
@@ -375,7 +447,8 @@ class Trainer:
             raise TrainingStopped(
                 f"the loss became {result.loss} (gradient norm {result.grad_norm}) at step {self.loop.step + 1}; "
                 f"stopped without saving it. The last good checkpoint is in {self.run_dir / 'checkpoints'} "
-                "(lower train.lr, or set train.nan_policy: skip)", EXIT_NONFINITE,
+                "(lower train.lr, or set train.nan_policy: skip)",
+                EXIT_NONFINITE,
             )
         self.bar.write(f"warning: non-finite loss or gradient at step {self.loop.step + 1}; update skipped")
 
@@ -383,11 +456,17 @@ class Trainer:
         speed = window.tokens / max(time.perf_counter() - window.start, 1e-9)
         mean_loss = window.loss / window.steps
         if self.tracker is not None:
-            self.tracker.log(self.loop.step, {
-                "train/loss": mean_loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_sec": speed,
-                "train/epoch": self.loop.tokens_seen / max(1, self.task.tokens_per_epoch),
-                **{f"train/{key}": value / window.steps for key, value in window.extra.items()},
-            })
+            self.tracker.log(
+                self.loop.step,
+                {
+                    "train/loss": mean_loss,
+                    "lr": lr,
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_sec": speed,
+                    "train/epoch": self.loop.tokens_seen / max(1, self.task.tokens_per_epoch),
+                    **{f"train/{key}": value / window.steps for key, value in window.extra.items()},
+                },
+            )
         self.bar.update(window.steps, loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
         window.reset()
 
@@ -401,10 +480,13 @@ class Trainer:
             code = EXIT_SIGNAL.get(stop.signal, EXIT_SIGNAL[signal.SIGTERM])
             raise TrainingStopped(
                 f"interrupted at step {loop.step}/{self.setup.max_steps}; saved "
-                f"{self.run_dir / 'checkpoints' / 'last'}. Resume with: {self.hint}", code,
+                f"{self.run_dir / 'checkpoints' / 'last'}. Resume with: {self.hint}",
+                code,
             )
         if finishing and loop.step < self.setup.max_steps:
-            self.bar.write(f"early stopping at step {loop.step}: no improvement in {tcfg.patience} evaluations")
+            self.bar.write(
+                f"early stopping at step {loop.step}: no improvement in {tcfg.patience} evaluations"
+            )
             return True
         return False
 

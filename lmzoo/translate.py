@@ -40,8 +40,10 @@ def encode_source(
     limit = model.max_source_len
     if limit is not None and len(ids) + 1 > limit:
         if warn is not None:
-            warn(f"warning: the text is {len(ids) + 1} tokens long with <eos>, more than the model's "
-                 f"{limit} source positions; translating its first {limit - 1} tokens")
+            warn(
+                f"warning: the text is {len(ids) + 1} tokens long with <eos>, more than the model's "
+                f"{limit} source positions; translating its first {limit - 1} tokens"
+            )
         ids = ids[: limit - 1]
     device = next(model.parameters()).device
     return torch.tensor([ids + [tokenizer.eos_id]], device=device)
@@ -49,8 +51,14 @@ def encode_source(
 
 @torch.inference_mode()
 def decode_batch(
-    model: torch.nn.Module, src: torch.Tensor, *, bos_id: int, eos_id: int, max_len: int,
-    options: SamplingOptions | None = None, generator: torch.Generator | None = None,
+    model: torch.nn.Module,
+    src: torch.Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    options: SamplingOptions | None = None,
+    generator: torch.Generator | None = None,
     banned_ids: tuple[int, ...] = (),
 ) -> list[list[int]]:
     """Greedy (options None or greedy) or sampled decoding of a batch of sources (B, S)."""
@@ -80,8 +88,15 @@ def decode_batch(
 
 @torch.inference_mode()
 def decode_stream(
-    model: torch.nn.Module, src: torch.Tensor, *, bos_id: int, eos_id: int, max_len: int,
-    options: SamplingOptions, generator: torch.Generator | None = None, banned_ids: tuple[int, ...] = (),
+    model: torch.nn.Module,
+    src: torch.Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    options: SamplingOptions,
+    generator: torch.Generator | None = None,
+    banned_ids: tuple[int, ...] = (),
 ) -> Iterator[int]:
     """Yield the target ids of one source (1, S) as they are decoded, stopping at <eos>."""
     src_mask = src == PAD_ID
@@ -91,7 +106,9 @@ def decode_stream(
     seen = torch.zeros(1, model.head.vocab_size, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
         logits, state = model.decode(token, memory, src_mask, state)
-        choice = next_token(_banned(logits[:, -1].float(), banned_ids), options, seen=seen, generator=generator)
+        choice = next_token(
+            _banned(logits[:, -1].float(), banned_ids), options, seen=seen, generator=generator
+        )
         if int(choice) == eos_id:
             return
         seen[0, choice] = True
@@ -101,8 +118,16 @@ def decode_stream(
 
 @torch.inference_mode()
 def beam_search(
-    model: torch.nn.Module, src: torch.Tensor, *, beam: int, bos_id: int, eos_id: int, max_len: int,
-    length_penalty: float = 1.0, n_best: int = 1, banned_ids: tuple[int, ...] = (),
+    model: torch.nn.Module,
+    src: torch.Tensor,
+    *,
+    beam: int,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    length_penalty: float = 1.0,
+    n_best: int = 1,
+    banned_ids: tuple[int, ...] = (),
 ) -> list[list[Hypothesis]]:
     """The n best hypotheses of each source in the batch (B, S), best first."""
     batch, device = src.shape[0], src.device
@@ -131,7 +156,9 @@ def beam_search(
         next_rows, next_tokens, next_scores = [], [], []
         for b in range(batch):
             picked = []
-            for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist(), strict=True)):
+            for rank, (score, flat) in enumerate(
+                zip(top_scores[b].tolist(), top_ids[b].tolist(), strict=True)
+            ):
                 source_beam, token = divmod(flat, vocab)
                 row = b * beam + source_beam
                 if done[b] or score == float("-inf"):
@@ -171,29 +198,59 @@ def beam_search(
 
 
 def translate(
-    model: torch.nn.Module, source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, text: str, *,
-    max_len: int, beam: int = 1, length_penalty: float = 1.0, n_best: int = 1,
+    model: torch.nn.Module,
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
+    text: str,
+    *,
+    max_len: int,
+    beam: int = 1,
+    length_penalty: float = 1.0,
+    n_best: int = 1,
     warn: Callable[[str], None] | None = None,
 ) -> list[tuple[str, float]]:
     """(translation, score) pairs for one sentence: greedy when beam is 1, else the n best beams."""
     src = encode_source(model, source_tokenizer, text, warn)
     banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
-    hyps = beam_search(model, src, beam=beam, bos_id=target_tokenizer.bos_id, eos_id=target_tokenizer.eos_id,
-                       max_len=max_len, length_penalty=length_penalty, n_best=n_best, banned_ids=banned)[0]
+    hyps = beam_search(
+        model,
+        src,
+        beam=beam,
+        bos_id=target_tokenizer.bos_id,
+        eos_id=target_tokenizer.eos_id,
+        max_len=max_len,
+        length_penalty=length_penalty,
+        n_best=n_best,
+        banned_ids=banned,
+    )[0]
     return [(target_tokenizer.decode(h.tokens), h.score) for h in hyps]
 
 
 def translate_stream(
-    model: torch.nn.Module, source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, text: str, *,
-    max_len: int, options: SamplingOptions, generator: torch.Generator | None = None,
+    model: torch.nn.Module,
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
+    text: str,
+    *,
+    max_len: int,
+    options: SamplingOptions,
+    generator: torch.Generator | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Iterator[str]:
     """Stream the translation of one sentence as text pieces (greedy or sampled)."""
     src = encode_source(model, source_tokenizer, text, warn)
     banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
     stream = TextStream(target_tokenizer)
-    for token in decode_stream(model, src, bos_id=target_tokenizer.bos_id, eos_id=target_tokenizer.eos_id,
-                               max_len=max_len, options=options, generator=generator, banned_ids=banned):
+    for token in decode_stream(
+        model,
+        src,
+        bos_id=target_tokenizer.bos_id,
+        eos_id=target_tokenizer.eos_id,
+        max_len=max_len,
+        options=options,
+        generator=generator,
+        banned_ids=banned,
+    ):
         piece = stream.push(token)
         if piece:
             yield piece

@@ -82,7 +82,9 @@ def forward_flops_per_token(model: nn.Module, targets: torch.Tensor | None = Non
             for index, cluster in enumerate(module.tail):
                 low, high = module.cutoffs[index], module.cutoffs[index + 1]
                 share = float(((flat >= low) & (flat < high)).float().mean()) if flat is not None else 0.0
-                total += share * sum(2 * m.in_features * m.out_features for m in cluster if isinstance(m, nn.Linear))
+                total += share * sum(
+                    2 * m.in_features * m.out_features for m in cluster if isinstance(m, nn.Linear)
+                )
         elif isinstance(module, nn.Linear) and not _inside_adaptive(model, module):
             total += 2 * module.in_features * module.out_features
     for module in model.modules():
@@ -119,7 +121,9 @@ def load_setup(config_name: str, overrides: list[str] | None = None):
     return config, setup_training(config)
 
 
-def time_generation(model: nn.Module, tokenizer, n_tokens: int = 1000, repeats: int = 7) -> tuple[float, float]:
+def time_generation(
+    model: nn.Module, tokenizer, n_tokens: int = 1000, repeats: int = 7
+) -> tuple[float, float]:
     """Tokens/s over the first 100 and the last 100 of n_tokens new tokens (greedy, one prompt token).
 
     Each token's time is the median over `repeats` generations, and a window's speed is 1 / the
@@ -163,7 +167,9 @@ def row_recurrent(name: str, steps: int) -> dict:
     _, y, _ = setup.stepper.batches.next()
     flops = 3 * forward_flops_per_token(setup.model, y, config.seq_len)
     result["train_gflops_fp32"] = flops * result["train_tok_s_fp32"] / 1e9
-    result["gen_tok_s_first100"], result["gen_tok_s_last100"] = time_generation(setup.model, setup.task.tokenizer)
+    result["gen_tok_s_first100"], result["gen_tok_s_last100"] = time_generation(
+        setup.model, setup.task.tokenizer
+    )
     result["params"] = sum(p.numel() for p in setup.model.parameters())
     return result
 
@@ -199,7 +205,10 @@ def row_word(steps: int) -> dict:
     def baseline_step() -> None:
         nonlocal hidden
         x, y, _ = batches.next()
-        x, y = x.t().contiguous().to(setup.device), y.t().contiguous().to(setup.device)  # (T, B) like the original
+        x, y = (
+            x.t().contiguous().to(setup.device),
+            y.t().contiguous().to(setup.device),
+        )  # (T, B) like the original
         hidden = None if hidden is None else tuple(h.detach() for h in hidden)
         logits, hidden = baseline(x, hidden)
         loss = nn.functional.cross_entropy(logits.view(-1, vocab), y.view(-1))
@@ -216,8 +225,11 @@ def row_word(steps: int) -> dict:
     tokens = config.data.batch_size * config.seq_len
     _, y, _ = batches.next()
     return {
-        "row": "lstm_word", "device": setup.device.type, "vocab": vocab,
-        "baseline_tok_s": tokens / seconds["baseline"], "lmzoo_tok_s": tokens / seconds["lmzoo"],
+        "row": "lstm_word",
+        "device": setup.device.type,
+        "vocab": vocab,
+        "baseline_tok_s": tokens / seconds["baseline"],
+        "lmzoo_tok_s": tokens / seconds["lmzoo"],
         "speedup": seconds["baseline"] / seconds["lmzoo"],
         "lmzoo_gflops": 3 * forward_flops_per_token(setup.model, y) * tokens / seconds["lmzoo"] / 1e9,
         "baseline_gflops": 3 * forward_flops_per_token(baseline) * tokens / seconds["baseline"] / 1e9,
@@ -238,11 +250,16 @@ class PlainGPT(nn.Module):
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(context, d)
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({
-                "ln1": nn.LayerNorm(d, bias=False), "qkv": nn.Linear(d, 3 * d, bias=False),
-                "proj": nn.Linear(d, d, bias=False), "ln2": nn.LayerNorm(d, bias=False),
-                "fc": nn.Linear(d, 4 * d, bias=False), "out": nn.Linear(4 * d, d, bias=False),
-            })
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(d, bias=False),
+                    "qkv": nn.Linear(d, 3 * d, bias=False),
+                    "proj": nn.Linear(d, d, bias=False),
+                    "ln2": nn.LayerNorm(d, bias=False),
+                    "fc": nn.Linear(d, 4 * d, bias=False),
+                    "out": nn.Linear(4 * d, d, bias=False),
+                }
+            )
             for _ in range(layers)
         )
         self.ln_f = nn.LayerNorm(d, bias=False)
@@ -298,8 +315,12 @@ def row_gpt(steps: int) -> dict:
     tokens = batch * seq
     _, y, _ = setup.stepper.batches.next()
     flops = 3 * forward_flops_per_token(setup.model, y, seq)
-    result = {"row": "gpt", "device": setup.device.type, "default_precision": default,
-              "model_gflop_per_token": flops / 1e9}
+    result = {
+        "row": "gpt",
+        "device": setup.device.type,
+        "default_precision": default,
+        "model_gflop_per_token": flops / 1e9,
+    }
     for name, sec in seconds.items():
         result[f"{name}_tok_s"] = tokens / sec
         result[f"{name}_gflops"] = flops * tokens / sec / 1e9
@@ -336,8 +357,12 @@ def gpt_generation(context: int = 256, new_tokens: int = 512, device: str = "cpu
     _sync()
     without_cache = new_tokens / (time.perf_counter() - start)
     same_prefix = ids[0, 1 : 1 + context].tolist() == cached[:context]
-    return {"gen_tok_s_kv_cache": with_cache, "gen_tok_s_recompute": without_cache,
-            "gen_cache_speedup": with_cache / without_cache, "gen_same_tokens_within_context": same_prefix}
+    return {
+        "gen_tok_s_kv_cache": with_cache,
+        "gen_tok_s_recompute": without_cache,
+        "gen_cache_speedup": with_cache / without_cache,
+        "gen_same_tokens_within_context": same_prefix,
+    }
 
 
 def row_finetune(method: str, steps: int) -> dict:
@@ -353,7 +378,9 @@ def row_finetune(method: str, steps: int) -> dict:
     torch.manual_seed(0)
     model = build_model(config.model, 69).to(device)
     if method != "full":
-        apply_finetune(model, FinetuneConfig(method=method, targets=["*attn.in_proj.weight", "*attn.out_proj.weight"]))
+        apply_finetune(
+            model, FinetuneConfig(method=method, targets=["*attn.in_proj.weight", "*attn.out_proj.weight"])
+        )
     optimizer = make_optimizer(model, config.train, device)
     batch, seq = 8, config.model.context_length
     x = torch.randint(4, 69, (batch, seq), device=device)
@@ -367,8 +394,14 @@ def row_finetune(method: str, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
     trainable, total = parameter_counts(model)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
-    return {"row": f"finetune_{method}", "device": device.type, "trainable": trainable, "total": total,
-            "peak_mb": peak, "rss_before_mb": before}
+    return {
+        "row": f"finetune_{method}",
+        "device": device.type,
+        "trainable": trainable,
+        "total": total,
+        "peak_mb": peak,
+        "rss_before_mb": before,
+    }
 
 
 def row_tokenizers(steps: int) -> dict:
@@ -413,8 +446,15 @@ def row_decode(steps: int) -> dict:
         sources = [s for s, _ in read_pair_splits(config.data).test[:200]]
         for label, beam in (("greedy", 1), ("beam5", 5)):
             start = time.perf_counter()
-            translate_corpus(model, sources, src_tok, tgt_tok, max_len=config.data.max_len, beam=beam,
-                             device=torch.device("cpu"))
+            translate_corpus(
+                model,
+                sources,
+                src_tok,
+                tgt_tok,
+                max_len=config.data.max_len,
+                beam=beam,
+                device=torch.device("cpu"),
+            )
             result[f"{name}_{label}_sent_s"] = len(sources) / (time.perf_counter() - start)
     return result
 
@@ -506,27 +546,43 @@ def format_table(peaks: dict, results: list[dict]) -> str:
             ]
     for r in results:
         if r.get("row") == "decode" and "error" not in r:
-            lines += ["", "| seq2seq decoding, 200 test sentences | greedy sentences/s | beam 5 sentences/s |", "|---|---|---|"]
+            lines += [
+                "",
+                "| seq2seq decoding, 200 test sentences | greedy sentences/s | beam 5 sentences/s |",
+                "|---|---|---|",
+            ]
             for name in ("seq2seq", "transformer_small"):
                 note = "" if r[f"{name}_trained"] else " (untrained: decodes to max_len)"
-                lines.append(f"| {name}{note} | {r[f'{name}_greedy_sent_s']:.1f} | {r[f'{name}_beam5_sent_s']:.1f} |")
+                lines.append(
+                    f"| {name}{note} | {r[f'{name}_greedy_sent_s']:.1f} | {r[f'{name}_beam5_sent_s']:.1f} |"
+                )
         if r.get("row") == "tokenizers" and "error" not in r:
             lines += ["", f"| encoding {r['chars']:,} characters | seconds | tokens |", "|---|---|---|"]
-            lines += [f"| {kind} | {r[f'{kind}_encode_s']:.2f} | {r[f'{kind}_tokens']:,} |" for kind in ("char", "word", "bpe")]
+            lines += [
+                f"| {kind} | {r[f'{kind}_encode_s']:.2f} | {r[f'{kind}_tokens']:,} |"
+                for kind in ("char", "word", "bpe")
+            ]
     tuned = [r for r in results if r.get("row", "").startswith("finetune_") and "error" not in r]
     if tuned:
         full = next((r for r in tuned if r["row"] == "finetune_full"), tuned[0])
         memory = "peak GPU memory allocated" if full["device"] == "cuda" else "peak process RSS"
-        lines += ["", f"| fine-tuning a 6x384 GPT (gpt_gpu.yaml size), batch 8x256 | trainable params | {memory} MB | vs full |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            f"| fine-tuning a 6x384 GPT (gpt_gpu.yaml size), batch 8x256 | trainable params | {memory} MB | vs full |",
+            "|---|---|---|---|",
+        ]
         for r in tuned:
-            lines.append(f"| {r['row'][9:]} | {r['trainable']:,} of {r['total']:,} ({r['trainable'] / r['total']:.1%}) | "
-                         f"{r['peak_mb']:,.0f} | {r['peak_mb'] / full['peak_mb']:.2f}x |")
+            lines.append(
+                f"| {r['row'][9:]} | {r['trainable']:,} of {r['total']:,} ({r['trainable'] / r['total']:.1%}) | "
+                f"{r['peak_mb']:,.0f} | {r['peak_mb'] / full['peak_mb']:.2f}x |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", default="all", help=f"row or group: {', '.join([*ROW_GROUPS, *ROWS])}")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -541,8 +597,11 @@ def main() -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown row {unknown[0]!r}")
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16),
-             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    peaks = {
+        "fp32": matmul_peak(torch.float32),
+        "bf16": matmul_peak(torch.bfloat16),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     results = [run_row(name, args.steps) for name in names]
     print(format_table(peaks, results))
     if args.json:

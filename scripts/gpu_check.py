@@ -45,7 +45,11 @@ def train_speed(precision: str, compile_model: bool, steps: int) -> dict:
     from lmzoo.config import load_config
     from lmzoo.train import setup_training
 
-    overrides = [f"train.precision={precision}", f"train.compile={str(compile_model).lower()}", "train.device=cuda"]
+    overrides = [
+        f"train.precision={precision}",
+        f"train.compile={str(compile_model).lower()}",
+        "train.device=cuda",
+    ]
     config = load_config(ROOT / "configs" / "gpt_gpu.yaml", overrides)
     setup = setup_training(config)
     start = time.perf_counter()
@@ -63,9 +67,16 @@ def train_speed(precision: str, compile_model: bool, steps: int) -> dict:
     tokens = config.data.batch_size * config.seq_len
     _, y, _ = setup.stepper.batches.next()
     flops = 3 * forward_flops_per_token(setup.model, y, config.seq_len) * tokens
-    return {"precision": precision, "compile": compile_model, "tok_s": tokens / seconds,
-            "tflops": flops / seconds / 1e12, "ms_per_step": seconds * 1e3, "warmup_s": warmup,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "last_loss": losses[-1]}
+    return {
+        "precision": precision,
+        "compile": compile_model,
+        "tok_s": tokens / seconds,
+        "tflops": flops / seconds / 1e12,
+        "ms_per_step": seconds * 1e3,
+        "warmup_s": warmup,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "last_loss": losses[-1],
+    }
 
 
 def generation_speed() -> dict:
@@ -81,7 +92,9 @@ def lstm_lora_on_cuda() -> dict:
     from lmzoo.peft import apply_finetune
 
     torch.manual_seed(0)
-    model = build_model({"name": "lstm", "embedding_dim": 32, "hidden_size": 64, "num_layers": 2, "dropout": 0.0}, 50).cuda()
+    model = build_model(
+        {"name": "lstm", "embedding_dim": 32, "hidden_size": 64, "num_layers": 2, "dropout": 0.0}, 50
+    ).cuda()
     ids = torch.randint(4, 50, (4, 20), device="cuda")
     before, _ = model(ids)
     apply_finetune(model, FinetuneConfig(method="lora", targets=["*weight_ih*", "*weight_hh*"]))
@@ -93,13 +106,20 @@ def lstm_lora_on_cuda() -> dict:
     optimizer.step()
     changed = not torch.allclose(model(ids)[0], before, atol=1e-4)
     frozen_untouched = all(p.grad is None for p in model.parameters() if not p.requires_grad)
-    return {"same_at_start": same_at_start, "changed_after_step": changed, "lora_tensors": len(grads),
-            "B_grads_nonzero": all(v > 0 for n, v in grads.items() if n.endswith(".B")),
-            "frozen_have_no_grad": frozen_untouched, "cudnn": torch.backends.cudnn.is_available()}
+    return {
+        "same_at_start": same_at_start,
+        "changed_after_step": changed,
+        "lora_tensors": len(grads),
+        "B_grads_nonzero": all(v > 0 for n, v in grads.items() if n.endswith(".B")),
+        "frozen_have_no_grad": frozen_untouched,
+        "cudnn": torch.backends.cudnn.is_available(),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

@@ -36,8 +36,9 @@ def corrupt(text: str, rate: float, rng: random.Random) -> str:
     return "".join(out)
 
 
-def pairs(text: str, count: int, prompt_chars: int, response_chars: int, rejected: str,
-          rng: random.Random) -> list[dict]:
+def pairs(
+    text: str, count: int, prompt_chars: int, response_chars: int, rejected: str, rng: random.Random
+) -> list[dict]:
     """`count` pairs cut at random places of `text` (newlines kept: they are part of the verse)."""
     span = prompt_chars + response_chars
     records = []
@@ -58,7 +59,9 @@ def pairs(text: str, count: int, prompt_chars: int, response_chars: int, rejecte
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--prompt-chars", type=int, default=40)
@@ -70,8 +73,10 @@ def main() -> None:
     cut = round(len(lines) * 0.9)  # configs/gpt.yaml's split: train lines, then validation lines
     rng = random.Random(args.seed)
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, text, count in (("train", "".join(lines[:cut]), args.train),
-                              ("heldout", "".join(lines[cut:]), args.heldout)):
+    for name, text, count in (
+        ("train", "".join(lines[:cut]), args.train),
+        ("heldout", "".join(lines[cut:]), args.heldout),
+    ):
         records = pairs(text, count, args.prompt_chars, args.response_chars, args.rejected, rng)
         with open(OUT / f"{name}.jsonl", "w", encoding="utf-8") as handle:
             for record in records:

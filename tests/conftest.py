@@ -26,6 +26,7 @@ SENTENCES = [
 ]
 TINY_TEXT = "".join(line + "\n" for line in SENTENCES * 15)  # 45 lines, ~1000 characters
 
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():

@@ -48,7 +48,9 @@ def test_changing_later_tokens_leaves_earlier_logits_bit_identical(attention, se
 # ---- the fused path against the formula -----------------------------------------------------------
 
 
-def attention_pair(d_model: int = 16, heads: int = 4, seed: int = 0) -> tuple[MultiHeadAttention, MultiHeadAttention]:
+def attention_pair(
+    d_model: int = 16, heads: int = 4, seed: int = 0
+) -> tuple[MultiHeadAttention, MultiHeadAttention]:
     """The same weights behind the SDPA path and the explicit path."""
     torch.manual_seed(seed)
     fused = MultiHeadAttention(d_model, heads).eval()
@@ -63,7 +65,8 @@ def right_padding(lengths: list[int], steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("causal", "padded"), [(True, False), (False, True), (True, True), (False, False)],
+    ("causal", "padded"),
+    [(True, False), (False, True), (True, True), (False, False)],
     ids=["causal", "padding", "causal+padding", "none"],
 )
 def test_sdpa_path_equals_explicit_path(causal, padded):
@@ -83,8 +86,9 @@ def test_sdpa_path_equals_explicit_path_for_cross_attention_and_with_a_cache():
     x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
     mask = right_padding([7, 3], 7)
     with torch.no_grad():
-        assert torch.allclose(fused(x, memory, key_padding_mask=mask), explicit(x, memory, key_padding_mask=mask),
-                              atol=1e-5)
+        assert torch.allclose(
+            fused(x, memory, key_padding_mask=mask), explicit(x, memory, key_padding_mask=mask), atol=1e-5
+        )
         # Several queries appended to a cache: the causal mask is offset by the cached length.
         outputs = []
         for layer in (fused, explicit):
@@ -133,7 +137,8 @@ def allowed(steps: int, keys: int, causal: bool, padding: torch.Tensor | None, b
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
 @pytest.mark.parametrize(
-    ("causal", "padding"), [(False, None), (True, None), (False, "right"), (True, "right"), (True, "left")],
+    ("causal", "padding"),
+    [(False, None), (True, None), (False, "right"), (True, "right"), (True, "left")],
 )
 def test_self_attention_equals_torch_multihead_attention(explicit, causal, padding):
     torch.manual_seed(3)
@@ -146,7 +151,9 @@ def test_self_attention_equals_torch_multihead_attention(explicit, causal, paddi
         mask = right_padding([8, 5, 2], steps)
     elif padding == "left":  # with the causal mask, the first queries of rows 1 and 2 see no key at all
         mask = ~right_padding([8, 5, 2], steps).flip(1)
-    attn_mask = torch.ones(steps, steps, dtype=torch.bool).triu(1) if causal else None  # torch: True = blocked
+    attn_mask = (
+        torch.ones(steps, steps, dtype=torch.bool).triu(1) if causal else None
+    )  # torch: True = blocked
     with torch.no_grad():
         got = ours(x, causal=causal, key_padding_mask=mask)
         expected, _ = ref(x, x, x, key_padding_mask=mask, attn_mask=attn_mask, need_weights=False)
@@ -167,7 +174,9 @@ def test_cross_attention_equals_torch_multihead_attention(explicit, padded):
     mask = right_padding([9, 4], 9) if padded else None
     with torch.no_grad():
         got = ours(x, memory, key_padding_mask=mask)
-        projected = ours(x, ours.project_kv(memory), key_padding_mask=mask)  # K/V computed once, as decoding does
+        projected = ours(
+            x, ours.project_kv(memory), key_padding_mask=mask
+        )  # K/V computed once, as decoding does
         expected, _ = ref(x, memory, memory, key_padding_mask=mask, need_weights=False)
     assert got.shape == (2, 5, 16)
     assert torch.allclose(got, expected, atol=1e-5)
@@ -183,8 +192,9 @@ def test_padded_keys_get_no_attention_weight():
     noisy = memory.clone()
     noisy[1, 2:] = torch.randn(4, 8) * 100
     with torch.no_grad():
-        assert torch.allclose(ours(x, memory, key_padding_mask=mask), ours(x, noisy, key_padding_mask=mask),
-                              atol=1e-6)
+        assert torch.allclose(
+            ours(x, memory, key_padding_mask=mask), ours(x, noisy, key_padding_mask=mask), atol=1e-6
+        )
         assert not torch.allclose(ours(x, memory), ours(x, noisy))
 
 
@@ -272,7 +282,7 @@ def test_a_prompt_longer_than_the_context_is_cropped():
             model(torch.tensor([prompt]), state)
     _, state = model(torch.tensor([prompt[:3]]), model.init_state(1))
     with pytest.raises(ValueError, match="longer than the context length"):
-        model(torch.tensor([prompt[3:3 + context + 1]]), state)
+        model(torch.tensor([prompt[3 : 3 + context + 1]]), state)
 
 
 # ---- configuration checks -------------------------------------------------------------------------
@@ -282,7 +292,10 @@ def test_seq_len_longer_than_the_context_is_a_config_error(make_config):
     with pytest.raises(ConfigError, match=r"data\.seq_len") as err:
         make_config({"model": tiny_model_section("gpt", context_length=16), "data": {"seq_len": 17}})
     assert "\n" not in str(err.value) and "context_length" in str(err.value)
-    assert make_config({"model": tiny_model_section("gpt", context_length=16), "data": {"seq_len": 16}}).seq_len == 16
+    assert (
+        make_config({"model": tiny_model_section("gpt", context_length=16), "data": {"seq_len": 16}}).seq_len
+        == 16
+    )
 
 
 @pytest.mark.parametrize("name", ["gpt", "transformer"])

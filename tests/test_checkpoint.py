@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import tiny_model_section
 
 import lmzoo.checkpoint as ckpt
@@ -61,7 +60,9 @@ def run_dir(tmp_path) -> Path:
 
 def test_save_and_load_round_trip(run_dir):
     model = model_for()
-    final = save_checkpoint(run_dir, "last", model, info={"step": 7}, train_state={"step": 7, "x": torch.ones(3)})
+    final = save_checkpoint(
+        run_dir, "last", model, info={"step": 7}, train_state={"step": 7, "x": torch.ones(3)}
+    )
     assert final == run_dir / "checkpoints" / "last"
     assert sorted(p.name for p in final.iterdir()) == ["info.json", "model.safetensors", "state.pt"]
     assert_weights_equal(load_into_fresh(final), state_of(model))

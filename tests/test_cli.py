@@ -52,9 +52,14 @@ def test_train_writes_the_run_directory(runner, project):
     assert result.exit_code == 0, result.output
     run = project / "runs" / "tiny"
     for relative in [
-        "config.yaml", "tokenizer.json", "metrics.jsonl",
-        "checkpoints/last/model.safetensors", "checkpoints/last/state.pt", "checkpoints/last/info.json",
-        "checkpoints/best/model.safetensors", "checkpoints/best/info.json",
+        "config.yaml",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "checkpoints/last/model.safetensors",
+        "checkpoints/last/state.pt",
+        "checkpoints/last/info.json",
+        "checkpoints/best/model.safetensors",
+        "checkpoints/best/info.json",
     ]:
         assert (run / relative).is_file(), relative
     assert not (run / "checkpoints" / "best" / "state.pt").exists()
@@ -67,13 +72,17 @@ def test_train_writes_the_run_directory(runner, project):
 
 
 def test_train_overrides_device_and_resume(runner, project):
-    result = runner.invoke(app, ["train", "tiny.yaml", "train.max_steps=2", "model.hidden_size=12", "--device", "cpu"])
+    result = runner.invoke(
+        app, ["train", "tiny.yaml", "train.max_steps=2", "model.hidden_size=12", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     run = project / "runs" / "tiny"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["hidden_size"] == 12 and saved["train"]["max_steps"] == 2
     assert load_run(run, "last").model.layers[0].hidden_size == 12
-    result = runner.invoke(app, ["train", "tiny.yaml", "train.max_steps=4", "model.hidden_size=12", "--resume"])
+    result = runner.invoke(
+        app, ["train", "tiny.yaml", "train.max_steps=4", "model.hidden_size=12", "--resume"]
+    )
     assert result.exit_code == 0, result.output
     assert load_run(run, "last").info["step"] == 4
     assert not (project / "runs" / "tiny-2").exists()
@@ -103,20 +112,45 @@ def test_user_errors_are_one_line(runner, project, args, expected):
 
 
 def test_generate_prints_the_seed_then_the_continuation(runner, trained_run):
-    args = ["generate", "--run", str(trained_run), "--seed", "the ", "--greedy", "--max-new-tokens", "20",
-            "--device", "cpu"]
+    args = [
+        "generate",
+        "--run",
+        str(trained_run),
+        "--seed",
+        "the ",
+        "--greedy",
+        "--max-new-tokens",
+        "20",
+        "--device",
+        "cpu",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     run = load_run(trained_run, "best")
-    expected = "".join(generate(run.model, run.tokenizer, "the ", SamplingOptions(max_new_tokens=20, greedy=True)))
+    expected = "".join(
+        generate(run.model, run.tokenizer, "the ", SamplingOptions(max_new_tokens=20, greedy=True))
+    )
     assert result.stdout == "the " + expected + "\n"
     assert len(expected) > 0
     assert runner.invoke(app, args).stdout == result.stdout  # greedy: the same again
 
 
 def test_generate_with_seed_rng_is_reproducible(runner, trained_run):
-    args = ["generate", "-r", str(trained_run), "-s", "a", "--max-new-tokens", "30", "--temperature", "1.2",
-            "--device", "cpu", "--num-samples", "2"]
+    args = [
+        "generate",
+        "-r",
+        str(trained_run),
+        "-s",
+        "a",
+        "--max-new-tokens",
+        "30",
+        "--temperature",
+        "1.2",
+        "--device",
+        "cpu",
+        "--num-samples",
+        "2",
+    ]
     first = runner.invoke(app, [*args, "--seed-rng", "5"])
     again = runner.invoke(app, [*args, "--seed-rng", "5"])
     assert first.exit_code == 0, first.output
@@ -139,7 +173,8 @@ def test_generate_stop_and_option_checks(runner, trained_run):
 
 def test_generate_interactive_prompt(runner, trained_run):
     result = runner.invoke(
-        app, ["generate", "--run", str(trained_run), "--greedy", "--max-new-tokens", "5", "--device", "cpu"],
+        app,
+        ["generate", "--run", str(trained_run), "--greedy", "--max-new-tokens", "5", "--device", "cpu"],
         input="the\nexit\n",
     )
     assert result.exit_code == 0, result.output
@@ -162,7 +197,9 @@ def test_eval_prints_loss_and_ppl(runner, trained_run):
 def test_eval_on_a_file(runner, trained_run, tmp_path):
     data = tmp_path / "held_out.txt"
     data.write_text("the cat sat on the mat.\n" * 3, encoding="utf-8")
-    result = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(data), "--checkpoint", "last"])
+    result = runner.invoke(
+        app, ["eval", "--run", str(trained_run), "--data", str(data), "--checkpoint", "last"]
+    )
     assert result.exit_code == 0, result.output
     assert f"on {data}" in result.stdout and "ppl" in result.stdout
 
@@ -180,7 +217,9 @@ def test_models_lists_the_families(runner):
 def test_version_and_help(runner):
     assert runner.invoke(app, ["--version"]).stdout == f"lmzoo {__version__}\n"
     result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0 and all(cmd in result.stdout for cmd in ("train", "generate", "eval", "models"))
+    assert result.exit_code == 0 and all(
+        cmd in result.stdout for cmd in ("train", "generate", "eval", "models")
+    )
 
 
 def test_cli_module_does_not_import_torch():

@@ -21,8 +21,17 @@ from lmzoo.run import Run
 from lmzoo.tracking import read_metrics
 from lmzoo.translate import translate, translate_stream
 
-LEXICON = {"the": "die", "big": "gross", "small": "klein", "red": "rot", "blue": "blau",
-           "cat": "katze", "dog": "hund", "sees": "sieht", "a": "eine"}
+LEXICON = {
+    "the": "die",
+    "big": "gross",
+    "small": "klein",
+    "red": "rot",
+    "blue": "blau",
+    "cat": "katze",
+    "dog": "hund",
+    "sees": "sieht",
+    "a": "eine",
+}
 SEED_TEXT = "the small red dog"
 
 
@@ -52,12 +61,27 @@ def seq2seq_run(tmp_path_factory, runner):
     config = {
         "out_dir": str(root / "runs"),
         "seed": 7,
-        "data": {"format": "parallel", "train": str(root / "pairs"), "source": "en", "target": "de",
-                 "max_len": 32, "batch_size": 32},
+        "data": {
+            "format": "parallel",
+            "train": str(root / "pairs"),
+            "source": "en",
+            "target": "de",
+            "max_len": 32,
+            "batch_size": 32,
+        },
         "tokenizer": {"kind": "char"},
         "model": tiny_model_section("transformer", d_model=32, d_ff=64),  # learns a little in 30 steps
-        "train": {"max_steps": 30, "eval_every": 15, "eval_batches": 2, "log_every": 5, "warmup_steps": 5,
-                  "lr": 1e-2, "device": "cpu", "precision": "fp32", "bleu_sentences": 4},
+        "train": {
+            "max_steps": 30,
+            "eval_every": 15,
+            "eval_batches": 2,
+            "log_every": 5,
+            "warmup_steps": 5,
+            "lr": 1e-2,
+            "device": "cpu",
+            "precision": "fp32",
+            "bleu_sentences": 4,
+        },
         "sample": {"temperature": 1.0},
     }
     (root / "translate.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -68,8 +92,14 @@ def seq2seq_run(tmp_path_factory, runner):
 def test_train_writes_a_seq2seq_run(seq2seq_run):
     result, run = seq2seq_run
     assert result.exit_code == 0, result.output
-    for relative in ["config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints/last/model.safetensors",
-                     "checkpoints/best/model.safetensors", "checkpoints/best/info.json"]:
+    for relative in [
+        "config.yaml",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "checkpoints/last/model.safetensors",
+        "checkpoints/best/model.safetensors",
+        "checkpoints/best/info.json",
+    ]:
         assert (run / relative).is_file(), relative
     assert not (run / "target_tokenizer.json").exists()  # one shared tokenizer
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -100,8 +130,16 @@ def test_generate_translates_one_line(seq2seq_run, runner):
     assert result.exit_code == 0, result.output
     assert result.stdout.count("\n") == 1 and result.stdout.endswith("\n")
     loaded = load_run(run, "best")
-    expected = "".join(translate_stream(loaded.model, loaded.tokenizer, loaded.target_tokenizer, SEED_TEXT,
-                                        max_len=32, options=SamplingOptions(greedy=True)))
+    expected = "".join(
+        translate_stream(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.target_tokenizer,
+            SEED_TEXT,
+            max_len=32,
+            options=SamplingOptions(greedy=True),
+        )
+    )
     assert result.stdout == expected + "\n"
     # Sampled (the run's temperature), reproducible with a seed: still one line per translation.
     sampled = runner.invoke(app, [*base, "--seed-rng", "3"])
@@ -118,11 +156,19 @@ def test_generate_crops_a_text_longer_than_the_model_takes(seq2seq_run, runner):
     loaded = load_run(run, "best")
     tok = loaded.tokenizer
     for extra, expected in (
-        (["--greedy"], "".join(translate_stream(loaded.model, tok, tok, text[:31], max_len=32,
-                                                options=SamplingOptions(greedy=True)))),
+        (
+            ["--greedy"],
+            "".join(
+                translate_stream(
+                    loaded.model, tok, tok, text[:31], max_len=32, options=SamplingOptions(greedy=True)
+                )
+            ),
+        ),
         (["--beam", "3"], translate(loaded.model, tok, tok, text[:31], max_len=32, beam=3)[0][0]),
     ):
-        result = runner.invoke(app, ["generate", "--run", str(run), "--seed", text, "--device", "cpu", *extra])
+        result = runner.invoke(
+            app, ["generate", "--run", str(run), "--seed", text, "--device", "cpu", *extra]
+        )
         assert result.exit_code == 0, (result.output, result.exception)
         assert result.stdout == expected + "\n"
         assert "32 source positions" in result.stderr and "50 tokens" in result.stderr
@@ -130,8 +176,22 @@ def test_generate_crops_a_text_longer_than_the_model_takes(seq2seq_run, runner):
 
 def test_generate_beam_prints_the_n_best_with_scores(seq2seq_run, runner):
     _, run = seq2seq_run
-    result = runner.invoke(app, ["generate", "--run", str(run), "--seed", SEED_TEXT, "--beam", "3", "--n-best", "2",
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--run",
+            str(run),
+            "--seed",
+            SEED_TEXT,
+            "--beam",
+            "3",
+            "--n-best",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2
@@ -140,13 +200,18 @@ def test_generate_beam_prints_the_n_best_with_scores(seq2seq_run, runner):
     scores = [float(score) for _, score in fields]
     assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
     loaded = load_run(run, "best")
-    expected = translate(loaded.model, loaded.tokenizer, loaded.target_tokenizer, SEED_TEXT, max_len=32, beam=3,
-                         n_best=2)
+    expected = translate(
+        loaded.model, loaded.tokenizer, loaded.target_tokenizer, SEED_TEXT, max_len=32, beam=3, n_best=2
+    )
     assert [(text, f"{score:.4f}") for text, score in expected] == [tuple(f) for f in fields]
     # Without --n-best, the best beam alone and no score.
-    single = runner.invoke(app, ["generate", "--run", str(run), "--seed", SEED_TEXT, "--beam", "3", "--device", "cpu"])
+    single = runner.invoke(
+        app, ["generate", "--run", str(run), "--seed", SEED_TEXT, "--beam", "3", "--device", "cpu"]
+    )
     assert single.stdout == fields[0][0] + "\n"
-    bad = runner.invoke(app, ["generate", "--run", str(run), "--seed", SEED_TEXT, "--beam", "2", "--n-best", "3"])
+    bad = runner.invoke(
+        app, ["generate", "--run", str(run), "--seed", SEED_TEXT, "--beam", "2", "--n-best", "3"]
+    )
     assert bad.exit_code == 2 and "--n-best" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -156,7 +221,9 @@ def test_eval_prints_loss_ppl_and_bleu(seq2seq_run, runner):
     assert result.exit_code == 0, result.output
     match = re.search(
         r"on the test split: loss (\d+\.\d+)\s+ppl (\d+\.\d+)\s+BLEU greedy (\d+\.\d+)\s+BLEU beam5 (\d+\.\d+)"
-        r"\s+\(([\d,]+) tokens\)", result.stdout)
+        r"\s+\(([\d,]+) tokens\)",
+        result.stdout,
+    )
     assert match, result.stdout
     loss, ppl, greedy, beam = (float(match.group(i)) for i in range(1, 5))
     assert ppl == pytest.approx(math.exp(loss), rel=2e-3)

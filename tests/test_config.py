@@ -92,7 +92,10 @@ def test_unknown_word_tokenizer_key_uses_that_kinds_fields(raw):
     assert "tokenizer.lowercse" in message and "did you mean 'lowercase'" in message
 
 
-@pytest.mark.parametrize(("section", "tag", "bad", "good"), [("model", "name", "lstn", "lstm"), ("tokenizer", "kind", "wrd", "word")])
+@pytest.mark.parametrize(
+    ("section", "tag", "bad", "good"),
+    [("model", "name", "lstn", "lstm"), ("tokenizer", "kind", "wrd", "word")],
+)
 def test_unknown_family_suggests_and_lists(raw, section, tag, bad, good):
     raw[section][tag] = bad
     message = config_error(raw)
@@ -201,7 +204,9 @@ def test_load_config_fills_name_from_file_stem(tmp_path, raw):
 
 def test_overrides_are_applied_with_the_right_types(tmp_path, raw):
     path = write_yaml(tmp_path / "run.yaml", raw)
-    config = load_config(path, ["train.lr=3e-4", "model.hidden_size=16", "model.dropout=0.25", "data.sampling=random"])
+    config = load_config(
+        path, ["train.lr=3e-4", "model.hidden_size=16", "model.dropout=0.25", "data.sampling=random"]
+    )
     assert config.train.lr == pytest.approx(3e-4) and type(config.train.lr) is float
     assert config.model.hidden_size == 16 and type(config.model.hidden_size) is int
     assert config.model.dropout == 0.25
@@ -212,10 +217,20 @@ def test_overrides_are_applied_with_the_right_types(tmp_path, raw):
 
 
 def test_parse_overrides_types_values_like_yaml():
-    parsed = dict((".".join(k), v) for k, v in parse_overrides(
-        ["model.hidden_size=16", "train.lr=0.5", "model.tie_weights=true", "train.patience=null", "sample.prompt=",
-         "sample.prompt2='ROMEO:'", "model.head_sizes=[8, 4]"]
-    ))
+    parsed = dict(
+        (".".join(k), v)
+        for k, v in parse_overrides(
+            [
+                "model.hidden_size=16",
+                "train.lr=0.5",
+                "model.tie_weights=true",
+                "train.patience=null",
+                "sample.prompt=",
+                "sample.prompt2='ROMEO:'",
+                "model.head_sizes=[8, 4]",
+            ]
+        )
+    )
     assert parsed["model.hidden_size"] == 16 and type(parsed["model.hidden_size"]) is int
     assert parsed["train.lr"] == 0.5 and type(parsed["train.lr"]) is float
     assert parsed["model.tie_weights"] is True
@@ -245,7 +260,9 @@ def test_override_through_a_value_is_an_error():
 
 def test_override_with_unknown_key_gets_a_suggestion(tmp_path, raw):
     path = write_yaml(tmp_path / "run.yaml", raw)
-    with pytest.raises(ConfigError, match=r"model\.hidden_sise: unknown key \(did you mean 'hidden_size'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"model\.hidden_sise: unknown key \(did you mean 'hidden_size'\?\)"
+    ):
         load_config(path, ["model.hidden_sise=16"])
 
 
@@ -255,10 +272,16 @@ def test_override_with_unknown_key_gets_a_suggestion(tmp_path, raw):
 @pytest.mark.parametrize("model_name", [info.name for info in list_models()])
 @pytest.mark.parametrize(
     "tokenizer",
-    [{"kind": "char"}, {"kind": "word", "min_freq": 2, "max_vocab": 50, "filters": ""}, {"kind": "bpe", "vocab_size": 300}],
+    [
+        {"kind": "char"},
+        {"kind": "word", "min_freq": 2, "max_vocab": 50, "filters": ""},
+        {"kind": "bpe", "vocab_size": 300},
+    ],
 )
 def test_resolved_config_round_trips_through_yaml(raw, model_name, tokenizer):
-    raw = deep_merge(raw, {"tokenizer": tokenizer, "data": {"split": [0.8, 0.1, 0.1]}, "train": {"betas": [0.8, 0.95]}})
+    raw = deep_merge(
+        raw, {"tokenizer": tokenizer, "data": {"split": [0.8, 0.1, 0.1]}, "train": {"betas": [0.8, 0.95]}}
+    )
     raw["model"] = tiny_model_section(model_name)
     if get_model_info(model_name).kind == "seq2seq":
         raw["data"]["format"] = "tsv"

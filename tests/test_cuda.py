@@ -27,13 +27,23 @@ TEXT = "".join(f"the quick brown fox {i % 7} jumps over the lazy dog\n" for i in
 def tiny_gpt_config(tmp_path, precision: str) -> RunConfig:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
-    return config_from_dict({
-        "name": f"gpt-{precision}", "out_dir": str(tmp_path / "runs"),
-        "data": {"train": str(corpus), "batch_size": 8, "seq_len": 32},
-        "model": {"name": "gpt", "d_model": 32, "n_heads": 2, "n_layers": 2, "context_length": 32},
-        "train": {"max_steps": 60, "eval_every": 30, "log_every": 1, "lr": 3e-3, "warmup_steps": 5,
-                  "device": "cuda", "precision": precision},
-    })
+    return config_from_dict(
+        {
+            "name": f"gpt-{precision}",
+            "out_dir": str(tmp_path / "runs"),
+            "data": {"train": str(corpus), "batch_size": 8, "seq_len": 32},
+            "model": {"name": "gpt", "d_model": 32, "n_heads": 2, "n_layers": 2, "context_length": 32},
+            "train": {
+                "max_steps": 60,
+                "eval_every": 30,
+                "log_every": 1,
+                "lr": 3e-3,
+                "warmup_steps": 5,
+                "device": "cuda",
+                "precision": precision,
+            },
+        }
+    )
 
 
 def test_auto_precision_on_cuda_is_bf16_where_supported():
@@ -46,7 +56,9 @@ def test_training_on_cuda_lowers_the_loss_and_checkpoints_load_on_cpu(tmp_path, 
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("card without bf16")
     losses = []
-    run_dir = train(tiny_gpt_config(tmp_path, precision), progress=False, on_step=lambda s, loss: losses.append(loss))
+    run_dir = train(
+        tiny_gpt_config(tmp_path, precision), progress=False, on_step=lambda s, loss: losses.append(loss)
+    )
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
     state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert (state["scaler"] is not None) == (precision == "fp16")  # fp16 keeps its GradScaler state
@@ -70,7 +82,9 @@ def test_kv_cache_decoding_equals_full_forward_on_cuda():
 
 def test_lora_on_cudnn_lstm_trains_only_the_update():
     torch.manual_seed(0)
-    model = build_model({"name": "lstm", "embedding_dim": 16, "hidden_size": 32, "num_layers": 2, "dropout": 0.0}, 30).cuda()
+    model = build_model(
+        {"name": "lstm", "embedding_dim": 16, "hidden_size": 32, "num_layers": 2, "dropout": 0.0}, 30
+    ).cuda()
     ids = torch.randint(4, 30, (3, 12), device="cuda")
     base, _ = model(ids)
     apply_finetune(model, FinetuneConfig(method="lora", targets=["*weight_ih*", "*weight_hh*"]))

@@ -31,14 +31,25 @@ from lmzoo.train import train
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"),
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
+    ),
 ]
 
 STEPS = 50
 PER_RANK_BATCH = 2
 LAUNCH_TIMEOUT = 240  # seconds; a tiny run takes ~10 s (mostly imports) on a busy 2-core machine
-RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-            "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+RANK_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def config_dict(family: str) -> dict:
@@ -47,10 +58,13 @@ def config_dict(family: str) -> dict:
     if family == "gpt":
         raw["model"] = tiny_model_section("gpt")  # random windows (sampling auto)
     # lstm: the conftest default, 1 layer, dropout 0: sequential batches with a carried state
-    return deep_merge(raw, {
-        "data": {"batch_size": PER_RANK_BATCH, "eval_batch_size": 2},
-        "train": {"max_steps": STEPS, "eval_every": 25, "warmup_steps": 5},  # cosine schedule
-    })
+    return deep_merge(
+        raw,
+        {
+            "data": {"batch_size": PER_RANK_BATCH, "eval_batch_size": 2},
+            "train": {"max_steps": STEPS, "eval_every": 25, "warmup_steps": 5},  # cosine schedule
+        },
+    )
 
 
 def make_launch_dir(root: Path, label: str, raw: dict) -> Path:
@@ -67,10 +81,22 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(where: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "lmzoo", "train", "cfg.yaml", *args, "--no-progress"]
-    result = subprocess.run(command, cwd=where, env=worker_env(), capture_output=True, text=True,
-                            timeout=LAUNCH_TIMEOUT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lmzoo",
+        "train",
+        "cfg.yaml",
+        *args,
+        "--no-progress",
+    ]
+    result = subprocess.run(
+        command, cwd=where, env=worker_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -85,13 +111,26 @@ def launch(where: Path, *args: str, world: int = 2) -> list[subprocess.Popen]:
     """The workers torchrun would start, with its environment set by hand, in one process group."""
     port, procs = free_port(), []
     for rank in range(world):
-        env = worker_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        env = worker_env(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE=str(world),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+        )
         group = 0 if rank == 0 else procs[0].pid
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "lmzoo", "train", "cfg.yaml", *args, "--no-progress"], cwd=where, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda g=group: os.setpgid(0, g),
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "lmzoo", "train", "cfg.yaml", *args, "--no-progress"],
+                cwd=where,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=lambda g=group: os.setpgid(0, g),
+            )
+        )
     return procs
 
 
@@ -118,11 +157,16 @@ def kill_group(procs: list[subprocess.Popen]) -> None:
         p.communicate()
 
 
-def wait_for_steps(run_dir: Path, procs: list[subprocess.Popen], steps: int, timeout: float = LAUNCH_TIMEOUT) -> None:
+def wait_for_steps(
+    run_dir: Path, procs: list[subprocess.Popen], steps: int, timeout: float = LAUNCH_TIMEOUT
+) -> None:
     deadline = time.monotonic() + timeout
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if metrics.exists() and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= steps:
+        if (
+            metrics.exists()
+            and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= steps
+        ):
             return
         if any(p.poll() is not None for p in procs):
             break
@@ -145,9 +189,18 @@ def files_under(root: Path) -> set[str]:
 
 def expected_files(run: str) -> set[str]:
     ckpt = f"runs/{run}/checkpoints"
-    return {"cfg.yaml", "corpus.txt", f"runs/{run}/config.yaml", f"runs/{run}/tokenizer.json",
-            f"runs/{run}/metrics.jsonl", f"{ckpt}/last/model.safetensors", f"{ckpt}/last/state.pt",
-            f"{ckpt}/last/info.json", f"{ckpt}/best/model.safetensors", f"{ckpt}/best/info.json"}
+    return {
+        "cfg.yaml",
+        "corpus.txt",
+        f"runs/{run}/config.yaml",
+        f"runs/{run}/tokenizer.json",
+        f"runs/{run}/metrics.jsonl",
+        f"{ckpt}/last/model.safetensors",
+        f"{ckpt}/last/state.pt",
+        f"{ckpt}/last/info.json",
+        f"{ckpt}/best/model.safetensors",
+        f"{ckpt}/best/info.json",
+    }
 
 
 def events_files(run_dir: Path) -> list[Path]:
@@ -181,10 +234,19 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         raw = config_dict(family)
         where = make_launch_dir(root, f"{family}_ddp", raw)
         result = torchrun(where)
-        single = deep_merge(raw, {"out_dir": str(root / f"{family}_single"),
-                                  "data": {"train": str(where / "corpus.txt"), "batch_size": 2 * PER_RANK_BATCH}})
+        single = deep_merge(
+            raw,
+            {
+                "out_dir": str(root / f"{family}_single"),
+                "data": {"train": str(where / "corpus.txt"), "batch_size": 2 * PER_RANK_BATCH},
+            },
+        )
         found[family] = {
-            "root": root, "raw": raw, "where": where, "ddp": where / "runs" / family, "stderr": result.stderr,
+            "root": root,
+            "raw": raw,
+            "where": where,
+            "ddp": where / "runs" / family,
+            "stderr": result.stderr,
             "single": train(config_from_dict(single), progress=False),
         }
     return found
@@ -202,7 +264,9 @@ def test_two_processes_match_one_process_with_the_global_batch(runs, family):
     assert_close_losses(losses, train_losses(single))
     assert_close_losses(val_losses(ddp), val_losses(single))
     assert [s for s, _ in val_losses(ddp)] == [25, 50]
-    assert_close_weights(load_run(ddp, "last").model.state_dict(), load_run(single, "last").model.state_dict())
+    assert_close_weights(
+        load_run(ddp, "last").model.state_dict(), load_run(single, "last").model.state_dict()
+    )
     globals_ = [r["global_batch"] for r in read_metrics(ddp) if "global_batch" in r]
     assert globals_ == [4.0]
     # Rank 0 alone speaks: one start line (with the global batch) and one "done" line.
@@ -212,7 +276,9 @@ def test_two_processes_match_one_process_with_the_global_batch(runs, family):
 
     state = load_train_state(ddp / "checkpoints" / "last" / "state.pt")
     assert state["world_size"] == 2 and state["step"] == STEPS and len(state["ranks"]) == 2
-    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])  # seed + rank
+    assert not torch.equal(
+        state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"]
+    )  # seed + rank
     if family == "lstm":
         # Each rank carries the recurrent state of its own rows of the global batch.
         whole = load_train_state(single / "checkpoints" / "last" / "state.pt")["ranks"][0]["carried"]
@@ -233,7 +299,9 @@ def test_only_rank_zero_writes_files(runs, family):
     assert len(events_files(ddp)) == 1
     expected = expected_files(family) | {str(events_files(ddp)[0].relative_to(where))}
     assert files_under(where) == expected
-    assert len(read_metrics(ddp)) == len({json.dumps(r, sort_keys=True) for r in read_metrics(ddp)})  # no doubles
+    assert len(read_metrics(ddp)) == len(
+        {json.dumps(r, sort_keys=True) for r in read_metrics(ddp)}
+    )  # no doubles
 
 
 # ---- interruption and resume --------------------------------------------------------------------------
@@ -258,7 +326,9 @@ def test_sigterm_saves_one_checkpoint_and_resume_matches_the_uninterrupted_run(r
     assert state["step"] == k and state["world_size"] == 2 and len(state["ranks"]) == 2
     assert [s for s, _ in train_losses(run_dir)] == list(range(1, k + 1))
     assert load_run(run_dir, "last").info["step"] == k
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == (["best", "last"] if k >= 25 else ["last"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == (
+        ["best", "last"] if k >= 25 else ["last"]
+    )
     [events] = events_files(run_dir)
     assert events.name.split(".")[-2] == str(procs[0].pid)  # written by rank 0
 
@@ -267,11 +337,16 @@ def test_sigterm_saves_one_checkpoint_and_resume_matches_the_uninterrupted_run(r
     assert result.stderr.count("lmzoo: resuming lstm") == 1
     assert train_losses(run_dir) == train_losses(run["ddp"])  # bit-identical per-step losses
     assert val_losses(run_dir) == val_losses(run["ddp"])
-    resumed, straight = load_run(run_dir, "last").model.state_dict(), load_run(run["ddp"], "last").model.state_dict()
+    resumed, straight = (
+        load_run(run_dir, "last").model.state_dict(),
+        load_run(run["ddp"], "last").model.state_dict(),
+    )
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key
     assert len(events_files(run_dir)) == 2 and events in events_files(run_dir)  # one more, from the resume
-    assert files_under(where) == expected_files("lstm") | {str(e.relative_to(where)) for e in events_files(run_dir)}
+    assert files_under(where) == expected_files("lstm") | {
+        str(e.relative_to(where)) for e in events_files(run_dir)
+    }
 
 
 def test_resuming_with_another_process_count(runs, tmp_path, monkeypatch):
@@ -283,14 +358,22 @@ def test_resuming_with_another_process_count(runs, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["train", "cfg.yaml", "train.max_steps=60", "--resume"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --resume:") and "2 process(es)" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --resume:") and "2 process(es)" in lines[0], (
+        result.stderr
+    )
     assert {p: p.read_bytes() for p in where.rglob("*") if p.is_file()} == before  # nothing was touched
 
     # Random windows: a 2-process run may continue in one process.
     where = tmp_path / "gpt"
     shutil.copytree(runs["gpt"]["where"], where)
-    raw = deep_merge(runs["gpt"]["raw"], {"out_dir": str(where / "runs"), "data": {"train": str(where / "corpus.txt")},
-                                          "train": {"max_steps": STEPS + 2}})
+    raw = deep_merge(
+        runs["gpt"]["raw"],
+        {
+            "out_dir": str(where / "runs"),
+            "data": {"train": str(where / "corpus.txt")},
+            "train": {"max_steps": STEPS + 2},
+        },
+    )
     run_dir = train(config_from_dict(raw), resume=True, progress=False)
     assert run_dir == where / "runs" / "gpt"
     assert [s for s, _ in train_losses(run_dir)] == list(range(1, STEPS + 3))
@@ -315,14 +398,32 @@ def test_fsdp_checkpoint_is_read_by_one_process(runs, monkeypatch):
     single = load_run(run["single"], "last")
     assert_close_weights(loaded.model.state_dict(), single.model.state_dict())
     assert load_train_state(run_dir / "checkpoints" / "last" / "state.pt")["world_size"] == 2
-    assert files_under(where) == expected_files("gpt") | {str(e.relative_to(where)) for e in events_files(run_dir)}
+    assert files_under(where) == expected_files("gpt") | {
+        str(e.relative_to(where)) for e in events_files(run_dir)
+    }
 
     monkeypatch.chdir(where)
-    result = CliRunner().invoke(app, ["generate", "--run", "runs/gpt", "--seed", "the ", "--greedy",
-                                      "--max-new-tokens", "12", "--checkpoint", "last", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--run",
+            "runs/gpt",
+            "--seed",
+            "the ",
+            "--greedy",
+            "--max-new-tokens",
+            "12",
+            "--checkpoint",
+            "last",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    expected = "the " + "".join(generate(loaded.model, loaded.tokenizer, "the ",
-                                         SamplingOptions(max_new_tokens=12, greedy=True)))
+    expected = "the " + "".join(
+        generate(loaded.model, loaded.tokenizer, "the ", SamplingOptions(max_new_tokens=12, greedy=True))
+    )
     assert result.stdout == expected + "\n"
 
 
@@ -330,8 +431,11 @@ def test_fsdp_checkpoint_is_read_by_one_process(runs, monkeypatch):
 
 
 def test_a_killed_worker_ends_the_run_quickly(runs):
-    where = make_launch_dir(runs["lstm"]["root"], "lstm_killed",
-                            deep_merge(runs["lstm"]["raw"], {"train": {"max_steps": 100_000}}))
+    where = make_launch_dir(
+        runs["lstm"]["root"],
+        "lstm_killed",
+        deep_merge(runs["lstm"]["raw"], {"train": {"max_steps": 100_000}}),
+    )
     procs = launch(where)
     try:
         wait_for_steps(where / "runs" / "lstm", procs, 3)

@@ -66,7 +66,9 @@ def _train_base(root: Path, name: str, model: dict) -> Path:
 @pytest.fixture(scope="module")
 def base_lstm(tmp_path_factory) -> Path:
     """A tiny trained LSTM run to fine-tune (read-only)."""
-    return _train_base(tmp_path_factory.mktemp("base_lstm"), "base", base_config_dict(Path(), Path())["model"])
+    return _train_base(
+        tmp_path_factory.mktemp("base_lstm"), "base", base_config_dict(Path(), Path())["model"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +83,41 @@ def finetune_dict(base: Path, tmp_path: Path, name: str, extra: dict | None = No
     if not corpus.exists():
         corpus.write_text(FINETUNE_TEXT, encoding="utf-8")
     raw = {
-        "name": name, "out_dir": str(tmp_path / "ft_runs"), "seed": 7, "init_from": str(base),
+        "name": name,
+        "out_dir": str(tmp_path / "ft_runs"),
+        "seed": 7,
+        "init_from": str(base),
         "data": {"train": str(corpus), "batch_size": 4, "seq_len": 8},
-        "train": {"max_steps": 6, "eval_every": 3, "eval_batches": 2, "log_every": 1, "warmup_steps": 0,
-                  "schedule": "constant", "lr": 2e-2, "device": "cpu", "precision": "fp32"},
+        "train": {
+            "max_steps": 6,
+            "eval_every": 3,
+            "eval_batches": 2,
+            "log_every": 1,
+            "warmup_steps": 0,
+            "schedule": "constant",
+            "lr": 2e-2,
+            "device": "cpu",
+            "precision": "fp32",
+        },
         "sample": {"max_new_tokens": 5},
     }
     return deep_merge(raw, extra or {})
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def first_batch_loss(model: nn.Module, config: RunConfig, tokenizer) -> float:
     """The loss of `model` on the first training batch a run with `config` draws (sequential LSTM batches)."""
     stream = encode_stream(tokenizer, read_splits(config.data).train)
-    batch = make_batches(stream, config.data.batch_size, config.seq_len, sequential=True, seed=config.seed).next()
+    batch = make_batches(
+        stream, config.data.batch_size, config.seq_len, sequential=True, seed=config.seed
+    ).next()
     with torch.no_grad():
         return float(model(batch.inputs, None, targets=batch.targets)[0])
 
@@ -106,8 +125,14 @@ def first_batch_loss(model: nn.Module, config: RunConfig, tokenizer) -> float:
 def val_loss(model: nn.Module, config: RunConfig, tokenizer) -> float:
     """What a run's evaluate() computes on its validation split."""
     stream = encode_stream(tokenizer, read_splits(config.data).val)
-    return evaluate_lm(model, stream, batch_size=config.data.batch_size, seq_len=config.seq_len,
-                       max_batches=config.train.eval_batches, device=torch.device("cpu"))["loss"]
+    return evaluate_lm(
+        model,
+        stream,
+        batch_size=config.data.batch_size,
+        seq_len=config.seq_len,
+        max_batches=config.train.eval_batches,
+        device=torch.device("cpu"),
+    )["loss"]
 
 
 # ---- 7. init_from -------------------------------------------------------------------------------------
@@ -134,7 +159,9 @@ def test_finetune_starts_from_the_base_weights_and_writes_its_own_run(base_lstm,
     records = read_metrics(run_dir)
     first = next(r for r in records if "train/loss" in r)
     assert first["step"] == 1
-    assert first["train/loss"] == pytest.approx(first_batch_loss(base.model, config, base.tokenizer), rel=1e-6)
+    assert first["train/loss"] == pytest.approx(
+        first_batch_loss(base.model, config, base.tokenizer), rel=1e-6
+    )
     trainable = next(r for r in records if "params/trainable" in r)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["init_from"] == str(base_lstm) and saved["finetune"]["method"] == method
@@ -151,11 +178,14 @@ def test_finetune_starts_from_the_base_weights_and_writes_its_own_run(base_lstm,
 
     # load_run rebuilds the fine-tuned model: its validation loss is the one logged during training.
     loaded = load_run(run_dir)
-    assert loaded.info["val_loss"] == pytest.approx(val_loss(loaded.model, config, loaded.tokenizer), rel=1e-6)
+    assert loaded.info["val_loss"] == pytest.approx(
+        val_loss(loaded.model, config, loaded.tokenizer), rel=1e-6
+    )
     assert loaded.info["val_loss"] < expected  # it learned something from the new text
     best_step = loaded.info["step"]
-    assert next(r["val/loss"] for r in records if r.get("step") == best_step and "val/loss" in r) == \
-        pytest.approx(loaded.info["val_loss"], rel=1e-9)
+    assert next(
+        r["val/loss"] for r in records if r.get("step") == best_step and "val/loss" in r
+    ) == pytest.approx(loaded.info["val_loss"], rel=1e-9)
     if method != "full":
         base_weights = base.model.state_dict()
         for name, tensor in loaded.model.state_dict().items():
@@ -172,10 +202,20 @@ def test_finetune_starts_from_the_base_weights_and_writes_its_own_run(base_lstm,
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_lora_and_adapter_runs_resume_exactly(base_lstm, tmp_path, method):
     """A run whose checkpoints hold only adapter.safetensors is still found by --resume (and as the newest run)."""
+
     def config(out: str, steps: int) -> RunConfig:
-        return config_from_dict(finetune_dict(base_lstm, tmp_path, "ft", {
-            "out_dir": str(tmp_path / out), "finetune": {"method": method, "r": 2},
-            "train": {"max_steps": steps, "eval_every": 3}}))
+        return config_from_dict(
+            finetune_dict(
+                base_lstm,
+                tmp_path,
+                "ft",
+                {
+                    "out_dir": str(tmp_path / out),
+                    "finetune": {"method": method, "r": 2},
+                    "train": {"max_steps": steps, "eval_every": 3},
+                },
+            )
+        )
 
     straight = train(config("straight", 6), progress=False)
     first = train(config("split", 3), progress=False)
@@ -183,8 +223,9 @@ def test_lora_and_adapter_runs_resume_exactly(base_lstm, tmp_path, method):
     assert Run.open(None, runs_dir=tmp_path / "split").path == first
     resumed = train(config("split", 6), resume=True, progress=False)
     assert resumed == first
-    assert [r["train/loss"] for r in read_metrics(resumed) if "train/loss" in r] == \
-        [r["train/loss"] for r in read_metrics(straight) if "train/loss" in r]
+    assert [r["train/loss"] for r in read_metrics(resumed) if "train/loss" in r] == [
+        r["train/loss"] for r in read_metrics(straight) if "train/loss" in r
+    ]
     a, b = load_run(straight, "last").model.state_dict(), load_run(resumed, "last").model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(resumed.rglob("model.safetensors"))
@@ -212,9 +253,15 @@ def test_init_from_errors_are_one_line(base_lstm, tmp_path):
     assert "finetune" in error(no_base) and "init_from" in error(no_base)
 
     # Restating the base run's sections (as a copied base config does) is not a conflict; dropout may change.
-    same = finetune_dict(base_lstm, tmp_path, "x", {
-        "model": {**base_config_dict(Path(), Path())["model"], "dropout": 0.25}, "tokenizer": {"kind": "char"},
-    })
+    same = finetune_dict(
+        base_lstm,
+        tmp_path,
+        "x",
+        {
+            "model": {**base_config_dict(Path(), Path())["model"], "dropout": 0.25},
+            "tokenizer": {"kind": "char"},
+        },
+    )
     config = config_from_dict(same)
     assert config.model.dropout == 0.25 and config.model.hidden_size == 16 and config.tokenizer.kind == "char"
 
@@ -224,9 +271,17 @@ def test_init_from_a_run_that_disappeared_or_is_a_lora_run(base_lstm, tmp_path):
 
     base_copy = tmp_path / "base_copy"
     shutil.copytree(base_lstm, base_copy)
-    lora = train(config_from_dict(finetune_dict(
-        base_copy, tmp_path, "lora", {"finetune": {"method": "lora", "r": 2}, "train": {"max_steps": 2}})),
-        progress=False)
+    lora = train(
+        config_from_dict(
+            finetune_dict(
+                base_copy,
+                tmp_path,
+                "lora",
+                {"finetune": {"method": "lora", "r": 2}, "train": {"max_steps": 2}},
+            )
+        ),
+        progress=False,
+    )
     # A LoRA run cannot be the base of another fine-tune until it is merged.
     with pytest.raises(CheckpointError) as info:
         train(config_from_dict(finetune_dict(lora, tmp_path, "again")), progress=False)
@@ -243,8 +298,12 @@ def test_init_from_a_run_that_disappeared_or_is_a_lora_run(base_lstm, tmp_path):
 
 def test_cli_merge_writes_a_plain_run_with_the_same_outputs(base_lstm, tmp_path):
     runner = CliRunner()
-    lora_dir = train(config_from_dict(finetune_dict(
-        base_lstm, tmp_path, "lora", {"finetune": {"method": "lora", "r": 2, "alpha": 8.0}})), progress=False)
+    lora_dir = train(
+        config_from_dict(
+            finetune_dict(base_lstm, tmp_path, "lora", {"finetune": {"method": "lora", "r": 2, "alpha": 8.0}})
+        ),
+        progress=False,
+    )
     result = runner.invoke(app, ["merge", "--run", str(lora_dir)])
     assert result.exit_code == 0, result.output
     merged = tmp_path / "ft_runs" / "lora-merged"
@@ -262,14 +321,35 @@ def test_cli_merge_writes_a_plain_run_with_the_same_outputs(base_lstm, tmp_path)
         torch.testing.assert_close(plain.model(ids)[0], adapted.model(ids)[0], rtol=0, atol=1e-5)
         assert not torch.allclose(adapted.model(ids)[0], load_run(base_lstm).model(ids)[0], atol=1e-3)
     # The merged run samples what the LoRA run samples.
-    outputs = [runner.invoke(app, ["generate", "--run", str(run), "--seed", "the ", "--greedy",
-                                   "--max-new-tokens", "20", "--device", "cpu"]) for run in (lora_dir, merged)]
+    outputs = [
+        runner.invoke(
+            app,
+            [
+                "generate",
+                "--run",
+                str(run),
+                "--seed",
+                "the ",
+                "--greedy",
+                "--max-new-tokens",
+                "20",
+                "--device",
+                "cpu",
+            ],
+        )
+        for run in (lora_dir, merged)
+    ]
     assert outputs[0].exit_code == 0 and outputs[0].stdout == outputs[1].stdout
 
     # Adapters (and full fine-tunes) cannot be merged: one error line.
-    adapter_dir = train(config_from_dict(finetune_dict(
-        base_lstm, tmp_path, "adapter", {"finetune": {"method": "adapter"}, "train": {"max_steps": 2}})),
-        progress=False)
+    adapter_dir = train(
+        config_from_dict(
+            finetune_dict(
+                base_lstm, tmp_path, "adapter", {"finetune": {"method": "adapter"}, "train": {"max_steps": 2}}
+            )
+        ),
+        progress=False,
+    )
     for run, words in ((adapter_dir, "adapters"), (merged, "not a LoRA run")):
         result = runner.invoke(app, ["merge", "--run", str(run)])
         assert result.exit_code == 2
@@ -348,18 +428,32 @@ def test_sft_loss_ignores_prompt_labels(char_tokenizer):
     assert not torch.equal(sft_loss(model, tok, [(prompt[:-1] + "q", response), ("hij", "klmno")]), reference)
     for position in range(len(response)):
         changed = response[:position] + "q" + response[position + 1 :]
-        assert not torch.equal(sft_loss(model, tok, [(prompt, changed), ("hij", "klmno")]), reference), position
+        assert not torch.equal(sft_loss(model, tok, [(prompt, changed), ("hij", "klmno")]), reference), (
+            position
+        )
 
 
 def test_read_records_names_the_bad_line_or_record(tmp_path):
     fields = ("prompt", "chosen", "rejected")
     good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
     cases = [
-        ("bad.jsonl", f"{good}\n\n{{\"prompt\": \"a\",\n{good}\n", "line 3: invalid JSON"),
-        ("missing.jsonl", f"{good}\n{json.dumps({'prompt': 'a', 'chosen': 'b'})}\n", "line 2: field 'rejected' is missing"),
-        ("number.jsonl", f"\n{json.dumps({'prompt': 'a', 'chosen': 1, 'rejected': 'c'})}\n", "line 2: field 'chosen'"),
+        ("bad.jsonl", f'{good}\n\n{{"prompt": "a",\n{good}\n', "line 3: invalid JSON"),
+        (
+            "missing.jsonl",
+            f"{good}\n{json.dumps({'prompt': 'a', 'chosen': 'b'})}\n",
+            "line 2: field 'rejected' is missing",
+        ),
+        (
+            "number.jsonl",
+            f"\n{json.dumps({'prompt': 'a', 'chosen': 1, 'rejected': 'c'})}\n",
+            "line 2: field 'chosen'",
+        ),
         ("list.jsonl", f"{good}\n[1, 2]\n", "line 2: expected an object"),
-        ("array.json", json.dumps([json.loads(good), {"prompt": "a", "rejected": "c"}]), "record 2: field 'chosen'"),
+        (
+            "array.json",
+            json.dumps([json.loads(good), {"prompt": "a", "rejected": "c"}]),
+            "record 2: field 'chosen'",
+        ),
         ("broken.json", '[\n{"prompt": "a"},\n{"prompt" "b"}\n]', "line 3: invalid JSON"),
         ("empty.jsonl", "\n\n  \n", "only whitespace"),
     ]
@@ -374,7 +468,8 @@ def test_read_records_names_the_bad_line_or_record(tmp_path):
     path = tmp_path / "instruct.jsonl"
     path.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n", encoding="utf-8")
     assert read_records(str(path), ("instruction", "input", "output")) == [
-        {"instruction": "say hi", "input": "", "output": "hi"}]
+        {"instruction": "say hi", "input": "", "output": "hi"}
+    ]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -387,11 +482,22 @@ def test_sft_end_to_end_scores_only_responses(base_gpt, tmp_path):
     train_file = write_jsonl(tmp_path / "sft.jsonl", records)
     val_file = write_jsonl(tmp_path / "sft_val.jsonl", records[:3])
     template = "{instruction}\n"  # every sequence fits the context of 32
-    raw = finetune_dict(base_gpt, tmp_path, "sft", {
-        "data": {"format": "instruct", "train": str(train_file), "val": str(val_file), "template": template,
-                 "seq_len": None},
-        "finetune": {"method": "full"}, "train": {"max_steps": 4, "eval_every": 4, "lr": 1e-2},
-    })
+    raw = finetune_dict(
+        base_gpt,
+        tmp_path,
+        "sft",
+        {
+            "data": {
+                "format": "instruct",
+                "train": str(train_file),
+                "val": str(val_file),
+                "template": template,
+                "seq_len": None,
+            },
+            "finetune": {"method": "full"},
+            "train": {"max_steps": 4, "eval_every": 4, "lr": 1e-2},
+        },
+    )
     config = config_from_dict(raw)
     base = load_run(base_gpt)
     setup = setup_training(config)
@@ -490,29 +596,47 @@ def test_preference_metrics_count_ties_as_half():
     chosen = torch.tensor([1.0, 0.0, 2.0, 3.0])
     rejected = torch.tensor([0.0, 0.0, 2.0, 5.0])
     metrics = preference_metrics(chosen, rejected)
-    assert metrics == {"reward_accuracy": 0.5, "reward_margin": -0.25, "reward_chosen": 1.5, "reward_rejected": 1.75}
+    assert metrics == {
+        "reward_accuracy": 0.5,
+        "reward_margin": -0.25,
+        "reward_chosen": 1.5,
+        "reward_rejected": 1.75,
+    }
     assert preference_metrics(torch.zeros(3), torch.zeros(3))["reward_accuracy"] == 0.5
     assert preference_metrics(torch.ones(2), torch.zeros(2))["reward_accuracy"] == 1.0
 
 
 def preference_files(tmp_path: Path) -> tuple[Path, Path]:
-    pairs = [("the cat sat ", "on the mat.", "ate the bone."), ("the dog ate ", "the bone.", "in the tree."),
-             ("a bird sang ", "in the tree.", "on the mat.")]
+    pairs = [
+        ("the cat sat ", "on the mat.", "ate the bone."),
+        ("the dog ate ", "the bone.", "in the tree."),
+        ("a bird sang ", "in the tree.", "on the mat."),
+    ]
     records = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
     train_file = write_jsonl(tmp_path / "pref.jsonl", records * 4)
-    val_file = write_jsonl(tmp_path / "pref_val.jsonl", records + [
-        {"prompt": "the cat ", "chosen": "sat.", "rejected": "sang."}])
+    val_file = write_jsonl(
+        tmp_path / "pref_val.jsonl", records + [{"prompt": "the cat ", "chosen": "sat.", "rejected": "sang."}]
+    )
     return train_file, val_file
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_dpo_reference_stays_frozen_and_starts_equal_to_the_policy(base_gpt, tmp_path, method):
     train_file, val_file = preference_files(tmp_path)
-    raw = finetune_dict(base_gpt, tmp_path, f"dpo_{method}", {
-        "data": {"format": "preference", "train": str(train_file), "val": str(val_file), "seq_len": None},
-        "finetune": {"method": method, "r": 4, "targets": ["*attn.in_proj.weight", "*attn.out_proj.weight"]},
-        "train": {"max_steps": 3, "eval_every": 3, "lr": 2e-2, "dpo_beta": 0.5},
-    })
+    raw = finetune_dict(
+        base_gpt,
+        tmp_path,
+        f"dpo_{method}",
+        {
+            "data": {"format": "preference", "train": str(train_file), "val": str(val_file), "seq_len": None},
+            "finetune": {
+                "method": method,
+                "r": 4,
+                "targets": ["*attn.in_proj.weight", "*attn.out_proj.weight"],
+            },
+            "train": {"max_steps": 3, "eval_every": 3, "lr": 2e-2, "dpo_beta": 0.5},
+        },
+    )
     config = config_from_dict(raw)
     base = load_run(base_gpt)
     setup = setup_training(config)
@@ -556,11 +680,23 @@ def test_dpo_reference_stays_frozen_and_starts_equal_to_the_policy(base_gpt, tmp
 
 def test_dpo_run_logs_rewards_and_saves_only_lora_tensors(base_gpt, tmp_path):
     train_file, val_file = preference_files(tmp_path)
-    config = config_from_dict(finetune_dict(base_gpt, tmp_path, "dpo", {
-        "data": {"format": "preference", "train": str(train_file), "val": str(val_file), "seq_len": None},
-        "finetune": {"method": "lora", "r": 4, "targets": ["*attn.in_proj.weight"]},
-        "train": {"max_steps": 4, "eval_every": 2, "lr": 2e-2},
-    }))
+    config = config_from_dict(
+        finetune_dict(
+            base_gpt,
+            tmp_path,
+            "dpo",
+            {
+                "data": {
+                    "format": "preference",
+                    "train": str(train_file),
+                    "val": str(val_file),
+                    "seq_len": None,
+                },
+                "finetune": {"method": "lora", "r": 4, "targets": ["*attn.in_proj.weight"]},
+                "train": {"max_steps": 4, "eval_every": 2, "lr": 2e-2},
+            },
+        )
+    )
     run_dir = train(config, progress=False)
     records = read_metrics(run_dir)
     train_records = [r for r in records if "train/loss" in r]
@@ -573,7 +709,10 @@ def test_dpo_run_logs_rewards_and_saves_only_lora_tensors(base_gpt, tmp_path):
     assert [r["step"] for r in val_records] == [0, 2, 4]  # a fine-tune scores its starting point first
     assert all(math.isfinite(r["val/pretrain_loss"]) for r in val_records)
     assert {p.name for p in (run_dir / "checkpoints" / "last").iterdir()} == {
-        "adapter.safetensors", "state.pt", "info.json"}
+        "adapter.safetensors",
+        "state.pt",
+        "info.json",
+    }
     # preference data needs a reference model
     raw = finetune_dict(base_gpt, tmp_path, "x", {"data": {"format": "preference", "train": str(train_file)}})
     del raw["init_from"]

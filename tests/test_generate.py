@@ -98,7 +98,9 @@ def test_greedy_picks_the_argmax_of_a_full_forward(char_tok, name):
     model = random_model(name, char_tok.vocab_size)
     prompt = char_tok.encode("the cat")
     banned = [0, 1, 2]
-    ids = list(generate_ids(model, prompt, SamplingOptions(max_new_tokens=12, greedy=True), banned_ids=banned))
+    ids = list(
+        generate_ids(model, prompt, SamplingOptions(max_new_tokens=12, greedy=True), banned_ids=banned)
+    )
     context = list(prompt)
     with torch.no_grad():
         for token in ids:
@@ -115,7 +117,9 @@ def test_generation_runs_past_the_context_length(char_tok, name):
     context = model.context_len or 32
     options = SamplingOptions(max_new_tokens=2 * context + 5, temperature=1.0)
     prompt = char_tok.encode("the cat sat on the mat. " * 3)
-    ids = list(generate_ids(model, prompt, options, generator=torch.Generator().manual_seed(0), banned_ids=[0, 1, 2]))
+    ids = list(
+        generate_ids(model, prompt, options, generator=torch.Generator().manual_seed(0), banned_ids=[0, 1, 2])
+    )
     assert len(ids) == 2 * context + 5
     assert all(3 <= i < char_tok.vocab_size for i in ids)
 
@@ -135,7 +139,10 @@ def test_top_k_1_equals_greedy(char_tok):
     model = random_model("gru", char_tok.vocab_size)
     greedy = text_of(model, char_tok, "the", SamplingOptions(max_new_tokens=30, greedy=True))
     top1 = text_of(
-        model, char_tok, "the", SamplingOptions(max_new_tokens=30, temperature=1.3, top_k=1),
+        model,
+        char_tok,
+        "the",
+        SamplingOptions(max_new_tokens=30, temperature=1.3, top_k=1),
         generator=torch.Generator().manual_seed(0),
     )
     assert top1 == greedy
@@ -191,7 +198,9 @@ def test_repetition_penalty_changes_the_greedy_choice():
     logits = torch.tensor([[3.0, 2.0, -1.0]])
     seen = torch.tensor([[True, False, False]])
     plain = next_token(logits, SamplingOptions(greedy=True), seen=seen, generator=None)
-    penalised = next_token(logits, SamplingOptions(greedy=True, repetition_penalty=2.0), seen=seen, generator=None)
+    penalised = next_token(
+        logits, SamplingOptions(greedy=True, repetition_penalty=2.0), seen=seen, generator=None
+    )
     assert int(plain) == 0 and int(penalised) == 1  # 3 / 2 = 1.5 < 2
 
 
@@ -232,7 +241,9 @@ def test_stop_strings_cut_the_output(cycle_tok, stop, expected):
 def test_unseen_prompt_characters_warn_once(char_tok):
     model = random_model("lstm", char_tok.vocab_size)
     warnings: list[str] = []
-    text = text_of(model, char_tok, "the ZQZ cat", SamplingOptions(max_new_tokens=10, greedy=True), warn=warnings.append)
+    text = text_of(
+        model, char_tok, "the ZQZ cat", SamplingOptions(max_new_tokens=10, greedy=True), warn=warnings.append
+    )
     assert len(warnings) == 1
     assert "2 piece(s)" in warnings[0] and "'Q'" in warnings[0] and "'Z'" in warnings[0]
     assert 0 < len(text) <= 10
@@ -261,7 +272,9 @@ def test_special_ids_other_than_eos_are_never_generated(char_tok):
     model = random_model("lstm", char_tok.vocab_size)
     with torch.no_grad():  # make <unk> overwhelmingly likely: it must still be banned
         model.head.proj.bias[char_tok.unk_id] = 100.0
-    ids = list(generate_ids(model, [5], SamplingOptions(max_new_tokens=10, greedy=True), banned_ids=[0, 1, 2]))
+    ids = list(
+        generate_ids(model, [5], SamplingOptions(max_new_tokens=10, greedy=True), banned_ids=[0, 1, 2])
+    )
     assert char_tok.unk_id not in ids and 0 not in ids and 2 not in ids
 
 
@@ -315,8 +328,14 @@ def test_text_stream_holds_back_partial_characters(bpe_tok):
 
 def test_generated_word_text_has_word_spacing(word_tok):
     model = random_model("lstm", word_tok.vocab_size)
-    ids = list(generate_ids(model, word_tok.encode("the cat"), SamplingOptions(max_new_tokens=15, greedy=True),
-                            banned_ids=[0, 1, 2]))
+    ids = list(
+        generate_ids(
+            model,
+            word_tok.encode("the cat"),
+            SamplingOptions(max_new_tokens=15, greedy=True),
+            banned_ids=[0, 1, 2],
+        )
+    )
     text = text_of(model, word_tok, "the cat", SamplingOptions(max_new_tokens=15, greedy=True))
     full = word_tok.decode(word_tok.encode("the cat") + ids)
     assert "the cat" + text == full

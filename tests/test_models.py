@@ -52,7 +52,9 @@ def test_unknown_model_and_duplicate_registration():
     with pytest.raises(ConfigError, match="known models: .*lstm"):
         get_model_info("transformerz")
     with pytest.raises(ValueError, match="registered twice"):
-        register_model("lstm", config=ModelConfig, kind="lm", description="dup")(type("Dup", (torch.nn.Module,), {}))
+        register_model("lstm", config=ModelConfig, kind="lm", description="dup")(
+            type("Dup", (torch.nn.Module,), {})
+        )
     assert get_model_info("lstm").cls.__name__ == "LSTMLM"
 
 
@@ -216,8 +218,15 @@ def test_tie_weights_shares_the_tensor(name, hidden):
 
 def test_tie_weights_with_adaptive_softmax_is_a_config_error():
     with pytest.raises(ConfigError, match="tie_weights needs softmax: full"):
-        tiny_model("lstm", vocab=50, embedding_dim=32, hidden_size=32, tie_weights=True, softmax="adaptive",
-                   adaptive_cutoffs=[10, 30])
+        tiny_model(
+            "lstm",
+            vocab=50,
+            embedding_dim=32,
+            hidden_size=32,
+            tie_weights=True,
+            softmax="adaptive",
+            adaptive_cutoffs=[10, 30],
+        )
 
 
 def test_adaptive_cutoffs_beyond_the_vocabulary_are_a_config_error():
@@ -228,7 +237,9 @@ def test_adaptive_cutoffs_beyond_the_vocabulary_are_a_config_error():
 @pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
 def test_adaptive_softmax_loss_equals_negative_log_prob(name):
     vocab = 50
-    model = tiny_model(name, vocab=vocab, hidden_size=32, softmax="adaptive", adaptive_cutoffs=[10, 30]).eval()
+    model = tiny_model(
+        name, vocab=vocab, hidden_size=32, softmax="adaptive", adaptive_cutoffs=[10, 30]
+    ).eval()
     ids = torch.randint(0, vocab, (3, 8))
     targets = torch.randint(1, vocab, (3, 8))
     targets[:, 0] = torch.tensor([2, 15, 45])  # one target in each cluster

@@ -106,8 +106,9 @@ def test_swiglu_hidden_size_rule(d_model, multiple, hidden):
     assert swiglu_hidden_size(d_model, multiple) == hidden
     config = ModernConfig(d_model=d_model, n_heads=2, ff_multiple_of=multiple)
     assert config.ff_hidden == hidden
-    model = build_model({"name": "modern", "d_model": d_model, "n_heads": 2, "n_layers": 1,
-                         "ff_multiple_of": multiple}, VOCAB)
+    model = build_model(
+        {"name": "modern", "d_model": d_model, "n_heads": 2, "n_layers": 1, "ff_multiple_of": multiple}, VOCAB
+    )
     assert model.blocks[0].ff.up.out_features == hidden
     assert ModernConfig(d_model=d_model, n_heads=2, d_ff=40).ff_hidden == 40  # an explicit d_ff wins
 
@@ -307,8 +308,9 @@ def expected_parameters(
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_weight_tying_and_parameter_count(tied, qk_norm):
-    model = tiny_modern(0, d_model=24, n_heads=4, n_kv_heads=2, n_layers=3, d_ff=40, tie_weights=tied,
-                        qk_norm=qk_norm)
+    model = tiny_modern(
+        0, d_model=24, n_heads=4, n_kv_heads=2, n_layers=3, d_ff=40, tie_weights=tied, qk_norm=qk_norm
+    )
     shared = model.head.proj.weight.data_ptr() == model.token_embedding.weight.data_ptr()
     assert shared == tied and (model.head.proj.weight is model.token_embedding.weight) == tied
     assert count_parameters(model) == expected_parameters(VOCAB, 24, 4, 2, 3, 40, qk_norm, tied)
@@ -331,8 +333,11 @@ def test_flops_lora_targets_adapter_sites_and_state():
     d, hd, kv, ff, seq = 16, 8, 1, 32, 32
     per_layer = 2 * (d * d + 2 * d * kv * hd + d * d + 3 * d * ff) + 4 * seq * d
     assert model.flops_per_token(seq) == 2 * per_layer + 2 * d * VOCAB
-    matched = [n for n, _ in model.named_parameters()
-               if any(fnmatch.fnmatch(n, p) for p in ModernDecoder.default_lora_targets)]
+    matched = [
+        n
+        for n, _ in model.named_parameters()
+        if any(fnmatch.fnmatch(n, p) for p in ModernDecoder.default_lora_targets)
+    ]
     assert sorted(matched) == sorted(f"blocks.{i}.attn.{w}_proj.weight" for i in range(2) for w in "qkvo")
     for name, width in model.adapter_sites():
         assert isinstance(model.get_submodule(name), SwiGLU) and width == d

@@ -34,6 +34,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = [info.name for info in list_models()]
 VOCAB = 11
 
+
 def family_config(name: str) -> dict:
     # dropout 0 everywhere so train and eval mode compute the same function
     return tiny_model_section(name, optional={"dropout": 0.0, "bidirectional": True})
@@ -101,14 +102,21 @@ def test_every_family_names_lora_targets_and_adapter_sites(name):
     assert sites, f"{name} offers no adapter site"
     batch = batch_for(model)
     outputs = {}
-    hooks = [model.get_submodule(site).register_forward_hook(
-        lambda module, args, out, site=site: outputs.__setitem__(site, out[0] if isinstance(out, tuple) else out))
-        for site, _ in sites]
+    hooks = [
+        model.get_submodule(site).register_forward_hook(
+            lambda module, args, out, site=site: outputs.__setitem__(
+                site, out[0] if isinstance(out, tuple) else out
+            )
+        )
+        for site, _ in sites
+    ]
     logits(model, batch)
     for hook in hooks:
         hook.remove()
     for site, width in sites:
-        assert outputs[site].shape[-1] == width, f"{name}: {site} is {outputs[site].shape[-1]} wide, not {width}"
+        assert outputs[site].shape[-1] == width, (
+            f"{name}: {site} is {outputs[site].shape[-1]} wide, not {width}"
+        )
 
 
 # ---- 1. LoRA starts equal to the base, trains only its own tensors ----------------------------------
@@ -118,8 +126,11 @@ def test_every_family_names_lora_targets_and_adapter_sites(name):
 def test_zero_lora_leaves_outputs_unchanged(name):
     base = tiny_model(name)
     expected_targets = sorted(
-        n for n, p in base.named_parameters()
-        if p.dim() >= 2 and "embedding" not in n and any(fnmatch.fnmatch(n, pat) for pat in base.default_lora_targets)
+        n
+        for n, p in base.named_parameters()
+        if p.dim() >= 2
+        and "embedding" not in n
+        and any(fnmatch.fnmatch(n, pat) for pat in base.default_lora_targets)
     )
     assert expected_targets, f"{name}: the patterns match nothing"
     batch = batch_for(base)
@@ -148,14 +159,19 @@ def test_only_the_new_tensors_train(name, method):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if method == "lora":
-        assert trainable == {f"{t.rpartition('.')[0]}.parametrizations.{t.rpartition('.')[2]}.0.{m}".lstrip(".")
-                             for t in lora_modules(model) for m in "AB"}
+        assert trainable == {
+            f"{t.rpartition('.')[0]}.parametrizations.{t.rpartition('.')[2]}.0.{m}".lstrip(".")
+            for t in lora_modules(model)
+            for m in "AB"
+        }
     else:
         assert trainable and all(".adapter." in n for n in trainable)
         assert sum(isinstance(m, AdapterAfter) for m in model.modules()) == len(model.adapter_sites())
     assert set(trainable_state_dict(model)) == trainable
     # every base tensor is still there, frozen (LoRA moves a target under parametrizations.<w>.original)
-    renamed = {n.replace(".inner.", ".").replace("parametrizations.", "").replace(".original", "") for n in frozen}
+    renamed = {
+        n.replace(".inner.", ".").replace("parametrizations.", "").replace(".original", "") for n in frozen
+    }
     assert renamed == base_names
 
     loss(model, batch_for(model)).backward()
@@ -223,7 +239,9 @@ def test_lora_and_adapter_misconfigurations_are_one_line_errors():
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError) as info:
         apply_finetune(tiny_model("lstm"), FinetuneConfig(method="adapter", sites=["blocks.*"]))
-    assert "finetune.sites" in str(info.value) and "layers.0" in str(info.value) and "\n" not in str(info.value)
+    assert (
+        "finetune.sites" in str(info.value) and "layers.0" in str(info.value) and "\n" not in str(info.value)
+    )
     # LoRA never adapts an embedding, even when a pattern matches it
     with pytest.raises(ConfigError):
         apply_finetune(tiny_model("gpt"), FinetuneConfig(method="lora", targets=["*embedding.weight"]))
@@ -285,7 +303,9 @@ def test_lora_on_lstm_recurrent_weights_trains_through_the_fused_kernel():
                 if weight_name.startswith("weight_"):
                     plist = layer.parametrizations[weight_name]
                     expected = plist.original + plist[0].scale * plist[0].B @ plist[0].A
-                    assert flat is not plist.original and flat.grad_fn is not None  # computed by the parametrisation
+                    assert (
+                        flat is not plist.original and flat.grad_fn is not None
+                    )  # computed by the parametrisation
                     torch.testing.assert_close(flat, expected, rtol=0, atol=1e-6)
                 else:
                     assert flat is getattr(layer, weight_name)  # biases stay plain (frozen) parameters
@@ -360,8 +380,11 @@ def test_lora_rank_dropout_only_in_training():
         module.eval()
         assert torch.equal(module.delta(), exact)
         module.train()
-        subsets = {kept: module.scale * module.B[:, list(kept)] @ module.A[list(kept)] / 0.5
-                   for n in range(5) for kept in itertools.combinations(range(4), n)}
+        subsets = {
+            kept: module.scale * module.B[:, list(kept)] @ module.A[list(kept)] / 0.5
+            for n in range(5)
+            for kept in itertools.combinations(range(4), n)
+        }
         torch.manual_seed(0)
         seen = set()
         for _ in range(30):

@@ -76,7 +76,11 @@ def start_training(config: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "lmzoo", "train", str(config), "--no-progress", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=config.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=config.parent,
     )
 
 
@@ -156,8 +160,10 @@ def test_signals_save_at_the_next_step_and_resume_from_it(tmp_path, sig, code):
         train(cfg, resume=True, progress=False, on_step=lambda s, loss, seen=seen: seen.append(s))
         assert seen == [step + 1]  # the resumed run picks up at the saved step
         good += 1
-    report_figure(f"{sig.name} at random steps: {good}/{trials} saved at the step boundary, "
-                  f"exited with {code} within 30 s, resumed from that step")
+    report_figure(
+        f"{sig.name} at random steps: {good}/{trials} saved at the step boundary, "
+        f"exited with {code} within 30 s, resumed from that step"
+    )
     assert good == trials
 
 
@@ -195,8 +201,11 @@ def test_resume_is_bit_identical_for_every_family(tmp_path, name):
     """2N steps straight == N steps, a signal-free stop, resume, N steps (dropout and shuffling on)."""
     sampling = "sequential" if name in ("rnn", "lstm", "gru") else "random"
     straight: list[tuple[int, float]] = []
-    straight_dir = train(family_config(tmp_path, name, "a", sampling), progress=False,
-                         on_step=lambda s, loss: straight.append((s, loss)))
+    straight_dir = train(
+        family_config(tmp_path, name, "a", sampling),
+        progress=False,
+        on_step=lambda s, loss: straight.append((s, loss)),
+    )
     split: list[tuple[int, float]] = []
 
     def stop_at_six(step: int, loss: float) -> None:
@@ -206,13 +215,19 @@ def test_resume_is_bit_identical_for_every_family(tmp_path, name):
 
     with pytest.raises(TrainingStopped):
         train(family_config(tmp_path, name, "b", sampling), progress=False, on_step=stop_at_six)
-    resumed_dir = train(family_config(tmp_path, name, "b", sampling), resume=True, progress=False,
-                        on_step=lambda s, loss: split.append((s, loss)))
+    resumed_dir = train(
+        family_config(tmp_path, name, "b", sampling),
+        resume=True,
+        progress=False,
+        on_step=lambda s, loss: split.append((s, loss)),
+    )
     assert split == straight
     a, b = load_run(straight_dir, "last").model.state_dict(), load_run(resumed_dir, "last").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    report_figure(f"resume equivalence, {name}: 12 steps straight == 6 + stop + resume + 6 "
-                  f"(losses and weights bit-identical)")
+    report_figure(
+        f"resume equivalence, {name}: 12 steps straight == 6 + stop + resume + 6 "
+        f"(losses and weights bit-identical)"
+    )
 
 
 def test_resume_mid_epoch_of_sequential_batches(tmp_path):
@@ -244,14 +259,27 @@ def test_malicious_files_are_refused_and_never_run(tmp_path, trained_run):
     cases = {
         "state.pt: raw pickle": ("checkpoints/last/state.pt", evil),
         "state.pt: torch.save with a code object": ("checkpoints/last/state.pt", evil_torch.read_bytes()),
-        "state.pt: protocol-0 pickle": ("checkpoints/last/state.pt", pickle.dumps(Payload(sentinel), protocol=0)),
+        "state.pt: protocol-0 pickle": (
+            "checkpoints/last/state.pt",
+            pickle.dumps(Payload(sentinel), protocol=0),
+        ),
         "model.safetensors: pickle": ("checkpoints/best/model.safetensors", evil),
         "model.safetensors: torch.save zip": ("checkpoints/best/model.safetensors", evil_torch.read_bytes()),
         "tokenizer.json: pickle": ("tokenizer.json", evil),
-        "tokenizer.json: unknown kind": ("tokenizer.json", json.dumps({"format": "lmzoo.tokenizer", "version": 1,
-                                                                      "kind": "pickle", "data": evil.hex()}).encode()),
-        "config.yaml: python object tag": ("config.yaml", f"!!python/object/apply:os.system ['touch {sentinel}']\n".encode()),
-        "config.yaml: nested python tag": ("config.yaml", f"model: !!python/object/apply:os.system ['touch {sentinel}']\n".encode()),
+        "tokenizer.json: unknown kind": (
+            "tokenizer.json",
+            json.dumps(
+                {"format": "lmzoo.tokenizer", "version": 1, "kind": "pickle", "data": evil.hex()}
+            ).encode(),
+        ),
+        "config.yaml: python object tag": (
+            "config.yaml",
+            f"!!python/object/apply:os.system ['touch {sentinel}']\n".encode(),
+        ),
+        "config.yaml: nested python tag": (
+            "config.yaml",
+            f"model: !!python/object/apply:os.system ['touch {sentinel}']\n".encode(),
+        ),
         "adapter.safetensors: pickle": ("checkpoints/best/adapter.safetensors", evil),
     }
     refused = 0
@@ -269,13 +297,17 @@ def test_malicious_files_are_refused_and_never_run(tmp_path, trained_run):
                 load_train_state(run / relative)
             message = str(info.value)
         else:
-            result = runner.invoke(app, ["generate", "--run", str(run), "--seed", "the", "--max-new-tokens", "3"])
+            result = runner.invoke(
+                app, ["generate", "--run", str(run), "--seed", "the", "--max-new-tokens", "3"]
+            )
             message = cli_stderr(result)
             assert result.exit_code == 2, (label, message)
             assert message.startswith("error:") and message.strip().count("\n") == 0, (label, message)
         assert "Traceback" not in message and not sentinel.exists(), label
         refused += 1
-    report_figure(f"malicious checkpoint/tokenizer/config files: {refused}/{len(cases)} refused, payload never ran")
+    report_figure(
+        f"malicious checkpoint/tokenizer/config files: {refused}/{len(cases)} refused, payload never ran"
+    )
     assert refused == len(cases) == 10
 
 
@@ -295,7 +327,9 @@ def prepared_configs(tmp_path: Path) -> list[Path]:
     runs = tmp_path / "runs"
     for base in ("gpt", "lstm", "gpt_bpe"):
         (runs / base).mkdir(parents=True, exist_ok=True)
-        (runs / base / "config.yaml").write_text(config_to_yaml(load_config(ROOT / "configs" / f"{base}.yaml")))
+        (runs / base / "config.yaml").write_text(
+            config_to_yaml(load_config(ROOT / "configs" / f"{base}.yaml"))
+        )
     copies = []
     for config in CONFIGS:
         target = tmp_path / config.name
@@ -346,8 +380,22 @@ def mutate(raw: dict, rng: random.Random, kind: str) -> tuple[str, str]:
         raw[section][wrong] = raw[section].pop(key, 1)
         return yaml.safe_dump(raw), f"{section}.{wrong}"
     if kind == "wrong type":
-        key = rng.choice([k for k in ("batch_size", "max_len", "max_steps", "lr", "eval_every", "max_new_tokens",
-                                      "temperature") if k in sections[section]] or ["batch_size"])
+        key = rng.choice(
+            [
+                k
+                for k in (
+                    "batch_size",
+                    "max_len",
+                    "max_steps",
+                    "lr",
+                    "eval_every",
+                    "max_new_tokens",
+                    "temperature",
+                )
+                if k in sections[section]
+            ]
+            or ["batch_size"]
+        )
         section = section if key in sections[section] else "data"
         raw.setdefault(section, {})[key] = rng.choice(["lots", [1, 2], {"a": 1}])
         return yaml.safe_dump(raw), f"{section}.{key}"
@@ -380,8 +428,10 @@ def test_config_fuzzing_every_mutation_is_one_clear_line(tmp_path, monkeypatch):
         assert message.count("\n") == 0 and message.startswith("error:"), (kind, message)
         assert "Traceback" not in message and key_path in message, (source.name, kind, key_path, message)
         clean += 1
-    report_figure(f"config fuzzing over {len(configs)} shipped configs: {clean}/{trials} mutations ended with "
-                  "exit code 2 and one error line naming the key")
+    report_figure(
+        f"config fuzzing over {len(configs)} shipped configs: {clean}/{trials} mutations ended with "
+        "exit code 2 and one error line naming the key"
+    )
     assert clean == trials
 
 
@@ -428,7 +478,9 @@ def test_mismatched_tokenizer_or_config_names_the_parameter_and_shapes(tmp_path,
     vocab = tmp_path / "vocab"
     shutil.copytree(trained_run, vocab)
     fit_tokenizer(load_run(trained_run).config.tokenizer, "abcxyz\n").save(vocab / "tokenizer.json")
-    cases.append((vocab, r"embedding\.weight has shape \(\d+, 8\) in the checkpoint but \(\d+, 8\) in the model"))
+    cases.append(
+        (vocab, r"embedding\.weight has shape \(\d+, 8\) in the checkpoint but \(\d+, 8\) in the model")
+    )
     width = tmp_path / "width"
     shutil.copytree(trained_run, width)
     raw = yaml.safe_load((width / "config.yaml").read_text())
@@ -441,10 +493,14 @@ def test_mismatched_tokenizer_or_config_names_the_parameter_and_shapes(tmp_path,
     (family / "config.yaml").write_text(yaml.safe_dump(raw))
     cases.append((family, r"(shape|no place in this model|no weights for)"))
     for run, pattern in cases:
-        result = CliRunner().invoke(app, ["generate", "--run", str(run), "--seed", "the", "--max-new-tokens", "2"])
+        result = CliRunner().invoke(
+            app, ["generate", "--run", str(run), "--seed", "the", "--max-new-tokens", "2"]
+        )
         message = cli_stderr(result).strip()
         assert result.exit_code == 2 and message.count("\n") == 0 and re.search(pattern, message), message
-    report_figure(f"mismatched tokenizer / width / family: {len(cases)}/{len(cases)} one-line errors naming the parameter")
+    report_figure(
+        f"mismatched tokenizer / width / family: {len(cases)}/{len(cases)} one-line errors naming the parameter"
+    )
 
 
 # ---- 7. bad data, before any model is built ---------------------------------------------------------------
@@ -465,13 +521,21 @@ def test_bad_data_fails_before_a_model_is_built(tmp_path, make_config, monkeypat
         path = tmp_path / f"{name}.txt"
         path.write_bytes(content)
         with pytest.raises(DataError, match=expected):
-            train(make_config({"data": {"train": str(path), "split": [1.0, 0.0, 0.0], "val": str(path)}}),
-                  progress=False)
+            train(
+                make_config({"data": {"train": str(path), "split": [1.0, 0.0, 0.0], "val": str(path)}}),
+                progress=False,
+            )
     src, tgt = tmp_path / "p.de", tmp_path / "p.en"
     src.write_text("a\nb\nc\n")
     tgt.write_text("a\nb\n")
     raw = base_config_dict(tmp_path / "runs", src)
-    raw["data"] = {"format": "parallel", "train": str(tmp_path / "p"), "source": "de", "target": "en", "max_len": 32}
+    raw["data"] = {
+        "format": "parallel",
+        "train": str(tmp_path / "p"),
+        "source": "de",
+        "target": "en",
+        "max_len": 32,
+    }
     raw["model"] = tiny_model_section("transformer")
     with pytest.raises(DataError, match="3 lines but .* has 2"):
         train(config_from_dict(raw), progress=False)
@@ -510,18 +574,32 @@ def test_a_nonfinite_loss_stops_or_skips_without_saving_it(make_config, monkeypa
         run_dir = train(config, progress=False)
         run = load_run(run_dir, "last")
         assert run.info["step"] == 10 and all(torch.isfinite(p).all() for p in run.model.parameters())
-    report_figure(f"NaN loss at step 7, nan_policy {policy}: "
-                  + ("stopped with exit code 3, last checkpoint = step 6, loads" if policy == "stop"
-                     else "step skipped, training finished with finite weights"))
+    report_figure(
+        f"NaN loss at step 7, nan_policy {policy}: "
+        + (
+            "stopped with exit code 3, last checkpoint = step 6, loads"
+            if policy == "stop"
+            else "step skipped, training finished with finite weights"
+        )
+    )
 
 
 # ---- 9. context overflow ----------------------------------------------------------------------------------
 
 
 def test_prompts_from_empty_to_twice_the_context_generate(tmp_path, make_config):
-    run = load_run(train(make_config({"model": tiny_model_section("gpt", context_length=8),
-                                      "data": {"seq_len": 8, "sampling": "random"},
-                                      "train": {"max_steps": 3}}), progress=False))
+    run = load_run(
+        train(
+            make_config(
+                {
+                    "model": tiny_model_section("gpt", context_length=8),
+                    "data": {"seq_len": 8, "sampling": "random"},
+                    "train": {"max_steps": 3},
+                }
+            ),
+            progress=False,
+        )
+    )
     options = SamplingOptions(max_new_tokens=20, greedy=True)
     for length in range(0, 17):
         text = "".join(generate(run.model, run.tokenizer, "the cat sat on the mat"[:length], options))

@@ -33,7 +33,9 @@ EXTRA_VARIANTS = [
     ("transformer", {"norm": "pre", "attention": "explicit"}),
     ("transformer", {"share_embeddings": True, "tie_weights": False, "n_heads": 4}),
 ]
-VARIANTS = [(name, {}) for name in SEQ2SEQ_MODELS] + [(n, e) for n, e in EXTRA_VARIANTS if n in SEQ2SEQ_MODELS]
+VARIANTS = [(name, {}) for name in SEQ2SEQ_MODELS] + [
+    (n, e) for n, e in EXTRA_VARIANTS if n in SEQ2SEQ_MODELS
+]
 VARIANT_IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in VARIANTS]
 
 
@@ -79,7 +81,9 @@ def test_forward_shapes_finite_and_loss(name):
     # The loss is the mean cross-entropy over the real (non-pad) target tokens.
     keep = batch.target_out != PAD_ID
     assert int(keep.sum()) == 4 + 6 + 1 + 3  # each target + <eos>
-    assert loss.shape == () and torch.allclose(loss, F.cross_entropy(logits[keep], batch.target_out[keep]), atol=1e-5)
+    assert loss.shape == () and torch.allclose(
+        loss, F.cross_entropy(logits[keep], batch.target_out[keep]), atol=1e-5
+    )
     # decode() with no state is the teacher-forced forward.
     with torch.no_grad():
         src_mask = batch.source == PAD_ID
@@ -126,7 +130,9 @@ def test_the_decoder_does_not_see_later_target_tokens(name, extra):
             changed = batch.target_in.clone()
             changed[:, t + 1 :] = torch.randint(3, TGT_VOCAB, changed[:, t + 1 :].shape, generator=generator)
             other, _ = model(batch.source, changed)
-            assert torch.equal(other[:, : t + 1], logits[:, : t + 1]), f"position <= {t} saw a later target token"
+            assert torch.equal(other[:, : t + 1], logits[:, : t + 1]), (
+                f"position <= {t} saw a later target token"
+            )
             assert not torch.allclose(other[:, t + 1 :], logits[:, t + 1 :])
 
 
@@ -256,8 +262,17 @@ def test_n_best_lists_are_sorted_and_scored(half_trained, name, length_penalty):
     src = batch_of(pairs).source
     max_len, beam, n_best = 5, 4, 3
     banned = (PAD_ID, BOS)
-    results = beam_search(model, src, beam=beam, bos_id=BOS, eos_id=EOS, max_len=max_len,
-                          length_penalty=length_penalty, n_best=n_best, banned_ids=banned)
+    results = beam_search(
+        model,
+        src,
+        beam=beam,
+        bos_id=BOS,
+        eos_id=EOS,
+        max_len=max_len,
+        length_penalty=length_penalty,
+        n_best=n_best,
+        banned_ids=banned,
+    )
     assert len(results) == 4
     lengths = set()
     for row, hyps in enumerate(results):
@@ -278,14 +293,25 @@ def test_n_best_lists_are_sorted_and_scored(half_trained, name, length_penalty):
     assert max_len in lengths and len(lengths) > 1  # both finished and cut-off hypotheses were checked
     # beam 1 is greedy decoding here too, and n_best is capped by the beam width.
     greedy = decode_batch(model, src, bos_id=BOS, eos_id=EOS, max_len=max_len)
-    assert [h[0].tokens for h in beam_search(model, src, beam=1, bos_id=BOS, eos_id=EOS, max_len=max_len)] == greedy
+    assert [
+        h[0].tokens for h in beam_search(model, src, beam=1, bos_id=BOS, eos_id=EOS, max_len=max_len)
+    ] == greedy
     capped = beam_search(model, src, beam=2, bos_id=BOS, eos_id=EOS, max_len=max_len, n_best=5)
     assert [len(h) for h in capped] == [2] * 4
     # Each sentence gets the same hypotheses in a padded batch as alone.
     for row, hyps in enumerate(results):
         real = src[row : row + 1, : int((src[row] != PAD_ID).sum())]
-        [own] = beam_search(model, real, beam=beam, bos_id=BOS, eos_id=EOS, max_len=max_len,
-                            length_penalty=length_penalty, n_best=n_best, banned_ids=banned)
+        [own] = beam_search(
+            model,
+            real,
+            beam=beam,
+            bos_id=BOS,
+            eos_id=EOS,
+            max_len=max_len,
+            length_penalty=length_penalty,
+            n_best=n_best,
+            banned_ids=banned,
+        )
         assert [h.tokens for h in own] == [h.tokens for h in hyps]
         assert [h.score for h in own] == pytest.approx([h.score for h in hyps], abs=1e-5)
 
@@ -296,18 +322,33 @@ def test_sampling_and_streaming_agree_with_greedy(half_trained, name):
     src = batch_of(task_pairs("reverse", 5, torch.Generator().manual_seed(7))).source
     greedy = decode_batch(model, src, bos_id=BOS, eos_id=EOS, max_len=8)
     top1 = SamplingOptions(temperature=1.0, top_k=1)  # sampling from one candidate is greedy
-    assert decode_batch(model, src, bos_id=BOS, eos_id=EOS, max_len=8, options=top1,
-                        generator=torch.Generator().manual_seed(0)) == greedy
+    assert (
+        decode_batch(
+            model,
+            src,
+            bos_id=BOS,
+            eos_id=EOS,
+            max_len=8,
+            options=top1,
+            generator=torch.Generator().manual_seed(0),
+        )
+        == greedy
+    )
     hot = SamplingOptions(temperature=2.0)
-    first = decode_batch(model, src, bos_id=BOS, eos_id=EOS, max_len=8, options=hot,
-                         generator=torch.Generator().manual_seed(1))
-    again = decode_batch(model, src, bos_id=BOS, eos_id=EOS, max_len=8, options=hot,
-                         generator=torch.Generator().manual_seed(1))
+    first = decode_batch(
+        model, src, bos_id=BOS, eos_id=EOS, max_len=8, options=hot, generator=torch.Generator().manual_seed(1)
+    )
+    again = decode_batch(
+        model, src, bos_id=BOS, eos_id=EOS, max_len=8, options=hot, generator=torch.Generator().manual_seed(1)
+    )
     assert first == again and first != greedy  # reproducible with a seeded generator, and really sampled
     for row in range(src.shape[0]):
         real = src[row : row + 1, : int((src[row] != PAD_ID).sum())]
-        streamed = list(decode_stream(model, real, bos_id=BOS, eos_id=EOS, max_len=8,
-                                      options=SamplingOptions(greedy=True)))
+        streamed = list(
+            decode_stream(
+                model, real, bos_id=BOS, eos_id=EOS, max_len=8, options=SamplingOptions(greedy=True)
+            )
+        )
         assert streamed == greedy[row]
 
 
@@ -318,8 +359,16 @@ def test_corpus_translation_in_batches_equals_one_sentence_at_a_time(half_traine
     assert tokenizer.vocab_size == TASK_VOCAB
     sources = ["abc", "abcdefg", "ba", "ihgfedc", "eee", "hi", "gfedcba"]
     for beam in (1, 3):
-        batched = translate_corpus(model, sources, tokenizer, tokenizer, max_len=8, beam=beam, batch_size=3,
-                                   device=torch.device("cpu"))
+        batched = translate_corpus(
+            model,
+            sources,
+            tokenizer,
+            tokenizer,
+            max_len=8,
+            beam=beam,
+            batch_size=3,
+            device=torch.device("cpu"),
+        )
         alone = [translate(model, tokenizer, tokenizer, text, max_len=8, beam=beam)[0][0] for text in sources]
         assert batched == alone
     assert len(set(batched)) > 1  # the outputs depend on the input
@@ -470,7 +519,10 @@ def token_accuracy(model, pairs) -> float:
     model.eval()
     outputs = decode_batch(model, batch_of(pairs).source, bos_id=BOS, eos_id=EOS, max_len=10)
     model.train(was_training)
-    correct = sum(sum(a == b for a, b in zip(out, ref, strict=False)) for out, (_, ref) in zip(outputs, pairs, strict=True))
+    correct = sum(
+        sum(a == b for a, b in zip(out, ref, strict=False))
+        for out, (_, ref) in zip(outputs, pairs, strict=True)
+    )
     return correct / sum(max(len(out), len(ref)) for out, (_, ref) in zip(outputs, pairs, strict=True))
 
 
@@ -486,8 +538,12 @@ def test_a_tiny_task_is_learned(name, task):
     training = [task_pairs(task, 64, data) for _ in range(budget)]
     seen = {tuple(src) for pairs in training for src, _ in pairs}
     # Held out: sequences that no training batch contains.
-    monitor = [p for p in task_pairs(task, 200, torch.Generator().manual_seed(2)) if tuple(p[0]) not in seen][:64]
-    held_out = [p for p in task_pairs(task, 400, torch.Generator().manual_seed(3)) if tuple(p[0]) not in seen][:200]
+    monitor = [p for p in task_pairs(task, 200, torch.Generator().manual_seed(2)) if tuple(p[0]) not in seen][
+        :64
+    ]
+    held_out = [
+        p for p in task_pairs(task, 400, torch.Generator().manual_seed(3)) if tuple(p[0]) not in seen
+    ][:200]
     assert len(monitor) == 64 and len(held_out) == 200
     before = token_accuracy(model, held_out)
     for step in range(budget):
@@ -508,7 +564,9 @@ def test_a_tiny_task_is_learned(name, task):
     model.eval()
     src = batch_of(held_out[:16]).source
     greedy = decode_batch(model, src, bos_id=BOS, eos_id=EOS, max_len=10)
-    assert [h[0].tokens for h in beam_search(model, src, beam=1, bos_id=BOS, eos_id=EOS, max_len=10)] == greedy
+    assert [
+        h[0].tokens for h in beam_search(model, src, beam=1, bos_id=BOS, eos_id=EOS, max_len=10)
+    ] == greedy
     # And a wider beam is at least as accurate here.
     wide = [h[0].tokens for h in beam_search(model, src, beam=3, bos_id=BOS, eos_id=EOS, max_len=10)]
     assert sum(w == ref for w, (_, ref) in zip(wide, held_out[:16], strict=True)) >= 14

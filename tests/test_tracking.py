@@ -81,7 +81,11 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
     resumed.close()
 
     assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path)] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
     ]
     tb = [(e.step, e.value) for e in scalars(tmp_path).Scalars("train/loss")]
     assert tb == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]

@@ -38,10 +38,18 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def test_loss_falls_on_a_repetitive_corpus(make_config):
-    config = make_config({
-        "model": {"hidden_size": 32, "embedding_dim": 16},
-        "train": {"max_steps": 60, "eval_every": 30, "lr": 2e-2, "warmup_steps": 0, "schedule": "constant"},
-    })
+    config = make_config(
+        {
+            "model": {"hidden_size": 32, "embedding_dim": 16},
+            "train": {
+                "max_steps": 60,
+                "eval_every": 30,
+                "lr": 2e-2,
+                "warmup_steps": 0,
+                "schedule": "constant",
+            },
+        }
+    )
     losses, run_dir = run_and_record(config)
     assert [step for step, _ in losses] == list(range(1, 61))
     train_losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
@@ -114,7 +122,9 @@ def test_sigint_saves_last_and_resume_matches_a_straight_run(tmp_path, make_conf
     assert signal.getsignal(signal.SIGINT) is handler_before
 
     # Cosine schedule with warmup: resuming from the interrupted step reproduces the straight run.
-    resumed_losses, resumed_dir = run_and_record(make_config(extra, out_dir=tmp_path / "interrupted"), resume=True)
+    resumed_losses, resumed_dir = run_and_record(
+        make_config(extra, out_dir=tmp_path / "interrupted"), resume=True
+    )
     assert resumed_dir == run_dir
     assert seen + resumed_losses == straight_losses
     assert_same_weights(weights(straight_dir), weights(resumed_dir))
@@ -155,8 +165,14 @@ def test_resume_picks_the_newest_run_of_that_name(make_config):
 
 def test_resume_refuses_a_changed_model(make_config):
     train(make_config({"train": {"max_steps": 2}}), progress=False)
-    with pytest.raises(ConfigError, match=r"--resume: model\.hidden_size is 32 in the config but 16 in the run"):
-        train(make_config({"model": {"hidden_size": 32}, "train": {"max_steps": 4}}), resume=True, progress=False)
+    with pytest.raises(
+        ConfigError, match=r"--resume: model\.hidden_size is 32 in the config but 16 in the run"
+    ):
+        train(
+            make_config({"model": {"hidden_size": 32}, "train": {"max_steps": 4}}),
+            resume=True,
+            progress=False,
+        )
 
 
 def test_resume_without_a_checkpoint_starts_the_run(make_config, capsys):

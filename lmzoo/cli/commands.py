@@ -16,12 +16,18 @@ from lmzoo.cli.app import BASE_HELP, DEVICE_HELP, RUN_HELP, app, user_errors, wa
 def train(
     config: Path = typer.Argument(..., help="YAML run config, e.g. configs/lstm.yaml.", show_default=False),
     overrides: list[str] | None = typer.Argument(
-        None, help="Overrides as section.key=value, e.g. train.lr=3e-4 model.hidden_size=256.", show_default=False
+        None,
+        help="Overrides as section.key=value, e.g. train.lr=3e-4 model.hidden_size=256.",
+        show_default=False,
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue the newest run of this config from its last checkpoint (or start it)."
+        False,
+        "--resume",
+        help="Continue the newest run of this config from its last checkpoint (or start it).",
     ),
-    device: str | None = typer.Option(None, help="Force a device: cpu, cuda, cuda:N or mps (default: train.device)."),
+    device: str | None = typer.Option(
+        None, help="Force a device: cpu, cuda, cuda:N or mps (default: train.device)."
+    ),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Show the progress bar (default: when stderr is a terminal)."
     ),
@@ -58,18 +64,30 @@ def _prompts(seed: str | None, verb: str) -> Iterator[str]:
 @app.command()
 def generate(
     run: str | None = typer.Option(None, "--run", "-r", help=RUN_HELP),
-    seed: str | None = typer.Option(None, "--seed", "-s", help="Text to continue; without it, an interactive prompt opens."),
-    max_new_tokens: int | None = typer.Option(None, help="Tokens to generate (default: the run's sample.max_new_tokens)."),
+    seed: str | None = typer.Option(
+        None, "--seed", "-s", help="Text to continue; without it, an interactive prompt opens."
+    ),
+    max_new_tokens: int | None = typer.Option(
+        None, help="Tokens to generate (default: the run's sample.max_new_tokens)."
+    ),
     temperature: float | None = typer.Option(None, help="Sampling temperature; 0 = greedy."),
     top_k: int | None = typer.Option(None, help="Sample only among the k most likely tokens."),
-    top_p: float | None = typer.Option(None, help="Nucleus sampling: smallest set of tokens with this much probability."),
+    top_p: float | None = typer.Option(
+        None, help="Nucleus sampling: smallest set of tokens with this much probability."
+    ),
     greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token."),
     repetition_penalty: float | None = typer.Option(None, help="> 1 discourages tokens already in the text."),
     num_samples: int = typer.Option(1, min=1, help="How many continuations to write."),
-    seed_rng: int | None = typer.Option(None, "--seed-rng", help="Random seed for sampling (reproducible output)."),
+    seed_rng: int | None = typer.Option(
+        None, "--seed-rng", help="Random seed for sampling (reproducible output)."
+    ),
     stop: list[str] | None = typer.Option(None, help="Stop when this text appears (repeatable)."),
-    beam: int = typer.Option(1, min=1, help="Seq2seq: beam search with this many beams (1 = greedy/sampling, streamed)."),
-    n_best: int = typer.Option(1, min=1, help="Seq2seq with --beam: print this many best translations with their scores."),
+    beam: int = typer.Option(
+        1, min=1, help="Seq2seq: beam search with this many beams (1 = greedy/sampling, streamed)."
+    ),
+    n_best: int = typer.Option(
+        1, min=1, help="Seq2seq with --beam: print this many best translations with their scores."
+    ),
     length_penalty: float = typer.Option(1.0, help="Seq2seq beam search: score = logprob / length^penalty."),
     checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
     base: Path | None = typer.Option(None, help=BASE_HELP),
@@ -80,21 +98,43 @@ def generate(
         from lmzoo.run import Run
 
         loaded = Run.open(run, base=base)
-        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, greedy=greedy or None, stop=stop or None)
+        sampling = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            greedy=greedy or None,
+            stop=stop or None,
+        )
         loaded.sampling(**sampling)  # a bad option fails before the model loads
         verb = "translating with" if loaded.kind == "seq2seq" else "sampling from"
         for prompt in _prompts(seed, f"{verb} {loaded.path}"):
             if beam > 1 and loaded.kind == "seq2seq":
-                for text, score in loaded.translate(prompt, beam=beam, n_best=n_best, length_penalty=length_penalty,
-                                                    max_new_tokens=max_new_tokens, checkpoint_tag=checkpoint,
-                                                    device=device, warn=warn):
+                for text, score in loaded.translate(
+                    prompt,
+                    beam=beam,
+                    n_best=n_best,
+                    length_penalty=length_penalty,
+                    max_new_tokens=max_new_tokens,
+                    checkpoint_tag=checkpoint,
+                    device=device,
+                    warn=warn,
+                ):
                     typer.echo(f"{text}\t{score:.4f}" if n_best > 1 else text)
                 continue
             for index in range(num_samples):
-                typer.echo(("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False)
-                for piece in loaded.generate(prompt, checkpoint_tag=checkpoint, device=device, seed=seed_rng,
-                                             warn=warn if index == 0 else None, **sampling):
+                typer.echo(
+                    ("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False
+                )
+                for piece in loaded.generate(
+                    prompt,
+                    checkpoint_tag=checkpoint,
+                    device=device,
+                    seed=seed_rng,
+                    warn=warn if index == 0 else None,
+                    **sampling,
+                ):
                     typer.echo(piece, nl=False)
                 typer.echo()
 
@@ -103,9 +143,13 @@ def generate(
 def evaluate(
     run: str | None = typer.Option(None, "--run", "-r", help=RUN_HELP),
     data: Path | None = typer.Option(None, help="A text file to score (default: the run's split)."),
-    split: str = typer.Option("val", help="Which split of the run's corpus when --data is not given: val or test."),
+    split: str = typer.Option(
+        "val", help="Which split of the run's corpus when --data is not given: val or test."
+    ),
     checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
-    beam: int = typer.Option(5, min=1, help="Seq2seq: beam size for the beam-search BLEU (greedy BLEU is reported too)."),
+    beam: int = typer.Option(
+        5, min=1, help="Seq2seq: beam size for the beam-search BLEU (greedy BLEU is reported too)."
+    ),
     base: Path | None = typer.Option(None, help=BASE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -116,15 +160,23 @@ def evaluate(
         loaded = Run.open(run, base=base)
         metrics = loaded.evaluate(data, split, beam=beam, checkpoint_tag=checkpoint, device=device)
         source = str(data) if data else f"the {split} split"
-        bleu = "".join(f"  BLEU {key[5:]} {value:.2f}" for key, value in metrics.items() if key.startswith("bleu_"))
-        typer.echo(f"{loaded.path} ({checkpoint}) on {source}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}"
-                   f"{bleu}  ({int(metrics['tokens']):,} tokens)")
+        bleu = "".join(
+            f"  BLEU {key[5:]} {value:.2f}" for key, value in metrics.items() if key.startswith("bleu_")
+        )
+        typer.echo(
+            f"{loaded.path} ({checkpoint}) on {source}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}"
+            f"{bleu}  ({int(metrics['tokens']):,} tokens)"
+        )
 
 
 @app.command()
 def merge(
-    run: str = typer.Option(..., "--run", "-r", help="A LoRA fine-tune run directory (or name under ./runs)."),
-    out: Path | None = typer.Option(None, help="Where to write the merged run (default: <run>-merged beside it)."),
+    run: str = typer.Option(
+        ..., "--run", "-r", help="A LoRA fine-tune run directory (or name under ./runs)."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Where to write the merged run (default: <run>-merged beside it)."
+    ),
     base: Path | None = typer.Option(None, help=BASE_HELP),
 ) -> None:
     """Fold a LoRA run's updates into its base weights: a plain run with the same outputs."""
@@ -147,4 +199,6 @@ def models() -> None:
         typer.echo(f"{'name':<{widths[0]}}  {'kind':<{widths[1]}}  {'params':>{widths[2]}}  description")
         for name, kind, params, description in rows:
             typer.echo(f"{name:<{widths[0]}}  {kind:<{widths[1]}}  {params:>{widths[2]}}  {description}")
-        typer.echo(f"(params: default config at a {REFERENCE_VOCAB}-token vocabulary, char-level Tiny Shakespeare)")
+        typer.echo(
+            f"(params: default config at a {REFERENCE_VOCAB}-token vocabulary, char-level Tiny Shakespeare)"
+        )

@@ -35,7 +35,9 @@ def parse_config(raw: Any, *, source: str = "config", check_files: bool = True) 
         raise ConfigError(f"{source}: model: missing section (it needs at least `name:`)")
     tokenizer = validate_tokenizer_section(raw.pop("tokenizer", {}) or {}, "tokenizer", source)
     target_raw = raw.pop("target_tokenizer", None)
-    target = None if target_raw is None else validate_tokenizer_section(target_raw, "target_tokenizer", source)
+    target = (
+        None if target_raw is None else validate_tokenizer_section(target_raw, "target_tokenizer", source)
+    )
     model = validate_model_section(model_raw, source)
     sections = {"tokenizer": tokenizer, "target_tokenizer": target, "model": model}
     run = _validate(RunConfig, {**raw, **sections}, (), source, {"check_files": check_files})

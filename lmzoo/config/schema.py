@@ -255,9 +255,13 @@ class RunConfig(Section):
         paired = self.data.format in ("parallel", "tsv")
         name = self.model.name
         if self.kind == "seq2seq" and not paired:
-            raise ValueError(f"data.format: model {name!r} translates sentence pairs; set data.format to parallel or tsv")
+            raise ValueError(
+                f"data.format: model {name!r} translates sentence pairs; set data.format to parallel or tsv"
+            )
         if self.kind == "lm" and paired:
-            raise ValueError(f"data.format: model {name!r} is a language model; use format text, instruct or preference")
+            raise ValueError(
+                f"data.format: model {name!r} is a language model; use format text, instruct or preference"
+            )
         if self.data.format == "preference" and not self.init_from:
             raise ValueError(
                 "data.format: preference tuning (DPO) needs init_from: the model it starts from is its reference"

@@ -93,7 +93,11 @@ class LanguageModel(ZooModel):
         raise NotImplementedError
 
     def forward(
-        self, ids: torch.Tensor, state: Any = None, targets: torch.Tensor | None = None, label_smoothing: float = 0.0
+        self,
+        ids: torch.Tensor,
+        state: Any = None,
+        targets: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, Any]:
         """(logits (B, T, V), state), or (mean loss over targets != pad, state) when targets are given."""
         h, state = self.hidden(ids, state)  # (B, T, C)
@@ -163,7 +167,10 @@ class Seq2SeqModel(ZooModel):
         return self.head.logits(h), state
 
     def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, targets: torch.Tensor | None = None,
+        self,
+        src: torch.Tensor,
+        tgt_in: torch.Tensor,
+        targets: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, None]:
         """Teacher forcing: (logits (B, T, V), None), or (mean loss over non-pad targets, None)."""

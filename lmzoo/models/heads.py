@@ -17,8 +17,13 @@ class OutputHead(nn.Module):
     """Maps features (..., C) to next-token scores and computes the token loss."""
 
     def __init__(
-        self, in_features: int, vocab_size: int, *, adaptive_cutoffs: list[int] | None = None,
-        div_value: float = 4.0, bias: bool = True,
+        self,
+        in_features: int,
+        vocab_size: int,
+        *,
+        adaptive_cutoffs: list[int] | None = None,
+        div_value: float = 4.0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -44,7 +49,12 @@ class OutputHead(nn.Module):
         return self.adaptive_softmax.log_prob(flat).view(*h.shape[:-1], self.vocab_size)
 
     def loss(
-        self, h: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
     ) -> torch.Tensor:
         """Mean negative log-likelihood of `targets` (…,) given features `h` (…, C)."""
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
@@ -52,7 +62,9 @@ class OutputHead(nn.Module):
             logits = self.proj(flat_h).float()
             return F.cross_entropy(logits, flat_t, ignore_index=ignore_index, label_smoothing=label_smoothing)
         if label_smoothing:
-            raise ValueError("label smoothing needs softmax: full (an adaptive softmax scores only the target)")
+            raise ValueError(
+                "label smoothing needs softmax: full (an adaptive softmax scores only the target)"
+            )
         keep = flat_t != ignore_index
         if not bool(keep.all()):
             flat_h, flat_t = flat_h[keep], flat_t[keep]
@@ -69,11 +81,15 @@ class OutputHead(nn.Module):
         for index, cluster in enumerate(softmax.tail):
             low, high = softmax.cutoffs[index], softmax.cutoffs[index + 1]
             share = float(((flat >= low) & (flat < high)).float().mean()) if flat is not None else 0.0
-            total += share * sum(2 * m.in_features * m.out_features for m in cluster if isinstance(m, nn.Linear))
+            total += share * sum(
+                2 * m.in_features * m.out_features for m in cluster if isinstance(m, nn.Linear)
+            )
         return total
 
     def tie_to(self, embedding: nn.Embedding) -> None:
         """Share the output projection with the input embedding (Press & Wolf, 2017)."""
         if self.adaptive:
-            raise ValueError("tie_weights needs softmax: full (an adaptive softmax has no single matrix to tie)")
+            raise ValueError(
+                "tie_weights needs softmax: full (an adaptive softmax has no single matrix to tie)"
+            )
         self.proj.weight = embedding.weight

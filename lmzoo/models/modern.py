@@ -256,19 +256,31 @@ class ModernState:
 
 
 @register_model(
-    "modern", config=ModernConfig,
+    "modern",
+    config=ModernConfig,
     description="LLaMA-style decoder LM: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, KV cache",
 )
 class ModernDecoder(LanguageModel):
     carries_state = False
     keep_fraction = 0.75  # share of the context kept when the decoding window slides
-    default_lora_targets = ("*attn.q_proj.weight", "*attn.k_proj.weight", "*attn.v_proj.weight",
-                            "*attn.o_proj.weight")
+    default_lora_targets = (
+        "*attn.q_proj.weight",
+        "*attn.k_proj.weight",
+        "*attn.v_proj.weight",
+        "*attn.o_proj.weight",
+    )
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:
-        return {"d_model": 16, "n_heads": 2, "n_kv_heads": 1, "n_layers": 2, "d_ff": 32, "context_length": 32,
-                "dropout": 0.0}
+        return {
+            "d_model": 16,
+            "n_heads": 2,
+            "n_kv_heads": 1,
+            "n_layers": 2,
+            "d_ff": 32,
+            "context_length": 32,
+            "dropout": 0.0,
+        }
 
     def fsdp_units(self) -> set[type[nn.Module]]:
         return {ModernBlock}

@@ -38,8 +38,10 @@ class RecurrentConfig(ModelConfig):
 
     def check_run(self, run) -> None:
         if self.softmax == "adaptive" and run.train.label_smoothing:
-            raise ValueError("train.label_smoothing: needs model.softmax: full (an adaptive softmax scores only "
-                             "the target token)")
+            raise ValueError(
+                "train.label_smoothing: needs model.softmax: full (an adaptive softmax scores only "
+                "the target token)"
+            )
 
 
 class RNNConfig(RecurrentConfig):
@@ -116,7 +118,9 @@ class RecurrentLM(LanguageModel):
             width = config.embedding_dim
         self.mlp = nn.Sequential(*mlp)
         cutoffs = config.adaptive_cutoffs if config.softmax == "adaptive" else None
-        self.head = OutputHead(width, vocab_size, adaptive_cutoffs=cutoffs, div_value=config.adaptive_div_value)
+        self.head = OutputHead(
+            width, vocab_size, adaptive_cutoffs=cutoffs, div_value=config.adaptive_div_value
+        )
         if config.tie_weights:
             self.head.tie_to(self.embedding)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
@@ -138,7 +142,8 @@ class RecurrentLM(LanguageModel):
 
 
 @register_model(
-    "rnn", config=RNNConfig,
+    "rnn",
+    config=RNNConfig,
     description="vanilla (Elman) RNN LM: h_t = tanh(W_x x_t + W_h h_{t-1} + b), y_t = W_y h_t",
 )
 class RNNLM(RecurrentLM):
@@ -146,7 +151,9 @@ class RNNLM(RecurrentLM):
         return ElmanRNN(input_size, hidden_size, self.config.nonlinearity)  # type: ignore[attr-defined]
 
 
-@register_model("lstm", config=LSTMConfig, description="LSTM language model (stacked, dropout, optional tying)")
+@register_model(
+    "lstm", config=LSTMConfig, description="LSTM language model (stacked, dropout, optional tying)"
+)
 class LSTMLM(RecurrentLM):
     def make_layer(self, input_size: int, hidden_size: int) -> nn.Module:
         return nn.LSTM(input_size, hidden_size, batch_first=True)

@@ -41,13 +41,17 @@ class Seq2SeqConfig(ModelConfig):
     @classmethod
     def _dot_needs_equal_sizes(cls, value: str, info: ValidationInfo) -> str:
         if value == "dot" and info.data.get("bidirectional", True):
-            raise ValueError("dot attention needs encoder and decoder states of one size; use general with a "
-                             "bidirectional encoder")
+            raise ValueError(
+                "dot attention needs encoder and decoder states of one size; use general with a "
+                "bidirectional encoder"
+            )
         return value
 
     def check_run(self, run) -> None:
         if self.share_embeddings and run.target_tokenizer is not None:
-            raise ValueError("model.share_embeddings: needs one tokenizer for both sides (remove target_tokenizer)")
+            raise ValueError(
+                "model.share_embeddings: needs one tokenizer for both sides (remove target_tokenizer)"
+            )
 
 
 class RecurrentAttention(nn.Module):
@@ -80,7 +84,8 @@ class RecurrentAttention(nn.Module):
 
 
 @register_model(
-    "seq2seq", config=Seq2SeqConfig,
+    "seq2seq",
+    config=Seq2SeqConfig,
     description="RNN encoder-decoder with attention: (bi)LSTM/GRU encoder, attentive decoder",
 )
 class RecurrentSeq2Seq(Seq2SeqModel):
@@ -88,7 +93,13 @@ class RecurrentSeq2Seq(Seq2SeqModel):
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:
-        return {"embedding_dim": 8, "hidden_size": 16, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0}
+        return {
+            "embedding_dim": 8,
+            "hidden_size": 16,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "dropout": 0.0,
+        }
 
     def adapter_sites(self) -> list[tuple[str, int]]:
         # the decoder only: a packed-sequence encoder has no per-position output to adapt
@@ -103,12 +114,23 @@ class RecurrentSeq2Seq(Seq2SeqModel):
         self.src_embedding = nn.Embedding(src_vocab, emb)
         self.tgt_embedding = self.src_embedding if config.share_embeddings else nn.Embedding(tgt_vocab, emb)
         self.dropout = nn.Dropout(config.dropout)
-        self.encoder = rnn(emb, hidden, config.encoder_layers, batch_first=True, bidirectional=config.bidirectional,
-                           dropout=config.dropout if config.encoder_layers > 1 else 0.0)
+        self.encoder = rnn(
+            emb,
+            hidden,
+            config.encoder_layers,
+            batch_first=True,
+            bidirectional=config.bidirectional,
+            dropout=config.dropout if config.encoder_layers > 1 else 0.0,
+        )
         enc_dim = hidden * (2 if config.bidirectional else 1)
         self.bridge = nn.Linear(enc_dim, hidden * config.decoder_layers)
-        self.decoder = rnn(emb, hidden, config.decoder_layers, batch_first=True,
-                           dropout=config.dropout if config.decoder_layers > 1 else 0.0)
+        self.decoder = rnn(
+            emb,
+            hidden,
+            config.decoder_layers,
+            batch_first=True,
+            dropout=config.dropout if config.decoder_layers > 1 else 0.0,
+        )
         self.attention = RecurrentAttention(config.attention, hidden, enc_dim)
         self.combine = nn.Linear(hidden + enc_dim, hidden)  # W_c
         width = hidden
@@ -120,13 +142,17 @@ class RecurrentSeq2Seq(Seq2SeqModel):
         if config.tie_weights:
             self.head.tie_to(self.tgt_embedding)
 
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(
+        self, src: torch.Tensor, src_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(encoder states (B, S, H_enc), attention keys, the decoder's first hidden state (B, L, H))."""
         lengths = (~src_mask).sum(1).clamp(min=1).cpu()
         x = self.dropout(self.src_embedding(src))  # (B, S, E)
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         outputs, final = self.encoder(packed)
-        outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=src.shape[1])  # (B, S, H_enc)
+        outputs, _ = pad_packed_sequence(
+            outputs, batch_first=True, total_length=src.shape[1]
+        )  # (B, S, H_enc)
         h_n = final[0] if isinstance(final, tuple) else final  # (layers * dirs, B, H)
         last = torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.config.bidirectional else h_n[-1]  # (B, H_enc)
         start = torch.tanh(self.bridge(last)).view(src.shape[0], self.config.decoder_layers, -1)  # (B, L, H)

@@ -101,7 +101,11 @@ class DecoderBlock(nn.Module):
         self.pre_norm = config.norm == "pre"
         self.norm1 = nn.LayerNorm(d, bias=config.bias)
         self.attn = MultiHeadAttention(
-            d, config.n_heads, dropout=config.dropout, bias=config.bias, explicit=config.attention == "explicit"
+            d,
+            config.n_heads,
+            dropout=config.dropout,
+            bias=config.bias,
+            explicit=config.attention == "explicit",
         )
         self.attn_dropout = _dropout(config.dropout)
         self.norm2 = nn.LayerNorm(d, bias=config.bias)
@@ -128,7 +132,8 @@ class GPTState:
 
 
 @register_model(
-    "gpt", config=GPTConfig,
+    "gpt",
+    config=GPTConfig,
     description="decoder-only Transformer LM (GPT): masked multi-head self-attention, KV-cache decoding",
 )
 class GPT(LanguageModel):
@@ -154,7 +159,9 @@ class GPT(LanguageModel):
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.context_length, d)
         else:
-            self.register_buffer("position_table", sinusoidal_positions(config.context_length, d), persistent=False)
+            self.register_buffer(
+                "position_table", sinusoidal_positions(config.context_length, d), persistent=False
+            )
         self.dropout = _dropout(config.dropout)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
         # Post-LN blocks already end in a LayerNorm; pre-LN needs one before the output layer.
@@ -170,7 +177,11 @@ class GPT(LanguageModel):
             if name.endswith("bias"):
                 nn.init.zeros_(param)
             elif param.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("out_proj.weight", "down.weight")) else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * self.config.n_layers)
+                    if name.endswith(("out_proj.weight", "down.weight"))
+                    else 0.02
+                )
                 nn.init.normal_(param, mean=0.0, std=std)
 
     @property
@@ -189,7 +200,9 @@ class GPT(LanguageModel):
         scale = math.sqrt(self.config.d_model) if self.config.positions == "sinusoidal" else 1.0
         return self.dropout(self.token_embedding(ids) * scale + pos)  # (B, T, d)
 
-    def hidden(self, ids: torch.Tensor, state: GPTState | None = None) -> tuple[torch.Tensor, GPTState | None]:
+    def hidden(
+        self, ids: torch.Tensor, state: GPTState | None = None
+    ) -> tuple[torch.Tensor, GPTState | None]:
         batch, steps = ids.shape
         context = self.config.context_length
         if steps > context:  # with a state too: a sliding window would return fewer positions than given
@@ -204,7 +217,9 @@ class GPT(LanguageModel):
         if state.caches is None:
             d_head = self.config.d_model // self.config.n_heads
             like = self.token_embedding.weight
-            state.caches = [KVCache(batch, self.config.n_heads, context, d_head, like=like) for _ in self.blocks]
+            state.caches = [
+                KVCache(batch, self.config.n_heads, context, d_head, like=like) for _ in self.blocks
+            ]
         x = self._embed(ids, state.length)
         for block, cache in zip(self.blocks, state.caches, strict=True):
             x = block(x, cache)
@@ -243,7 +258,9 @@ class TransformerConfig(ModelConfig):
 
     def check_run(self, run) -> None:
         if self.share_embeddings and run.target_tokenizer is not None:
-            raise ValueError("model.share_embeddings: needs one tokenizer for both sides (remove target_tokenizer)")
+            raise ValueError(
+                "model.share_embeddings: needs one tokenizer for both sides (remove target_tokenizer)"
+            )
         if run.data.max_len > self.max_len:
             raise ValueError(f"data.max_len: {run.data.max_len} is longer than model.max_len {self.max_len}")
 
@@ -265,8 +282,9 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         pre, d = config.norm == "pre", config.d_model
-        self.self_attn = MultiHeadAttention(d, config.n_heads, dropout=config.dropout,
-                                            explicit=config.attention == "explicit")
+        self.self_attn = MultiHeadAttention(
+            d, config.n_heads, dropout=config.dropout, explicit=config.attention == "explicit"
+        )
         self.ff = FeedForward(d, config.d_ff, config.activation, True, 0.0)
         self.sub1, self.sub2 = SublayerNorm(d, pre, config.dropout), SublayerNorm(d, pre, config.dropout)
 
@@ -300,7 +318,8 @@ class EncoderDecoderState:
 
 
 @register_model(
-    "transformer", config=TransformerConfig,
+    "transformer",
+    config=TransformerConfig,
     description="encoder-decoder Transformer (Vaswani et al.): sinusoidal positions, masked and cross attention",
 )
 class EncoderDecoderTransformer(Seq2SeqModel):
@@ -308,8 +327,15 @@ class EncoderDecoderTransformer(Seq2SeqModel):
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:
-        return {"d_model": 16, "n_heads": 2, "n_encoder_layers": 2, "n_decoder_layers": 2, "d_ff": 32,
-                "max_len": 32, "dropout": 0.0}
+        return {
+            "d_model": 16,
+            "n_heads": 2,
+            "n_encoder_layers": 2,
+            "n_decoder_layers": 2,
+            "d_ff": 32,
+            "max_len": 32,
+            "dropout": 0.0,
+        }
 
     @property
     def max_source_len(self) -> int:
@@ -320,8 +346,11 @@ class EncoderDecoderTransformer(Seq2SeqModel):
 
     def adapter_sites(self) -> list[tuple[str, int]]:
         d = self.config.d_model
-        return [(f"{stack}.{index}.ff", d) for stack in ("encoder_layers", "decoder_layers")
-                for index in range(len(getattr(self, stack)))]
+        return [
+            (f"{stack}.{index}.ff", d)
+            for stack in ("encoder_layers", "decoder_layers")
+            for index in range(len(getattr(self, stack)))
+        ]
 
     def __init__(self, config: TransformerConfig, vocab_size: int | tuple[int, int]) -> None:
         super().__init__()
@@ -329,7 +358,9 @@ class EncoderDecoderTransformer(Seq2SeqModel):
         src_vocab, tgt_vocab = seq2seq_vocab_sizes(vocab_size, config.share_embeddings)
         d = config.d_model
         self.src_embedding = nn.Embedding(src_vocab, d, padding_idx=0)
-        self.tgt_embedding = self.src_embedding if config.share_embeddings else nn.Embedding(tgt_vocab, d, padding_idx=0)
+        self.tgt_embedding = (
+            self.src_embedding if config.share_embeddings else nn.Embedding(tgt_vocab, d, padding_idx=0)
+        )
         self.register_buffer("position_table", sinusoidal_positions(config.max_len, d), persistent=False)
         self.dropout = _dropout(config.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
@@ -363,7 +394,9 @@ class EncoderDecoderTransformer(Seq2SeqModel):
         batch, heads = memory.shape[0], self.config.n_heads
         d_head = self.config.d_model // heads
         return EncoderDecoderState(
-            caches=[KVCache(batch, heads, self.config.max_len, d_head, like=memory) for _ in self.decoder_layers],
+            caches=[
+                KVCache(batch, heads, self.config.max_len, d_head, like=memory) for _ in self.decoder_layers
+            ],
             cross=[layer.cross_attn.project_kv(memory) for layer in self.decoder_layers],
         )
 
@@ -375,7 +408,10 @@ class EncoderDecoderTransformer(Seq2SeqModel):
         )
 
     def decode_hidden(
-        self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        src_mask: torch.Tensor,
         state: EncoderDecoderState | None = None,
     ) -> tuple[torch.Tensor, EncoderDecoderState | None]:
         x = self._embed(self.tgt_embedding, tgt, state.length if state is not None else 0)  # (B, T, d)
