@@ -7,7 +7,8 @@
 The rest of the run directory belongs to lmzoo.run. A checkpoint directory is written whole under
 a temporary name and swapped in with renames, so a crash at any moment leaves either the previous
 or the new checkpoint complete under its final name. Weights are safetensors; the training state
-is read with torch.load(weights_only=True); everything else is JSON or YAML. Nothing in a run directory can execute code when loaded.
+is read with torch.load(weights_only=True); everything else is JSON or YAML. Nothing in a run
+directory can execute code when loaded.
 """
 
 from __future__ import annotations
