@@ -60,44 +60,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def forward_flops_per_token(model: nn.Module, targets: torch.Tensor | None = None, seq_len: int = 0) -> float:
-    """Matmul FLOPs of one token's forward pass (training costs 3x: forward + 2x backward).
-
-    Recurrent cells count 2 * gates * H * (I + H); linear layers 2 * in * out; an adaptive softmax
-    counts its head for every token and each tail cluster for the share of targets that reach it;
-    attention adds 2 * 2 * T * d per layer (scores and weighted values, as nanoGPT's MFU counts).
-    """
-    from lmzoo.models.recurrent import ElmanRNN
-
+def baseline_flops_per_token(model: nn.Module) -> float:
+    """Matmul FLOPs per token of a plain baseline written in this script (linear and LSTM layers only);
+    lmzoo's own models count theirs through the model contract (`model.flops_per_token`)."""
     total = 0.0
     for module in model.modules():
-        if isinstance(module, (nn.LSTM, nn.GRU)):
-            gates = 4 if isinstance(module, nn.LSTM) else 3
-            total += 2 * gates * module.hidden_size * (module.input_size + module.hidden_size)
-        elif isinstance(module, ElmanRNN):
-            total += 2 * module.weight_hh.shape[0] * (module.weight_ih.shape[1] + module.weight_hh.shape[0])
-        elif isinstance(module, nn.AdaptiveLogSoftmaxWithLoss):
-            total += 2 * module.head.in_features * module.head.out_features
-            flat = targets.reshape(-1) if targets is not None else None
-            for index, cluster in enumerate(module.tail):
-                low, high = module.cutoffs[index], module.cutoffs[index + 1]
-                share = float(((flat >= low) & (flat < high)).float().mean()) if flat is not None else 0.0
-                total += share * sum(
-                    2 * m.in_features * m.out_features for m in cluster if isinstance(m, nn.Linear)
-                )
-        elif isinstance(module, nn.Linear) and not _inside_adaptive(model, module):
+        if isinstance(module, nn.Linear):
             total += 2 * module.in_features * module.out_features
-    for module in model.modules():
-        if hasattr(module, "attention_flops_per_token"):
-            total += module.attention_flops_per_token(seq_len)
+        elif isinstance(module, nn.LSTM):
+            for layer in range(module.num_layers):
+                inputs = module.input_size if layer == 0 else module.hidden_size
+                total += 2 * 4 * module.hidden_size * (inputs + module.hidden_size)
     return total
-
-
-def _inside_adaptive(model: nn.Module, linear: nn.Linear) -> bool:
-    return any(
-        isinstance(m, nn.AdaptiveLogSoftmaxWithLoss) and any(p is linear for p in m.modules())
-        for m in model.modules()
-    )
 
 
 def interleaved(runners: dict[str, callable], rounds: int) -> dict[str, float]:
@@ -114,7 +88,7 @@ def interleaved(runners: dict[str, callable], rounds: int) -> dict[str, float]:
 
 
 def load_setup(config_name: str, overrides: list[str] | None = None):
-    from lmzoo.config import load_config
+    from lmzoo.run import load_config
     from lmzoo.train import setup_training
 
     config = load_config(CONFIGS / f"{config_name}.yaml", (overrides or []) + ["train.device=auto"])
@@ -165,7 +139,7 @@ def row_recurrent(name: str, steps: int) -> dict:
         tokens = config.data.batch_size * config.seq_len * config.train.grad_accum
         result[f"train_tok_s_{precision}"] = tokens / seconds
     _, y, _ = setup.stepper.batches.next()
-    flops = 3 * forward_flops_per_token(setup.model, y, config.seq_len)
+    flops = 3 * setup.model.flops_per_token(config.seq_len, y)
     result["train_gflops_fp32"] = flops * result["train_tok_s_fp32"] / 1e9
     result["gen_tok_s_first100"], result["gen_tok_s_last100"] = time_generation(
         setup.model, setup.task.tokenizer
@@ -231,8 +205,8 @@ def row_word(steps: int) -> dict:
         "baseline_tok_s": tokens / seconds["baseline"],
         "lmzoo_tok_s": tokens / seconds["lmzoo"],
         "speedup": seconds["baseline"] / seconds["lmzoo"],
-        "lmzoo_gflops": 3 * forward_flops_per_token(setup.model, y) * tokens / seconds["lmzoo"] / 1e9,
-        "baseline_gflops": 3 * forward_flops_per_token(baseline) * tokens / seconds["baseline"] / 1e9,
+        "lmzoo_gflops": 3 * setup.model.flops_per_token(0, y) * tokens / seconds["lmzoo"] / 1e9,
+        "baseline_gflops": 3 * baseline_flops_per_token(baseline) * tokens / seconds["baseline"] / 1e9,
     }
 
 
@@ -314,7 +288,7 @@ def row_gpt(steps: int) -> dict:
     seconds = interleaved(runners, steps)
     tokens = batch * seq
     _, y, _ = setup.stepper.batches.next()
-    flops = 3 * forward_flops_per_token(setup.model, y, seq)
+    flops = 3 * setup.model.flops_per_token(seq, y)  # the baseline is the same architecture: same FLOPs
     result = {
         "row": "gpt",
         "device": setup.device.type,
@@ -325,7 +299,7 @@ def row_gpt(steps: int) -> dict:
         result[f"{name}_tok_s"] = tokens / sec
         result[f"{name}_gflops"] = flops * tokens / sec / 1e9
     result["speedup"] = seconds["baseline"] / seconds[f"lmzoo_{default}"]
-    result.update(gpt_generation())
+    result.update(gpt_generation(device=str(setup.device)))
     return result
 
 
@@ -335,10 +309,10 @@ def _step_at(setup, precision: str) -> None:
 
 
 def gpt_generation(context: int = 256, new_tokens: int = 512, device: str = "cpu") -> dict:
-    """Greedy decoding tokens/s at context 256 (configs/gpt_gpu.yaml size): KV cache vs recomputing the window."""
-    from lmzoo.config import load_config
+    """Greedy decoding tokens/s at context 256 (gpt_gpu.yaml size) on `device`: KV cache vs recomputing."""
     from lmzoo.generate import SamplingOptions, generate_ids
     from lmzoo.models import build_model
+    from lmzoo.run import load_config
 
     config = load_config(CONFIGS / "gpt_gpu.yaml")
     model = build_model(config.model, 69).to(device).eval()
@@ -367,20 +341,19 @@ def gpt_generation(context: int = 256, new_tokens: int = 512, device: str = "cpu
 
 def row_finetune(method: str, steps: int) -> dict:
     """Peak memory of fine-tuning a configs/gpt_gpu.yaml-sized GPT (batch 8): full vs LoRA vs adapters."""
-    from lmzoo.config import FinetuneConfig, load_config
+    from lmzoo.config.schema import FinetuneConfig
     from lmzoo.device import pick_device
     from lmzoo.models import build_model
     from lmzoo.optim import make_optimizer
     from lmzoo.peft import apply_finetune, parameter_counts
+    from lmzoo.run import load_config
 
     config = load_config(CONFIGS / "gpt_gpu.yaml")
     device = pick_device("auto")
     torch.manual_seed(0)
     model = build_model(config.model, 69).to(device)
     if method != "full":
-        apply_finetune(
-            model, FinetuneConfig(method=method, targets=["*attn.in_proj.weight", "*attn.out_proj.weight"])
-        )
+        apply_finetune(model, FinetuneConfig(method=method))  # LoRA on the model's default targets
     optimizer = make_optimizer(model, config.train, device)
     batch, seq = 8, config.model.context_length
     x = torch.randint(4, 69, (batch, seq), device=device)
@@ -406,15 +379,14 @@ def row_finetune(method: str, steps: int) -> dict:
 
 def row_tokenizers(steps: int) -> dict:
     """Seconds to encode a 1,000,000-character text with each tokenizer (fitted on Tiny Shakespeare)."""
-    from lmzoo.config import TOKENIZER_CONFIGS
     from lmzoo.data import read_text_file
-    from lmzoo.tokenizers import fit_tokenizer
+    from lmzoo.tokenizers import TOKENIZER_REGISTRY, fit_tokenizer
 
     corpus = read_text_file("lmzoo:tinyshakespeare.txt")
     text = (corpus * 2)[:1_000_000]
     result = {"row": "tokenizers", "device": "cpu", "chars": len(text)}
-    for kind, cls in TOKENIZER_CONFIGS.items():
-        tokenizer = fit_tokenizer(cls(), corpus)
+    for kind, entry in TOKENIZER_REGISTRY.items():
+        tokenizer = fit_tokenizer(entry.config(), corpus)
         start = time.perf_counter()
         ids = tokenizer.encode(text)
         result[f"{kind}_encode_s"] = time.perf_counter() - start
@@ -423,38 +395,33 @@ def row_tokenizers(steps: int) -> dict:
 
 
 def row_decode(steps: int) -> dict:
-    """Seq2seq decoding sentences/s, greedy and beam 5, on 200 test sentences, with the trained runs
-    runs/seq2seq and runs/transformer_small when they exist (else untrained models, which decode to max_len)."""
-    from lmzoo.checkpoint import load_run
-    from lmzoo.config import load_config
+    """Seq2seq decoding sentences/s, greedy and beam 5, on 200 test sentences, on the default device, with
+    the trained runs runs/seq2seq and runs/transformer_small when they exist (else untrained models)."""
     from lmzoo.data import read_pair_splits
+    from lmzoo.device import pick_device
     from lmzoo.evaluate import translate_corpus
-    from lmzoo.tasks import build_task
+    from lmzoo.run import Run
 
-    result: dict = {"row": "decode", "device": "cpu"}
+    device = pick_device("auto")
+    result: dict = {"row": "decode", "device": device.type}
     for name in ("seq2seq", "transformer_small"):
         run_dir = Path("runs") / name
-        if (run_dir / "config.yaml").is_file():
-            run = load_run(run_dir)
-            model, src_tok, tgt_tok, config = run.model, run.tokenizer, run.target_tokenizer, run.config
-            result[f"{name}_trained"] = True
+        trained = (run_dir / "config.yaml").is_file()
+        if trained:
+            run = Run.open(run_dir)
+            config, model = run.config, run.model("best", device)
+            src_tok, tgt_tok = run.tokenizer, run.target_tokenizer
         else:
-            config = load_config(CONFIGS / f"{name}.yaml", ["train.device=cpu"])
-            task = build_task(config, torch.device("cpu"), "fp32")
-            model, src_tok, tgt_tok = task.model.eval(), task.tokenizer, task.target_tokenizer
-            result[f"{name}_trained"] = False
+            config, setup = load_setup(name)
+            model, src_tok, tgt_tok = setup.model.eval(), setup.task.tokenizer, setup.task.target_tokenizer
+        result[f"{name}_trained"] = trained
         sources = [s for s, _ in read_pair_splits(config.data).test[:200]]
         for label, beam in (("greedy", 1), ("beam5", 5)):
             start = time.perf_counter()
             translate_corpus(
-                model,
-                sources,
-                src_tok,
-                tgt_tok,
-                max_len=config.data.max_len,
-                beam=beam,
-                device=torch.device("cpu"),
+                model, sources, src_tok, tgt_tok, max_len=config.data.max_len, beam=beam, device=device
             )
+            _sync()
             result[f"{name}_{label}_sent_s"] = len(sources) / (time.perf_counter() - start)
     return result
 

@@ -40,9 +40,7 @@ def matmul_tflops(dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
 
 
 def train_speed(precision: str, compile_model: bool, steps: int) -> dict:
-    from bench import forward_flops_per_token
-
-    from lmzoo.config import load_config
+    from lmzoo.run import load_config
     from lmzoo.train import setup_training
 
     overrides = [
@@ -66,7 +64,7 @@ def train_speed(precision: str, compile_model: bool, steps: int) -> dict:
     seconds = (time.perf_counter() - start) / steps
     tokens = config.data.batch_size * config.seq_len
     _, y, _ = setup.stepper.batches.next()
-    flops = 3 * forward_flops_per_token(setup.model, y, config.seq_len) * tokens
+    flops = 3 * setup.model.flops_per_token(config.seq_len, y) * tokens
     return {
         "precision": precision,
         "compile": compile_model,
@@ -87,7 +85,7 @@ def generation_speed() -> dict:
 
 
 def lstm_lora_on_cuda() -> dict:
-    from lmzoo.config import FinetuneConfig
+    from lmzoo.config.schema import FinetuneConfig
     from lmzoo.models import build_model
     from lmzoo.peft import apply_finetune
 
@@ -97,7 +95,7 @@ def lstm_lora_on_cuda() -> dict:
     ).cuda()
     ids = torch.randint(4, 50, (4, 20), device="cuda")
     before, _ = model(ids)
-    apply_finetune(model, FinetuneConfig(method="lora", targets=["*weight_ih*", "*weight_hh*"]))
+    apply_finetune(model, FinetuneConfig(method="lora"))  # the model's default targets: W_ih, W_hh
     same_at_start = torch.allclose(model(ids)[0], before, atol=1e-5)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss, _ = model(ids, targets=ids)

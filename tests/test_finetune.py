@@ -293,6 +293,45 @@ def test_init_from_a_run_that_disappeared_or_is_a_lora_run(base_lstm, tmp_path):
     assert str(base_copy) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_moved_base_is_found_again_or_named(base_lstm, tmp_path, monkeypatch):
+    """base.json stores the base relative to the run (a moved runs/ folder still works) and a hash of its
+    weights; a base moved elsewhere gets one line naming where it was looked for, and --base fixes it."""
+    import shutil
+
+    from lmzoo.cli import app
+
+    project = tmp_path / "project"
+    shutil.copytree(base_lstm, project / "runs" / "base")
+    monkeypatch.chdir(project)
+    raw = finetune_dict(Path("runs/base"), tmp_path, "lora", {"finetune": {"method": "lora", "r": 2}})
+    lora = train(config_from_dict({**raw, "out_dir": "runs"}), progress=False)
+    expected = load_run(lora, "last").model.state_dict()
+    # The whole project moves: the relative record still finds the base.
+    shutil.move(project, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    moved = load_run(Path("runs") / "lora", "last").model.state_dict()
+    assert all(torch.equal(moved[k], expected[k]) for k in expected)
+    # The base alone moves: one line naming where it was looked for; --base points at it.
+    shutil.move(Path("runs/base"), tmp_path / "elsewhere")
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", "--run", "runs/lora", "--seed", "the", "--max-new-tokens", "3"])
+    assert result.exit_code == 2 and "base run (init_from) is missing" in result.stderr
+    assert "runs/base" in result.stderr and "--base" in result.stderr and result.stderr.count("\n") == 1
+    args = ["generate", "--run", "runs/lora", "--seed", "the", "--max-new-tokens", "3", "--greedy"]
+    result = runner.invoke(app, [*args, "--base", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 0, result.stderr
+    # Another run's weights are not accepted as the base.
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "elsewhere", other)
+    from safetensors.torch import load_file, save_file
+
+    weights = other / "checkpoints" / "best" / "model.safetensors"
+    tensors = {k: v + 1 for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    result = runner.invoke(app, [*args, "--base", str(other)])
+    assert result.exit_code == 2 and "weights differ" in result.stderr
+
+
 # ---- 2. merging a LoRA run through the CLI -------------------------------------------------------------
 
 

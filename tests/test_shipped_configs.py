@@ -1,0 +1,44 @@
+"""Every YAML under configs/ loads and validates; fine-tunes against base runs laid out as training would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmzoo.config.load import config_to_yaml
+from lmzoo.run import load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def base_runs(tmp_path_factory) -> Path:
+    """runs/<name>/config.yaml for every config that no other config starts from: what `lmzoo train` writes."""
+    root = tmp_path_factory.mktemp("bases")
+    for path in SHIPPED:
+        if "init_from" not in (yaml.safe_load(path.read_text()) or {}):
+            config = load_config(path)
+            (root / "runs" / config.name).mkdir(parents=True, exist_ok=True)
+            (root / "runs" / config.name / "config.yaml").write_text(config_to_yaml(config))
+    return root
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_validates(path, base_runs, monkeypatch):
+    monkeypatch.chdir(base_runs)  # init_from: runs/<base> resolves here
+    config = load_config(path)
+    assert config.name == path.stem
+    assert config.train.resolved_max_steps(100) > 0
+    if config.init_from:
+        base = load_config(CONFIGS / f"{Path(config.init_from).name}.yaml")
+        assert config.model.model_dump(exclude={"dropout"}) == base.model.model_dump(exclude={"dropout"})
+
+
+def test_the_shipped_set_covers_every_family():
+    from lmzoo.models import list_models
+
+    names = {yaml.safe_load(p.read_text()).get("model", {}).get("name") for p in SHIPPED}
+    assert {info.name for info in list_models()} <= names
