@@ -112,9 +112,18 @@ class SequentialBatches:
     """Contiguous truncated-BPTT batches: (x, y, starts_epoch) with x, y of shape (B, T).
 
     `starts_epoch` is True for the first batch of each pass, where a carried state must be reset.
+    With `device`, the stream is moved there once and batches are views of it (no copy per step).
     """
 
-    def __init__(self, stream: torch.Tensor, batch_size: int, seq_len: int, *, name: str = "train") -> None:
+    def __init__(
+        self,
+        stream: torch.Tensor,
+        batch_size: int,
+        seq_len: int,
+        *,
+        name: str = "train",
+        device: torch.device | str | None = None,
+    ) -> None:
         columns = len(stream) // batch_size
         if columns < seq_len + 1:
             need = batch_size * (seq_len + 1)
@@ -123,7 +132,7 @@ class SequentialBatches:
                 f"(batch_size {batch_size} x (seq_len {seq_len} + 1) = {need}); "
                 "lower data.batch_size or data.seq_len, or add text"
             )
-        self.data = stream[: columns * batch_size].view(batch_size, columns)  # (B, N)
+        self.data = stream[: columns * batch_size].view(batch_size, columns).to(device or stream.device)
         self.seq_len = seq_len
         self.batches_per_epoch = (columns - 1) // seq_len
         self.epoch, self.index = 0, 0
@@ -149,19 +158,31 @@ class SequentialBatches:
 
 
 class RandomWindows:
-    """Batches of windows at random offsets, drawn from a generator whose state is checkpointed."""
+    """Batches of windows at random offsets, drawn from a generator whose state is checkpointed.
+
+    With `device`, the stream lives there (moved once) and windows are gathered there: only the
+    batch's start offsets, drawn on the CPU generator (so runs and resumes match across devices), travel.
+    """
 
     def __init__(
-        self, stream: torch.Tensor, batch_size: int, seq_len: int, *, seed: int, name: str = "train"
+        self,
+        stream: torch.Tensor,
+        batch_size: int,
+        seq_len: int,
+        *,
+        seed: int,
+        name: str = "train",
+        device: torch.device | str | None = None,
     ) -> None:
         if len(stream) < seq_len + 1:
             raise DataError(
                 f"the {name} split has {len(stream)} tokens, fewer than one window of "
                 f"seq_len {seq_len} + 1; lower data.seq_len or add text"
             )
-        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+        self.stream = stream.to(device or stream.device)
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.generator = torch.Generator().manual_seed(seed)
-        self.offsets = torch.arange(seq_len + 1)
+        self.offsets = torch.arange(seq_len + 1, device=self.stream.device)
         self.batches_per_epoch = max(1, len(stream) // (batch_size * seq_len))
         self.drawn = 0
 
@@ -175,7 +196,11 @@ class RandomWindows:
     def next(self) -> LMBatch:
         high = len(self.stream) - self.seq_len
         starts = torch.randint(high, (self.batch_size,), generator=self.generator)
-        window = self.stream[starts[:, None] + self.offsets]  # (B, T+1)
+        if self.stream.is_cuda:  # from pinned memory: the copy does not wait for the GPU's queue
+            starts = starts.pin_memory().to(self.stream.device, non_blocking=True)
+        else:
+            starts = starts.to(self.stream.device)
+        window = self.stream[starts[:, None] + self.offsets]  # (B, T+1), gathered where the stream is
         self.drawn += 1
         return LMBatch(window[:, :-1], window[:, 1:], True)
 
@@ -207,11 +232,19 @@ def eval_windows(stream: torch.Tensor, batch_size: int, seq_len: int, max_batche
         count += 1
 
 
-def make_batches(stream: torch.Tensor, batch_size: int, seq_len: int, *, sequential: bool, seed: int):
-    """The training batch source: contiguous truncated-BPTT batches, or random windows."""
+def make_batches(
+    stream: torch.Tensor,
+    batch_size: int,
+    seq_len: int,
+    *,
+    sequential: bool,
+    seed: int,
+    device: torch.device | str | None = None,
+):
+    """The training batch source: contiguous truncated-BPTT batches, or random windows (kept on `device`)."""
     if sequential:
-        return SequentialBatches(stream, batch_size, seq_len)
-    return RandomWindows(stream, batch_size, seq_len, seed=seed)
+        return SequentialBatches(stream, batch_size, seq_len, device=device)
+    return RandomWindows(stream, batch_size, seq_len, seed=seed, device=device)
 
 
 # ---- sentence pairs (seq2seq) ------------------------------------------------------------------

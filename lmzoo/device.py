@@ -99,11 +99,11 @@ class MaybeCompiled:
     """Calls a torch.compile'd model; if compiling fails (no compiler, unsupported op, old platform),
     warns once and runs the model eagerly from then on."""
 
-    def __init__(self, model: torch.nn.Module, warn: Any = None) -> None:
+    def __init__(self, model: torch.nn.Module, warn: Any = None, mode: str | None = None) -> None:
         self.model, self.warn = model, warn or (lambda message: print(message, file=sys.stderr))
         self.compiled: Any = None
         try:
-            self.compiled = torch.compile(model)
+            self.compiled = torch.compile(model, mode=None if mode == "default" else mode)
         except Exception as err:  # compile unavailable on this platform/build
             self._fall_back(err)
 

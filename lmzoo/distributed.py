@@ -73,18 +73,28 @@ def rank_device(ctx: DistContext, device: torch.device) -> torch.device:
 
 
 class ShardedBatches:
-    """This rank's rows of each global batch (the wrapped source draws per-rank batch x world size)."""
+    """This rank's rows of each global batch (the wrapped source draws per-rank batch x world size), or,
+    for a source with `next_for_rank` (lmzoo.token_batches), this rank's batch of the step."""
 
     def __init__(self, batches: Any, ctx: DistContext) -> None:
         self.batches, self.ctx = batches, ctx
 
     def __len__(self) -> int:
+        if self.per_rank:  # each step takes world_size of the source's batches
+            return max(1, len(self.batches) // self.ctx.world_size)
         return len(self.batches)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.batches, name)
 
+    @property
+    def per_rank(self) -> bool:
+        """A source whose batches are defined per rank (token-count batches: rows differ per batch)."""
+        return hasattr(self.batches, "next_for_rank")
+
     def next(self) -> Any:
+        if self.per_rank:
+            return self.batches.next_for_rank(self.ctx.rank, self.ctx.world_size)
         batch = self.batches.next()
         rows = None
         for value in batch:
@@ -110,13 +120,19 @@ def any_rank(ctx: DistContext, flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def mean_over_ranks(ctx: DistContext, value: float, device: torch.device) -> float:
-    """The mean of a number over all ranks (each rank's loss -> the global batch's loss)."""
+def mean_over_ranks(ctx: DistContext, value: Any, device: torch.device) -> Any:
+    """The mean of a number over all ranks (each rank's loss -> the global batch's loss).
+
+    A 0-dim tensor stays on the device (the training step reads no value back); a float is a float.
+    """
     if not ctx.enabled:
         return value
-    tensor = torch.tensor(
-        [value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device
-    )
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to(device=device, dtype=dtype).reshape(1).clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor[0] / ctx.world_size
+    tensor = torch.tensor([value], dtype=dtype, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor.item()) / ctx.world_size
 

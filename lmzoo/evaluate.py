@@ -91,7 +91,7 @@ def evaluate_seq2seq(
     """Teacher-forced mean NLL (nats) and perplexity over target tokens (padding excluded)."""
 
     def loss_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        src, tgt_in, tgt_out = batch
+        src, tgt_in, tgt_out = batch[:3]  # a PairBatch may also carry its token count
         src_mask = src == PAD_ID
         h, _ = model.decode_hidden(tgt_in, model.encode(src, src_mask), src_mask)
         return model.head.loss(h, tgt_out, ignore_index=PAD_ID), tgt_out

@@ -74,26 +74,48 @@ def generate_ids(
     *,
     generator: torch.Generator | None = None,
     banned_ids: Sequence[int] = (),
+    observe: Callable[[torch.Tensor, int], None] | None = None,
+    cache: str = "dynamic",
 ) -> Iterator[int]:
-    """Yield new token ids one at a time. Prompts longer than the model's context keep their end."""
+    """Yield new token ids one at a time. Prompts longer than the model's context keep their end.
+
+    `observe(logits (V,), token)`, if given, sees the model's raw scores of each step (before
+    penalties, bans and temperature) and the token chosen from them (lmzoo generate --show-probs).
+    `cache`: "dynamic" (the model's own state), "static" (fixed-shape KV cache where the model has one)
+    or "compiled" (static, with the one-token step compiled: CUDA graphs on CUDA); the same tokens.
+    """
     device = next(model.parameters()).device
     context = getattr(model, "context_len", None)
     ids = list(prompt_ids)[-context:] if context else list(prompt_ids)
     if not ids:
         raise ValueError("generation needs at least one prompt token")
-    logits, state = model(torch.tensor([ids], device=device), model.init_state(1))  # the prompt, fed once
+    logits, state = model(torch.tensor([ids], device=device), start_state(model, cache))  # the prompt, once
     vocab = logits.shape[-1]
     seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
     seen[0, torch.tensor(ids, device=device)] = True
     banned = torch.tensor(list(banned_ids), dtype=torch.long, device=device)
     for _ in range(options.max_new_tokens):
         scores = logits[:, -1].float()  # (1, V)
+        raw = scores.clone() if observe is not None else None
         if len(banned):
             scores[:, banned] = float("-inf")
         token = next_token(scores, options, seen=seen, generator=generator)  # (1,)
+        if raw is not None and observe is not None:
+            observe(raw[0], int(token))
         yield int(token)
         seen[0, token] = True
         logits, state = model(token.view(1, 1), state)  # one token, with the state
+
+
+def start_state(model: torch.nn.Module, cache: str = "dynamic") -> object:
+    """The decoding state to feed the prompt with: the model's static state when asked for and it has one."""
+    if cache not in ("dynamic", "static", "compiled"):
+        raise ValueError(f"cache must be dynamic, static or compiled, not {cache!r}")
+    if cache != "dynamic" and hasattr(model, "static_state"):
+        state = model.static_state(1, compile=cache == "compiled")
+        if state is not None:
+            return state
+    return model.init_state(1)
 
 
 class TextStream:

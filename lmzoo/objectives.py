@@ -31,6 +31,7 @@ class PairBatch(NamedTuple):
     source: torch.Tensor  # (B, S), padded with PAD_ID
     target_in: torch.Tensor  # (B, T): <bos> y_1 .. y_n, padded
     target_out: torch.Tensor  # (B, T): y_1 .. y_n <eos>, padded
+    tokens: int | None = None  # target tokens, when counted ahead (token-count batches): no device read
 
 
 class PreferenceBatch(NamedTuple):
@@ -78,7 +79,8 @@ class Seq2SeqObjective:
         loss, _ = forward(
             batch.source, batch.target_in, targets=batch.target_out, label_smoothing=self.label_smoothing
         )
-        return loss, int((batch.target_out != PAD_ID).sum())
+        tokens = batch.tokens if batch.tokens is not None else int((batch.target_out != PAD_ID).sum())
+        return loss, tokens
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -19,6 +19,7 @@ weights it started from; `base=` (`--base DIR` on the command line) points at a 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -118,12 +119,16 @@ def _weights_hash(run_dir: Path) -> str:
 class Run:
     """A run directory: its config, tokenizers, base run, checkpoints, and what can be asked of them."""
 
-    def __init__(self, path: Path, config: RunConfig, *, base: str | Path | None = None) -> None:
+    def __init__(
+        self, path: Path, config: RunConfig, *, base: str | Path | None = None, restart: bool = False
+    ) -> None:
         self.path = Path(path)
         self.config = config
+        self.restarting = restart  # start() takes over this directory: it exists but holds no checkpoint
         self._base_override = Path(base) if base is not None else None
         self._tokenizers: dict[str, Tokenizer] | None = None
         self._models: dict[tuple[str, str], nn.Module] = {}
+        self.knn: Any = None  # a KnnMixer (lmzoo.retrieval.interpolate) when made by with_knn
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, model={self.config.model.name!r})"
@@ -176,20 +181,26 @@ class Run:
         return run
 
     @classmethod
-    def reserve(cls, config: RunConfig) -> Run:
+    def reserve(cls, config: RunConfig, *, restart: bool = False) -> Run:
         """The Run a new training run will write, at a free path (<name>, <name>-2, ...); nothing is written
-        yet, so a config or data problem found while setting up leaves no directory behind."""
+        yet, so a config or data problem found while setting up leaves no directory behind.
+
+        `restart` (--resume of a run that died before its first checkpoint) takes the newest directory of
+        this name again when it holds no checkpoint, so a requeued job does not leave empty runs behind."""
         assert config.name is not None
         path, number = Path(config.out_dir) / config.name, 1
         while path.exists():
             number += 1
             path = Path(config.out_dir) / f"{config.name}-{number}"
+        previous = path.with_name(config.name if number == 2 else f"{config.name}-{number - 1}")
+        if restart and number > 1 and not checkpoint.has_checkpoint(previous):
+            return cls(previous, config, restart=True)
         return cls(path, config)
 
     def start(self) -> None:
         """Create the directory: config.yaml, and for a fine-tune base.json (where its base run is, and a
         hash of the weights it starts from, so a moved or replaced base is noticed)."""
-        self.path.mkdir(parents=True)
+        self.path.mkdir(parents=True, exist_ok=self.restarting)
         self.write_config()
         if self.config.init_from:
             base = Path(self.config.init_from).resolve()
@@ -359,7 +370,8 @@ class Run:
             )
             checkpoint.load_checkpoint_weights(model, ckpt)
             self._models[key] = model.to(device).eval()
-        return self._models[key]
+        plain = self._models[key]
+        return plain if self.knn is None else self.knn.mixed(plain, checkpoint_tag)
 
     # ---- the library verbs ----
 
@@ -472,10 +484,29 @@ class Run:
             self, text, source=source, checkpoint_tag=checkpoint_tag, device=pick_device(device), top_k=top_k
         )
 
+    def with_knn(
+        self, index: str | Path, *, k: int = 1024, lmbda: float = 0.25, temperature: float = 1.0
+    ) -> Run:
+        """This run mixed with a kNN-LM datastore (`lmzoo index`): the same evaluate, score and generate,
+        with every next-token distribution interpolated with the datastore's (`mixed.knn` holds it)."""
+        from lmzoo.retrieval.interpolate import KnnMixer
+
+        mixed = copy.copy(self)  # shares the plain models and tokenizers
+        mixed.knn = KnnMixer(self, index, k=k, lmbda=lmbda, temperature=temperature)
+        return mixed
+
+    def retrieve(self, query: str, index: str | Path, k: int = 4) -> list[Any]:
+        """The `k` best BM25 passages (`lmzoo rag index`) for `query` that fit this run's context."""
+        from lmzoo.retrieval.rag import retrieve
+
+        return retrieve(self, query, index, k)
+
     def merge(self, out: str | Path | None = None) -> Run:
         """Fold a LoRA run into a plain run (config without init_from/finetune, full weights)."""
         from lmzoo.peft import merge_finetune
 
+        if self.knn is not None:
+            raise ConfigError("merge works on a plain run, not one mixed with a datastore")
         if self.config.finetune is None or self.config.finetune.method == "full":
             raise CheckpointError(f"{self.path} is not a LoRA run; its weights are already plain")
         if self.config.finetune.method == "adapter":

@@ -172,7 +172,15 @@ def _lm_task(context: TaskContext) -> Task:
     # Batches before the model: a corpus too short for one batch fails before anything is built.
     carries_state = _carries_state(config)
     sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and carries_state)
-    batches = make_batches(train_stream, context.batch_size, seq_len, sequential=sequential, seed=config.seed)
+    # The stream moves to the device once and batches are gathered there.
+    batches = make_batches(
+        train_stream,
+        context.batch_size,
+        seq_len,
+        sequential=sequential,
+        seed=config.seed,
+        device=context.device,
+    )
     model = context.make_model(tokenizer.vocab_size)
 
     def evaluate() -> Metrics:
@@ -214,7 +222,7 @@ def _seq2seq_task(context: TaskContext) -> Task:
     max_len = config.data.max_len
     ids = {"bos_id": target_tok.bos_id, "eos_id": target_tok.eos_id}
     train_pairs = encode_pairs(pairs.train, source_tok, target_tok, max_len=max_len)
-    batches = pair_batches(train_pairs, context.batch_size, seed=config.seed, **ids)  # fails before the model
+    batches = _pair_training_batches(context, train_pairs, ids)  # fails before the model is built
     val_batches = pair_batches(
         encode_pairs(pairs.val, source_tok, target_tok, max_len=max_len),
         context.eval_batch_size,
@@ -270,6 +278,16 @@ def _seq2seq_task(context: TaskContext) -> Task:
         evaluate=evaluate,
         sample=sample,
     )
+
+
+def _pair_training_batches(context: TaskContext, pairs: list, ids: dict[str, int]) -> BatchSource:
+    """Training pairs by token count (data.max_tokens: collated once, kept on the device) or by rows."""
+    config = context.config
+    if config.data.max_tokens is None:
+        return pair_batches(pairs, context.batch_size, seed=config.seed, **ids)
+    from lmzoo.token_batches import TokenBatches
+
+    return TokenBatches(pairs, config.data.max_tokens, seed=config.seed, device=context.device, **ids)
 
 
 def _pair_tokenizers(context: TaskContext, fit_pairs: list[tuple[str, str]]) -> tuple[Tokenizer, Tokenizer]:

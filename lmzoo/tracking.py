@@ -1,13 +1,20 @@
 """Where training numbers go: TensorBoard, metrics.jsonl and the progress bar.
 
-Tags are stable (train/loss, val/loss, val/ppl, lr, grad_norm, tokens_per_sec, ...) and the same
-numbers land in metrics.jsonl, one JSON object per logged step, for scripts to read.
+Tags are stable and grouped, so TensorBoard's first screen is the loss curves: train/loss,
+train/lr, train/grad_norm, train/epoch (and DPO's train/rewards_*), val/loss, val/ppl (val/bleu),
+perf/tokens_per_sec. The same numbers land in metrics.jsonl, one JSON object per logged step with
+its wall-clock `time`, for scripts to read. Each training segment (the start, and every resume)
+opens with one `event` record (start or resume) holding the run's facts: parameter counts, global
+batch, device, hardware and versions. TensorBoard gets those and the resolved config once, as text
+(and the config as hparams), instead of one-point charts. `read_history` stitches the segments.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,10 +57,36 @@ class Tracker:
                 continue  # a line cut short by a crash
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
+    def begin(self, step: int, *, resumed: bool, config: dict[str, Any], facts: dict[str, Any]) -> None:
+        """Open a training segment at `step`: an `event` record (start or resume) with `facts` in
+        metrics.jsonl; in TensorBoard the facts and the resolved config as text, and (at the start)
+        the config as hparams, so no one-point scalar charts crowd the first screen."""
+        record = {"step": step, "event": "resume" if resumed else "start", "time": time.time(), **facts}
+        self._write(record)
+        lines = [f"{key}: {value}" for key, value in facts.items()]
+        self.text(step, "run/facts", "\n".join(lines))
+        import yaml
+
+        self.text(step, "run/config", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        if not resumed:
+            self._hparams(config, facts)
+
+    def _hparams(self, config: dict[str, Any], facts: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = {k: v for k, v in flatten_config(config).items() if v is not None}
+        values = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in flat.items()}
+        values.update({k: v for k, v in facts.items() if k.startswith("params/")})
+        for summary in hparams(values, {"val/loss": 0.0}):
+            self.writer.file_writer.add_summary(summary)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, step)
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
+        values = {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}
+        self._write({"step": step, **values, "time": time.time()})
+
+    def _write(self, record: dict[str, Any]) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
 
@@ -78,6 +111,130 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+@dataclass
+class Segment:
+    """One stretch of training between a start/resume and the last record before the next resume."""
+
+    event: str  # "start" or "resume"
+    first_step: int
+    last_step: int
+    seconds: float
+
+
+@dataclass
+class History:
+    """A run's metrics.jsonl read as one continuous history: resumed segments stitched in step order.
+
+    `elapsed` is training wall time (seconds since the run started, summed over segments, so the gap
+    between an interruption and its resume is not counted) for every record that has a `time`.
+    """
+
+    records: list[dict[str, Any]]  # scalar records, in file order (every step at most once per tag)
+    markers: list[dict[str, Any]]  # the start/resume records with the facts of each segment
+    elapsed: list[float | None]  # aligned with `records`
+    segments: list[Segment]
+
+    def series(self, tag: str) -> tuple[list[int], list[float], list[float | None]]:
+        """(steps, values, elapsed seconds) of one tag ("inf"/"nan" strings become floats)."""
+        rows = [
+            (r["step"], float(r[tag]), t) for r, t in zip(self.records, self.elapsed, strict=True) if tag in r
+        ]
+        return [s for s, _, _ in rows], [v for _, v, _ in rows], [t for _, _, t in rows]
+
+    def tags(self) -> list[str]:
+        return sorted({k for r in self.records for k in r if k not in ("step", "time")})
+
+    @property
+    def resume_steps(self) -> list[int]:
+        return [m["step"] for m in self.markers if m.get("event") == "resume"]
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The latest segment's facts (parameters, device, versions); empty for runs that predate them."""
+        merged: dict[str, Any] = {}
+        for marker in self.markers:
+            merged.update({k: v for k, v in marker.items() if k not in ("step", "event", "time")})
+        return merged
+
+    @property
+    def wall_seconds(self) -> float | None:
+        return sum(s.seconds for s in self.segments) if self.segments else None
+
+
+def read_history(run_dir: Path) -> History:
+    """metrics.jsonl as a History (a resumed run's file was cut at the resume step, so steps are unique).
+
+    A segment that logged nothing before another began at the same step (a start that failed before
+    its first step and was restarted) is superseded by it."""
+    records, markers, elapsed, segments = [], [], [], []
+    done, start, empty = (
+        0.0,
+        None,
+        False,
+    )  # seconds of finished segments; when this one started; no records yet
+    for record in read_metrics(run_dir):
+        if "event" in record:
+            if empty and segments[-1].first_step == record["step"]:
+                segments.pop(), markers.pop()
+            elif segments and start is not None:
+                done += segments[-1].seconds
+            start, empty = record.get("time"), True
+            markers.append(record)
+            segments.append(Segment(record["event"], record["step"], record["step"], 0.0))
+            continue
+        now = record.get("time")
+        seconds = None if start is None or now is None else now - start
+        elapsed.append(None if seconds is None else done + seconds)
+        records.append(record)
+        empty = False
+        if segments:
+            segments[-1].last_step = max(segments[-1].last_step, record["step"])
+            segments[-1].seconds = max(segments[-1].seconds, seconds or 0.0)
+    return History(records, markers, elapsed, segments)
+
+
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.key": value}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def environment(device: Any, precision: str) -> dict[str, Any]:
+    """Hardware and versions a run records at each start/resume (strings, for reports)."""
+    import torch
+
+    from lmzoo import __version__
+
+    facts: dict[str, Any] = {
+        "device": str(device),
+        "precision": precision,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count() or 0,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "lmzoo": __version__,
+        "platform": platform.platform(terse=True),
+    }
+    if getattr(device, "type", "") == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class ProgressBar:

@@ -46,11 +46,11 @@ from lmzoo.distributed import (
     wrap_model,
 )
 from lmzoo.errors import ConfigError, TrainingStopped
-from lmzoo.optim import StepResult, TrainStep, lr_at, make_optimizer
+from lmzoo.optim import NonFiniteWatch, StepResult, TrainStep, lr_at, make_optimizer
 from lmzoo.peft import parameter_counts
 from lmzoo.run import Run
 from lmzoo.tasks import Task, TaskContext, build_task
-from lmzoo.tracking import LogWindow, ProgressBar, Tracker, describe_metrics
+from lmzoo.tracking import LogWindow, ProgressBar, Tracker, describe_metrics, environment
 
 EXIT_NONFINITE = 3
 EXIT_PEER_FAILED = 4
@@ -190,7 +190,7 @@ def open_run(
         if not dist.is_main:  # rank 0's Run.for_resume checked the config already
             config.name = Run.open(found).config.name
         return Run(Path(found), config), True
-    reserved = Run.reserve(config) if dist.is_main else None
+    reserved = Run.reserve(config, restart=resume) if dist.is_main else None
     path = from_main(dist, None if reserved is None else str(reserved.path))
     return reserved or Run(Path(path), config), False
 
@@ -245,6 +245,8 @@ class Trainer:
         )
         self.task, self.stepper, self.model = self.setup.task, self.setup.stepper, self.setup.task.model
         self.loop = LoopState()
+        self.watch = NonFiniteWatch(self.setup.device)  # non-finite steps, read at log/eval/save steps
+        self.last_save = _now()  # train.checkpoint_every_minutes counts from here and from each save
         if self.resuming:
             self._restore()
         if dist.is_main:
@@ -253,7 +255,7 @@ class Trainer:
                 self.run_.save_tokenizers(self.task.tokenizer, self.task.target_tokenizer)
             self.run_.write_config()  # the resolved config: every default, and seq_len filled in
         self.tracker = (
-            Tracker(self.run_dir, resume_step=self.loop.step if self.resuming else None)
+            Tracker(self.run_dir, resume_step=self.loop.step if self.resuming or self.run_.restarting else None)
             if dist.is_main
             else None
         )
@@ -280,14 +282,15 @@ class Trainer:
             f"{share}, vocab {self.task.tokenizer.vocab_size}) on {self.setup.device.type}, {self.setup.precision}, "
             f"{self.setup.max_steps} steps{scale} -> {self.run_dir}"
         )
-        if self.tracker is not None and not self.resuming:
-            self.tracker.log(
-                0,
-                {
-                    "params/trainable": float(trainable),
-                    "params/total": float(total),
-                    "global_batch": float(world * batch * accum),
-                },
+        if self.tracker is not None:  # once per segment, as text: no one-point charts in TensorBoard
+            facts = {
+                "params/trainable": trainable,
+                "params/total": total,
+                "global_batch": world * batch * accum,
+            }
+            facts.update(environment(self.setup.device, self.setup.precision))
+            self.tracker.begin(
+                self.loop.step, resumed=self.resuming, config=self.config.to_dict(), facts=facts
             )
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -312,6 +315,7 @@ class Trainer:
         return source.vocab_size if target is None else (source.vocab_size, target.vocab_size)
 
     def save_last(self) -> None:
+        self._check_finite()  # never save weights from after a non-finite step (nan_policy: stop)
         ranks = gather_to_main(self.dist, self._rank_state())
         optimizer_state = self._optimizer_state()
         model = self._checkpoint_model()
@@ -330,6 +334,7 @@ class Trainer:
             }
             checkpoint.save_checkpoint(self.run_dir, "last", model, info=info, train_state=state)
         barrier(self.dist)
+        self.last_save = _now()
 
     def _optimizer_state(self) -> dict[str, Any]:
         if not self.setup.sharded:
@@ -378,6 +383,7 @@ class Trainer:
 
         Returns True when early stopping says stop; rank 0's decision is every rank's.
         """
+        self._check_finite()
         with unsharded(self.model):
             metrics = self.task.evaluate()
             sample = self.task.sample(self.loop.step)
@@ -419,12 +425,13 @@ class Trainer:
                 while loop.step < max_steps:
                     lr = lr_at(loop.step, tcfg, max_steps)
                     result = self.stepper(lr)
-                    self._check_finite(result)
+                    self.watch.add(result.finite, loop.step + 1)  # on the device: no sync per step
                     loop.step += 1
                     loop.tokens_seen += result.tokens * self.dist.world_size
                     window.add(result, self.dist.world_size)
-                    if on_step is not None:
-                        on_step(loop.step, result.loss)
+                    if on_step is not None:  # a per-step callback reads the loss: one sync per step
+                        self._check_finite()
+                        on_step(loop.step, float(result.loss))
                     at_end = loop.step == max_steps
                     if loop.step % tcfg.log_every == 0 or at_end:
                         self._log(window, lr, result)
@@ -440,29 +447,34 @@ class Trainer:
                 self.tracker.close()
         return self.run_dir
 
-    def _check_finite(self, result: StepResult) -> None:
-        if result.applied:
+    def _check_finite(self) -> None:
+        """Act on steps whose loss or gradient was not finite since the last check (their updates were
+        skipped): stop (nan_policy stop) or warn (skip). Called before logging, evaluating, saving."""
+        new, first, last = self.watch.new_bad_steps()
+        if not new:
             return
         if self.tcfg.nan_policy == "stop":
             raise TrainingStopped(
-                f"the loss became {result.loss} (gradient norm {result.grad_norm}) at step {self.loop.step + 1}; "
-                f"stopped without saving it. The last good checkpoint is in {self.run_dir / 'checkpoints'} "
+                f"the loss or gradient became non-finite at step {first}; stopped without saving it. "
+                f"The last good checkpoint is in {self.run_dir / 'checkpoints'} "
                 "(lower train.lr, or set train.nan_policy: skip)",
                 EXIT_NONFINITE,
             )
-        self.bar.write(f"warning: non-finite loss or gradient at step {self.loop.step + 1}; update skipped")
+        where = f"step {last}" if new == 1 else f"{new} steps (the last at step {last})"
+        self.bar.write(f"warning: non-finite loss or gradient at {where}; update skipped")
 
     def _log(self, window: LogWindow, lr: float, result: StepResult) -> None:
+        self._check_finite()
         speed = window.tokens / max(time.perf_counter() - window.start, 1e-9)
-        mean_loss = window.loss / window.steps
+        mean_loss = float(window.loss) / window.steps  # the one read of the device per log line
         if self.tracker is not None:
             self.tracker.log(
                 self.loop.step,
                 {
                     "train/loss": mean_loss,
-                    "lr": lr,
-                    "grad_norm": result.grad_norm,
-                    "tokens_per_sec": speed,
+                    "train/lr": lr,
+                    "train/grad_norm": float(result.grad_norm),
+                    "perf/tokens_per_sec": speed,
                     "train/epoch": self.loop.tokens_seen / max(1, self.task.tokens_per_epoch),
                     **{f"train/{key}": value / window.steps for key, value in window.extra.items()},
                 },
@@ -474,7 +486,8 @@ class Trainer:
         """Save `last` when due; raise TrainingStopped after a signal; True when early stopping ends the run."""
         loop, tcfg = self.loop, self.tcfg
         signalled = any_rank(self.dist, stop.signal is not None, self.setup.device)  # all ranks stop together
-        if loop.step % (tcfg.checkpoint_every or tcfg.eval_every) == 0 or finishing or signalled:
+        every = loop.step % (tcfg.checkpoint_every or tcfg.eval_every) == 0
+        if every or finishing or signalled or self._save_is_overdue():
             self.save_last()
         if signalled:
             code = EXIT_SIGNAL.get(stop.signal, EXIT_SIGNAL[signal.SIGTERM])
@@ -489,6 +502,18 @@ class Trainer:
             )
             return True
         return False
+
+    def _save_is_overdue(self) -> bool:
+        """train.checkpoint_every_minutes: that long since the last save (on any rank: all ranks save)."""
+        minutes = self.tcfg.checkpoint_every_minutes
+        if minutes is None:
+            return False
+        return any_rank(self.dist, _now() - self.last_save >= 60.0 * minutes, self.setup.device)
+
+
+def _now() -> float:
+    """Seconds on a monotonic clock (its own function, so tests can move time on)."""
+    return time.monotonic()
 
 
 def _saved_best(state: dict[str, Any]) -> float | None:

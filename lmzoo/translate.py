@@ -97,8 +97,12 @@ def decode_stream(
     options: SamplingOptions,
     generator: torch.Generator | None = None,
     banned_ids: tuple[int, ...] = (),
+    observe: Callable[[torch.Tensor, int], None] | None = None,
 ) -> Iterator[int]:
-    """Yield the target ids of one source (1, S) as they are decoded, stopping at <eos>."""
+    """Yield the target ids of one source (1, S) as they are decoded, stopping at <eos>.
+
+    `observe(logits (V,), token)` sees the model's raw scores of each yielded token's step.
+    """
     src_mask = src == PAD_ID
     memory = model.encode(src, src_mask)
     state = model.init_decode_state(memory, src_mask)
@@ -106,11 +110,14 @@ def decode_stream(
     seen = torch.zeros(1, model.head.vocab_size, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
         logits, state = model.decode(token, memory, src_mask, state)
+        raw = logits[0, -1].float().clone() if observe is not None else None
         choice = next_token(
             _banned(logits[:, -1].float(), banned_ids), options, seen=seen, generator=generator
         )
         if int(choice) == eos_id:
             return
+        if raw is not None and observe is not None:
+            observe(raw, int(choice))
         seen[0, choice] = True
         yield int(choice)
         token = choice.view(1, 1)

@@ -257,11 +257,15 @@ class PlainGPT(nn.Module):
 
 
 def row_gpt(steps: int) -> dict:
-    """lmzoo configs/gpt.yaml step against the plain fp32 GPT step, on the same data, interleaved."""
+    """lmzoo configs/gpt.yaml step against the plain fp32 GPT step, on the same data, interleaved.
+
+    Each lever is its own runner: fp32; the default precision; on a CPU with fast bf16 also bf16 with
+    attention left in bf16 (lmzoo computes CPU attention in fp32 under bf16); and the compiled step.
+    """
     from lmzoo.device import pick_precision
 
     config, setup = load_setup("gpt")
-    vocab, stream = setup.task.tokenizer.vocab_size, setup.task.batches.stream
+    vocab, stream = setup.task.tokenizer.vocab_size, setup.task.batches.stream.cpu()
     batch, seq = config.data.batch_size, config.seq_len
     torch.manual_seed(0)
     baseline = PlainGPT(vocab)
@@ -280,11 +284,18 @@ def row_gpt(steps: int) -> dict:
 
     default = pick_precision(setup.device, "auto")
     runners = {"baseline": baseline_step, "lmzoo_fp32": lambda: _step_at(setup, "fp32")}
+    if default == "bf16" and setup.device.type == "cpu":
+        runners["lmzoo_bf16_attention_bf16"] = lambda: _step_with_bf16_attention(setup)
     if default != "fp32":
         runners[f"lmzoo_{default}"] = lambda: _step_at(setup, default)
-    for run in runners.values():
+    _, compiled = load_setup("gpt", [f"train.precision={default}", "train.compile=true"])
+    runners[f"lmzoo_{default}_compiled"] = lambda: compiled.stepper(1e-4)
+    warmup = {}
+    for name, run in runners.items():
+        start = time.perf_counter()
         for _ in range(3):
             run()
+        warmup[name] = time.perf_counter() - start  # the compiled step's includes its compilation
     seconds = interleaved(runners, steps)
     tokens = batch * seq
     _, y, _ = setup.stepper.batches.next()
@@ -294,11 +305,14 @@ def row_gpt(steps: int) -> dict:
         "device": setup.device.type,
         "default_precision": default,
         "model_gflop_per_token": flops / 1e9,
+        "variants": list(runners),
+        "compile_warmup_s": warmup[f"lmzoo_{default}_compiled"],
     }
     for name, sec in seconds.items():
         result[f"{name}_tok_s"] = tokens / sec
         result[f"{name}_gflops"] = flops * tokens / sec / 1e9
     result["speedup"] = seconds["baseline"] / seconds[f"lmzoo_{default}"]
+    result["speedup_compiled"] = seconds["baseline"] / seconds[f"lmzoo_{default}_compiled"]
     result.update(gpt_generation(device=str(setup.device)))
     return result
 
@@ -308,20 +322,48 @@ def _step_at(setup, precision: str) -> None:
     setup.stepper(1e-4)
 
 
-def gpt_generation(context: int = 256, new_tokens: int = 512, device: str = "cpu") -> dict:
-    """Greedy decoding tokens/s at context 256 (gpt_gpu.yaml size) on `device`: KV cache vs recomputing."""
+def _step_with_bf16_attention(setup) -> None:
+    """A bf16 step with attention in bf16 too: what lmzoo's fp32 attention on the CPU saves."""
+    from lmzoo.models import attention
+
+    attention.CPU_BF16_ATTENTION_IN_FP32 = False
+    try:
+        _step_at(setup, "bf16")
+    finally:
+        attention.CPU_BF16_ATTENTION_IN_FP32 = True
+
+
+def gpt_generation(
+    context: int = 256,
+    new_tokens: int = 512,
+    device: str = "cpu",
+    caches: tuple[str, ...] = ("dynamic", "static", "compiled"),
+    model_config: str = "gpt_gpu",
+) -> dict:
+    """Greedy decoding tokens/s at context 256 (gpt_gpu.yaml size) on `device`: the KV cache (dynamic,
+    static, static with a compiled one-token step) against recomputing the whole window every token.
+    512 new tokens: the window slides past the context, so the paths are also compared there."""
     from lmzoo.generate import SamplingOptions, generate_ids
     from lmzoo.models import build_model
     from lmzoo.run import load_config
 
-    config = load_config(CONFIGS / "gpt_gpu.yaml")
+    config = load_config(CONFIGS / f"{model_config}.yaml")
+    torch.manual_seed(0)
     model = build_model(config.model, 69).to(device).eval()
     assert model.context_len == context
     options = SamplingOptions(max_new_tokens=new_tokens, greedy=True)
-    start = time.perf_counter()
-    cached = list(generate_ids(model, [5], options))
-    _sync()
-    with_cache = new_tokens / (time.perf_counter() - start)
+    result: dict = {}
+    produced: dict[str, list[int]] = {}
+    for cache in caches:
+        start = time.perf_counter()
+        list(generate_ids(model, [5], SamplingOptions(max_new_tokens=8, greedy=True), cache=cache))
+        _sync()
+        result[f"gen_warmup_s_{cache}"] = time.perf_counter() - start  # compiled: includes compiling
+        start = time.perf_counter()
+        produced[cache] = list(generate_ids(model, [5], options, cache=cache))
+        _sync()
+        result[f"gen_tok_s_{cache}"] = new_tokens / (time.perf_counter() - start)
+        result[f"gen_same_tokens_{cache}"] = produced[cache] == produced[caches[0]]
     ids = torch.tensor([[5]], device=device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -330,13 +372,16 @@ def gpt_generation(context: int = 256, new_tokens: int = 512, device: str = "cpu
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     _sync()
     without_cache = new_tokens / (time.perf_counter() - start)
-    same_prefix = ids[0, 1 : 1 + context].tolist() == cached[:context]
-    return {
-        "gen_tok_s_kv_cache": with_cache,
-        "gen_tok_s_recompute": without_cache,
-        "gen_cache_speedup": with_cache / without_cache,
-        "gen_same_tokens_within_context": same_prefix,
-    }
+    first = produced[caches[0]]
+    result.update(
+        {
+            "gen_tok_s_kv_cache": result[f"gen_tok_s_{caches[0]}"],
+            "gen_tok_s_recompute": without_cache,
+            "gen_cache_speedup": result[f"gen_tok_s_{caches[0]}"] / without_cache,
+            "gen_same_tokens_within_context": ids[0, 1 : 1 + context].tolist() == first[:context],
+        }
+    )
+    return result
 
 
 def row_finetune(method: str, steps: int) -> dict:
@@ -498,18 +543,24 @@ def format_table(peaks: dict, results: list[dict]) -> str:
                 f"| baseline: plain fp32 step | {r['baseline_tok_s']:,.0f} | {r['baseline_gflops']:.1f} | "
                 f"{r['baseline_gflops'] / peaks['fp32']:.0%} |",
             ]
-            for name in ["fp32"] + ([default] if default != "fp32" else []):
-                peak = peaks["bf16"] if name == "bf16" else peaks["fp32"]
+            for name in r.get("variants", [])[1:]:
+                peak_name = "bf16" if "bf16" in name else "fp32"
+                gflops = r[f"{name}_gflops"]
                 lines.append(
-                    f"| lmzoo, {name} | {r[f'lmzoo_{name}_tok_s']:,.0f} | {r[f'lmzoo_{name}_gflops']:.1f} | "
-                    f"{r[f'lmzoo_{name}_gflops'] / peak:.0%} of {name} |"
+                    f"| lmzoo, {name[6:].replace('_', ' ')} | {r[f'{name}_tok_s']:,.0f} "
+                    f"({r[f'{name}_tok_s'] / r['baseline_tok_s']:.2f}x) | {gflops:.1f} | "
+                    f"{gflops / peaks[peak_name]:.0%} of {peak_name} |"
                 )
             lines += [
-                f"| speed-up ({default}) | **{r['speedup']:.2f}x** | | |",
+                f"| speed-up ({default}) | **{r['speedup']:.2f}x**, compiled **{r['speedup_compiled']:.2f}x** "
+                f"(compile + 3 steps: {r['compile_warmup_s']:.0f} s) | | |",
                 "",
-                f"GPT decoding at context 256 (6x384 model): KV cache {r['gen_tok_s_kv_cache']:,.0f} tok/s, "
-                f"recomputing the window {r['gen_tok_s_recompute']:,.0f} tok/s: **{r['gen_cache_speedup']:.1f}x** "
-                f"(same tokens within the context: {r['gen_same_tokens_within_context']})",
+                f"GPT decoding at context 256 (6x384 model), tok/s: KV cache {r['gen_tok_s_dynamic']:,.0f}, "
+                f"static cache {r['gen_tok_s_static']:,.0f}, static + compiled step {r['gen_tok_s_compiled']:,.0f} "
+                f"(compile {r['gen_warmup_s_compiled']:.0f} s), recomputing the window "
+                f"{r['gen_tok_s_recompute']:,.0f}: **{r['gen_cache_speedup']:.1f}x** for the KV cache; same tokens "
+                f"as the KV cache over 512 (past the context): static {r['gen_same_tokens_static']}, compiled "
+                f"{r['gen_same_tokens_compiled']}; recompute within the context {r['gen_same_tokens_within_context']}",
             ]
     for r in results:
         if r.get("row") == "decode" and "error" not in r:

@@ -6,6 +6,7 @@ Everything here is sized to keep the whole suite well under two minutes on a 2-c
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,20 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     return resolve_config(raw, source=source)
 
 
+def scripted(monkeypatch, target: str, values: list[Any], snapshots: list | None = None) -> None:
+    """Replace `target` (e.g. "lmzoo.tasks.evaluate_lm") by a function returning the next of `values`, in
+    order and across resumed runs; with `snapshots`, also keep the weights of the model (its first argument)
+    at each call. Tests script validation results this way and check what the trainer does with them."""
+    script = iter(values)
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        if snapshots is not None:
+            snapshots.append({k: v.detach().clone() for k, v in args[0].state_dict().items()})
+        return copy.deepcopy(next(script))
+
+    monkeypatch.setattr(target, fake)
+
+
 @pytest.fixture
 def corpus_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
@@ -149,6 +164,22 @@ FIGURES: list[str] = []
 def report_figure(line: str) -> None:
     """Record a measured figure; pytest prints all of them in its terminal summary."""
     FIGURES.append(line)
+
+
+def run_trials(label: str, keys: Sequence[Any], trial: Callable[[Any], None]) -> None:
+    """Run every trial (one per seed or case), then report "label: k/N" naming the failing ones, then assert.
+
+    A failure does not stop the others, so the figure is a real count and not only ever N/N.
+    """
+    failures: dict[Any, str] = {}
+    for key in keys:
+        try:
+            trial(key)
+        except (Exception, pytest.fail.Exception) as err:
+            failures[key] = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    failing = f" (failing: {', '.join(map(str, failures))})" if failures else ""
+    report_figure(f"{label}: {len(keys) - len(failures)}/{len(keys)}{failing}")
+    assert not failures, failures
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_section
+from conftest import TINY_TEXT, base_config_dict, config_from_dict, load_run, scripted, tiny_model_section
 
 import lmzoo.checkpoint as ckpt
 from lmzoo.checkpoint import (
@@ -25,6 +26,7 @@ from lmzoo.checkpoint import (
 from lmzoo.errors import CheckpointError
 from lmzoo.io import atomic_write_text
 from lmzoo.models import build_model
+from lmzoo.train import train
 
 VOCAB = 17
 
@@ -294,3 +296,42 @@ def test_train_state_format_checks(tmp_path):
     damaged.write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="refused to load"):
         load_train_state(damaged)
+
+
+# ---- which weights `best` keeps ------------------------------------------------------------------------
+
+
+def lm_scores(losses: list[float]) -> list[dict[str, float]]:
+    return [{"loss": loss, "ppl": math.exp(loss), "tokens": 100.0} for loss in losses]
+
+
+def test_best_holds_the_lowest_validation_loss(make_config, monkeypatch):
+    snapshots: list[dict[str, torch.Tensor]] = []
+    # evaluations at steps 2, 4, ..., 12; the lowest loss comes at step 8, after a rise and before two
+    scripted(monkeypatch, "lmzoo.tasks.evaluate_lm", lm_scores([3.0, 2.5, 2.7, 2.2, 2.4, 2.3]), snapshots)
+    run_dir = train(make_config({"train": {"max_steps": 12, "eval_every": 2}}), progress=False)
+    best, last = load_run(run_dir, "best"), load_run(run_dir, "last")
+    assert best.info["step"] == 8 and best.info["val_loss"] == 2.2 and best.info["best_metric"] == "loss"
+    assert_weights_equal(best.model, snapshots[3])  # the weights evaluated at step 8
+    assert last.info["step"] == 12 and last.info["best_score"] == 2.2
+    assert not torch.equal(best.model.layers[0].weight_hh_l0, last.model.layers[0].weight_hh_l0)
+
+
+def test_best_by_bleu_holds_the_highest_bleu_not_the_lowest_loss(tmp_path, monkeypatch):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{s}\t{s[::-1]}\n" for s in TINY_TEXT.splitlines()), encoding="utf-8")
+    raw = base_config_dict(tmp_path / "runs", pairs)
+    raw["data"] = {"format": "tsv", "train": str(pairs), "batch_size": 4, "max_len": 32}
+    raw["model"] = tiny_model_section("seq2seq")
+    raw["train"].update(max_steps=8, eval_every=2, best_metric="bleu", bleu_sentences=2)
+    snapshots: list[dict[str, torch.Tensor]] = []
+    # the loss falls at every evaluation; BLEU peaks at the second (step 4)
+    scripted(monkeypatch, "lmzoo.tasks.evaluate_seq2seq", lm_scores([3.0, 2.5, 2.0, 1.5]), snapshots)
+    scripted(monkeypatch, "lmzoo.tasks.corpus_bleu", [10.0, 30.0, 20.0, 25.0])
+    monkeypatch.setattr("lmzoo.tasks.translate_corpus", lambda model, sources, *a, **k: [""] * len(sources))
+    run_dir = train(config_from_dict(raw), progress=False)
+    best = load_run(run_dir, "best")
+    assert best.info["step"] == 4 and best.info["best_metric"] == "bleu"
+    assert best.info["val_bleu"] == 30.0 and best.info["val_loss"] == 2.5
+    assert_weights_equal(best.model, snapshots[1])
+    assert load_run(run_dir, "last").info["best_score"] == 30.0

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 from conftest import TINY_TEXT, base_config_dict, load_run
 from typer.testing import CliRunner
@@ -175,10 +177,15 @@ def test_generate_interactive_prompt(runner, trained_run):
     result = runner.invoke(
         app,
         ["generate", "--run", str(trained_run), "--greedy", "--max-new-tokens", "5", "--device", "cpu"],
-        input="the\nexit\n",
+        input="the\na\nexit\n",
     )
     assert result.exit_code == 0, result.output
-    assert "seed> the" in result.stdout
+    run = load_run(trained_run, "best")
+    options = SamplingOptions(max_new_tokens=5, greedy=True)
+    the, a = ("".join(generate(run.model, run.tokenizer, p, options)) for p in ("the", "a"))
+    assert len(the) == len(a) == 5  # five characters each: every requested token was generated
+    # each line typed gets its own continuation; "exit" ends the loop at the next prompt
+    assert result.stdout == f"seed> the{the}\nseed> a{a}\nseed> "
 
 
 def test_eval_prints_loss_and_ppl(runner, trained_run):
@@ -196,22 +203,117 @@ def test_eval_prints_loss_and_ppl(runner, trained_run):
 
 def test_eval_on_a_file(runner, trained_run, tmp_path):
     data = tmp_path / "held_out.txt"
-    data.write_text("the cat sat on the mat.\n" * 3, encoding="utf-8")
+    text = "the cat sat on the mat.\n" * 3
+    data.write_text(text, encoding="utf-8")
     result = runner.invoke(
-        app, ["eval", "--run", str(trained_run), "--data", str(data), "--checkpoint", "last"]
+        app,
+        ["eval", "--run", str(trained_run), "--data", str(data), "--checkpoint", "last", "--device", "cpu"],
     )
     assert result.exit_code == 0, result.output
-    assert f"on {data}" in result.stdout and "ppl" in result.stdout
+    assert f"on {data}" in result.stdout
+    match = re.search(r"loss (\d+\.\d+)\s+ppl (\d+\.\d+)\s+\(([\d,]+) tokens\)", result.stdout)
+    assert match, result.stdout
+    # By hand: the file is read as `rows` parallel streams (at most batch_size, each at least one window),
+    # and the LSTM carries its state from window to window, so each row scores as one whole forward pass.
+    run = load_run(trained_run, "last")
+    ids = torch.tensor(run.tokenizer.encode(text))
+    rows = max(1, min(run.config.data.batch_size, (len(ids) - 1) // run.config.seq_len))
+    grid = ids[: len(ids) // rows * rows].view(rows, -1)
+    with torch.no_grad():
+        logits, _ = run.model(grid[:, :-1])
+    nll = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), grid[:, 1:].reshape(-1)))
+    assert float(match.group(1)) == pytest.approx(nll, abs=1e-4)
+    assert float(match.group(2)) == pytest.approx(math.exp(nll), rel=1e-3)
+    assert int(match.group(3).replace(",", "")) == grid[:, 1:].numel()
 
 
-def test_models_lists_the_families(runner):
+# Parameter counts written out from each family's architecture at its default config: an oracle that does not
+# build the model. V is the vocabulary; linear layers have a bias unless noted.
+
+
+def lstm_layer(i: int, h: int) -> int:
+    return 4 * h * (i + h) + 8 * h  # PyTorch keeps two bias vectors per gate (b_ih and b_hh)
+
+
+def gru_layer(i: int, h: int) -> int:
+    return 3 * h * (i + h) + 6 * h
+
+
+def elman_layer(i: int, h: int) -> int:
+    return h * (i + h) + h  # h_t = tanh(W_x x_t + W_h h_{t-1} + b): one bias
+
+
+def recurrent_lm(layer, c: dict, v: int) -> int:
+    """Embedding, stacked layers, output layer (defaults: no MLP head, no tying)."""
+    sizes = [c["embedding_dim"]] + [c["hidden_size"]] * c["num_layers"]
+    stack = sum(layer(i, h) for i, h in zip(sizes, sizes[1:], strict=False))
+    return v * c["embedding_dim"] + stack + c["hidden_size"] * v + v
+
+
+def attention(d: int) -> int:
+    return 4 * d * d + 4 * d  # Q, K, V and output projections
+
+
+def feed_forward(d: int, f: int) -> int:
+    return 2 * d * f + f + d
+
+
+def gpt_params(c: dict, v: int) -> int:
+    """Tied token embedding, learned positions, pre-norm blocks (2 LayerNorms each), a final LayerNorm."""
+    d = c["d_model"]
+    block = attention(d) + feed_forward(d, c["d_ff"] or 4 * d) + 2 * 2 * d
+    return v * d + c["context_length"] * d + c["n_layers"] * block + 2 * d
+
+
+def transformer_params(c: dict, v: int) -> int:
+    """One embedding shared by both sides and tied to the output; post-norm layers, no final norms."""
+    d, f = c["d_model"], c["d_ff"]
+    encoder = attention(d) + feed_forward(d, f) + 2 * 2 * d
+    decoder = 2 * attention(d) + feed_forward(d, f) + 3 * 2 * d
+    return v * d + c["n_encoder_layers"] * encoder + c["n_decoder_layers"] * decoder
+
+
+def seq2seq_params(c: dict, v: int) -> int:
+    """Two embeddings, a bidirectional LSTM encoder, a bridge to the decoder's first state, an LSTM decoder,
+    Luong "general" attention (W, no bias), the combining layer W_c [h; context] and the output layer."""
+    e, h = c["embedding_dim"], c["hidden_size"]
+    encoder, bridge, decoder = 2 * lstm_layer(e, h), 2 * h * h + h, lstm_layer(e, h)
+    return 2 * v * e + encoder + bridge + decoder + 2 * h * h + (3 * h * h + h) + h * v + v
+
+
+def modern_params(c: dict, v: int) -> int:
+    """Tied embedding, no biases; per block two RMSNorm gains, Q, K, V, O and SwiGLU's three matrices of
+    width 8/3 d rounded up to ff_multiple_of; a final RMSNorm."""
+    d, heads = c["d_model"], c["n_heads"]
+    kv, head_dim = c["n_kv_heads"] or heads, d // heads
+    f = c["d_ff"] or c["ff_multiple_of"] * math.ceil(8 * d / 3 / c["ff_multiple_of"])
+    block = 2 * d + 2 * d * d + 2 * d * kv * head_dim + 3 * d * f
+    return v * d + c["n_layers"] * block + d
+
+
+FORMULAS = {
+    "rnn": lambda c, v: recurrent_lm(elman_layer, c, v),
+    "lstm": lambda c, v: recurrent_lm(lstm_layer, c, v),
+    "gru": lambda c, v: recurrent_lm(gru_layer, c, v),
+    "gpt": gpt_params,
+    "transformer": transformer_params,
+    "seq2seq": seq2seq_params,
+    "modern": modern_params,
+}
+
+
+def test_models_lists_the_families_with_their_parameter_counts(runner):
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:-1]}
-    assert {"rnn", "lstm", "gru"} <= set(rows)
+    assert {"rnn", "lstm", "gru"} <= set(rows) and set(rows) == {info.name for info in list_models()}
+    vocab = int(re.search(r"at a (\d+)-token vocabulary", result.stdout).group(1))
     for info in list_models():
         assert rows[info.name][1] == info.kind
-        assert int(rows[info.name][2].replace(",", "")) == info.reference_params()
+        if info.name not in FORMULAS:
+            pytest.fail(f"write the parameter formula of family {info.name!r} into FORMULAS")
+        expected = FORMULAS[info.name](info.default_config().model_dump(), vocab)
+        assert int(rows[info.name][2].replace(",", "")) == expected, info.name
 
 
 def test_version_and_help(runner):

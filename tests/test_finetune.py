@@ -659,8 +659,9 @@ def preference_files(tmp_path: Path) -> tuple[Path, Path]:
     return train_file, val_file
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
 def test_dpo_reference_stays_frozen_and_starts_equal_to_the_policy(base_gpt, tmp_path, method):
+    """With LoRA or adapters the reference is the same model with them switched off; otherwise a frozen copy."""
     train_file, val_file = preference_files(tmp_path)
     raw = finetune_dict(
         base_gpt,
@@ -713,7 +714,7 @@ def test_dpo_reference_stays_frozen_and_starts_equal_to_the_policy(base_gpt, tmp
     rewards = config.train.dpo_beta * (policy_after - reference_after)
     chosen, rejected = rewards.chunk(2)
     assert float((chosen - rejected).mean()) > 0
-    if method == "lora":
+    if method != "full":
         assert all(p.grad is None for n, p in task.model.named_parameters() if not p.requires_grad)
 
 

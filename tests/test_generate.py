@@ -79,18 +79,38 @@ def text_of(model, tokenizer, prompt, options, **kwargs) -> str:
     return "".join(generate(model, tokenizer, prompt, options, **kwargs))
 
 
+def spy_forward(model) -> list[list[int]]:
+    """Record the ids (row 0) of every forward call: the prompt first, then each generated token fed back."""
+    calls: list[list[int]] = []
+    forward = model.forward
+
+    def recording(ids, *args, **kwargs):
+        calls.append(ids[0].tolist())
+        return forward(ids, *args, **kwargs)
+
+    model.forward = recording
+    return calls
+
+
 # ---- determinism ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", LM_MODELS)
-def test_greedy_is_deterministic(char_tok, name):
+def test_greedy_ignores_the_sampling_seed_and_temperature_0_is_greedy(char_tok, name):
+    """An untrained model is close to uniform: sampling gives another text for each seed, greedy never does."""
     model = random_model(name, char_tok.vocab_size)
-    options = SamplingOptions(max_new_tokens=25, greedy=True)
-    first = text_of(model, char_tok, "the ", options)
-    assert first == text_of(model, char_tok, "the ", options)
-    assert 0 < len(first) <= 25
-    # temperature 0 is greedy too.
-    assert text_of(model, char_tok, "the ", SamplingOptions(max_new_tokens=25, temperature=0)) == first
+    prompt = char_tok.encode("the ")
+
+    def ids(seed: int, **options) -> list[int]:
+        generator = torch.Generator().manual_seed(seed)
+        chosen = SamplingOptions(max_new_tokens=25, **options)
+        return list(generate_ids(model, prompt, chosen, generator=generator, banned_ids=[0, 1, 2]))
+
+    greedy = ids(0, greedy=True, temperature=1.0)
+    assert len(greedy) == 25
+    assert ids(1, greedy=True, temperature=1.0) == greedy and ids(2, greedy=True, temperature=1.0) == greedy
+    assert ids(3, temperature=0) == greedy  # temperature 0 is greedy too
+    assert len({tuple(ids(seed, temperature=1.0)) for seed in range(3)}) == 3
 
 
 @pytest.mark.parametrize("name", LM_MODELS)
@@ -256,26 +276,42 @@ def test_empty_prompt_starts_a_new_line(cycle_tok, char_tok):
     assert start_ids(cycle_tok) == cycle_tok.encode("\n")
     text = text_of(CycleModel(cycle_tok), cycle_tok, "", SamplingOptions(max_new_tokens=5, greedy=True))
     assert text == "abcde"  # what follows "\n" in the cycle
-    # Real models accept an empty prompt too.
-    out = text_of(random_model("rnn", char_tok.vocab_size), char_tok, "", SamplingOptions(max_new_tokens=8))
-    assert len(out) <= 8
+    # Real models start from the newline too, and generate every token asked for.
+    model = random_model("rnn", char_tok.vocab_size)
+    fed = spy_forward(model)
+    out = text_of(
+        model, char_tok, "", SamplingOptions(max_new_tokens=8), generator=torch.Generator().manual_seed(0)
+    )
+    assert fed[0] == char_tok.encode("\n") and len(fed) == 9
+    assert out == char_tok.decode([ids[0] for ids in fed[1:]])
 
 
 def test_empty_prompt_without_a_newline_token_uses_bos():
     tok = fit_tokenizer(CharTokenizerConfig(), "abc abc")
     assert start_ids(tok) == [tok.bos_id]
     model = random_model("gru", tok.vocab_size)
-    assert set(text_of(model, tok, "", SamplingOptions(max_new_tokens=6, greedy=True))) <= set("abc ")
+    fed = spy_forward(model)
+    text = text_of(model, tok, "", SamplingOptions(max_new_tokens=6, greedy=True))
+    generated = [ids[0] for ids in fed[1:]]
+    assert fed[0] == [tok.bos_id] and len(generated) == 6
+    assert text == tok.decode(generated) and text and set(text) <= set("abc ")
 
 
-def test_special_ids_other_than_eos_are_never_generated(char_tok):
+@pytest.mark.parametrize("options", [{"greedy": True}, {"temperature": 1.0}])
+def test_special_ids_other_than_eos_are_never_generated(char_tok, options):
+    """Through the public `generate`: its own ban list must keep <pad>, <unk> and <bos> out."""
     model = random_model("lstm", char_tok.vocab_size)
-    with torch.no_grad():  # make <unk> overwhelmingly likely: it must still be banned
-        model.head.proj.bias[char_tok.unk_id] = 100.0
-    ids = list(
-        generate_ids(model, [5], SamplingOptions(max_new_tokens=10, greedy=True), banned_ids=[0, 1, 2])
-    )
-    assert char_tok.unk_id not in ids and 0 not in ids and 2 not in ids
+    with torch.no_grad():  # the specials overwhelmingly likely, <eos> never: only the ban stops them
+        bias = model.head.proj.bias
+        bias[char_tok.pad_id], bias[char_tok.unk_id], bias[char_tok.bos_id] = 100.0, 90.0, 80.0
+        bias[char_tok.eos_id] = -100.0
+    fed = spy_forward(model)
+    chosen = SamplingOptions(max_new_tokens=10, **options)
+    text = text_of(model, char_tok, "the", chosen, generator=torch.Generator().manual_seed(0))
+    generated = [ids[0] for ids in fed[1:]]
+    assert len(generated) == 10
+    assert not {char_tok.pad_id, char_tok.unk_id, char_tok.bos_id} & set(generated)
+    assert len(text) == 10 and "\ufffd" not in text and text == char_tok.decode(generated)
 
 
 def test_generate_needs_a_prompt_token(char_tok):

@@ -6,18 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model_section
+from pydantic import ValidationError
 
 from lmzoo.config import ModelConfig
 from lmzoo.errors import ConfigError
 from lmzoo.models import (
-    MODEL_REGISTRY,
     build_model,
     count_parameters,
     get_model_info,
     list_models,
     register_model,
 )
-from lmzoo.models.base import PAD_ID, LanguageModel, detach_state
+from lmzoo.models.base import PAD_ID, LanguageModel, Seq2SeqModel, detach_state
 from lmzoo.models.recurrent import ElmanRNN
 
 VOCAB = 23
@@ -34,9 +34,26 @@ def test_registry_has_the_recurrent_families():
     assert {"rnn", "lstm", "gru"} <= set(ALL_MODELS)
     assert ALL_MODELS == sorted(ALL_MODELS)
     for info in list_models():
-        assert info.name in MODEL_REGISTRY and info.kind in ("lm", "seq2seq")
-        assert info.description
+        assert get_model_info(info.name) is info and info.description
+        # the kind comes from the class, and registration teaches it to the config class
+        assert info.kind == info.cls.kind == info.config.kind
+        assert issubclass(info.cls, LanguageModel if info.kind == "lm" else Seq2SeqModel)
         assert info.default_config().name == info.name
+        with pytest.raises(ValidationError):  # a config class accepts its own family's name only
+            info.config(name="rnn" if info.name != "rnn" else "lstm")
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_tiny_sections_are_tiny_and_unknown_knobs_fail(name):
+    """The tests' model sizes come from each family's tiny_config: a renamed knob must fail, not run at
+    full size. `optional=` keys are dropped only where the family has no such option."""
+    section = tiny_model_section(name, optional={"dropout": 0.1, "no_such_knob": 3})
+    assert "no_such_knob" not in section
+    assert ("dropout" in section) == ("dropout" in get_model_info(name).config.model_fields)
+    vocab = VOCAB if get_model_info(name).kind == "lm" else (VOCAB, VOCAB)
+    assert count_parameters(build_model(section, vocab)) < 20_000  # the defaults are 250k parameters and up
+    with pytest.raises(ConfigError, match="model.n_layer: unknown key"):
+        build_model(tiny_model_section(name, n_layer=1), vocab)
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

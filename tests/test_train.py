@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,6 +183,18 @@ def test_resume_without_a_checkpoint_starts_the_run(make_config, capsys):
     assert load_run(run_dir, "last").info["step"] == 4
     again = train(make_config({"train": {"max_steps": 6}}), resume=True, progress=False)
     assert again == run_dir and load_run(run_dir, "last").info["step"] == 6
+
+
+def test_resume_after_a_death_before_the_first_checkpoint_reuses_its_directory(make_config):
+    """A job killed before its first checkpoint left runs/tiny without one: --resume starts over there."""
+    config = make_config({"train": {"max_steps": 4}})
+    empty = Path(config.out_dir) / "tiny"
+    empty.mkdir(parents=True)
+    (empty / "metrics.jsonl").write_text('{"step": 3, "train/loss": 9.0}\n')
+    run_dir = train(config, resume=True, progress=False)
+    assert run_dir == empty and load_run(run_dir, "last").info["step"] == 4
+    assert not (Path(config.out_dir) / "tiny-2").exists()
+    assert 9.0 not in [r.get("train/loss") for r in read_metrics(run_dir)]
 
 
 def test_corpus_too_short_for_one_batch(make_config, tmp_path):

@@ -4,7 +4,13 @@ Each command module registers its verbs on `lmzoo.cli.app.app`; every verb parse
 calls one library function and prints. Importing this package imports no torch.
 """
 
-from lmzoo.cli import commands  # noqa: F401  (train, generate, eval, merge, models)
+from lmzoo.cli import (
+    commands,  # noqa: F401  (train, generate, eval, merge, models)
+    compare,  # noqa: F401  (compare, report)
+    inspect,  # noqa: F401  (score, attention, tokenize)
+    retrieval,  # noqa: F401  (index, rag index)
+    serve,  # noqa: F401  (serve: OpenAI-compatible HTTP API and MCP)
+)
 from lmzoo.cli.app import app
 
 __all__ = ["app", "main"]

@@ -92,12 +92,25 @@ def generate(
     checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
     base: Path | None = typer.Option(None, help=BASE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    knn: Path | None = typer.Option(None, help="Mix in a kNN-LM datastore (lmzoo index)."),
+    k: int = typer.Option(1024, help="--knn: neighbours per token."),
+    lmbda: float = typer.Option(0.25, help="--knn: weight of the kNN distribution."),
+    knn_temperature: float = typer.Option(1.0, help="--knn: p_kNN ~ exp(-distance / this)."),
+    rag: Path | None = typer.Option(None, help="Put BM25 passages (lmzoo rag index) before the prompt."),
+    passages: int = typer.Option(2, min=1, help="--rag: passages to retrieve (those that fit are used)."),
+    show_probs: bool = typer.Option(
+        False, "--show-probs", help="Shade tokens by probability; list alternatives and entropy per step."
+    ),
+    top_logprobs: int = typer.Option(5, min=0, help="--show-probs: alternatives listed per step."),
+    as_json: bool = typer.Option(False, "--json", help="--show-probs: OpenAI-shaped logprobs records."),
 ) -> None:
     """Continue a text with a language model, or translate it with a seq2seq model, streaming the output."""
     with user_errors():
         from lmzoo.run import Run
 
         loaded = Run.open(run, base=base)
+        if knn is not None:
+            loaded = loaded.with_knn(knn, k=k, lmbda=lmbda, temperature=knn_temperature)
         sampling = dict(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -107,10 +120,10 @@ def generate(
             greedy=greedy or None,
             stop=stop or None,
         )
-        loaded.sampling(**sampling)  # a bad option fails before the model loads
+        max_new = loaded.sampling(**sampling).max_new_tokens  # a bad option fails before the model loads
         verb = "translating with" if loaded.kind == "seq2seq" else "sampling from"
         for prompt in _prompts(seed, f"{verb} {loaded.path}"):
-            if beam > 1 and loaded.kind == "seq2seq":
+            if beam > 1 and loaded.kind == "seq2seq" and not show_probs:
                 for text, score in loaded.translate(
                     prompt,
                     beam=beam,
@@ -123,12 +136,36 @@ def generate(
                 ):
                     typer.echo(f"{text}\t{score:.4f}" if n_best > 1 else text)
                 continue
+            text, sources = prompt, []
+            if rag is not None:
+                from lmzoo.retrieval.rag import rag_prompt
+
+                text, sources = rag_prompt(
+                    loaded, prompt, rag, passages=passages, max_new_tokens=max_new, warn=warn
+                )
+            if show_probs:
+                from lmzoo.cli.inspect import print_generation_probs
+
+                print_generation_probs(
+                    loaded,
+                    text,
+                    samples=num_samples,
+                    top_logprobs=top_logprobs,
+                    as_json=as_json,
+                    beam=beam,
+                    sampling=sampling,
+                    checkpoint_tag=checkpoint,
+                    device=device,
+                    seed=seed_rng,
+                    warn=warn,
+                )
+                continue
             for index in range(num_samples):
                 typer.echo(
                     ("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False
                 )
                 for piece in loaded.generate(
-                    prompt,
+                    text,
                     checkpoint_tag=checkpoint,
                     device=device,
                     seed=seed_rng,
@@ -137,6 +174,8 @@ def generate(
                 ):
                     typer.echo(piece, nl=False)
                 typer.echo()
+            if sources:
+                typer.echo("sources: " + ", ".join(p.source for p in sources))
 
 
 @app.command("eval")
@@ -152,12 +191,31 @@ def evaluate(
     ),
     base: Path | None = typer.Option(None, help=BASE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    knn: Path | None = typer.Option(None, help="Also the loss mixed with a kNN-LM datastore (lmzoo index)."),
+    k: int = typer.Option(1024, help="--knn: neighbours per token."),
+    lmbda: float = typer.Option(0.25, help="--knn: weight of the kNN distribution."),
+    temperature: float = typer.Option(
+        1.0, "--temperature", "--knn-temperature", help="--knn: T in exp(-d / T)."
+    ),
+    tune: bool = typer.Option(
+        False, "--tune", help="--knn: pick lambda and T on half the text, report the other."
+    ),
+    rag: Path | None = typer.Option(
+        None, help="Loss with BM25 passages vs random and none (lmzoo rag index)."
+    ),
+    passages: int = typer.Option(1, min=1, help="--rag: passages per chunk."),
 ) -> None:
     """Print loss and perplexity on held-out text; for seq2seq runs also corpus BLEU, greedy and beam."""
     with user_errors():
+        from lmzoo.cli.retrieval import evaluate_with_retrieval
         from lmzoo.run import Run
 
         loaded = Run.open(run, base=base)
+        if knn is not None or rag is not None:
+            options = dict(k=k, lmbda=lmbda, temperature=temperature, tune=tune, passages=passages)
+            for line in evaluate_with_retrieval(loaded, knn, rag, data, split, checkpoint, device, **options):
+                typer.echo(line)
+            return
         metrics = loaded.evaluate(data, split, beam=beam, checkpoint_tag=checkpoint, device=device)
         source = str(data) if data else f"the {split} split"
         bleu = "".join(

@@ -18,6 +18,7 @@ BUNDLED_PREFIX = "lmzoo:"
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class Section(BaseModel):
@@ -63,6 +64,9 @@ class DataConfig(Section):
     seq_len: PositiveInt | None = None  # None: the model's context length, or 128 for recurrent models
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt | None = None  # None: same as batch_size
+    # seq2seq: training batches by token count instead of batch_size rows: pairs of similar length
+    # together, at most this many padded source + target tokens per batch (per process), as in fairseq
+    max_tokens: PositiveInt | None = None
     # sequential = contiguous truncated-BPTT streams (state carried across batches);
     # random = independent windows at random offsets; auto picks by model family.
     sampling: Literal["auto", "sequential", "random"] = "auto"
@@ -154,7 +158,8 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: Annotated[float, Field(gt=0)] = 1e-3
     min_lr: Annotated[float, Field(ge=0)] = 1e-4
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # noam: inverse square root with linear warmup to `lr` at warmup_steps (min_lr unused); lmzoo.optim.lr_at
+    schedule: Literal["cosine", "linear", "constant", "noam"] = "cosine"
     warmup_steps: NonNegInt = 100
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     betas: tuple[Probability, Probability] = (0.9, 0.99)
@@ -167,6 +172,8 @@ class TrainConfig(Section):
     eval_batches: PositiveInt | None = 50  # None: the whole validation split
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt | None = None  # None: at every eval
+    # also save `last` once this many minutes have passed since the last save (requeued/preempted jobs)
+    checkpoint_every_minutes: Annotated[float, Field(gt=0)] | None = None
     patience: PositiveInt | None = None  # early stopping: evals without improvement
     best_metric: Literal["loss", "bleu"] = "loss"  # what picks checkpoints/best (bleu: seq2seq only)
     bleu_sentences: NonNegInt = 200  # seq2seq: validation sentences translated for BLEU at each eval
@@ -174,7 +181,9 @@ class TrainConfig(Section):
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     nan_policy: Literal["stop", "skip"] = "stop"
     dpo_beta: Annotated[float, Field(gt=0)] = 0.1  # DPO: strength of the pull towards the reference model
-    compile: bool = False  # torch.compile the model's forward (falls back to eager with a warning)
+    # torch.compile the model's forward and backward (falls back to eager with a warning); a mode name picks
+    # torch.compile's mode: reduce-overhead adds CUDA graphs, max-autotune-no-cudagraphs tunes matmuls
+    compile: bool | CompileMode = False
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP) the model
 
     @field_validator("device")
@@ -268,6 +277,15 @@ class RunConfig(Section):
             )
         if self.finetune is not None and not self.init_from:
             raise ValueError("finetune: needs init_from (the run whose model is fine-tuned)")
+        if self.data.max_tokens is not None and not paired:
+            raise ValueError(
+                "data.max_tokens: batches by token count are for sentence pairs (parallel or tsv)"
+            )
+        if self.data.max_tokens is not None and self.data.max_tokens < 2 * self.data.max_len:
+            raise ValueError(
+                f"data.max_tokens: {self.data.max_tokens} is less than the longest pair may need "
+                f"(2 x data.max_len = {2 * self.data.max_len} padded tokens)"
+            )
         if self.target_tokenizer is not None and self.kind != "seq2seq":
             raise ValueError("target_tokenizer: only seq2seq models have a target side")
         if self.train.best_metric == "bleu" and (self.kind != "seq2seq" or not self.train.bleu_sentences):

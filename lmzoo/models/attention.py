@@ -7,15 +7,35 @@
 The causal mask fills the upper triangle of Q K^T with -inf (position i sees keys j <= i); the
 padding mask hides padded keys. The fast path calls torch's scaled_dot_product_attention (fused
 kernels on every device); `explicit=True` computes the formula step by step, for teaching and tests.
+
+`record_attention(model)` makes every attention module of a model (any `RecordsAttention`) take the
+explicit path and keep its softmax weights, which `lmzoo attention` draws; SDPA cannot return them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# On the CPU, torch's flash-attention backward pass runs several times slower in bf16 than in fp32
+# (torch 2.13 at configs/gpt.yaml's shapes: 6x), so under bf16 autocast the CPU computes attention
+# in fp32; CUDA keeps bf16. scripts/bench.py switches this off to measure what it gives.
+CPU_BF16_ATTENTION_IN_FP32 = True
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
+    """F.scaled_dot_product_attention, with bf16 on the CPU computed in fp32 (faster there; see above)."""
+    cpu_bf16 = q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype)
+    if not (cpu_bf16 and CPU_BF16_ATTENTION_IN_FP32):
+        return F.scaled_dot_product_attention(q, k, v, **options)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
+    return out.to(q.dtype)
 
 
 class KVCache:
@@ -51,7 +71,107 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class MultiHeadAttention(nn.Module):
+class StaticKVCache:
+    """A KV cache whose shapes never change, for a compiled (or CUDA-graph captured) decoding step.
+
+    Buffers (B, H, capacity, d_k) are written at `position`, a (1,) device tensor shared by every
+    layer and advanced by the model after each step, and queries attend over the whole capacity with a
+    mask hiding the slots not written yet: a one-token step has the same shapes at every position.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        like: torch.Tensor,
+        position: torch.Tensor,
+    ) -> None:
+        self.k = like.new_zeros(batch, heads, capacity, head_dim)  # zeros: a masked slot must not be NaN
+        self.v = like.new_zeros(batch, heads, capacity, head_dim)
+        self.position = position
+        self.slots = torch.arange(capacity, device=like.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, H, T, d_k) keys/values at position .. position + T - 1; return the whole buffers."""
+        index = self.position + torch.arange(k.shape[2], device=k.device)
+        self.k.index_copy_(2, index, k.to(self.k.dtype))
+        self.v.index_copy_(2, index, v.to(self.v.dtype))
+        return self.k, self.v
+
+    def mask(self, steps: int) -> torch.Tensor:
+        """(1, 1, T, capacity) bool: the query at position + t sees the slots up to its own position."""
+        queries = self.position + torch.arange(steps, device=self.slots.device)
+        return (self.slots[None, :] <= queries[:, None])[None, None]
+
+
+class RecordsAttention(nn.Module):
+    """An attention module that can hand out its weights while `record_attention` is active.
+
+    A subclass computes softmax weights explicitly when `recording` is True and passes them to
+    `record(weights (B, H, T, S), kind)`, kind one of ATTENTION_KINDS.
+    """
+
+    _attention_sink: Callable[[torch.Tensor, str], None] | None = None
+
+    @property
+    def recording(self) -> bool:
+        return self._attention_sink is not None
+
+    def record(self, weights: torch.Tensor, kind: str) -> None:
+        if self._attention_sink is not None:
+            self._attention_sink(weights.detach(), kind)
+
+
+# self: bidirectional self-attention (an encoder); decoder: masked (causal) self-attention (a GPT, a
+# Transformer decoder); cross: target positions over the source (encoder-decoder models).
+ATTENTION_KINDS = ("self", "decoder", "cross")
+
+
+class AttentionMaps(dict):
+    """Module name -> attention weights (B, H, T, S) of its last call; `kinds[name]` says which kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: dict[str, str] = {}
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, RecordsAttention]]:
+    """(name, module) of every attention module of `model` that can record its weights."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, RecordsAttention)]
+
+
+@contextlib.contextmanager
+def record_attention(model: nn.Module) -> Iterator[AttentionMaps]:
+    """While active, every attention module of `model` stores its weights in the yielded dict.
+
+    The explicit path computes the same function as the fused one, so outputs do not change.
+    """
+    maps = AttentionMaps()
+    modules = attention_modules(model)
+
+    def sink_for(name: str) -> Callable[[torch.Tensor, str], None]:
+        def sink(weights: torch.Tensor, kind: str) -> None:
+            maps[name], maps.kinds[name] = weights, kind
+
+        return sink
+
+    for name, module in modules:
+        module._attention_sink = sink_for(name)
+    try:
+        yield maps
+    finally:
+        for _, module in modules:
+            module._attention_sink = None
+
+
+class MultiHeadAttention(RecordsAttention):
     """Multi-head attention with optional causal and key-padding masks and an optional KV cache."""
 
     def __init__(
@@ -85,7 +205,7 @@ class MultiHeadAttention(nn.Module):
         *,
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> torch.Tensor:
         """x: queries (B, T, d). memory: None (self-attention), a (B, S, d) tensor, or its projected (K, V).
 
@@ -102,13 +222,17 @@ class MultiHeadAttention(nn.Module):
             bias = self.in_proj.bias[:d] if self.in_proj.bias is not None else None
             q = self._split_heads(F.linear(x, self.in_proj.weight[:d], bias))
             k, v = memory if isinstance(memory, tuple) else self.project_kv(memory)
-        mask = self._mask(steps, k.shape[2], causal, key_padding_mask, x.device)  # True = may attend
+        static = isinstance(cache, StaticKVCache)  # fixed shapes: the whole capacity, masked
+        mask = (
+            cache.mask(steps) if static else self._mask(steps, k.shape[2], causal, key_padding_mask, x.device)
+        )
         dropout = self.dropout if self.training else 0.0
-        if self.explicit:
-            out = self._explicit_attention(q, k, v, mask, dropout)
+        if self.explicit or self.recording:
+            kind = "cross" if memory is not None else ("decoder" if causal else "self")
+            out = self._explicit_attention(q, k, v, mask, dropout, kind)
         else:
-            simple_causal = causal and key_padding_mask is None and steps == k.shape[2]
-            out = F.scaled_dot_product_attention(
+            simple_causal = causal and key_padding_mask is None and steps == k.shape[2] and not static
+            out = fused_attention(
                 q, k, v, attn_mask=None if simple_causal else mask, dropout_p=dropout, is_causal=simple_causal
             )
         out = out.transpose(1, 2).reshape(batch, steps, d)  # heads recombined: (B, T, d)
@@ -129,12 +253,19 @@ class MultiHeadAttention(nn.Module):
         return mask
 
     def _explicit_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        dropout: float,
+        kind: str = "self",
     ) -> torch.Tensor:
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = scores.softmax(dim=-1)
+        self.record(weights, kind)
         if dropout:
             weights = F.dropout(weights, p=dropout)
         return weights @ v  # (B, H, T, d_k)

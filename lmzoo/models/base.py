@@ -85,6 +85,12 @@ class LanguageModel(ZooModel):
         """The state to pass with a prompt to start decoding (None: the model builds its own)."""
         return None
 
+    def static_state(self, batch_size: int, *, compile: bool = False) -> Any:
+        """A decoding state of fixed shapes (a static KV cache), whose one-token step can be compiled
+        (`compile`; CUDA graphs on CUDA), giving the same tokens as `init_state`'s. None: the family has
+        none, and generation uses `init_state`."""
+        return None
+
     def hidden(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """The state the output layer reads, per position (B, T, C), and the new decoding state.
 

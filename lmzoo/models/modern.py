@@ -35,7 +35,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
-from lmzoo.models.attention import KVCache
+from lmzoo.models.attention import KVCache, RecordsAttention, fused_attention
 from lmzoo.models.base import LanguageModel
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
@@ -168,7 +168,7 @@ def causal_mask(steps: int, keys: int, device: torch.device) -> torch.Tensor | N
     return torch.ones(steps, keys, dtype=torch.bool, device=device).tril(diagonal=keys - steps)[None, None]
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(RecordsAttention):
     """Causal self-attention with RoPE, n_kv_heads key/value heads shared by groups of query heads."""
 
     def __init__(self, config: ModernConfig) -> None:
@@ -206,17 +206,18 @@ class GroupedQueryAttention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
         dropout = self.dropout if self.training else 0.0
         mask = causal_mask(steps, k.shape[2], x.device)  # (1, 1, T, S) or None
-        if self.explicit:
+        if self.explicit or self.recording:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             weights = scores.softmax(dim=-1)  # (B, H, T, S)
+            self.record(weights, "decoder")
             if dropout:
                 weights = F.dropout(weights, p=dropout)
             out = weights @ v  # (B, H, T, d_k)
         else:
             square = steps == k.shape[2]  # no cache before: the plain causal triangle
-            out = F.scaled_dot_product_attention(
+            out = fused_attention(
                 q, k, v, attn_mask=None if square else mask, dropout_p=dropout, is_causal=square and steps > 1
             )  # (B, H, T, d_k)
         out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * self.head_dim)  # (B, T, H * d_k)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
+from lmzoo.models.attention import RecordsAttention
 from lmzoo.models.base import Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
@@ -54,7 +55,7 @@ class Seq2SeqConfig(ModelConfig):
             )
 
 
-class RecurrentAttention(nn.Module):
+class RecurrentAttention(RecordsAttention):
     """Scores of decoder states against encoder states, masked softmax, weighted sum of encoder states."""
 
     def __init__(self, kind: str, query_dim: int, key_dim: int) -> None:
@@ -80,7 +81,9 @@ class RecurrentAttention(nn.Module):
         else:
             scores = query @ keys.transpose(1, 2)  # (B, T, S)
         scores = scores.masked_fill(src_mask[:, None, :], float("-inf"))
-        return scores.softmax(-1) @ values  # context (B, T, H_enc)
+        weights = scores.softmax(-1)  # (B, T, S)
+        self.record(weights[:, None], "cross")  # one "head"
+        return weights @ values  # context (B, T, H_enc)
 
 
 @register_model(

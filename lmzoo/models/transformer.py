@@ -28,10 +28,11 @@ from pydantic import ValidationInfo, field_validator
 from torch import nn
 
 from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
-from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
+from lmzoo.models.attention import KVCache, MultiHeadAttention, StaticKVCache, sinusoidal_positions
 from lmzoo.models.base import LanguageModel, Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
+from lmzoo.models.static_decoding import StaticDecoding
 
 
 def heads_divide_width(heads: int, info: ValidationInfo) -> int:
@@ -121,10 +122,17 @@ class DecoderBlock(nn.Module):
 
 @dataclass
 class GPTState:
-    """Decoding state: one KV cache per layer and the token ids currently in the window (B, L)."""
+    """Decoding state: one KV cache per layer and the token ids currently in the window (B, L).
 
-    caches: list[KVCache] | None = None
+    `static`: fixed-shape caches (StaticKVCache) written at `position`; `compiled`: the one-token step
+    of a static state runs torch.compile'd (CUDA graphs on CUDA).
+    """
+
+    caches: list[KVCache] | list[StaticKVCache] | None = None
     ids: torch.Tensor | None = None
+    static: bool = False
+    compiled: bool = False
+    position: torch.Tensor | None = None  # static: (1,) long, the next slot to write
 
     @property
     def length(self) -> int:
@@ -136,7 +144,7 @@ class GPTState:
     config=GPTConfig,
     description="decoder-only Transformer LM (GPT): masked multi-head self-attention, KV-cache decoding",
 )
-class GPT(LanguageModel):
+class GPT(StaticDecoding, LanguageModel):
     carries_state = False
     keep_fraction = 0.75  # share of the context kept when the decoding window slides
     default_lora_targets = ("*attn.in_proj.weight", "*attn.out_proj.weight")
@@ -192,7 +200,7 @@ class GPT(LanguageModel):
         return GPTState()
 
     def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        positions = torch.arange(ids.shape[1], device=ids.device) + start  # start: an int or a (1,) tensor
         if self.config.positions == "learned":
             pos = self.position_embedding(positions)
         else:
@@ -215,16 +223,23 @@ class GPT(LanguageModel):
         if state.length + steps > context:
             return self._slide(ids, state)
         if state.caches is None:
-            d_head = self.config.d_model // self.config.n_heads
-            like = self.token_embedding.weight
-            state.caches = [
-                KVCache(batch, self.config.n_heads, context, d_head, like=like) for _ in self.blocks
-            ]
-        x = self._embed(ids, state.length)
-        for block, cache in zip(self.blocks, state.caches, strict=True):
-            x = block(x, cache)
+            state.caches = self._new_caches(batch, state)
+        if state.static:
+            h = self.static_tokens(ids, state)
+        else:
+            x = self._embed(ids, state.length)
+            for block, cache in zip(self.blocks, state.caches, strict=True):
+                x = block(x, cache)
+            h = self.final_norm(x)
         state.ids = ids if state.ids is None else torch.cat([state.ids, ids], dim=1)
-        return self.final_norm(x), state
+        return h, state
+
+    def _new_caches(self, batch: int, state: GPTState) -> list[KVCache] | list[StaticKVCache]:
+        heads, context = self.config.n_heads, self.config.context_length
+        if state.static:
+            return self.static_caches(batch, state, heads, context, self.config.d_model // heads)
+        like = self.token_embedding.weight
+        return [KVCache(batch, heads, context, self.config.d_model // heads, like=like) for _ in self.blocks]
 
     def _slide(self, ids: torch.Tensor, state: GPTState) -> tuple[torch.Tensor, GPTState]:
         """Drop the oldest tokens, rebuild the cache from the kept window, return features of `ids`."""
@@ -232,7 +247,11 @@ class GPT(LanguageModel):
         history = ids if state.ids is None else torch.cat([state.ids, ids], dim=1)
         keep = min(context, max(ids.shape[1], int(context * self.keep_fraction)))
         window = history[:, -keep:]
-        h, new_state = self.hidden(window, GPTState())
+        fresh = GPTState()
+        if state.static:  # the same buffers (and captured graphs), written again from slot 0
+            position = state.position.zero_() if state.position is not None else None
+            fresh = GPTState(caches=state.caches, static=True, compiled=state.compiled, position=position)
+        h, new_state = self.hidden(window, fresh)
         return h[:, -ids.shape[1] :], new_state
 
 

@@ -1,0 +1,181 @@
+"""kNN-LM interpolation: p = (1 - lambda) p_LM + lambda p_kNN (Khandelwal et al., ICLR 2020).
+
+p_kNN(w) is proportional to the sum of exp(-d / T) over the k stored neighbours of the current hidden
+state whose value is w (d: squared L2 distance). Everything is computed in log space: the neighbour
+scores are shifted by their maximum before exponentiating, and the mixture is a logaddexp.
+
+The mixture lives in an output head (`KnnHead`): it reads the same hidden state the model's own head
+reads, which is also the datastore's query. `KnnLM` is the model with that head, so evaluation
+(`lmzoo.evaluate.evaluate_lm`), scoring and generation (`lmzoo.generate`, one datastore query per
+generated token) run unchanged. lambda = 0 is the plain model's own head: the same loss, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmzoo.errors import ConfigError
+from lmzoo.models.base import LanguageModel
+from lmzoo.retrieval.knn import Datastore
+
+
+def check_knn_options(k: int, lmbda: float, temperature: float) -> None:
+    if k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
+    if not 0.0 <= lmbda <= 1.0:
+        raise ConfigError(f"--lmbda must be between 0 and 1, got {lmbda}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ConfigError(f"--temperature (kNN) must be > 0, got {temperature}")
+
+
+def neighbour_scores(distances: torch.Tensor, values: torch.Tensor, temperature: float) -> torch.Tensor:
+    """-d / T per neighbour, -inf where the index returned no neighbour (value -1)."""
+    scores = -distances.double() / temperature
+    return scores.masked_fill(values < 0, float("-inf"))
+
+
+def knn_logprobs(
+    distances: torch.Tensor, values: torch.Tensor, vocab: int, temperature: float
+) -> torch.Tensor:
+    """log p_kNN over the whole vocabulary, (N, V) float64, from (N, k) distances and values."""
+    scores = neighbour_scores(distances, values, temperature)
+    top = scores.max(-1, keepdim=True).values  # the nearest neighbour: weight exp(0) = 1
+    weights = (scores - top).exp()
+    mass = torch.zeros(len(scores), vocab, dtype=torch.float64).scatter_add_(1, values.clamp(min=0), weights)
+    return mass.log() - weights.sum(-1, keepdim=True).log()
+
+
+def knn_target_logprob(scores: torch.Tensor, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p_kNN(target) (N,) from neighbour scores (N, k): logsumexp over matching neighbours minus over all."""
+    matching = scores.masked_fill(values != targets[:, None], float("-inf"))
+    return torch.logsumexp(matching, -1) - torch.logsumexp(scores, -1)
+
+
+def mix(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """log((1 - lambda) p_LM + lambda p_kNN), in log space."""
+    if lmbda <= 0.0:
+        return lm_logp
+    if lmbda >= 1.0:
+        return knn_logp
+    return torch.logaddexp(lm_logp + math.log1p(-lmbda), knn_logp + math.log(lmbda))
+
+
+class KnnHead(nn.Module):
+    """The model's output head mixed with a datastore: `logits` gives interpolated log-probabilities."""
+
+    def __init__(
+        self, head: nn.Module, store: Datastore, *, k: int, lmbda: float, temperature: float
+    ) -> None:
+        super().__init__()
+        check_knn_options(k, lmbda, temperature)
+        store.check_k(k)
+        self.base = head
+        self.store, self.k, self.lmbda, self.temperature = store, k, lmbda, temperature
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Interpolated log-probabilities (..., V) (the base head's logits when lambda is 0)."""
+        lm = self.base.logits(h)
+        if self.lmbda == 0.0:
+            return lm
+        lm_logp = lm.float().log_softmax(-1).reshape(-1, lm.shape[-1])
+        distances, values = self.store.search(h, self.k)
+        knn = knn_logprobs(distances, values, lm.shape[-1], self.temperature).to(lm_logp.device)
+        return mix(lm_logp.double(), knn, self.lmbda).float().view(lm.shape)
+
+    def loss(
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """Mean interpolated NLL of `targets` (the base head's own loss when lambda is 0)."""
+        if self.lmbda == 0.0:
+            return self.base.loss(h, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if label_smoothing:
+            raise ConfigError("label smoothing is a training option; kNN-LM evaluates without it")
+        flat_t = targets.reshape(-1)
+        lm_logp = self.base.logits(h).float().log_softmax(-1).reshape(-1, self.base.vocab_size)
+        lm_t = lm_logp.gather(1, flat_t.clamp(min=0)[:, None]).squeeze(1).double()
+        distances, values = self.store.search(h, self.k)
+        scores = neighbour_scores(distances, values, self.temperature)
+        knn_t = knn_target_logprob(scores, values, flat_t.cpu()).to(lm_t.device)
+        nll = -mix(lm_t, knn_t, self.lmbda)
+        keep = flat_t != ignore_index
+        return (nll[keep].sum() / keep.sum().clamp(min=1)).float()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+
+class KnnLM(LanguageModel):
+    """A frozen language model whose output head is mixed with a datastore; the same LanguageModel
+    contract (forward(ids, state) -> (log-probs, state), hidden, head, init_state), so generation,
+    evaluation and scoring use it as they use any model."""
+
+    def __init__(
+        self, model: LanguageModel, store: Datastore, *, k: int, lmbda: float, temperature: float
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.head = KnnHead(model.head, store, k=k, lmbda=lmbda, temperature=temperature)
+        self.carries_state = model.carries_state
+
+    @property
+    def context_len(self) -> int | None:
+        return self.model.context_len
+
+    def init_state(self, batch_size: int) -> Any:
+        return self.model.init_state(batch_size)
+
+    def hidden(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        return self.model.hidden(ids, state)
+
+
+class KnnMixer:
+    """What a run mixed with a datastore (`Run.with_knn`) adds: the store of each checkpoint, k, lambda
+    and T. The run's evaluate, score and generate are its own verbs, so they behave exactly as for the
+    plain run (lambda = 0: the same numbers)."""
+
+    def __init__(self, run: Any, index_dir: str | Path, *, k: int, lmbda: float, temperature: float) -> None:
+        if run.kind != "lm":
+            raise ConfigError(f"{run.path} is a seq2seq run; kNN-LM works with language models")
+        check_knn_options(k, lmbda, temperature)
+        self.run, self.index_dir = run, Path(index_dir)
+        self.k, self.lmbda, self.temperature = k, lmbda, temperature
+        self._stores = {"best": Datastore.load(index_dir, run, "best")}  # refused now, not at the first token
+        self._stores["best"].check_k(k)
+        self._mixed: dict[tuple[str, int], nn.Module] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"KnnMixer(index={str(self.index_dir)!r}, k={self.k}, lmbda={self.lmbda}, T={self.temperature})"
+        )
+
+    def retune(self, lmbda: float, temperature: float) -> None:
+        """Change lambda and T (the store stays loaded; mixed models are rebuilt on next use)."""
+        check_knn_options(self.k, lmbda, temperature)
+        self.lmbda, self.temperature = lmbda, temperature
+        self._mixed.clear()
+
+    def store(self, checkpoint_tag: str = "best") -> Datastore:
+        if checkpoint_tag not in self._stores:
+            self._stores[checkpoint_tag] = Datastore.load(self.index_dir, self.run, checkpoint_tag)
+        return self._stores[checkpoint_tag]
+
+    def mixed(self, model: nn.Module, checkpoint_tag: str) -> nn.Module:
+        """`model` (the plain run's, for this checkpoint) with its output mixed with the datastore."""
+        key = (checkpoint_tag, id(model))
+        if key not in self._mixed:
+            store = self.store(checkpoint_tag)
+            self._mixed[key] = KnnLM(
+                model, store, k=self.k, lmbda=self.lmbda, temperature=self.temperature
+            ).eval()
+        return self._mixed[key]

@@ -1,0 +1,280 @@
+"""kNN-LM datastores: the model's hidden state at every position of a text (key) -> the next token (value).
+
+    DIR/
+      manifest.json   the run it belongs to (and a sha256 of that checkpoint's weights), the index kind
+                      and its parameters, the data, the size and the build time
+      keys.npy        (N, C) float16: what the output layer reads at each position (`model.hidden`)
+      values.npy      (N,) int32: the token that followed
+      index.faiss     IVF stores only; a flat (exact) store is rebuilt from keys.npy when loaded
+
+The text is read the way `lmzoo eval` reads it (windows of the run's seq_len, recurrent models carrying
+their state, the run's precision), so a store's keys are the very states an evaluation queries with.
+Small stores get an exact flat index (IndexFlatL2); large ones an inverted-file index over the same
+float16 keys (IndexIVFScalarQuantizer with QT_fp16: IndexIVFFlat's results at half its size; about
+sqrt(N) lists, `nprobe` of them searched per query). Distances are squared L2, as in Khandelwal et al.
+A store is written into a temp directory and renamed into place: it exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmzoo.errors import CheckpointError, ConfigError, DataError
+from lmzoo.retrieval import MISSING
+from lmzoo.retrieval.staging import staged_directory
+
+try:
+    import faiss
+    import numpy as np
+except ImportError as err:  # without the `retrieval` extra: one line, not a traceback
+    raise ConfigError(MISSING.format(err.name)) from None
+
+FORMAT = "lmzoo-knn-datastore"
+MANIFEST, KEYS, VALUES, INDEX = "manifest.json", "keys.npy", "values.npy", "index.faiss"
+FLAT_LIMIT = 131_072  # stores up to this many keys are searched exactly
+DEFAULT_NPROBE = 32
+TRAIN_PER_LIST = 64  # IVF k-means trains on this many sampled keys per list
+ADD_CHUNK = 65_536
+
+
+def weights_sha256(run: Any, checkpoint_tag: str = "best") -> str:
+    """sha256 over the weight files of one checkpoint of `run` (full weights and/or adapter tensors)."""
+    from lmzoo import checkpoint
+
+    ckpt = run.checkpoint(checkpoint_tag)
+    digest = hashlib.sha256()
+    for name in (checkpoint.WEIGHTS, checkpoint.ADAPTER):
+        if (ckpt / name).is_file():
+            with open(ckpt / name, "rb") as handle:
+                for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def choose_index(size: int, kind: str = "auto") -> dict[str, Any]:
+    """The index for a store of `size` keys: flat (exact) up to FLAT_LIMIT, else IVF with ~sqrt(N) lists."""
+    if kind not in ("auto", "flat", "ivf"):
+        raise ConfigError(f"--index must be auto, flat or ivf, got {kind!r}")
+    if kind == "flat" or (kind == "auto" and size <= FLAT_LIMIT):
+        return {"kind": "flat"}
+    nlist = max(1, min(2 ** round(math.log2(math.sqrt(size))), size // TRAIN_PER_LIST))
+    return {
+        "kind": "ivf_fp16",
+        "nlist": nlist,
+        "nprobe": min(DEFAULT_NPROBE, nlist),
+        "train_size": min(size, nlist * TRAIN_PER_LIST),
+    }
+
+
+# ---- building -----------------------------------------------------------------------------------
+
+
+def read_texts(files: list[str | Path]) -> str:
+    """The files' text, one after another (each ending in a newline), as `lmzoo train` joins them."""
+    from lmzoo.data import read_text_file
+
+    if not files:
+        raise DataError("give at least one --data FILE")
+    parts = [read_text_file(f) for f in files]
+    return "".join(p if p.endswith("\n") else p + "\n" for p in parts)
+
+
+def encode_keys(
+    run: Any,
+    text: str,
+    keys_path: Path,
+    *,
+    checkpoint_tag: str,
+    device: torch.device,
+    batch_size: int | None,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Run the model once over `text`; write keys (float16, memory-mapped) to `keys_path`; return
+    (keys, values, precision). Windows and carried state as in `lmzoo eval`."""
+    from tqdm import tqdm
+
+    from lmzoo.data import encode_stream, eval_windows
+    from lmzoo.device import autocast, pick_precision
+
+    cfg = run.config
+    stream = encode_stream(run.tokenizer, text)
+    batch = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
+    windows = list(eval_windows(stream, batch, cfg.seq_len))
+    total = sum(x.numel() for x, _ in windows)
+    model = run.model(checkpoint_tag, device)
+    precision = pick_precision(device, cfg.train.precision)
+    values = np.empty(total, dtype=np.int32)
+    keys: np.ndarray | None = None
+    state, at = None, 0
+    with torch.inference_mode(), autocast(device, precision):
+        for x, y in tqdm(windows, desc="encoding", unit="window", disable=not progress, leave=False):
+            h, state = model.hidden(x.to(device), state if model.carries_state else None)
+            flat = h.reshape(-1, h.shape[-1]).float().cpu().numpy()
+            if keys is None:
+                keys = np.lib.format.open_memmap(
+                    keys_path, mode="w+", dtype=np.float16, shape=(total, flat.shape[1])
+                )
+            keys[at : at + len(flat)] = flat
+            values[at : at + len(flat)] = y.reshape(-1).numpy()
+            at += len(flat)
+    assert keys is not None and at == total
+    keys.flush()
+    return keys, values, precision
+
+
+def build_faiss(keys: np.ndarray, spec: dict[str, Any], seed: int = 0) -> Any:
+    """A FAISS index over `keys` (float16, (N, C)) as `spec` says; IVF lists trained on a seeded sample."""
+    dim = keys.shape[1]
+    if spec["kind"] == "flat":
+        index = faiss.IndexFlatL2(dim)
+    else:
+        fp16 = faiss.ScalarQuantizer.QT_fp16  # the keys are float16: stored as they are, half IVFFlat's size
+        index = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatL2(dim), dim, spec["nlist"], fp16, faiss.METRIC_L2
+        )
+        sample = np.random.default_rng(seed).choice(len(keys), spec["train_size"], replace=False)
+        index.train(np.ascontiguousarray(keys[np.sort(sample)], dtype=np.float32))
+        index.nprobe = spec["nprobe"]
+    for start in range(0, len(keys), ADD_CHUNK):
+        index.add(np.ascontiguousarray(keys[start : start + ADD_CHUNK], dtype=np.float32))
+    return index
+
+
+def build_datastore(
+    run: Any,
+    files: list[str | Path],
+    out: str | Path,
+    *,
+    checkpoint_tag: str = "best",
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    index: str = "auto",
+    shuffle_values: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build a datastore for `run` over `files` into `out` (refused if it exists); return its manifest.
+
+    `shuffle_values` permutes the values (a control store: right keys, wrong tokens, should not help).
+    """
+    if run.kind != "lm":
+        raise ConfigError(f"{run.path} is a seq2seq run; kNN-LM datastores are for language models")
+    text = read_texts(files)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with staged_directory(Path(out)) as tmp:
+        keys, values, precision = encode_keys(
+            run, text, tmp / KEYS, checkpoint_tag=checkpoint_tag, device=torch.device(device),
+            batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+        encoded = time.perf_counter()
+        if shuffle_values:
+            values = np.random.default_rng(0).permutation(values)
+        np.save(tmp / VALUES, values)
+        spec = choose_index(len(values), index)
+        if spec["kind"] != "flat":
+            faiss.write_index(build_faiss(keys, spec), str(tmp / INDEX))
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "run": str(Path(run.path).resolve()),
+            "checkpoint": checkpoint_tag,
+            "weights_sha256": weights_sha256(run, checkpoint_tag),
+            "model": run.config.model.name,
+            "data": [str(f) for f in files],
+            "size": len(values),
+            "dim": int(keys.shape[1]),
+            "key_dtype": "float16",
+            "distance": "squared_l2",
+            "precision": precision,
+            "shuffled_values": shuffle_values,
+            "index": spec,
+            "encode_seconds": round(encoded - started, 2),
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "build_cpu_seconds": round(time.process_time() - cpu_started, 2),  # all threads; robust to load
+            "bytes": sum(p.stat().st_size for p in tmp.iterdir()),
+        }
+        del keys
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+# ---- loading and searching ----------------------------------------------------------------------
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{directory} is not a kNN datastore (no {MANIFEST}); build one with lmzoo index"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an lmzoo kNN datastore manifest")
+    return manifest
+
+
+@dataclass
+class Datastore:
+    """A loaded store: FAISS index, values, manifest. `search` returns squared-L2 distances and values."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    index: Any
+    values: torch.Tensor  # (N,) long
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest["size"])
+
+    @classmethod
+    def load(cls, directory: str | Path, run: Any, checkpoint_tag: str = "best") -> Datastore:
+        """Open a store for `run`; one built for another model (weights hash differs) is refused."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        if manifest["weights_sha256"] != weights_sha256(run, checkpoint_tag):
+            raise CheckpointError(
+                f"{directory} was built for another model ({manifest['run']}, {manifest['checkpoint']} "
+                f"checkpoint), not {run.path} ({checkpoint_tag}); build one: lmzoo index --run {run.path} ..."
+            )
+        try:
+            keys = np.load(directory / KEYS, mmap_mode="r")
+            values = torch.from_numpy(np.load(directory / VALUES).astype(np.int64))
+            if manifest["index"]["kind"] == "flat":
+                index = build_faiss(keys, manifest["index"])
+            else:
+                index = faiss.read_index(str(directory / INDEX))
+                index.nprobe = manifest["index"]["nprobe"]
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{directory}: damaged datastore ({str(err).splitlines()[0]})") from None
+        if index.ntotal != len(values) or len(values) != manifest["size"]:
+            raise CheckpointError(f"{directory}: damaged datastore (index, values and manifest sizes differ)")
+        return cls(directory, manifest, index, values)
+
+    def check_k(self, k: int) -> None:
+        if not 1 <= k <= self.size:
+            raise ConfigError(
+                f"--k {k}: must be between 1 and the store's size ({self.size:,} keys in {self.directory})"
+            )
+
+    def search(self, queries: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances (N, k) float32, values (N, k) long, -1 where the index found fewer than k)."""
+        flat = queries.reshape(-1, queries.shape[-1]).detach().float().cpu().numpy()
+        dists, ids = [], []
+        for start in range(0, len(flat), chunk):
+            d, i = self.index.search(np.ascontiguousarray(flat[start : start + chunk]), k)
+            dists.append(torch.from_numpy(d))
+            ids.append(torch.from_numpy(i))
+        found = torch.cat(ids) if ids else torch.empty(0, k, dtype=torch.long)
+        distances = torch.cat(dists) if dists else torch.empty(0, k)
+        values = torch.where(found >= 0, self.values[found.clamp(min=0)], torch.full_like(found, -1))
+        return distances, values

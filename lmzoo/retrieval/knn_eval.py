@@ -1,0 +1,173 @@
+"""Held-out loss with a kNN-LM datastore, and tuning lambda and T on one half of the text.
+
+`evaluate_knn` is what `lmzoo eval --knn` prints: the plain model's loss and the mixed model's loss on
+the same text, both through `lmzoo.evaluate.evaluate_lm` (the mixed model is `KnnLM`, so every number
+is read the way `lmzoo eval` reads it). With `tune`, lambda and T are chosen on the first half of the
+lines (a grid over the neighbours collected once) and both losses are reported on the second half.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmzoo.errors import DataError
+from lmzoo.retrieval.interpolate import knn_target_logprob, mix
+from lmzoo.run import Run
+
+LAMBDAS = tuple(round(0.05 * i, 2) for i in range(20)) + (0.975, 0.99)  # 0 keeps tuning from ever hurting
+TEMPERATURE_STEPS = tuple(2.0**i for i in range(-4, 5))  # times the median nearest-neighbour distance
+
+
+def evaluate_text(
+    run: Any, text: str, *, checkpoint_tag: str = "best", device: torch.device
+) -> dict[str, float]:
+    """Loss of `run`'s model on `text` exactly as `lmzoo eval --data` computes it, with tokens/s."""
+    from lmzoo.data import encode_stream
+    from lmzoo.device import pick_precision
+    from lmzoo.evaluate import evaluate_lm
+
+    cfg = run.config
+    started = time.perf_counter()
+    metrics = evaluate_lm(
+        run.model(checkpoint_tag, device),
+        encode_stream(run.tokenizer, text),
+        batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+        seq_len=cfg.seq_len,
+        device=device,
+        precision=pick_precision(device, cfg.train.precision),
+    )
+    metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - started, 1e-9)
+    return metrics
+
+
+def collect(
+    run: Run, text: str, *, checkpoint_tag: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over `text`: (LM log-prob of each target (N,), neighbour distances (N, k), neighbour
+    carries the target (N, k) bool), read in `lmzoo eval`'s windows."""
+    from lmzoo.data import encode_stream, eval_windows
+    from lmzoo.device import autocast, pick_precision
+
+    cfg, model, store = run.config, run.knn.run.model(checkpoint_tag, device), run.knn.store(checkpoint_tag)
+    precision = pick_precision(device, cfg.train.precision)
+    stream = encode_stream(run.tokenizer, text)
+    lm, dists, match, state = [], [], [], None
+    with torch.inference_mode(), autocast(device, precision):
+        for x, y in eval_windows(stream, cfg.data.eval_batch_size or cfg.data.batch_size, cfg.seq_len):
+            h, state = model.hidden(x.to(device), state if model.carries_state else None)
+            targets = y.reshape(-1)
+            logp = model.head.logits(h).float().log_softmax(-1).reshape(len(targets), -1).cpu()
+            lm.append(logp.gather(1, targets[:, None]).squeeze(1).double())
+            d, values = store.search(h, run.knn.k)
+            dists.append(d.masked_fill(values < 0, float("inf")))  # no neighbour: weight 0
+            match.append(values == targets[:, None])
+    return torch.cat(lm), torch.cat(dists), torch.cat(match)
+
+
+def mixed_loss(
+    lm: torch.Tensor, dists: torch.Tensor, match: torch.Tensor, lmbdas: tuple[float, ...], temperature: float
+) -> torch.Tensor:
+    """Mean interpolated NLL for each lambda at one temperature, from collected neighbours (chunked rows)."""
+    totals = torch.zeros(len(lmbdas), dtype=torch.float64)
+    for start in range(0, len(lm), 8192):
+        rows = slice(start, start + 8192)
+        scores = -dists[rows].double() / temperature
+        values = torch.where(match[rows], 1, 0)  # carries the target: value 1, else 0
+        knn = knn_target_logprob(scores, values, torch.ones(len(values), dtype=torch.long))
+        for i, lmbda in enumerate(lmbdas):
+            totals[i] -= mix(lm[rows], knn, lmbda).sum()
+    return totals / max(len(lm), 1)
+
+
+def tune(lm: torch.Tensor, dists: torch.Tensor, match: torch.Tensor) -> tuple[float, float, float]:
+    """(lambda, T, loss) with the lowest mean loss over LAMBDAS x (median nearest distance x TEMPERATURE_STEPS)."""
+    scale = float(dists[:, 0].double().median().clamp(min=1e-6))
+    best = (0.0, 1.0, float("inf"))
+    for step in TEMPERATURE_STEPS:
+        temperature = float(f"{scale * step:.3g}")
+        losses = mixed_loss(lm, dists, match, LAMBDAS, temperature)
+        i = int(losses.argmin())
+        if float(losses[i]) < best[2]:
+            best = (LAMBDAS[i], temperature, float(losses[i]))
+    return best
+
+
+def halves(text: str) -> tuple[str, str]:
+    lines = text.splitlines(keepends=True)
+    if len(lines) < 2:
+        raise DataError("--tune splits the text in two halves by lines; it has fewer than 2 lines")
+    ends = list(itertools.accumulate(len(line) for line in lines))
+    middle = min(
+        range(1, len(lines)), key=lambda i: abs(ends[i - 1] - ends[-1] / 2)
+    )  # the line end nearest half
+    return "".join(lines[:middle]), "".join(lines[middle:])
+
+
+def evaluate_knn(
+    run: Any,
+    index_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    split: str = "val",
+    k: int = 1024,
+    lmbda: float = 0.25,
+    temperature: float = 1.0,
+    tune_options: bool = False,
+    checkpoint_tag: str = "best",
+    device: torch.device,
+) -> dict[str, Any]:
+    """Plain and kNN-mixed loss on held-out text; with `tune_options`, lambda and T are tuned on the
+    first half of the lines and both losses are reported on the second half."""
+    from lmzoo.data import read_splits, read_text_file
+    from lmzoo.errors import ConfigError
+
+    if split not in ("val", "test"):
+        raise ConfigError(f"--split must be val or test, got {split!r}")
+    text = read_text_file(data) if data is not None else getattr(read_splits(run.config.data), split)
+    mixed = run.with_knn(index_dir, k=k, lmbda=lmbda, temperature=temperature)
+    report: dict[str, Any] = {
+        "k": k,
+        "store_size": mixed.knn.store(checkpoint_tag).size,
+        "tuned": tune_options,
+    }
+    if tune_options:
+        first, text = halves(text)
+        lm, dists, match = collect(mixed, first, checkpoint_tag=checkpoint_tag, device=device)
+        lmbda, temperature, tune_loss = tune(lm, dists, match)
+        mixed.knn.retune(lmbda, temperature)
+        report.update(tune_tokens=len(lm), tune_loss_base=float(-lm.mean()), tune_loss_knn=tune_loss)
+    base = evaluate_text(run, text, checkpoint_tag=checkpoint_tag, device=device)
+    knn = evaluate_text(mixed, text, checkpoint_tag=checkpoint_tag, device=device)
+    report.update(
+        lmbda=lmbda,
+        temperature=temperature,
+        tokens=int(base["tokens"]),
+        loss_base=base["loss"],
+        loss_knn=knn["loss"],
+        tokens_per_s_base=base["tokens_per_s"],
+        tokens_per_s_knn=knn["tokens_per_s"],
+    )
+    return report
+
+
+def describe(report: dict[str, Any]) -> list[str]:
+    """The lines `lmzoo eval --knn` prints."""
+    lines = []
+    if report["tuned"]:
+        lines.append(
+            f"tuned on the first half ({report['tune_tokens']:,} tokens): lambda {report['lmbda']}, "
+            f"T {report['temperature']:g} (loss {report['tune_loss_base']:.4f} -> {report['tune_loss_knn']:.4f})"
+        )
+    where = "the second half" if report["tuned"] else "the text"
+    lines.append(
+        f"on {where} ({report['tokens']:,} tokens): loss {report['loss_base']:.4f} -> {report['loss_knn']:.4f} "
+        f"with kNN (k {report['k']}, lambda {report['lmbda']}, T {report['temperature']:g}, "
+        f"store {report['store_size']:,} keys); {report['tokens_per_s_knn']:,.0f} tokens/s "
+        f"(plain {report['tokens_per_s_base']:,.0f})"
+    )
+    return lines

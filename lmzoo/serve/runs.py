@@ -1,0 +1,272 @@
+"""The runs a server may load: safe name lookup under --runs, a small LRU of loaded runs, one lock each.
+
+A request names a run only by its directory name under the runs folder. A name that is a path, holds
+`..` or starts with a dot is refused; so is a run whose directory, or any symlink inside it, or the
+base run of a fine-tune, resolves outside the runs folder. Weights are safetensors and the config is
+YAML, so nothing a request reaches is unpickled or executed.
+
+Work on a run happens in a worker thread that holds the run's lock for the whole request, so two
+requests never share a decoding state, and the event loop stays free. Every step of the work checks
+a `Budget`: the client went away, the timeout passed, or the server is shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lmzoo.errors import CheckpointError, LmzooError
+from lmzoo.serve.errors import APIError, Cancelled, bad_request, not_found, shutting_down, timed_out
+from lmzoo.serve.limits import Limits
+
+T = TypeVar("T")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+
+
+class Shutdown:
+    """Set when the server is asked to stop: in-flight work gets a grace period, then is cut."""
+
+    def __init__(self) -> None:
+        self.stop_at: float | None = None
+
+    def begin(self, grace_s: float) -> None:
+        if self.stop_at is None:
+            self.stop_at = time.monotonic() + grace_s
+
+    def due(self) -> bool:
+        return self.stop_at is not None and time.monotonic() >= self.stop_at
+
+
+class Budget:
+    """One request's allowance: its deadline, whether its client is gone, whether the server stops."""
+
+    def __init__(self, seconds: float, shutdown: Shutdown) -> None:
+        self.seconds, self.deadline = seconds, time.monotonic() + seconds
+        self.cancelled = threading.Event()
+        self._shutdown = shutdown
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def check(self) -> None:
+        """Raise if the work should stop now (called between decoding steps)."""
+        if self.cancelled.is_set():
+            raise Cancelled()
+        if self._shutdown.due():
+            raise shutting_down()
+        if self.remaining() <= 0:
+            raise timed_out(self.seconds)
+
+
+class FairLock:
+    """A lock taken in arrival order. (threading.Lock promises no order; under load it lets new requests
+    overtake waiting ones, and the unlucky ones wait many times the mean.) `check` runs while waiting,
+    so a request that times out or is abandoned leaves the queue."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._waiting: deque[object] = deque()
+        self._held = False
+
+    def acquire(self, check: Callable[[], None]) -> None:
+        ticket = object()
+        with self._condition:
+            self._waiting.append(ticket)
+            try:
+                while self._held or self._waiting[0] is not ticket:
+                    self._condition.wait(timeout=0.1)
+                    check()
+            except BaseException:
+                self._waiting.remove(ticket)
+                self._condition.notify_all()
+                raise
+            self._waiting.popleft()
+            self._held = True
+
+    def release(self) -> None:
+        with self._condition:
+            self._held = False
+            self._condition.notify_all()
+
+
+@dataclass
+class Entry:
+    """A run directory at one checkpoint time: its lock, and the Run once opened (models cache inside)."""
+
+    path: Path
+    stamp: float
+    lock: FairLock = field(default_factory=FairLock)
+    run: Any = None
+
+
+class RunRegistry:
+    """Finds runs under `root`, keeps the `cache_size` most recently used loaded, and runs work on them."""
+
+    def __init__(
+        self, root: str | Path, *, limits: Limits, cache_size: int = 2, device: str = "auto"
+    ) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise CheckpointError(f"--runs {root}: no such directory")
+        self.limits, self.cache_size, self.device = limits, max(1, cache_size), device
+        self.shutdown = Shutdown()
+        self._cache: OrderedDict[str, Entry] = OrderedDict()
+        self._guard = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="lmzoo-serve")
+
+    # ---- finding runs ----
+
+    def names(self) -> list[str]:
+        """The runs a request may name: directories under the root that pass `locate` and have a checkpoint."""
+        found = []
+        for child in sorted(self.root.iterdir()):
+            try:
+                self.locate(child.name)
+            except APIError:
+                continue
+            found.append(child.name)
+        return found
+
+    def locate(self, name: object) -> Path:
+        """The resolved directory of run `name`, or a 400 (not a plain name) / 404 (no such run here)."""
+        from lmzoo.checkpoint import has_checkpoint
+
+        if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+            raise bad_request(
+                f"model {str(name)[:100]!r} is not a run name: name a run under the runs folder, "
+                "not a path (GET /v1/models lists them)",
+                param="model",
+                code="invalid_model_name",
+            )
+        unknown = not_found(f"the model {name!r} does not exist here (GET /v1/models lists the runs)")
+        try:
+            real = (self.root / name).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise unknown from None
+        if real.parent != self.root or not real.is_dir() or self._escapes(real):
+            raise unknown
+        if not has_checkpoint(real):
+            raise not_found(f"the run {name!r} has no checkpoint yet")
+        return real
+
+    def _escapes(self, directory: Path) -> bool:
+        """Whether any symlink inside `directory` leads outside the runs folder."""
+        for top, dirs, files in os.walk(directory, followlinks=False):
+            for entry in dirs + files:
+                path = Path(top) / entry
+                if path.is_symlink() and not path.resolve().is_relative_to(self.root):
+                    return True
+        return False
+
+    def _entry(self, name: str) -> Entry:
+        from lmzoo.checkpoint import checkpoint_time
+
+        path = self.locate(name)
+        try:
+            stamp = checkpoint_time(path)
+        except OSError:
+            raise not_found(f"the run {name!r} was removed") from None
+        with self._guard:
+            entry = self._cache.get(str(path))
+            if entry is None or entry.stamp != stamp:  # new, or retrained since: load afresh
+                entry = self._cache[str(path)] = Entry(path, stamp)
+            self._cache.move_to_end(str(path))
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)  # a request still using it keeps its own reference
+            return entry
+
+    def open(self, name: str) -> Any:
+        """The `Run` for `name` (configs and metadata only; no lock needed, no model loaded)."""
+        from lmzoo.run import Run
+
+        path = self.locate(name)
+        try:
+            return Run.open(path)
+        except (LmzooError, OSError) as err:
+            raise self._unusable(name, path, err) from None
+
+    # ---- running work ----
+
+    def budget(self) -> Budget:
+        return Budget(self.limits.timeout_s, self.shutdown)
+
+    async def call(self, name: str, work: Callable[[Any, Budget], T], budget: Budget) -> T:
+        """`work(run, budget)` in a worker thread holding run `name`'s lock; its errors as APIError."""
+        entry = self._entry(name)
+        future = self._executor.submit(self._locked, name, entry, work, budget)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            budget.cancel()  # the worker stops at its next step and releases the lock
+            raise
+
+    def _locked(self, name: str, entry: Entry, work: Callable[[Any, Budget], T], budget: Budget) -> T:
+        entry.lock.acquire(budget.check)
+        try:
+            budget.check()
+            if entry.run is None:
+                entry.run = self._load(name, entry.path)
+            return work(entry.run, budget)
+        except (APIError, Cancelled):
+            raise
+        except LmzooError as err:
+            raise self._unusable(name, entry.path, err) from None
+        except OSError as err:
+            raise self._unusable(name, entry.path, err) from None
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            raise APIError(500, f"internal error while serving {name!r} (logged by the server)") from None
+        finally:
+            entry.lock.release()
+
+    def _load(self, name: str, path: Path) -> Any:
+        from lmzoo.run import Run
+
+        try:
+            run = Run.open(path)
+            if run.config.init_from and not self._bases_inside(path, run.config.init_from):
+                raise not_found(
+                    f"the run {name!r} is a fine-tune of a run outside the runs folder; not served"
+                )
+            run.base_dir  # noqa: B018  (a fine-tune's base must be there, and be the one it was tuned from)
+        except (LmzooError, OSError) as err:
+            raise self._unusable(name, path, CheckpointError(str(err))) from None
+        return run
+
+    def _bases_inside(self, path: Path, init_from: str) -> bool:
+        """Whether every place Run looks for a fine-tune's base run (base.json's relative path, the config's
+        init_from) is under the runs folder, checked before Run reads (and hashes) anything there."""
+        from lmzoo.checkpoint import read_json
+        from lmzoo.run import BASE_FILE
+
+        recorded = read_json(path / BASE_FILE).get("path")
+        candidates = [Path(init_from)] + ([path / str(recorded)] if recorded else [])
+        return all(
+            c.resolve().is_relative_to(self.root) and not self._escapes(c.resolve())
+            for c in candidates
+            if c.exists()
+        )
+
+    def _unusable(self, name: str, path: Path, err: Exception) -> APIError:
+        if not path.exists():
+            return not_found(f"the run {name!r} was removed")
+        if isinstance(err, LmzooError) and not isinstance(err, CheckpointError):
+            return bad_request(str(err))
+        return APIError(500, f"the run {name!r} cannot be loaded: {err}", code="run_unusable")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

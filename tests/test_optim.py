@@ -1,0 +1,208 @@
+"""The optimisation step: gradient accumulation, DDP/FSDP gradient sync, the optimisers, weight decay on
+matrices only, and gradient clipping, each against a hand computation (lmzoo.optim)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+from conftest import tiny_model_section
+
+from lmzoo.config import TrainConfig
+from lmzoo.models import build_model
+from lmzoo.objectives import LMBatch, LMObjective
+from lmzoo.optim import TrainStep, make_optimizer
+from lmzoo.train import setup_training
+
+CPU = torch.device("cpu")
+VOCAB = 17
+
+
+# ---- gradient accumulation, DDP and FSDP gradient sync ------------------------------------------------
+
+
+class FixedBatches:
+    """A batch source that plays a given list of batches in a loop."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.position = batches, 0
+
+    def next(self):
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def tiny_gpt(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(tiny_model_section("gpt"), VOCAB)
+
+
+def stepper_for(model, batches: list, forward=None, **train) -> TrainStep:
+    cfg = TrainConfig(**{"optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0, "grad_clip": None, **train})
+    optimizer = make_optimizer(model, cfg, CPU)
+    return TrainStep(
+        model, optimizer, FixedBatches(batches), LMObjective(carry=False), cfg, CPU, "fp32", forward
+    )
+
+
+def test_grad_accum_equals_one_large_batch():
+    base = tiny_gpt()
+    ids = torch.randint(4, VOCAB, (8, 10), generator=torch.Generator().manual_seed(1))
+    halves = [LMBatch(ids[:4, :-1], ids[:4, 1:]), LMBatch(ids[4:, :-1], ids[4:, 1:])]
+    accumulated, large = copy.deepcopy(base), copy.deepcopy(base)
+    two = stepper_for(accumulated, halves, grad_accum=2)(0.5)
+    one = stepper_for(large, [LMBatch(ids[:, :-1], ids[:, 1:])])(0.5)
+    assert two.tokens == one.tokens == 72 and float(two.loss) == pytest.approx(float(one.loss), abs=1e-6)
+    assert float(two.grad_norm) == pytest.approx(float(one.grad_norm), rel=1e-5)
+    for (name, a), b in zip(accumulated.named_parameters(), large.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert any(
+        not torch.equal(a, s) for a, s in zip(accumulated.parameters(), base.parameters(), strict=True)
+    )
+
+
+class FakeWrapper:
+    """Stands in for a distributed wrapper of the model: records each forward."""
+
+    def __init__(self, model, events: list) -> None:
+        self.model, self.events = model, events
+
+    def __call__(self, *args, **kwargs):
+        self.events.append("forward")
+        return self.model(*args, **kwargs)
+
+
+class FakeDDP(FakeWrapper):
+    """DistributedDataParallel: `no_sync()` skips the gradient all-reduce while it is open."""
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.events.append("no_sync on")
+        yield
+        self.events.append("no_sync off")
+
+
+class FakeFSDP(FakeWrapper):
+    """An FSDP2 (fully_shard) module: gradient sync is a flag."""
+
+    def set_requires_gradient_sync(self, flag: bool) -> None:
+        self.events.append(f"sync {flag}")
+
+
+@pytest.mark.parametrize("wrapper", [FakeDDP, FakeFSDP])
+def test_gradient_sync_is_skipped_on_all_but_the_last_micro_batch(wrapper):
+    model, events = tiny_gpt(), []
+    model.token_embedding.weight.register_hook(lambda grad: events.append("backward"))
+    ids = torch.randint(4, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    stepper = stepper_for(
+        model, [LMBatch(ids[:, :-1], ids[:, 1:])], forward=wrapper(model, events), grad_accum=3
+    )
+    stepper(0.1)
+    off, on = ("no_sync on", "no_sync off") if wrapper is FakeDDP else ("sync False", "sync True")
+    micro = [off, "forward", "backward", on]
+    assert events == micro + micro + ["forward", "backward"]  # the last backward all-reduces
+
+
+# ---- optimisers, weight decay, gradient clipping ------------------------------------------------------
+
+
+def small_module():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+
+
+def with_gradients(model, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    grads = {}
+    for name, param in model.named_parameters():
+        grads[name] = torch.randn(param.shape, generator=generator)
+        param.grad = grads[name].clone()
+    return grads
+
+
+def test_sgd_with_momentum_and_weight_decay_on_matrices():
+    model, wd, lr, momentum = small_module(), 0.5, 0.1, 0.9
+    optimizer = make_optimizer(
+        model, TrainConfig(optimizer="sgd", lr=lr, momentum=momentum, weight_decay=wd), CPU
+    )
+    assert type(optimizer) is torch.optim.SGD
+    p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g1 = with_gradients(model, 1)
+    optimizer.step()
+    p1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g2 = with_gradients(model, 2)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        decay = wd if param.dim() >= 2 else 0.0
+        buffer = g1[name] + decay * p0[name]
+        assert torch.allclose(p1[name], p0[name] - lr * buffer, atol=1e-6), name
+        buffer = momentum * buffer + g2[name] + decay * p1[name]
+        assert torch.allclose(param, p1[name] - lr * buffer, atol=1e-6), name
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_couples_weight_decay_to_the_gradient_and_adamw_decouples_it(name):
+    model, wd, lr, eps = small_module(), 0.5, 0.1, 1e-8
+    cfg = TrainConfig(optimizer=name, lr=lr, weight_decay=wd, betas=(0.9, 0.99), eps=eps)
+    optimizer = make_optimizer(model, cfg, CPU)
+    assert type(optimizer) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = with_gradients(model, 3)
+    optimizer.step()
+    for pname, param in model.named_parameters():  # first step: m_hat = g, v_hat = g^2
+        decay, g, p = (wd if param.dim() >= 2 else 0.0), grads[pname], p0[pname]
+        if name == "adam":
+            expected = p - lr * (g + decay * p) / ((g + decay * p).abs() + eps)
+        else:
+            expected = p * (1 - lr * decay) - lr * g / (g.abs() + eps)
+        assert torch.allclose(param, expected, atol=1e-6), pname
+
+
+def test_weight_decay_applies_to_matrices_only(make_config):
+    model = setup_training(make_config({"model": {"num_layers": 2}})).model  # embedding, LSTM, output layer
+    lr, wd = 0.1, 0.3
+    optimizer = make_optimizer(model, TrainConfig(lr=lr, weight_decay=wd), CPU)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)  # no gradient: only the decay moves a weight
+    optimizer.step()
+    kinds = set()
+    for name, param in model.named_parameters():
+        kinds.add(param.dim())
+        factor = 1 - lr * wd if param.dim() >= 2 else 1.0
+        assert torch.allclose(param, before[name] * factor, atol=1e-7), name
+    assert kinds == {1, 2}
+
+
+def test_grad_clip_scales_the_gradient_down_to_the_limit():
+    ids = torch.randint(4, VOCAB, (4, 9), generator=torch.Generator().manual_seed(4))
+    batch = LMBatch(ids[:, :-1], ids[:, 1:])
+    reference = tiny_gpt()
+    loss, _ = reference(batch.inputs, targets=batch.targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+    for limit in (0.05, None):
+        model = tiny_gpt()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        result = stepper_for(model, [batch], grad_clip=limit, momentum=0.0)(1.0)  # SGD, lr 1: update = -grad
+        applied = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+        scale = 1.0 if limit is None else limit / norm
+        assert float(result.grad_norm) == pytest.approx(norm, rel=1e-5) and norm > 0.05
+        applied_norm = math.sqrt(sum(float(a.pow(2).sum()) for a in applied.values()))
+        assert applied_norm == pytest.approx(norm * scale, rel=1e-4)
+        for name, delta in applied.items():
+            assert torch.allclose(delta, grads[name] * scale, atol=1e-6), name

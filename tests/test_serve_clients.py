@@ -1,0 +1,294 @@
+"""Real clients, not our own: the official `openai` client against uvicorn on 127.0.0.1, the `mcp` SDK's
+client in memory, over streamable HTTP and launching `lmzoo serve --mcp-stdio`; faults: a client that
+leaves mid-stream, SIGTERM during a stream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("uvicorn")
+pytest.importorskip("mcp")
+openai = pytest.importorskip("openai")
+
+import anyio  # noqa: E402
+import httpx2  # noqa: E402
+from serve_runs import serve_root  # noqa: E402
+
+from lmzoo.run import Run  # noqa: E402
+from lmzoo.serve import Limits, create_app  # noqa: E402
+
+KEY = "test-key"
+TEXT = "the cat sat on the mat."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return serve_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(root) -> Iterator[str]:
+    """uvicorn in a thread on a free loopback port, with an API key; yields the base URL."""
+    import uvicorn
+
+    limits = Limits(timeout_s=30, max_tokens=100_000)
+    app = create_app(root / "runs", api_key=KEY, device="cpu", limits=limits)
+    port = free_port()
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=15)
+
+
+@pytest.fixture
+def client(server):
+    with openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60) as api:
+        yield api
+
+
+def test_openai_client_lists_models_and_completes(client, root):
+    assert sorted(m.id for m in client.models.list()) == ["gpt", "lstm", "translate"]
+    expected = "".join(
+        Run.open(root / "runs" / "gpt").generate("the ", greedy=True, max_new_tokens=10, device="cpu")
+    )
+    result = client.completions.create(model="gpt", prompt="the ", max_tokens=10, temperature=0)
+    assert result.choices[0].text == expected and result.usage.completion_tokens == 10
+
+
+def test_openai_client_echo_logprobs_match_lmzoo_score(client, root):
+    result = client.completions.create(model="gpt", prompt=TEXT, max_tokens=0, echo=True, logprobs=2)
+    logprobs = result.choices[0].logprobs
+    assert logprobs.tokens == list(TEXT) and logprobs.token_logprobs[0] is None
+    assert all(len(top) == 2 for top in logprobs.top_logprobs[1:])
+    scored = Run.open(root / "runs" / "gpt").score(TEXT, device="cpu")
+    assert sum(logprobs.token_logprobs[1:]) == pytest.approx(scored.total_logprob, abs=1e-4)
+
+
+def test_openai_client_streaming_concatenates_to_the_whole(client):
+    fields = dict(model="lstm", prompt="the ", max_tokens=24, temperature=1.0, seed=11)
+    whole = client.completions.create(**fields).choices[0].text
+    pieces = [
+        chunk.choices[0].text for chunk in client.completions.create(**fields, stream=True) if chunk.choices
+    ]
+    assert len(pieces) > 3 and "".join(pieces) == whole
+
+
+def test_openai_client_sees_openai_errors(client, server):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="the")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="lstm", prompt="the", max_tokens=-3)
+    assert caught.value.body["param"] == "max_tokens"
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0) as other:
+        with pytest.raises(openai.AuthenticationError):
+            other.models.list()
+    assert client.completions.create(model="lstm", prompt="the", max_tokens=2).choices[0].text
+
+
+def test_a_client_leaving_mid_stream_does_not_keep_the_model_locked(server):
+    """A stream of 50,000 tokens (about a minute) is dropped after two events: the model is free again
+    at once (the next request on it answers within seconds, far below the abandoned stream's time)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "lstm", "prompt": "the ", "max_tokens": 50_000, "stream": True}
+    with httpx2.Client(timeout=30) as http:
+        with http.stream("POST", f"{server}/v1/completions", json=body, headers=headers) as response:
+            events = 0
+            for line in response.iter_lines():
+                events += line.startswith("data: ")
+                if events == 2:
+                    break
+        start = time.monotonic()
+        after = http.post(
+            f"{server}/v1/completions",
+            json={"model": "lstm", "prompt": "the", "max_tokens": 3},
+            headers=headers,
+        )
+    assert after.status_code == 200 and time.monotonic() - start < 10
+
+
+# ---- MCP -----------------------------------------------------------------------------------------
+
+
+def _text_of(result) -> str:
+    return result.content[0].text
+
+
+def test_mcp_in_memory_lists_tools_and_scores_and_generates(root):
+    from mcp import Client
+
+    from lmzoo.serve.mcp import build_mcp_server
+    from lmzoo.serve.runs import RunRegistry
+
+    registry = RunRegistry(root / "runs", limits=Limits(), device="cpu")
+    run = Run.open(root / "runs" / "gpt")
+
+    async def main() -> None:
+        async with Client(build_mcp_server(registry)) as mcp:
+            tools = {tool.name: tool for tool in (await mcp.list_tools()).tools}
+            assert set(tools) == {
+                "list_runs",
+                "describe_run",
+                "generate",
+                "score",
+                "next_tokens",
+                "translate",
+            }
+            assert all(tool.annotations.read_only_hint for tool in tools.values())
+            assert tools["score"].input_schema["required"] == ["run", "text"]
+            scored = (
+                await mcp.call_tool("score", {"run": "gpt", "text": TEXT, "per_token": True})
+            ).structured_content
+            expected = run.score(TEXT, device="cpu")
+            assert scored["loss"] == pytest.approx(expected.loss) and scored["tokens"] == len(TEXT) - 1
+            assert scored["bits_per_char"] == pytest.approx(expected.bits_per_char)
+            assert [t["token"] for t in scored["per_token"]] == list(TEXT[1:])
+            made = await mcp.call_tool(
+                "generate", {"run": "gpt", "prompt": "the ", "max_tokens": 9, "temperature": 0}
+            )
+            greedy = "".join(run.generate("the ", greedy=True, max_new_tokens=9, device="cpu"))
+            assert made.structured_content["text"] == greedy
+            top = (
+                await mcp.call_tool("next_tokens", {"run": "gpt", "prefix": "the ", "k": 4})
+            ).structured_content
+            values = [t["logprob"] for t in top["result"]]
+            assert values == sorted(values, reverse=True) and top["result"][0]["token"] == greedy[0]
+            runs = (await mcp.call_tool("list_runs", {})).structured_content["result"]
+            assert {r["name"]: r["family"] for r in runs} == {
+                "gpt": "gpt",
+                "lstm": "lstm",
+                "translate": "transformer",
+            }
+            assert all(r["parameters"] > 0 for r in runs)
+            translated = await mcp.call_tool("translate", {"run": "translate", "text": "the cat", "beam": 2})
+            assert not translated.is_error
+            missing = await mcp.call_tool("score", {"run": "../outside/secret", "text": TEXT})
+            assert missing.is_error and "not a run name" in _text_of(missing)
+            config = await mcp.read_resource("lmzoo://runs/gpt/config")
+            assert "name: gpt" in config.contents[0].text
+
+    try:
+        anyio.run(main)
+    finally:
+        registry.close()
+
+
+def test_mcp_retrieve_searches_the_passage_index_it_was_given(root, tmp_path):
+    pytest.importorskip("bm25s")
+    from mcp import Client
+
+    from lmzoo.retrieval.bm25 import Bm25Index
+    from lmzoo.serve.mcp import build_mcp_server
+    from lmzoo.serve.runs import RunRegistry
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "cats.txt").write_text("the cat sat on the mat.\n", encoding="utf-8")
+    (tmp_path / "docs" / "birds.txt").write_text("a bird sang in the tree.\n", encoding="utf-8")
+    Bm25Index.build(tmp_path / "docs", tmp_path / "index")
+    registry = RunRegistry(root / "runs", limits=Limits(), device="cpu")
+
+    async def main() -> None:
+        async with Client(build_mcp_server(registry, rag_index=tmp_path / "index")) as mcp:
+            found = (await mcp.call_tool("retrieve", {"query": "bird tree", "k": 1})).structured_content[
+                "result"
+            ]
+            assert [hit["source"] for hit in found] == ["birds.txt:1-1"] and found[0]["score"] > 0
+
+    try:
+        anyio.run(main)
+    finally:
+        registry.close()
+
+
+def test_mcp_over_http_needs_the_key(server):
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def main() -> None:
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+            async with Client(streamable_http_client(f"{server}/mcp", http_client=http)) as mcp:
+                result = await mcp.call_tool("score", {"run": "lstm", "text": "the cat "})
+                assert result.structured_content["tokens"] == 7
+
+    anyio.run(main)
+
+
+def test_mcp_stdio_subprocess_scores_and_generates(root):
+    from mcp import Client, StdioServerParameters
+
+    command = [sys.executable, "-m", "lmzoo", "serve", "--runs", str(root / "runs"), "--mcp-stdio"]
+    params = StdioServerParameters(command=command[0], args=[*command[1:], "--device", "cpu"])
+    expected = Run.open(root / "runs" / "lstm").score("the cat ", device="cpu")
+
+    async def main() -> None:
+        async with Client(params, read_timeout_seconds=60) as mcp:
+            names = {tool.name for tool in (await mcp.list_tools()).tools}
+            assert {"score", "generate"} <= names
+            scored = await mcp.call_tool("score", {"run": "lstm", "text": "the cat "})
+            assert scored.structured_content["total_logprob"] == pytest.approx(
+                expected.total_logprob, abs=1e-4
+            )
+            made = await mcp.call_tool("generate", {"run": "lstm", "prompt": "the", "max_tokens": 5})
+            assert len(made.structured_content["text"]) == 5
+
+    anyio.run(main)
+
+
+# ---- SIGTERM during a stream: the process exits 0 -----------------------------------------------
+
+
+def test_sigterm_during_a_stream_exits_cleanly(root):
+    port = free_port()
+    command = [sys.executable, "-m", "lmzoo", "serve", "--runs", str(root / "runs"), "--port", str(port)]
+    command += ["--device", "cpu", "--limit", "max_tokens=100000", "--limit", "shutdown_grace_s=1"]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    lines: list[str] = []
+    try:
+        with httpx2.Client(timeout=30) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.poll() is None and time.monotonic() < deadline, "server did not start"
+                try:
+                    http.get(f"http://127.0.0.1:{port}/v1/models")
+                    break
+                except httpx2.TransportError:
+                    time.sleep(0.2)
+            body = {"model": "lstm", "prompt": "the ", "max_tokens": 100_000, "stream": True}
+            with http.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as response:
+                for line in response.iter_lines():
+                    lines.append(line)
+                    if len(lines) == 4:
+                        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        stderr = process.stderr.read() if process.stderr else ""
+    events = [line for line in lines if line]
+    assert "shutting down" in events[-2] and events[-1] == "data: [DONE]", events[
+        -3:
+    ]  # cut with an error event
+    assert "Traceback" not in stderr and "limits max_body_bytes=" in stderr
