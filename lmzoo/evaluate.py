@@ -114,7 +114,7 @@ def translate_corpus(
     device: torch.device,
 ) -> list[str]:
     """Translate sentences in length-sorted batches (greedy for beam 1, else beam search), in input order."""
-    from lmzoo.data import collate_pairs
+    from lmzoo.examples import collate_pairs
     from lmzoo.translate import beam_search, decode_batch
 
     tgt = target_tokenizer
@@ -197,9 +197,9 @@ def evaluate_run(
 def _evaluate_seq2seq_run(
     run: Any, model: torch.nn.Module, *, data: str | Path | None, split: str, device: torch.device, beam: int
 ) -> dict[str, float]:
-    from lmzoo.data import encode_pairs, pair_batches, read_pair_file, read_pair_splits
     from lmzoo.device import pick_precision
     from lmzoo.errors import ConfigError
+    from lmzoo.examples import encode_pairs, pair_batches, read_pair_file, read_pair_splits
 
     cfg = run.config
     pairs = (

@@ -188,9 +188,9 @@ def _score_seq2seq(
     run: Any, model: torch.nn.Module, source: str, target: str, device: torch.device, top_k: int
 ) -> Scored:
     """Teacher-forced, as lmzoo.evaluate.evaluate_seq2seq: targets are the target tokens and <eos>."""
-    from lmzoo.data import collate_pairs
     from lmzoo.device import autocast, pick_precision
     from lmzoo.evaluate import eval_mode
+    from lmzoo.examples import collate_pairs
     from lmzoo.models.base import PAD_ID
 
     source_tok, target_tok, cfg = run.tokenizer, run.target_tokenizer, run.config

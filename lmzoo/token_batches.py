@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-from lmzoo.data import collate_pairs, epoch_order
 from lmzoo.errors import DataError
+from lmzoo.examples import collate_pairs, epoch_order
 from lmzoo.objectives import PairBatch, to_device
 
 EncodedPair = tuple[list[int], list[int]]  # (source ids with <eos>, target ids)

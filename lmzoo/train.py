@@ -23,16 +23,11 @@ from lmzoo import checkpoint
 from lmzoo.config.schema import RunConfig
 from lmzoo.data import RandomWindows
 from lmzoo.device import (
-    pick_device,
-    pick_precision,
     rng_state,
-    seed_everything,
     set_rng_state,
 )
 from lmzoo.distributed import (
-    SINGLE,
     DistContext,
-    ShardedBatches,
     any_rank,
     barrier,
     from_main,
@@ -40,16 +35,13 @@ from lmzoo.distributed import (
     gather_to_main,
     init_distributed,
     load_full_state,
-    rank_device,
     shutdown,
     unsharded,
-    wrap_model,
 )
 from lmzoo.errors import ConfigError, TrainingStopped
-from lmzoo.optim import NonFiniteWatch, StepResult, TrainStep, lr_at, make_optimizer
+from lmzoo.optim import NonFiniteWatch, StepResult, lr_at
 from lmzoo.peft import parameter_counts
-from lmzoo.run import Run
-from lmzoo.tasks import Task, TaskContext, build_task
+from lmzoo.setup import open_run, setup_training
 from lmzoo.tracking import LogWindow, ProgressBar, Tracker, describe_metrics, environment
 
 EXIT_NONFINITE = 3
@@ -93,106 +85,6 @@ class LoopState:
     tokens_seen: int = 0
     best_score: float | None = None  # the best validation value of the metric that picks `best`
     evals_since_best: int = 0
-
-
-@dataclass
-class Setup:
-    """Everything a training run is built from (also what scripts/bench.py times)."""
-
-    device: torch.device
-    precision: str
-    task: Task
-    stepper: TrainStep
-    max_steps: int
-    run: Run
-    dist: DistContext = SINGLE
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.task.model
-
-    @property
-    def sharded(self) -> bool:
-        """FSDP: each rank holds a shard of the weights; checkpoints gather them on rank 0."""
-        return self.dist.enabled and self.run.config.train.strategy == "fsdp"
-
-
-def setup_training(
-    config: RunConfig,
-    tokenizers: dict[str, Any] | None = None,
-    dist: DistContext = SINGLE,
-    run: Run | None = None,
-) -> Setup:
-    """Read and tokenize the data (fitting tokenizers unless given), build model, optimiser and step.
-
-    `run` is the run directory being trained; without one (benchmarks, tests) an unsaved Run stands in.
-    """
-    run = run or Run(Path(config.out_dir) / (config.name or "run"), config)
-    device = rank_device(dist, pick_device(config.train.device))
-    precision = pick_precision(device, config.train.precision)
-    seed_everything(config.seed)
-    base = run.base if config.init_from else None
-    if tokenizers is None and base is not None:
-        tokenizers = base.tokenizers()  # a fine-tune reuses its base run's tokenizers as they are
-    context = TaskContext(
-        config=config,
-        device=device,
-        precision=precision,
-        tokenizers=tokenizers,
-        make_model=lambda vocab: run.initial_model(device, vocab_size=vocab),
-        batch_size=config.data.batch_size * dist.world_size,
-        base_config=base.config if base else None,
-    )
-    task = build_task(context)
-    if dist.enabled:
-        task.batches = ShardedBatches(task.batches, dist)
-        seed_everything(config.seed + dist.rank)  # same initial weights, different dropout per rank
-    forward = wrap_model(task.model, dist, device, config.train.strategy)
-    optimizer = make_optimizer(task.model, config.train, device)
-    stepper = TrainStep(
-        task.model,
-        optimizer,
-        task.batches,
-        task.objective,
-        config.train,
-        device,
-        precision,
-        forward=forward,
-        dist=dist,
-    )
-    return Setup(
-        device=device,
-        precision=precision,
-        task=task,
-        stepper=stepper,
-        dist=dist,
-        run=run,
-        max_steps=config.train.resolved_max_steps(len(task.batches)),
-    )
-
-
-def open_run(
-    config: RunConfig, resume: bool, dist: DistContext = SINGLE, say: Callable[[str], None] = print
-) -> tuple[Run, bool]:
-    """(the run to train, resuming?) A new run gets a fresh directory; --resume continues the newest run
-    of this name from its last checkpoint, or starts it when there is none yet (a requeued job that
-    died before its first checkpoint). Under torchrun rank 0 decides and the others follow."""
-    found = None
-    if dist.is_main and resume:
-        resumable = Run.for_resume(config)
-        found = None if resumable is None else str(resumable.path)
-        if resumable is None:
-            say(
-                f"--resume: run {config.name!r} has no checkpoint under {config.out_dir}/ yet; starting it at step 0"
-            )
-    found = from_main(dist, found)
-    if found is not None:
-        if not dist.is_main:  # rank 0's Run.for_resume checked the config already
-            config.name = Run.open(found).config.name
-        return Run(Path(found), config), True
-    reserved = Run.reserve(config, restart=resume) if dist.is_main else None
-    path = from_main(dist, None if reserved is None else str(reserved.path))
-    return reserved or Run(Path(path), config), False
 
 
 def train(
@@ -255,7 +147,9 @@ class Trainer:
                 self.run_.save_tokenizers(self.task.tokenizer, self.task.target_tokenizer)
             self.run_.write_config()  # the resolved config: every default, and seq_len filled in
         self.tracker = (
-            Tracker(self.run_dir, resume_step=self.loop.step if self.resuming or self.run_.restarting else None)
+            Tracker(
+                self.run_dir, resume_step=self.loop.step if self.resuming or self.run_.restarting else None
+            )
             if dist.is_main
             else None
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -160,37 +161,26 @@ def beam_search(
         vocab = logprobs.shape[-1]
         candidates = (alive_scores.view(-1, 1) + logprobs).view(batch, beam * vocab)
         top_scores, top_ids = candidates.topk(2 * beam, dim=-1)  # (B, 2K)
-        next_rows, next_tokens, next_scores = [], [], []
+        picked = []
         for b in range(batch):
-            picked = []
-            for rank, (score, flat) in enumerate(
-                zip(top_scores[b].tolist(), top_ids[b].tolist(), strict=True)
-            ):
-                source_beam, token = divmod(flat, vocab)
-                row = b * beam + source_beam
-                if done[b] or score == float("-inf"):
-                    break
-                if token == eos_id:
-                    if rank < beam:  # an <eos> among the top `beam` candidates ends a hypothesis
-                        finished[b].append(ranked(alive_tokens[row], score))
-                    continue
-                picked.append((row, token, score))
-                if len(picked) == beam:
-                    break
-            if len(finished[b]) >= beam:
-                done[b] = True
-            while len(picked) < beam:  # a finished sentence keeps dummy beams in place
-                picked.append((b * beam, PAD_ID, float("-inf")))
-            for row, token, score in picked:
-                next_rows.append(row)
-                next_tokens.append(token)
-                next_scores.append(score)
+            kept = _extend_beams(
+                b,
+                beam,
+                vocab,
+                eos_id,
+                top_scores[b].tolist(),
+                top_ids[b].tolist(),
+                done[b],
+                lambda row, score, b=b, tokens=alive_tokens: finished[b].append(ranked(tokens[row], score)),
+            )
+            done[b] = done[b] or len(finished[b]) >= beam
+            picked += kept
         if all(done):
             break
-        index = torch.tensor(next_rows, device=device)
+        next_rows, next_tokens, next_scores = (list(column) for column in zip(*picked, strict=True))
         alive_tokens = [alive_tokens[r] + [t] for r, t in zip(next_rows, next_tokens, strict=True)]
         alive_scores = torch.tensor(next_scores, device=device).view(batch, beam)
-        state = model.reorder_state(state, index)
+        state = model.reorder_state(state, torch.tensor(next_rows, device=device))
         last = torch.tensor(next_tokens, device=device).view(-1, 1)
         if step == max_len - 1:
             break
@@ -202,6 +192,35 @@ def beam_search(
                     finished[b].append(ranked(alive_tokens[b * beam + k], score))
         finished[b].sort(key=lambda h: h.score, reverse=True)
     return [hyps[:n_best] for hyps in finished]
+
+
+def _extend_beams(
+    b: int,
+    beam: int,
+    vocab: int,
+    eos_id: int,
+    scores: list[float],
+    flat_ids: list[int],
+    done: bool,
+    finish: Any,
+) -> list[tuple[int, int, float]]:
+    """Sentence b's next `beam` (row, token, score) from its 2K best candidates, best first. An <eos> among
+    the top `beam` candidates ends a hypothesis (`finish(row, score)`); a finished sentence keeps dummy
+    beams in place so the batch keeps its shape."""
+    picked: list[tuple[int, int, float]] = []
+    for rank, (score, flat) in enumerate(zip(scores, flat_ids, strict=True)):
+        source_beam, token = divmod(flat, vocab)
+        row = b * beam + source_beam
+        if done or score == float("-inf"):
+            break
+        if token == eos_id:
+            if rank < beam:
+                finish(row, score)
+            continue
+        picked.append((row, token, score))
+        if len(picked) == beam:
+            break
+    return picked + [(b * beam, PAD_ID, float("-inf"))] * (beam - len(picked))
 
 
 def translate(

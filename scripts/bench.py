@@ -89,7 +89,7 @@ def interleaved(runners: dict[str, callable], rounds: int) -> dict[str, float]:
 
 def load_setup(config_name: str, overrides: list[str] | None = None):
     from lmzoo.run import load_config
-    from lmzoo.train import setup_training
+    from lmzoo.setup import setup_training
 
     config = load_config(CONFIGS / f"{config_name}.yaml", (overrides or []) + ["train.device=auto"])
     return config, setup_training(config)
@@ -442,9 +442,9 @@ def row_tokenizers(steps: int) -> dict:
 def row_decode(steps: int) -> dict:
     """Seq2seq decoding sentences/s, greedy and beam 5, on 200 test sentences, on the default device, with
     the trained runs runs/seq2seq and runs/transformer_small when they exist (else untrained models)."""
-    from lmzoo.data import read_pair_splits
     from lmzoo.device import pick_device
     from lmzoo.evaluate import translate_corpus
+    from lmzoo.examples import read_pair_splits
     from lmzoo.run import Run
 
     device = pick_device("auto")

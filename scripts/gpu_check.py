@@ -114,7 +114,7 @@ def part_peak(check: Check) -> dict:
 
 def train_speed(check: Check, name: str, compile_mode: str) -> dict:
     """ms/step, tokens/s and MFU of `steps` training steps after 5 warm-up steps (which compile)."""
-    from lmzoo.train import setup_training
+    from lmzoo.setup import setup_training
 
     setup = setup_training(check.config(name, [f"train.compile={compile_mode}"]))
     start = time.perf_counter()

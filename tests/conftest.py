@@ -85,7 +85,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def scripted(monkeypatch, target: str, values: list[Any], snapshots: list | None = None) -> None:
-    """Replace `target` (e.g. "lmzoo.tasks.evaluate_lm") by a function returning the next of `values`, in
+    """Replace `target` (e.g. "lmzoo.tasks.lm.evaluate_lm") by a function returning the next of `values`, in
     order and across resumed runs; with `snapshots`, also keep the weights of the model (its first argument)
     at each call. Tests script validation results this way and check what the trainer does with them."""
     script = iter(values)

@@ -13,7 +13,7 @@ from lmzoo.errors import ConfigError
 from lmzoo.generate import SamplingOptions, generate_ids
 from lmzoo.models import build_model
 from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
-from lmzoo.models.transformer import GPT
+from lmzoo.models.gpt import GPT
 
 VOCAB = 23
 ATTENTION_PATHS = ["sdpa", "explicit"]

@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from lmzoo.cli import app
-from lmzoo.data import read_pair_splits
 from lmzoo.evaluate import corpus_bleu
+from lmzoo.examples import read_pair_splits
 from lmzoo.generate import SamplingOptions
 from lmzoo.run import Run
 from lmzoo.tracking import read_metrics

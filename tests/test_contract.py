@@ -47,7 +47,9 @@ def test_a_toy_family_trains_resumes_generates_and_evaluates(toy, tmp_path, corp
     # Stopped at step 10 and resumed to 20: the same weights as the uninterrupted run, bit for bit.
     half = toy_config(tmp_path / "b", corpus_file, train={"max_steps": 10})
     first = train(config_from_dict(half), progress=False)
-    resumed = train(config_from_dict(deep_merge(half, {"train": {"max_steps": 20}})), resume=True, progress=False)
+    resumed = train(
+        config_from_dict(deep_merge(half, {"train": {"max_steps": 20}})), resume=True, progress=False
+    )
     assert resumed == first
     a, b = load_run(straight, "last").model.state_dict(), load_run(resumed, "last").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -69,30 +71,60 @@ def test_a_toy_family_fine_tunes_with_lora_and_adapters(toy, tmp_path, corpus_fi
     raw = toy_config(tmp_path, corpus_file, train={"max_steps": 10})
     raw.pop("model")
     raw.pop("tokenizer")
-    raw.update(name=f"toy_{method}", init_from=str(base), finetune={"method": method, "r": 2, "bottleneck": 4})
+    raw.update(
+        name=f"toy_{method}", init_from=str(base), finetune={"method": method, "r": 2, "bottleneck": 4}
+    )
     tuned = train(config_from_dict(raw), progress=False)
     checkpoint = tuned / "checkpoints" / "last"
     assert (checkpoint / "adapter.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     model = load_run(tuned, "last").model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {"mix.parametrizations.weight.0.A", "mix.parametrizations.weight.0.B"} if method == "lora" else {
-        "mix.adapter.down.weight", "mix.adapter.down.bias", "mix.adapter.up.weight", "mix.adapter.up.bias"}
+    expected = (
+        {"mix.parametrizations.weight.0.A", "mix.parametrizations.weight.0.B"}
+        if method == "lora"
+        else {
+            "mix.adapter.down.weight",
+            "mix.adapter.down.bias",
+            "mix.adapter.up.weight",
+            "mix.adapter.up.bias",
+        }
+    )
     assert trainable == expected
 
 
 @pytest.mark.distributed
 def test_a_toy_family_trains_under_torchrun(tmp_path):
-    raw = deep_merge(base_config_dict(Path("runs"), Path("corpus.txt"), name="toy"),
-                     {"model": {"name": toy_family.NAME, "d_model": 16}, "data": {"batch_size": 2},
-                      "train": {"max_steps": 6, "eval_every": 3}})
+    raw = deep_merge(
+        base_config_dict(Path("runs"), Path("corpus.txt"), name="toy"),
+        {
+            "model": {"name": toy_family.NAME, "d_model": 16},
+            "data": {"batch_size": 2},
+            "train": {"max_steps": 6, "eval_every": 3},
+        },
+    )
     raw["model"] = {"name": toy_family.NAME, "d_model": 16}
     (tmp_path / "corpus.txt").write_text(TINY_TEXT, encoding="utf-8")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     launcher = Path(toy_family.__file__)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(launcher), "train", "cfg.yaml", "--no-progress"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(launcher),
+        "train",
+        "cfg.yaml",
+        "--no-progress",
+    ]
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stderr
     toy_family.register()
@@ -124,9 +156,13 @@ def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets |= {f"{base}.{alias.name}" for alias in node.names} | {base}
-    return {t if t in known else t.rpartition(".")[0] for t in targets if t.startswith("lmzoo")} & known - {name}
+    return {t if t in known else t.rpartition(".")[0] for t in targets if t.startswith("lmzoo")} & known - {
+        name
+    }
 
 
 def test_no_import_cycle_anywhere():
@@ -154,9 +190,12 @@ def test_no_import_cycle_anywhere():
 
 def test_no_module_outside_models_names_a_family():
     family_modules = {info.cls.__module__ for info in list_models()}
-    classes = {name for module in family_modules
-               for name, obj in vars(sys.modules[module]).items()
-               if isinstance(obj, type) and obj.__module__ == module}
+    classes = {
+        name
+        for module in family_modules
+        for name, obj in vars(sys.modules[module]).items()
+        if isinstance(obj, type) and obj.__module__ == module
+    }
     kinds = {"lm", "seq2seq"}  # "seq2seq" is also a kind, which any module may compare with
     families = {info.name for info in list_models()} - kinds
     offences = []
@@ -208,7 +247,8 @@ def test_modules_and_functions_stay_readable():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 verb = is_cli and any(
-                    isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "command" for d in node.decorator_list
+                    isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "command"
+                    for d in node.decorator_list
                 )
                 limit = 35 if verb else 60
                 if _body_lines(node) > limit:

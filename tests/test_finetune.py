@@ -24,17 +24,10 @@ from typer.testing import CliRunner
 
 from lmzoo.cli import app
 from lmzoo.config.schema import RunConfig
-from lmzoo.data import (
-    encode_stream,
-    make_batches,
-    preference_batch,
-    prompt_response_ids,
-    read_records,
-    read_splits,
-    sft_batch,
-)
+from lmzoo.data import encode_stream, make_batches, read_splits
 from lmzoo.errors import CheckpointError, ConfigError, DataError
 from lmzoo.evaluate import evaluate_lm
+from lmzoo.examples import preference_batch, prompt_response_ids, read_records, sft_batch
 from lmzoo.models.base import PAD_ID, LanguageModel
 from lmzoo.models.heads import OutputHead
 from lmzoo.objectives import (
@@ -46,9 +39,10 @@ from lmzoo.objectives import (
 )
 from lmzoo.peft import LoRA, adapters_disabled
 from lmzoo.run import Run
+from lmzoo.setup import setup_training
 from lmzoo.tokenizers import CharTokenizerConfig, fit_tokenizer
 from lmzoo.tracking import read_metrics
-from lmzoo.train import setup_training, train
+from lmzoo.train import train
 
 # Fine-tuning text: new sentences made of the base corpus's characters (nothing maps to <unk>).
 FINETUNE_TEXT = "".join(line + "\n" for line in ["the bird ate the mat.", "a cat sang on the bone."] * 20)

@@ -15,7 +15,7 @@ from lmzoo.config import TrainConfig
 from lmzoo.models import build_model
 from lmzoo.objectives import LMBatch, LMObjective
 from lmzoo.optim import TrainStep, make_optimizer
-from lmzoo.train import setup_training
+from lmzoo.setup import setup_training
 
 CPU = torch.device("cpu")
 VOCAB = 17

@@ -113,7 +113,7 @@ def test_resume_is_bit_identical_for_every_family(tmp_path, name):
 
 def test_resume_mid_epoch_of_sequential_batches(tmp_path):
     config = family_config(tmp_path, "lstm", "a", "sequential")
-    from lmzoo.train import setup_training
+    from lmzoo.setup import setup_training
 
     per_epoch = setup_training(config).stepper.batches.batches_per_epoch
     assert 6 % per_epoch != 0  # the stop at step 6 falls inside an epoch

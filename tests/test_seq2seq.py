@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from conftest import tiny_model_section
 
 from lmzoo.config import DataConfig, TrainConfig
-from lmzoo.data import collate_pairs, encode_pairs, pair_batches, read_pair_file, read_pair_splits
 from lmzoo.errors import ConfigError, DataError
 from lmzoo.evaluate import evaluate_seq2seq, translate_corpus
+from lmzoo.examples import collate_pairs, encode_pairs, pair_batches, read_pair_file, read_pair_splits
 from lmzoo.generate import SamplingOptions
 from lmzoo.models import build_model, get_model_info, list_models
 from lmzoo.models.base import PAD_ID, Seq2SeqModel, select_rows

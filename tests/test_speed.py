@@ -26,8 +26,9 @@ from lmzoo.generate import SamplingOptions, generate_ids
 from lmzoo.models import build_model, tiny_model_config
 from lmzoo.objectives import LMObjective, Seq2SeqObjective
 from lmzoo.optim import NonFiniteWatch, lr_at
+from lmzoo.setup import setup_training
 from lmzoo.token_batches import TokenBatches, padded_tokens
-from lmzoo.train import setup_training, train
+from lmzoo.train import train
 
 BOS, EOS = 1, 2
 

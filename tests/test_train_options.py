@@ -25,8 +25,9 @@ from lmzoo.models.base import PAD_ID
 from lmzoo.models.heads import OutputHead
 from lmzoo.objectives import PairBatch, Seq2SeqObjective
 from lmzoo.run import Run, load_config
+from lmzoo.setup import setup_training
 from lmzoo.tokenizers import SPECIALS, fit_tokenizer
-from lmzoo.train import Trainer, setup_training, train
+from lmzoo.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -50,14 +51,14 @@ def test_early_stopping_after_patience_evals_and_resume_keeps_the_counter(tmp_pa
     # evaluations at steps 2, 4, 6, ...: the best at step 4, then none better at 6, 8, 10: patience 3 ends it at 10
     losses = [3.0, 2.0, 2.5, 2.4, 2.1, 1.0, 1.0, 1.0]
     extra = {"train": {"max_steps": 20, "eval_every": 2, "patience": 3}}
-    scripted(monkeypatch, "lmzoo.tasks.evaluate_lm", lm_scores(losses))
+    scripted(monkeypatch, "lmzoo.tasks.lm.evaluate_lm", lm_scores(losses))
     straight = make_config(extra, out_dir=tmp_path / "straight")
     assert [s for s, _ in losses_of(straight)][-1] == 10
     run_dir = Path(straight.out_dir) / straight.name
     assert load_run(run_dir, "last").info["step"] == 10 and load_run(run_dir, "best").info["step"] == 4
 
     # Interrupted at step 9 (two evaluations without improvement so far), then resumed: it still stops at 10.
-    scripted(monkeypatch, "lmzoo.tasks.evaluate_lm", lm_scores(losses))
+    scripted(monkeypatch, "lmzoo.tasks.lm.evaluate_lm", lm_scores(losses))
 
     def interrupt(step: int, loss: float) -> None:
         if step == 9:

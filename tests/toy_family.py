@@ -56,7 +56,9 @@ class BagLM(LanguageModel):
     def init_state(self, batch_size: int) -> BagState:
         return BagState()
 
-    def hidden(self, ids: torch.Tensor, state: BagState | None = None) -> tuple[torch.Tensor, BagState | None]:
+    def hidden(
+        self, ids: torch.Tensor, state: BagState | None = None
+    ) -> tuple[torch.Tensor, BagState | None]:
         x = self.embedding(ids)  # (B, T, d)
         start = state.total if state is not None and state.total is not None else x.new_zeros(x[:, 0].shape)
         seen = state.count if state is not None else 0

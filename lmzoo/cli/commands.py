@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -120,62 +122,94 @@ def generate(
             greedy=greedy or None,
             stop=stop or None,
         )
-        max_new = loaded.sampling(**sampling).max_new_tokens  # a bad option fails before the model loads
+        loaded.sampling(**sampling)  # a bad option fails before the model loads
+        request = GenerateRequest(
+            sampling,
+            num_samples,
+            seed_rng,
+            beam,
+            n_best,
+            length_penalty,
+            checkpoint,
+            device,
+            rag,
+            passages,
+            show_probs,
+            top_logprobs,
+            as_json,
+        )
         verb = "translating with" if loaded.kind == "seq2seq" else "sampling from"
         for prompt in _prompts(seed, f"{verb} {loaded.path}"):
-            if beam > 1 and loaded.kind == "seq2seq" and not show_probs:
-                for text, score in loaded.translate(
-                    prompt,
-                    beam=beam,
-                    n_best=n_best,
-                    length_penalty=length_penalty,
-                    max_new_tokens=max_new_tokens,
-                    checkpoint_tag=checkpoint,
-                    device=device,
-                    warn=warn,
-                ):
-                    typer.echo(f"{text}\t{score:.4f}" if n_best > 1 else text)
-                continue
-            text, sources = prompt, []
-            if rag is not None:
-                from lmzoo.retrieval.rag import rag_prompt
+            _write_generation(loaded, prompt, request)
 
-                text, sources = rag_prompt(
-                    loaded, prompt, rag, passages=passages, max_new_tokens=max_new, warn=warn
-                )
-            if show_probs:
-                from lmzoo.cli.inspect import print_generation_probs
 
-                print_generation_probs(
-                    loaded,
-                    text,
-                    samples=num_samples,
-                    top_logprobs=top_logprobs,
-                    as_json=as_json,
-                    beam=beam,
-                    sampling=sampling,
-                    checkpoint_tag=checkpoint,
-                    device=device,
-                    seed=seed_rng,
-                    warn=warn,
-                )
-                continue
-            for index in range(num_samples):
-                typer.echo(
-                    ("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False
-                )
-                for piece in loaded.generate(
-                    text,
-                    checkpoint_tag=checkpoint,
-                    device=device,
-                    seed=seed_rng,
-                    warn=warn if index == 0 else None,
-                    **sampling,
-                ):
-                    typer.echo(piece, nl=False)
-                typer.echo()
-            if sources:
-                typer.echo("sources: " + ", ".join(p.source for p in sources))
+@dataclass
+class GenerateRequest:
+    """What `lmzoo generate` was asked for, beyond the run and the prompt."""
+
+    sampling: dict[str, Any]
+    num_samples: int
+    seed: int | None
+    beam: int
+    n_best: int
+    length_penalty: float
+    checkpoint: str
+    device: str
+    rag: Path | None
+    passages: int
+    show_probs: bool
+    top_logprobs: int
+    as_json: bool
+
+
+def _write_generation(loaded: Any, prompt: str, request: GenerateRequest) -> None:
+    """One prompt's output: beam translations, a probability view, or streamed samples (+ RAG sources)."""
+    where = {"checkpoint_tag": request.checkpoint, "device": request.device}
+    if request.beam > 1 and loaded.kind == "seq2seq" and not request.show_probs:
+        for text, score in loaded.translate(
+            prompt,
+            beam=request.beam,
+            n_best=request.n_best,
+            warn=warn,
+            length_penalty=request.length_penalty,
+            max_new_tokens=request.sampling["max_new_tokens"],
+            **where,
+        ):
+            typer.echo(f"{text}\t{score:.4f}" if request.n_best > 1 else text)
+        return
+    text, sources = prompt, []
+    if request.rag is not None:
+        from lmzoo.retrieval.rag import rag_prompt
+
+        max_new = loaded.sampling(**request.sampling).max_new_tokens
+        text, sources = rag_prompt(
+            loaded, prompt, request.rag, passages=request.passages, max_new_tokens=max_new, warn=warn
+        )
+    if request.show_probs:
+        from lmzoo.cli.inspect import print_generation_probs
+
+        print_generation_probs(
+            loaded,
+            text,
+            samples=request.num_samples,
+            top_logprobs=request.top_logprobs,
+            as_json=request.as_json,
+            beam=request.beam,
+            sampling=request.sampling,
+            seed=request.seed,
+            warn=warn,
+            **where,
+        )
+        return
+    for index in range(request.num_samples):
+        typer.echo(("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False)
+        for piece in loaded.generate(
+            text, seed=request.seed, warn=warn if index == 0 else None, **where, **request.sampling
+        ):
+            typer.echo(piece, nl=False)
+        typer.echo()
+    if sources:
+        typer.echo("sources: " + ", ".join(p.source for p in sources))
 
 
 @app.command("eval")

@@ -1,8 +1,8 @@
 """Registered model families: every module in this package that is not a building block is a family.
 
 Families are found by listing the package, so a new family is one new file here and nothing else
-(`lmzoo models` lists what registered). Today: recurrent (rnn, lstm, gru), seq2seq, transformer
-(gpt, transformer); see each module's docstring.
+(`lmzoo models` lists what registered). Today: recurrent (rnn, lstm, gru), seq2seq, gpt, transformer,
+modern; see each module's docstring.
 """
 
 import importlib
@@ -30,7 +30,14 @@ __all__ = [
     "tiny_model_config",
 ]
 
-BUILDING_BLOCKS = {"attention", "base", "heads", "registry"}  # shared parts, not families
+BUILDING_BLOCKS = {
+    "attention",
+    "base",
+    "heads",
+    "layers",
+    "registry",
+    "static_decoding",
+}  # shared parts, not families
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in BUILDING_BLOCKS:

@@ -1,0 +1,34 @@
+"""Transformer building blocks shared by the gpt and transformer families: the position-wise
+feed-forward network, dropout that vanishes at p = 0, and the heads-divide-width check."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import ValidationInfo
+from torch import nn
+
+
+def heads_divide_width(heads: int, info: ValidationInfo) -> int:
+    """Multi-head attention splits d_model into equal heads."""
+    width = info.data.get("d_model")
+    if width is not None and width % heads:
+        raise ValueError(f"n_heads ({heads}) must divide d_model ({width})")
+    return heads
+
+
+def dropout_layer(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: Linear -> activation -> Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = dropout_layer(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.act(self.up(x))))
