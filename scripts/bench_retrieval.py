@@ -8,7 +8,7 @@
 Each row sets the retrieval figure beside its baseline measured in the same process: the build beside
 one plain forward pass over the same text, generation with the store beside generation without it
 (timed in alternation, A B A B, so the ratio holds on a busy machine), loss with the store beside the
-plain model's loss on the same tokens. Markdown on stdout; --json for the raw numbers.
+plain model's loss on the same tokens. Markdown on stdout; --json FILE also writes the raw numbers.
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ from lmzoo.run import Run  # noqa: E402
 CPU = torch.device("cpu")
 
 
-def row_build(run: Run, data: list[str], store: Path | None, workdir: Path) -> tuple[dict, Path]:
+def row_build(
+    run: Run, data: list[str], store: Path | None, workdir: Path, batch_size: int | None = None
+) -> tuple[dict, Path]:
     """Build the store (unless given) and time a plain forward pass over the same text beside it."""
     text = read_texts(data)
     forward = evaluate_text(run, text, device=CPU)
     if store is None:
         store = workdir / "store"
-        build_datastore(run, data, store, device=CPU)
+        build_datastore(run, data, store, device=CPU, batch_size=batch_size)
     manifest = read_manifest(store)
     per_million = 1e6 / manifest["size"]
     return {
@@ -48,6 +50,7 @@ def row_build(run: Run, data: list[str], store: Path | None, workdir: Path) -> t
         "dim": manifest["dim"],
         "index": manifest["index"],
         "build_s": manifest["build_seconds"],
+        "build_cpu_s": manifest.get("build_cpu_seconds"),
         "encode_s": manifest["encode_seconds"],
         "forward_s": forward["tokens"] / forward["tokens_per_s"],
         "build_s_per_1m": manifest["build_seconds"] * per_million,
@@ -72,7 +75,11 @@ def row_generation(
             "".join(which.generate(prompt, max_new_tokens=tokens, greedy=True, device="cpu"))
             times[name].append(time.perf_counter() - start)
     plain, knn = (tokens / statistics.median(times[n]) for n in ("plain", "knn"))
-    return {"tokens_per_s_plain": plain, "tokens_per_s_knn": knn, "ms_per_query": 1e3 * (1 / knn - 1 / plain)}
+    return {
+        "gen_tokens_per_s_plain": plain,
+        "gen_tokens_per_s_knn": knn,
+        "ms_per_query": 1e3 * (1 / knn - 1 / plain),
+    }
 
 
 def main() -> None:
@@ -81,22 +88,23 @@ def main() -> None:
     parser.add_argument("--data", action="append", help="store text (default: the run's training split file)")
     parser.add_argument("--eval", help="evaluation text (default: the run's validation split)")
     parser.add_argument("--store", type=Path, help="an existing store to reuse (skips the build row)")
+    parser.add_argument("--batch-size", type=int, help="windows per batch while building (default: eval's)")
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--lmbda", type=float, default=0.25)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--tune", action="store_true", help="tune lambda and T on half the eval text")
     parser.add_argument("--tokens", type=int, default=100, help="generated tokens per timing")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run = Run.open(args.run)
-    with tempfile.TemporaryDirectory(dir=ROOT) as workdir:
+    with tempfile.TemporaryDirectory(prefix="lmzoo-bench-") as workdir:
         data = args.data
         if data is None:  # the run's training split, written out as a file
             data = [str(Path(workdir) / "train.txt")]
             Path(data[0]).write_text(read_splits(run.config.data).train, encoding="utf-8")
-        build, store = row_build(run, data, args.store, Path(workdir))
+        build, store = row_build(run, data, args.store, Path(workdir), args.batch_size)
         options = dict(k=args.k, lmbda=args.lmbda, temperature=args.temperature)
         generation = row_generation(run, store, **options, tokens=args.tokens, rounds=args.rounds)
         loss = evaluate_knn(run, store, data=args.eval, **options, tune_options=args.tune, device=CPU)
@@ -108,7 +116,9 @@ def main() -> None:
         **generation,
         **loss,
     }
-    print(json.dumps(results, indent=2, default=str) if args.json else format_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    print(format_table(results))
 
 
 def format_table(r: dict) -> str:
@@ -125,9 +135,9 @@ def format_table(r: dict) -> str:
         ("store size (MiB; per 1M tokens)", "", f"{r['mib']:.0f}; {r['mib_per_1m']:.0f}", None),
         (
             "generation (tokens/s)",
-            f"{r['tokens_per_s_plain']:.1f}",
-            f"{r['tokens_per_s_knn']:.1f}",
-            r["tokens_per_s_knn"] / r["tokens_per_s_plain"],
+            f"{r['gen_tokens_per_s_plain']:.1f}",
+            f"{r['gen_tokens_per_s_knn']:.1f}",
+            r["gen_tokens_per_s_knn"] / r["gen_tokens_per_s_plain"],
         ),
         ("query cost per generated token (ms)", "", f"{r['ms_per_query']:.1f}", None),
         (
@@ -151,7 +161,7 @@ def format_table(r: dict) -> str:
         "|---|---|---|---|",
     ]
     lines += [
-        f"| {name} | {base} | {knn} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+        f"| {name} | {base} | {knn} | {'' if ratio is None else f'{ratio:.3g}x'} |"
         for name, base, knn, ratio in rows
     ]
     return "\n".join(lines)

@@ -200,16 +200,16 @@ def _write_generation(loaded: Any, prompt: str, request: GenerateRequest) -> Non
             warn=warn,
             **where,
         )
-        return
-    for index in range(request.num_samples):
-        typer.echo(("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False)
-        for piece in loaded.generate(
-            text, seed=request.seed, warn=warn if index == 0 else None, **where, **request.sampling
-        ):
-            typer.echo(piece, nl=False)
-        typer.echo()
-    if sources:
-        typer.echo("sources: " + ", ".join(p.source for p in sources))
+    else:
+        for index in range(request.num_samples):
+            typer.echo(("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False)
+            for piece in loaded.generate(
+                text, seed=request.seed, warn=warn if index == 0 else None, **where, **request.sampling
+            ):
+                typer.echo(piece, nl=False)
+            typer.echo()
+    if sources:  # after the text; on stderr when stdout carries JSON
+        (warn if request.as_json else typer.echo)("sources: " + ", ".join(p.source for p in sources))
 
 
 @app.command("eval")

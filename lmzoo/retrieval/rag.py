@@ -39,7 +39,9 @@ def leaks(chunk_text: str, n: int = GUARD_CHARS) -> Callable[[Passage], bool]:
 
 
 def context_of(run: Any, checkpoint_tag: str = "best") -> int | None:
-    """The model's context in tokens (None: a recurrent model, no limit)."""
+    """The model's context in tokens (None: a recurrent model, no limit); seq2seq runs are refused."""
+    if run.kind != "lm":
+        raise ConfigError(f"{run.path} is a seq2seq run; passages go before the text of a language model")
     return run.model(checkpoint_tag, "cpu").context_len
 
 
@@ -167,8 +169,8 @@ def evaluate_rag(
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be val or test, got {split!r}")
     found = open_index(index)
+    window = context_of(run, checkpoint_tag) or RECURRENT_WINDOW
     model = run.model(checkpoint_tag, device)
-    window = model.context_len or RECURRENT_WINDOW
     text = read_text_file(data) if data is not None else getattr(read_splits(run.config.data), split)
     ids = run.tokenizer.encode(text)
     if max_chunks is not None:
