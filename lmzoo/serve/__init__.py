@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from lmzoo.serve.limits import Limits
@@ -17,25 +16,10 @@ from lmzoo.serve.limits import Limits
 __all__ = ["Limits", "create_app"]
 
 
-def create_app(
-    runs_dir: str | Path,
-    *,
-    api_key: str | None = None,
-    limits: Limits | None = None,
-    cache_size: int = 2,
-    device: str = "auto",
-    host: str = "127.0.0.1",
-    rag_index: str | Path | None = None,
-) -> Any:
-    """The Starlette app serving the runs under `runs_dir` (see lmzoo.serve.app.create_app)."""
-    from lmzoo.serve.app import create_app as make_app
+def __getattr__(name: str) -> Any:
+    """`create_app` is lmzoo.serve.app's, imported on first use (it needs the `serve` extra)."""
+    if name == "create_app":
+        from lmzoo.serve.app import create_app
 
-    return make_app(
-        runs_dir,
-        api_key=api_key,
-        limits=limits,
-        cache_size=cache_size,
-        device=device,
-        host=host,
-        rag_index=rag_index,
-    )
+        return create_app
+    raise AttributeError(f"module 'lmzoo.serve' has no attribute {name!r}")
