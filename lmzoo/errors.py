@@ -4,9 +4,17 @@ from __future__ import annotations
 
 
 class LmzooError(Exception):
-    """A problem the user can fix (bad config, missing file, mismatched checkpoint...)."""
+    """A problem the user can fix (bad config, missing file, mismatched checkpoint...).
+
+    `param` names the library parameter the message is about, written in the message as `param`
+    (its value is wrong) or `param=` (pass it); the command line shows its flag there instead.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ConfigError(LmzooError):

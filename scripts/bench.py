@@ -89,7 +89,7 @@ def interleaved(runners: dict[str, callable], rounds: int) -> dict[str, float]:
 
 def load_setup(config_name: str, overrides: list[str] | None = None):
     from lmzoo.run import load_config
-    from lmzoo.setup import setup_training
+    from lmzoo.training.setup import setup_training
 
     config = load_config(CONFIGS / f"{config_name}.yaml", (overrides or []) + ["train.device=auto"])
     return config, setup_training(config)
@@ -103,7 +103,7 @@ def time_generation(
     Each token's time is the median over `repeats` generations, and a window's speed is 1 / the
     median token time in it, so a scheduler hiccup does not pass for a cost that grows with length.
     """
-    from lmzoo.generate import SamplingOptions, generate_ids
+    from lmzoo.inference.decoding import SamplingOptions, generate_ids
 
     model.eval()
     start_id = tokenizer.encode("\n")[0]
@@ -343,7 +343,7 @@ def gpt_generation(
     """Greedy decoding tokens/s at context 256 (gpt_gpu.yaml size) on `device`: the KV cache (dynamic,
     static, static with a compiled one-token step) against recomputing the whole window every token.
     512 new tokens: the window slides past the context, so the paths are also compared there."""
-    from lmzoo.generate import SamplingOptions, generate_ids
+    from lmzoo.inference.decoding import SamplingOptions, generate_ids
     from lmzoo.models import build_model
     from lmzoo.run import load_config
 
@@ -389,9 +389,9 @@ def row_finetune(method: str, steps: int) -> dict:
     from lmzoo.config.schema import FinetuneConfig
     from lmzoo.device import pick_device
     from lmzoo.models import build_model
-    from lmzoo.optim import make_optimizer
-    from lmzoo.peft import apply_finetune, parameter_counts
+    from lmzoo.models.peft import apply_finetune, parameter_counts
     from lmzoo.run import load_config
+    from lmzoo.training.optim import make_optimizer
 
     config = load_config(CONFIGS / "gpt_gpu.yaml")
     device = pick_device("auto")
@@ -424,8 +424,8 @@ def row_finetune(method: str, steps: int) -> dict:
 
 def row_tokenizers(steps: int) -> dict:
     """Seconds to encode a 1,000,000-character text with each tokenizer (fitted on Tiny Shakespeare)."""
-    from lmzoo.data import read_text_file
-    from lmzoo.tokenizers import TOKENIZER_REGISTRY, fit_tokenizer
+    from lmzoo.data.corpus import read_text_file
+    from lmzoo.data.tokenizer import TOKENIZER_REGISTRY, fit_tokenizer
 
     corpus = read_text_file("lmzoo:tinyshakespeare.txt")
     text = (corpus * 2)[:1_000_000]
@@ -442,9 +442,9 @@ def row_tokenizers(steps: int) -> dict:
 def row_decode(steps: int) -> dict:
     """Seq2seq decoding sentences/s, greedy and beam 5, on 200 test sentences, on the default device, with
     the trained runs runs/seq2seq and runs/transformer_small when they exist (else untrained models)."""
+    from lmzoo.data.examples import read_pair_splits
     from lmzoo.device import pick_device
-    from lmzoo.evaluate import translate_corpus
-    from lmzoo.examples import read_pair_splits
+    from lmzoo.inference.evaluate import translate_corpus
     from lmzoo.run import Run
 
     device = pick_device("auto")

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmzoo.data import read_splits  # noqa: E402
+from lmzoo.data.corpus import read_splits  # noqa: E402
 from lmzoo.retrieval.knn import build_datastore, read_manifest, read_texts  # noqa: E402
 from lmzoo.retrieval.knn_eval import evaluate_knn, evaluate_text  # noqa: E402
 from lmzoo.run import Run  # noqa: E402

@@ -114,7 +114,7 @@ def part_peak(check: Check) -> dict:
 
 def train_speed(check: Check, name: str, compile_mode: str) -> dict:
     """ms/step, tokens/s and MFU of `steps` training steps after 5 warm-up steps (which compile)."""
-    from lmzoo.setup import setup_training
+    from lmzoo.training.setup import setup_training
 
     setup = setup_training(check.config(name, [f"train.compile={compile_mode}"]))
     start = time.perf_counter()
@@ -160,8 +160,8 @@ def part_train(check: Check, name: str = "gpt_gpu") -> list[dict]:
 
 def part_quality(check: Check) -> dict:
     """Train gpt_gpu.yaml as shipped (early stopping); the wall time and the time to the best val loss."""
-    from lmzoo.tracking import read_metrics
-    from lmzoo.train import train
+    from lmzoo.training.loop import train
+    from lmzoo.training.tracking import read_metrics
 
     config = check.config("gpt_gpu", ["name=gpu_check_quality"])
     start = time.perf_counter()
@@ -187,7 +187,7 @@ def part_quality(check: Check) -> dict:
 def part_seq2seq(check: Check) -> dict:
     """transformer.yaml with token batches: tokens/s, then a timed run and its test BLEU."""
     from lmzoo.run import Run
-    from lmzoo.train import train
+    from lmzoo.training.loop import train
 
     speed = train_speed(check, "transformer", "false")
     print(json.dumps({"seq2seq_speed": speed}), flush=True)
@@ -225,7 +225,7 @@ def part_decode(check: Check) -> dict:
 def part_lora(check: Check) -> dict:
     from lmzoo.config.schema import FinetuneConfig
     from lmzoo.models import build_model
-    from lmzoo.peft import apply_finetune
+    from lmzoo.models.peft import apply_finetune
 
     torch.manual_seed(0)
     section = {"name": "lstm", "embedding_dim": 32, "hidden_size": 64, "num_layers": 2, "dropout": 0.0}

@@ -85,14 +85,15 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def scripted(monkeypatch, target: str, values: list[Any], snapshots: list | None = None) -> None:
-    """Replace `target` (e.g. "lmzoo.tasks.lm.evaluate_lm") by a function returning the next of `values`, in
-    order and across resumed runs; with `snapshots`, also keep the weights of the model (its first argument)
-    at each call. Tests script validation results this way and check what the trainer does with them."""
+    """Replace `target` (e.g. "lmzoo.training.tasks.lm.evaluate_stream") by a function returning the next of
+    `values`, in order and across resumed runs; with `snapshots`, also keep the weights of the model (its
+    first argument) at each call. Tests script validation results this way and check what the trainer does with them."""
     script = iter(values)
 
     def fake(*args: Any, **kwargs: Any) -> Any:
         if snapshots is not None:
-            snapshots.append({k: v.detach().clone() for k, v in args[0].state_dict().items()})
+            model = getattr(args[0], "model", args[0])  # a bare model, or a LoadedModel around it
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return copy.deepcopy(next(script))
 
     monkeypatch.setattr(target, fake)
@@ -147,7 +148,7 @@ def make_config(tmp_path: Path, corpus_file: Path):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """One tiny LSTM run trained once and shared (read-only) by the generate / CLI / tracking tests."""
-    from lmzoo.train import train
+    from lmzoo.training.loop import train
 
     root = tmp_path_factory.mktemp("shared_run")
     corpus = root / "corpus.txt"
@@ -187,3 +188,42 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("lmzoo reliability figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+# ---- reading what runs wrote, and generating from bare models ---------------------------------------
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run directory's metrics.jsonl."""
+    from lmzoo.run.layout import METRICS_FILE
+    from lmzoo.run.metrics import read_metrics as read_file
+
+    return read_file(Path(run_dir) / METRICS_FILE)
+
+
+def read_history(run_dir: Path) -> Any:
+    from lmzoo.run.layout import METRICS_FILE
+    from lmzoo.run.metrics import read_history as read_file
+
+    return read_file(Path(run_dir) / METRICS_FILE)
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, options: Any, **kwargs: Any) -> Any:
+    """Text pieces of `model` continuing `prompt` through the one decoding loop (a bare model, fp32)."""
+    from lmzoo.inference.decoding import decode
+    from lmzoo.inference.loaded import LoadedModel
+
+    return (
+        step.text for step in decode(LoadedModel(model, tokenizer), prompt, options, **kwargs) if step.text
+    )
+
+
+def translate_stream(
+    model: Any, source_tokenizer: Any, target_tokenizer: Any, text: str, *, max_len: int, options: Any
+) -> Any:
+    """Text pieces of a seq2seq model's translation of `text` through the one decoding loop."""
+    from lmzoo.inference.decoding import decode
+    from lmzoo.inference.loaded import LoadedModel
+
+    lm = LoadedModel(model, source_tokenizer, target_tokenizer, max_target_len=max_len)
+    return (step.text for step in decode(lm, text, options) if step.text)

@@ -14,7 +14,7 @@ WORDS = {"the": "die", "cat": "katze", "dog": "hund", "sees": "sieht", "a": "ein
 
 
 def _train(raw: dict) -> Path:
-    from lmzoo.train import train
+    from lmzoo.training.loop import train
 
     return train(config_from_dict(raw), progress=False)
 

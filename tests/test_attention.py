@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_model_section
 
 from lmzoo.errors import ConfigError
-from lmzoo.generate import SamplingOptions, generate_ids
+from lmzoo.inference.decoding import generate_ids
+from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.models import build_model
 from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
 from lmzoo.models.gpt import GPT

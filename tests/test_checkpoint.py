@@ -15,18 +15,18 @@ import pytest
 import torch
 from conftest import TINY_TEXT, base_config_dict, config_from_dict, load_run, scripted, tiny_model_section
 
-import lmzoo.checkpoint as ckpt
-from lmzoo.checkpoint import (
+import lmzoo.run.checkpoint as ckpt
+from lmzoo.errors import CheckpointError
+from lmzoo.io import atomic_write_text
+from lmzoo.models import build_model
+from lmzoo.run.checkpoint import (
     checkpoint_dir,
     load_train_state,
     load_weights,
     recover_checkpoints,
     save_checkpoint,
 )
-from lmzoo.errors import CheckpointError
-from lmzoo.io import atomic_write_text
-from lmzoo.models import build_model
-from lmzoo.train import train
+from lmzoo.training.loop import train
 
 VOCAB = 17
 
@@ -308,7 +308,12 @@ def lm_scores(losses: list[float]) -> list[dict[str, float]]:
 def test_best_holds_the_lowest_validation_loss(make_config, monkeypatch):
     snapshots: list[dict[str, torch.Tensor]] = []
     # evaluations at steps 2, 4, ..., 12; the lowest loss comes at step 8, after a rise and before two
-    scripted(monkeypatch, "lmzoo.tasks.lm.evaluate_lm", lm_scores([3.0, 2.5, 2.7, 2.2, 2.4, 2.3]), snapshots)
+    scripted(
+        monkeypatch,
+        "lmzoo.training.tasks.lm.evaluate_stream",
+        lm_scores([3.0, 2.5, 2.7, 2.2, 2.4, 2.3]),
+        snapshots,
+    )
     run_dir = train(make_config({"train": {"max_steps": 12, "eval_every": 2}}), progress=False)
     best, last = load_run(run_dir, "best"), load_run(run_dir, "last")
     assert best.info["step"] == 8 and best.info["val_loss"] == 2.2 and best.info["best_metric"] == "loss"
@@ -326,10 +331,15 @@ def test_best_by_bleu_holds_the_highest_bleu_not_the_lowest_loss(tmp_path, monke
     raw["train"].update(max_steps=8, eval_every=2, best_metric="bleu", bleu_sentences=2)
     snapshots: list[dict[str, torch.Tensor]] = []
     # the loss falls at every evaluation; BLEU peaks at the second (step 4)
-    scripted(monkeypatch, "lmzoo.tasks.seq2seq.evaluate_seq2seq", lm_scores([3.0, 2.5, 2.0, 1.5]), snapshots)
-    scripted(monkeypatch, "lmzoo.tasks.seq2seq.corpus_bleu", [10.0, 30.0, 20.0, 25.0])
+    scripted(
+        monkeypatch,
+        "lmzoo.training.tasks.seq2seq.evaluate_seq2seq",
+        lm_scores([3.0, 2.5, 2.0, 1.5]),
+        snapshots,
+    )
+    scripted(monkeypatch, "lmzoo.training.tasks.seq2seq.corpus_bleu", [10.0, 30.0, 20.0, 25.0])
     monkeypatch.setattr(
-        "lmzoo.tasks.seq2seq.translate_corpus", lambda model, sources, *a, **k: [""] * len(sources)
+        "lmzoo.training.tasks.seq2seq.translate_corpus", lambda model, sources, *a, **k: [""] * len(sources)
     )
     run_dir = train(config_from_dict(raw), progress=False)
     best = load_run(run_dir, "best")

@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TINY_TEXT, base_config_dict, load_run
+from conftest import TINY_TEXT, base_config_dict, generate, load_run, read_metrics
 from typer.testing import CliRunner
 
 from lmzoo import __version__
 from lmzoo.cli import app
-from lmzoo.generate import SamplingOptions, generate
+from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.models import list_models
 from lmzoo.run import Run
-from lmzoo.tracking import read_metrics
 
 
 @pytest.fixture
@@ -213,18 +212,16 @@ def test_eval_on_a_file(runner, trained_run, tmp_path):
     assert f"on {data}" in result.stdout
     match = re.search(r"loss (\d+\.\d+)\s+ppl (\d+\.\d+)\s+\(([\d,]+) tokens\)", result.stdout)
     assert match, result.stdout
-    # By hand: the file is read as `rows` parallel streams (at most batch_size, each at least one window),
-    # and the LSTM carries its state from window to window, so each row scores as one whole forward pass.
+    # By hand: the LSTM carries its state from window to window, so every token after the first is
+    # scored given the whole text before it: one forward pass over the text.
     run = load_run(trained_run, "last")
     ids = torch.tensor(run.tokenizer.encode(text))
-    rows = max(1, min(run.config.data.batch_size, (len(ids) - 1) // run.config.seq_len))
-    grid = ids[: len(ids) // rows * rows].view(rows, -1)
     with torch.no_grad():
-        logits, _ = run.model(grid[:, :-1])
-    nll = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), grid[:, 1:].reshape(-1)))
+        logits, _ = run.model(ids[None, :-1])
+    nll = float(F.cross_entropy(logits[0], ids[1:]))
     assert float(match.group(1)) == pytest.approx(nll, abs=1e-4)
     assert float(match.group(2)) == pytest.approx(math.exp(nll), rel=1e-3)
-    assert int(match.group(3).replace(",", "")) == grid[:, 1:].numel()
+    assert int(match.group(3).replace(",", "")) == len(ids) - 1
 
 
 # Parameter counts written out from each family's architecture at its default config: an oracle that does not

@@ -9,17 +9,16 @@ import re
 
 import pytest
 import yaml
-from conftest import load_run, tiny_model_section
+from conftest import load_run, read_metrics, tiny_model_section, translate_stream
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 from lmzoo.cli import app
-from lmzoo.evaluate import corpus_bleu
-from lmzoo.examples import read_pair_splits
-from lmzoo.generate import SamplingOptions
+from lmzoo.data.examples import read_pair_splits
+from lmzoo.inference.evaluate import corpus_bleu
+from lmzoo.inference.sampling import SamplingOptions
+from lmzoo.inference.seq2seq import translate
 from lmzoo.run import Run
-from lmzoo.tracking import read_metrics
-from lmzoo.translate import translate, translate_stream
 
 LEXICON = {
     "the": "die",

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_TEXT, base_config_dict
+from conftest import TINY_TEXT, base_config_dict, read_metrics
 from PIL import Image
 from typer.testing import CliRunner
 
-import lmzoo.train
+import lmzoo.training.loop
+from lmzoo.analysis.compare import bits_per_char, compare
+from lmzoo.analysis.compare_files import write_outputs
 from lmzoo.cli import app
-from lmzoo.compare import bits_per_char, compare
-from lmzoo.compare_files import write_outputs
-from lmzoo.tracking import read_metrics
 
 TOKENS = 160
 
@@ -43,15 +42,15 @@ def configs(tmp_path, corpus_file) -> list[Path]:
 
 @pytest.fixture
 def counted(monkeypatch) -> list[str]:
-    """The names of the runs lmzoo.train.train was asked to train."""
+    """The names of the runs lmzoo.training.loop.train was asked to train."""
     calls: list[str] = []
-    real = lmzoo.train.train
+    real = lmzoo.training.loop.train
 
     def counting(config, **kwargs):
         calls.append(config.name)
         return real(config, **kwargs)
 
-    monkeypatch.setattr(lmzoo.train, "train", counting)
+    monkeypatch.setattr(lmzoo.training.loop, "train", counting)
     return calls
 
 

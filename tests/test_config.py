@@ -8,11 +8,11 @@ import pytest
 import yaml
 from conftest import base_config_dict, config_from_dict, deep_merge, tiny_model_section
 
-from lmzoo.config.load import apply_overrides, config_to_yaml, parse_overrides
 from lmzoo.config.schema import resolve_data_path
 from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.models import get_model_info, list_models
 from lmzoo.run import load_config
+from lmzoo.run.config import apply_overrides, config_to_yaml, parse_overrides
 
 
 def config_error(raw: dict, source: str = "config") -> str:

@@ -13,8 +13,8 @@ from conftest import config_from_dict, load_run
 from lmzoo.config.schema import FinetuneConfig, RunConfig
 from lmzoo.device import pick_precision
 from lmzoo.models import build_model
-from lmzoo.peft import apply_finetune
-from lmzoo.train import train
+from lmzoo.models.peft import apply_finetune
+from lmzoo.training.loop import train
 
 pytestmark = [
     pytest.mark.cuda,

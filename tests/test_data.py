@@ -9,14 +9,8 @@ import torch
 from conftest import TINY_TEXT
 
 from lmzoo.config import DataConfig
-from lmzoo.data import (
-    RandomWindows,
-    SequentialBatches,
-    eval_windows,
-    make_batches,
-    read_splits,
-    read_text_file,
-)
+from lmzoo.data.corpus import read_splits, read_text_file
+from lmzoo.data.streams import RandomWindows, SequentialBatches, eval_windows, make_batches
 from lmzoo.errors import DataError
 
 # ---- reading files -----------------------------------------------------------------------------

@@ -20,14 +20,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from conftest import TINY_TEXT, base_config_dict, config_from_dict, deep_merge, load_run, tiny_model_section
+from conftest import (
+    TINY_TEXT,
+    base_config_dict,
+    config_from_dict,
+    deep_merge,
+    generate,
+    load_run,
+    read_metrics,
+    tiny_model_section,
+)
 from typer.testing import CliRunner
 
-from lmzoo.checkpoint import load_train_state
 from lmzoo.cli import app
-from lmzoo.generate import SamplingOptions, generate
-from lmzoo.tracking import read_metrics
-from lmzoo.train import train
+from lmzoo.inference.sampling import SamplingOptions
+from lmzoo.run.checkpoint import load_train_state
+from lmzoo.training.loop import train
 
 pytestmark = [
     pytest.mark.distributed,

@@ -17,6 +17,7 @@ from conftest import (
     config_from_dict,
     deep_merge,
     load_run,
+    read_metrics,
     tiny_model_section,
 )
 from torch import nn
@@ -24,25 +25,21 @@ from typer.testing import CliRunner
 
 from lmzoo.cli import app
 from lmzoo.config.schema import RunConfig
-from lmzoo.data import encode_stream, make_batches, read_splits
+from lmzoo.data.batch import PreferenceBatch
+from lmzoo.data.corpus import encode_stream, read_splits
+from lmzoo.data.examples import preference_batch, prompt_response_ids, read_records, sft_batch
+from lmzoo.data.streams import make_batches
+from lmzoo.data.tokenizer import CharTokenizerConfig, fit_tokenizer
 from lmzoo.errors import CheckpointError, ConfigError, DataError
-from lmzoo.evaluate import evaluate_lm
-from lmzoo.examples import preference_batch, prompt_response_ids, read_records, sft_batch
+from lmzoo.inference.loaded import LoadedModel
+from lmzoo.inference.scoring import evaluate_stream
 from lmzoo.models.base import PAD_ID, LanguageModel
 from lmzoo.models.heads import OutputHead
-from lmzoo.objectives import (
-    DPOObjective,
-    LMObjective,
-    PreferenceBatch,
-    preference_metrics,
-    sequence_logprobs,
-)
-from lmzoo.peft import LoRA, adapters_disabled
+from lmzoo.models.peft import LoRA, adapters_disabled
 from lmzoo.run import Run
-from lmzoo.setup import setup_training
-from lmzoo.tokenizers import CharTokenizerConfig, fit_tokenizer
-from lmzoo.tracking import read_metrics
-from lmzoo.train import train
+from lmzoo.training.loop import train
+from lmzoo.training.objectives import DPOObjective, LMObjective, preference_metrics, sequence_logprobs
+from lmzoo.training.setup import setup_training
 
 # Fine-tuning text: new sentences made of the base corpus's characters (nothing maps to <unk>).
 FINETUNE_TEXT = "".join(line + "\n" for line in ["the bird ate the mat.", "a cat sang on the bone."] * 20)
@@ -119,14 +116,8 @@ def first_batch_loss(model: nn.Module, config: RunConfig, tokenizer) -> float:
 def val_loss(model: nn.Module, config: RunConfig, tokenizer) -> float:
     """What a run's evaluate() computes on its validation split."""
     stream = encode_stream(tokenizer, read_splits(config.data).val)
-    return evaluate_lm(
-        model,
-        stream,
-        batch_size=config.data.batch_size,
-        seq_len=config.seq_len,
-        max_batches=config.train.eval_batches,
-        device=torch.device("cpu"),
-    )["loss"]
+    readable = LoadedModel(model, tokenizer, window=config.seq_len, batch_size=config.data.eval_rows)
+    return evaluate_stream(readable, stream, max_tokens=config.eval_tokens)["loss"]
 
 
 # ---- 7. init_from -------------------------------------------------------------------------------------

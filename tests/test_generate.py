@@ -6,24 +6,23 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_TEXT, tiny_model_section
+from conftest import TINY_TEXT, generate, tiny_model_section
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmzoo.generate import (
+from lmzoo.data.tokenizer import BpeTokenizerConfig, CharTokenizerConfig, WordTokenizerConfig, fit_tokenizer
+from lmzoo.inference.decoding import decode, generate_ids
+from lmzoo.inference.loaded import LoadedModel
+from lmzoo.inference.sampling import (
     SamplingOptions,
-    TextStream,
     apply_repetition_penalty,
     filter_top_k,
     filter_top_p,
-    generate,
-    generate_ids,
     next_token,
-    start_ids,
 )
+from lmzoo.inference.text import TextStream, start_ids
 from lmzoo.models import build_model, list_models
 from lmzoo.models.base import LanguageModel
-from lmzoo.tokenizers import BpeTokenizerConfig, CharTokenizerConfig, WordTokenizerConfig, fit_tokenizer
 
 LM_MODELS = [info.name for info in list_models() if info.kind == "lm"]
 CYCLE = "abcdefgh\n"
@@ -77,6 +76,18 @@ def random_model(name: str, vocab: int, seed: int = 0):
 
 def text_of(model, tokenizer, prompt, options, **kwargs) -> str:
     return "".join(generate(model, tokenizer, prompt, options, **kwargs))
+
+
+def decoded(model, tokenizer, prompt, options, **kwargs) -> tuple[str, list[int]]:
+    """(text, generated ids) through the one decoding loop."""
+    steps = list(decode(LoadedModel(model, tokenizer), prompt, options, **kwargs))
+    return "".join(step.text for step in steps), [step.id for step in steps]
+
+
+def never_eos(model, tokenizer) -> None:
+    """Make <eos> (which ends a generation) impossible for a random model with an output bias."""
+    with torch.no_grad():
+        model.head.proj.bias[tokenizer.eos_id] = -100.0
 
 
 def spy_forward(model) -> list[list[int]]:
@@ -171,7 +182,7 @@ def test_top_k_1_equals_greedy(char_tok):
 def test_prompt_is_fed_once_then_one_token_at_a_time(cycle_tok):
     model = CycleModel(cycle_tok)
     list(generate_ids(model, cycle_tok.encode("abc"), SamplingOptions(max_new_tokens=4, greedy=True)))
-    assert model.calls == [3, 1, 1, 1, 1]
+    assert model.calls == [3, 1, 1, 1]  # the last token is never fed: nothing comes after it
 
 
 # ---- the filters' math --------------------------------------------------------------------------
@@ -278,21 +289,22 @@ def test_empty_prompt_starts_a_new_line(cycle_tok, char_tok):
     assert text == "abcde"  # what follows "\n" in the cycle
     # Real models start from the newline too, and generate every token asked for.
     model = random_model("rnn", char_tok.vocab_size)
+    never_eos(model, char_tok)
     fed = spy_forward(model)
-    out = text_of(
+    out, ids = decoded(
         model, char_tok, "", SamplingOptions(max_new_tokens=8), generator=torch.Generator().manual_seed(0)
     )
-    assert fed[0] == char_tok.encode("\n") and len(fed) == 9
-    assert out == char_tok.decode([ids[0] for ids in fed[1:]])
+    assert fed[0] == char_tok.encode("\n") and len(ids) == 8 and [f[0] for f in fed[1:]] == ids[:-1]
+    assert out == char_tok.decode(ids)
 
 
 def test_empty_prompt_without_a_newline_token_uses_bos():
     tok = fit_tokenizer(CharTokenizerConfig(), "abc abc")
     assert start_ids(tok) == [tok.bos_id]
     model = random_model("gru", tok.vocab_size)
+    never_eos(model, tok)
     fed = spy_forward(model)
-    text = text_of(model, tok, "", SamplingOptions(max_new_tokens=6, greedy=True))
-    generated = [ids[0] for ids in fed[1:]]
+    text, generated = decoded(model, tok, "", SamplingOptions(max_new_tokens=6, greedy=True))
     assert fed[0] == [tok.bos_id] and len(generated) == 6
     assert text == tok.decode(generated) and text and set(text) <= set("abc ")
 
@@ -305,10 +317,8 @@ def test_special_ids_other_than_eos_are_never_generated(char_tok, options):
         bias = model.head.proj.bias
         bias[char_tok.pad_id], bias[char_tok.unk_id], bias[char_tok.bos_id] = 100.0, 90.0, 80.0
         bias[char_tok.eos_id] = -100.0
-    fed = spy_forward(model)
     chosen = SamplingOptions(max_new_tokens=10, **options)
-    text = text_of(model, char_tok, "the", chosen, generator=torch.Generator().manual_seed(0))
-    generated = [ids[0] for ids in fed[1:]]
+    text, generated = decoded(model, char_tok, "the", chosen, generator=torch.Generator().manual_seed(0))
     assert len(generated) == 10
     assert not {char_tok.pad_id, char_tok.unk_id, char_tok.bos_id} & set(generated)
     assert len(text) == 10 and "\ufffd" not in text and text == char_tok.decode(generated)

@@ -1,4 +1,4 @@
-"""`lmzoo score` and `generate --show-probs` (lmzoo.inspect): per-token log-probabilities that are the
+"""`lmzoo score` and `generate --show-probs` (lmzoo.inference.scoring): per-token log-probabilities that are the
 model's own log-softmax, a loss equal to `lmzoo eval`'s on the same text, bits per character, the
 OpenAI-shaped records, the surprisal PNG, and one-line errors."""
 
@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from lmzoo.cli import app
 from lmzoo.errors import DataError
-from lmzoo.inspect import generate_with_probs
 from lmzoo.run import Run
 
 CPU = torch.device("cpu")
@@ -30,7 +29,7 @@ PAIRS = [
 
 
 def train_tiny(root: Path, name: str, model: dict, steps: int = 12, **sections) -> Path:
-    from lmzoo.train import train
+    from lmzoo.training.loop import train
 
     corpus = root / "corpus.txt"
     corpus.write_text(TINY_TEXT, encoding="utf-8")
@@ -147,14 +146,15 @@ def test_top_k_alternatives_are_sorted_and_are_the_models_log_softmax(gpt_run):
 # ---- generation with probabilities ---------------------------------------------------------------------
 
 
+def with_probs(run: Run, prompt: str, **options) -> list:
+    """(text piece, StepProbs) of each generated token."""
+    return [(step.text, step.probs) for step in run.decode(prompt, **options)]
+
+
 def test_generation_records_are_the_models_distribution_and_leave_the_text_unchanged(gpt_run):
     run = Run.open(gpt_run)
     plain = "".join(run.generate("the ", device="cpu", seed=3, max_new_tokens=12, temperature=1.0))
-    steps = list(
-        generate_with_probs(
-            run, "the ", top_logprobs=3, device="cpu", seed=3, max_new_tokens=12, temperature=1.0
-        )
-    )
+    steps = with_probs(run, "the ", top_logprobs=3, device="cpu", seed=3, max_new_tokens=12, temperature=1.0)
     assert "".join(piece for piece, _ in steps) == plain
     ids = run.tokenizer.encode("the ") + [step.id for _, step in steps]
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_generation_records_are_the_models_distribution_and_leave_the_text_uncha
 
 def test_seq2seq_greedy_generation_records_match_the_teacher_forced_score(seq2seq_run):
     run = Run.open(seq2seq_run)
-    steps = list(generate_with_probs(run, "the dog", top_logprobs=2, device="cpu", greedy=True))
+    steps = with_probs(run, "the dog", top_logprobs=2, device="cpu", greedy=True)
     translation = "".join(piece for piece, _ in steps)
     assert translation == "".join(run.generate("the dog", device="cpu", greedy=True))
     assert all(step.top[0][1] == step.id for _, step in steps if step.top[0][1] > 3)  # greedy took the top
@@ -187,8 +187,8 @@ def test_stop_strings_end_the_records_where_the_text_ends(gpt_run):
     plain = "".join(
         run.generate("the ", device="cpu", seed=5, max_new_tokens=30, temperature=1.0, stop=["t"])
     )
-    steps = list(
-        generate_with_probs(run, "the ", device="cpu", seed=5, max_new_tokens=30, temperature=1.0, stop=["t"])
+    steps = with_probs(
+        run, "the ", top_logprobs=5, device="cpu", seed=5, max_new_tokens=30, temperature=1.0, stop=["t"]
     )
     assert "".join(piece for piece, _ in steps) == plain
 
@@ -304,7 +304,7 @@ def test_attention_png_grid_has_one_cell_per_layer_and_head(runner, gpt_run, tmp
 
 
 def test_attention_txt_prints_each_matrix_with_token_labels(runner, gpt_run):
-    from lmzoo.attention_maps import attention_maps
+    from lmzoo.analysis.attention import attention_maps
     from lmzoo.run import Run
 
     result = runner.invoke(

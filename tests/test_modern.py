@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from lmzoo.errors import ConfigError
-from lmzoo.generate import SamplingOptions, generate_ids
+from lmzoo.inference.decoding import generate_ids
+from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.models import build_model, count_parameters, tiny_model_config
 from lmzoo.models.modern import (
     GroupedQueryAttention,

@@ -1,5 +1,5 @@
 """The optimisation step: gradient accumulation, DDP/FSDP gradient sync, the optimisers, weight decay on
-matrices only, and gradient clipping, each against a hand computation (lmzoo.optim)."""
+matrices only, and gradient clipping, each against a hand computation (lmzoo.training.optim)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 from conftest import tiny_model_section
 
 from lmzoo.config import TrainConfig
+from lmzoo.data.batch import LMBatch
 from lmzoo.models import build_model
-from lmzoo.objectives import LMBatch, LMObjective
-from lmzoo.optim import TrainStep, make_optimizer
-from lmzoo.setup import setup_training
+from lmzoo.training.objectives import LMObjective
+from lmzoo.training.optim import TrainStep, make_optimizer
+from lmzoo.training.setup import setup_training
 
 CPU = torch.device("cpu")
 VOCAB = 17

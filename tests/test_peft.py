@@ -1,4 +1,4 @@
-"""LoRA and adapters (lmzoo.peft) on every model family: start equal to the base, train only the new
+"""LoRA and adapters (lmzoo.models.peft) on every model family: start equal to the base, train only the new
 tensors, merge into plain weights, switch off for a reference model, and stay small for the shipped configs."""
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from lmzoo.config.schema import FinetuneConfig
 from lmzoo.errors import ConfigError
 from lmzoo.models import build_model, list_models
 from lmzoo.models.base import PAD_ID
-from lmzoo.models.registry import REFERENCE_VOCAB
-from lmzoo.peft import (
+from lmzoo.models.peft import (
     Adapter,
     AdapterAfter,
     LoRA,
@@ -29,6 +28,7 @@ from lmzoo.peft import (
     parameter_counts,
     trainable_state_dict,
 )
+from lmzoo.models.registry import REFERENCE_VOCAB
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = [info.name for info in list_models()]

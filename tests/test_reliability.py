@@ -26,6 +26,7 @@ from conftest import (
     TINY_TEXT,
     base_config_dict,
     config_from_dict,
+    generate,
     load_run,
     report_figure,
     run_trials,
@@ -37,11 +38,12 @@ from typer.testing import CliRunner
 
 from lmzoo.cli import app
 from lmzoo.config.schema import RunConfig
+from lmzoo.data.tokenizer import fit_tokenizer
 from lmzoo.errors import LmzooError, TrainingStopped
-from lmzoo.generate import SamplingOptions, generate, start_ids
+from lmzoo.inference.sampling import SamplingOptions
+from lmzoo.inference.text import start_ids
 from lmzoo.models import get_model_info, list_models
-from lmzoo.tokenizers import fit_tokenizer
-from lmzoo.train import train
+from lmzoo.training.loop import train
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +115,7 @@ def test_resume_is_bit_identical_for_every_family(tmp_path, name):
 
 def test_resume_mid_epoch_of_sequential_batches(tmp_path):
     config = family_config(tmp_path, "lstm", "a", "sequential")
-    from lmzoo.setup import setup_training
+    from lmzoo.training.setup import setup_training
 
     per_epoch = setup_training(config).stepper.batches.batches_per_epoch
     assert 6 % per_epoch != 0  # the stop at step 6 falls inside an epoch
@@ -358,7 +360,7 @@ def test_bad_data_fails_before_a_model_is_built(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_nonfinite_loss_stops_or_skips_without_saving_it(make_config, monkeypatch, policy):
-    from lmzoo.objectives import LMObjective
+    from lmzoo.training.objectives import LMObjective
 
     original, calls = LMObjective.__call__, {"n": 0}
 

@@ -16,9 +16,9 @@ from conftest import config_from_dict, run_trials
 from typer.testing import CliRunner
 
 from lmzoo.cli import app
-from lmzoo.config.load import config_to_yaml
 from lmzoo.errors import ConfigError
 from lmzoo.run import load_config
+from lmzoo.run.config import config_to_yaml
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_TEXT, base_config_dict, load_run, report_figure, run_trials
+from conftest import TINY_TEXT, base_config_dict, load_run, read_metrics, report_figure, run_trials
 
-from lmzoo import checkpoint as ckpt
-from lmzoo.checkpoint import load_train_state
 from lmzoo.run import Run, load_config
-from lmzoo.tracking import read_metrics
-from lmzoo.train import train
+from lmzoo.run import checkpoint as ckpt
+from lmzoo.run.checkpoint import load_train_state
+from lmzoo.training.loop import train
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parent.parent

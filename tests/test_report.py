@@ -10,13 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import read_history
 from PIL import Image
 from typer.testing import CliRunner
 
+from lmzoo.analysis.report import build_report, to_html, to_markdown, write_report
 from lmzoo.cli import app
-from lmzoo.report import build_report, to_html, to_markdown, write_report
-from lmzoo.tracking import read_history
-from lmzoo.train import train
+from lmzoo.training.loop import train
 
 CHROMIUM = Path("/usr/bin/chromium")
 

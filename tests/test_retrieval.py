@@ -18,10 +18,10 @@ pytest.importorskip("faiss", reason="the retrieval extra is not installed: pip i
 pytest.importorskip("bm25s", reason="the retrieval extra is not installed: pip install 'lmzoo[retrieval]'")
 
 from lmzoo.retrieval.bm25 import Bm25Index, chunk_lines  # noqa: E402
-from lmzoo.retrieval.interpolate import knn_logprobs, knn_target_logprob, neighbour_scores  # noqa: E402
+from lmzoo.retrieval.interpolate import knn_logprobs, knn_target_logprob, neighbour_scores, with_knn  # noqa: E402
 from lmzoo.retrieval.knn import Datastore, build_datastore  # noqa: E402
 from lmzoo.retrieval.knn_eval import collect, evaluate_text, mixed_loss  # noqa: E402
-from lmzoo.retrieval.rag import chunk_sequences, leaks  # noqa: E402
+from lmzoo.retrieval.rag import chunk_sequences, leaks, retrieve  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory) -> Path:
     """A tiny GPT (context 64) trained a few steps on TINY_TEXT."""
-    from lmzoo.train import train
+    from lmzoo.training.loop import train
 
     root = tmp_path_factory.mktemp("gpt_run")
     corpus = root / "corpus.txt"
@@ -69,10 +69,10 @@ def runner() -> CliRunner:
 def test_lambda_zero_is_the_plain_model_bit_for_bit(family, trained_run, gpt_run, stores):
     run = Run.open(trained_run if family == "lstm" else gpt_run)
     plain = run.evaluate(stores["text"], device="cpu")["loss"]
-    mixed = run.with_knn(stores[family], k=8, lmbda=0.0).evaluate(stores["text"], device="cpu")["loss"]
+    mixed = with_knn(run, stores[family], k=8, lmbda=0.0).evaluate(stores["text"], device="cpu")["loss"]
     assert mixed == plain
     assert (
-        run.with_knn(stores[family], k=8, lmbda=0.3).evaluate(stores["text"], device="cpu")["loss"] != plain
+        with_knn(run, stores[family], k=8, lmbda=0.3).evaluate(stores["text"], device="cpu")["loss"] != plain
     )
 
 
@@ -93,7 +93,7 @@ def test_knn_distribution_sums_to_one_and_matches_the_target_formula():
 
 
 def test_mixed_model_gives_a_distribution(gpt_run, stores):
-    mixed = Run.open(gpt_run).with_knn(stores["gpt"], k=16, lmbda=0.5, temperature=2.0)
+    mixed = with_knn(Run.open(gpt_run), stores["gpt"], k=16, lmbda=0.5, temperature=2.0)
     model = mixed.model("best", "cpu")
     logp, _ = model(torch.tensor([[3, 4, 5, 6]]), None)
     assert torch.allclose(logp.exp().sum(-1), torch.ones(1, 4), atol=1e-5)
@@ -103,7 +103,7 @@ def test_mixed_model_gives_a_distribution(gpt_run, stores):
 def test_a_store_of_the_evaluated_text_drives_its_loss_near_zero(family, trained_run, gpt_run, stores):
     run = Run.open(trained_run if family == "lstm" else gpt_run)
     plain = run.evaluate(stores["text"], device="cpu")["loss"]
-    mixed = run.with_knn(stores[family], k=4, lmbda=0.999, temperature=1e-3)
+    mixed = with_knn(run, stores[family], k=4, lmbda=0.999, temperature=1e-3)
     loss = mixed.evaluate(stores["text"], device="cpu")["loss"]
     # The LSTM carries its state, so every stored state has its full past: the store answers exactly.
     # A GPT window starts afresh; its first positions see one or two characters, which in this text
@@ -112,7 +112,7 @@ def test_a_store_of_the_evaluated_text_drives_its_loss_near_zero(family, trained
 
 
 def test_tuning_formula_equals_the_mixed_model(gpt_run, stores):
-    mixed = Run.open(gpt_run).with_knn(stores["gpt"], k=16, lmbda=0.4, temperature=5.0)
+    mixed = with_knn(Run.open(gpt_run), stores["gpt"], k=16, lmbda=0.4, temperature=5.0)
     text = TINY_TEXT[:400]
     lm, dists, match = collect(mixed, text, checkpoint_tag="best", device=CPU)
     fast = float(mixed_loss(lm, dists, match, (0.0, 0.4), 5.0)[1])
@@ -123,7 +123,7 @@ def test_tuning_formula_equals_the_mixed_model(gpt_run, stores):
 
 
 def test_score_with_knn_follows_eval(gpt_run, stores, runner, tmp_path):
-    mixed = Run.open(gpt_run).with_knn(stores["gpt"], k=16, lmbda=0.5, temperature=5.0)
+    mixed = with_knn(Run.open(gpt_run), stores["gpt"], k=16, lmbda=0.5, temperature=5.0)
     (tmp_path / "t.txt").write_text(TINY_TEXT[:300], encoding="utf-8")
     scored = mixed.score(TINY_TEXT[:300], device="cpu")
     assert math.isclose(scored.loss, mixed.evaluate(tmp_path / "t.txt", device="cpu")["loss"], rel_tol=1e-5)
@@ -135,15 +135,15 @@ def test_generation_queries_the_store_once_per_token(gpt_run, stores, monkeypatc
     calls = []
     original = Datastore.search
     monkeypatch.setattr(Datastore, "search", lambda self, q, k: calls.append(q.shape) or original(self, q, k))
-    mixed = Run.open(gpt_run).with_knn(stores["gpt"], k=8, lmbda=0.5)
+    mixed = with_knn(Run.open(gpt_run), stores["gpt"], k=8, lmbda=0.5)
     text = "".join(mixed.generate("the ", max_new_tokens=6, seed=1, device="cpu"))
-    assert len(text) > 0 and len(calls) == 1 + 6  # the prompt once, then one query per new token
+    assert len(text) > 0 and len(calls) == 6  # the prompt once, then one query per token fed back (5)
     assert all(shape[1] == 1 for shape in calls[1:])
 
 
 def test_index_built_for_another_model_is_refused(gpt_run, stores, runner):
     with pytest.raises(CheckpointError, match="another model"):
-        Run.open(gpt_run).with_knn(stores["lstm"])
+        with_knn(Run.open(gpt_run), stores["lstm"])
     result = runner.invoke(app, ["eval", "--run", str(gpt_run), "--knn", str(stores["lstm"])])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "error:" in result.output
 
@@ -151,7 +151,7 @@ def test_index_built_for_another_model_is_refused(gpt_run, stores, runner):
 def test_k_larger_than_the_store_is_refused(gpt_run, stores, runner):
     size = Datastore.load(stores["gpt"], Run.open(gpt_run)).size
     with pytest.raises(ConfigError, match="store's size"):
-        Run.open(gpt_run).with_knn(stores["gpt"], k=size + 1)
+        with_knn(Run.open(gpt_run), stores["gpt"], k=size + 1)
     result = runner.invoke(
         app, ["eval", "--run", str(gpt_run), "--knn", str(stores["gpt"]), "--k", str(size + 1)]
     )
@@ -299,7 +299,7 @@ def test_rag_generate_and_eval(gpt_run, tmp_path, runner):
 
 def test_retrieve_on_run_fits_the_context(gpt_run, tmp_path):
     Bm25Index.build(write_docs(tmp_path / "docs"), tmp_path / "index", passage_chars=10)
-    found = Run.open(gpt_run).retrieve("purple elephant", tmp_path / "index", k=1)
+    found = retrieve(Run.open(gpt_run), "purple elephant", tmp_path / "index", k=1)
     assert len(found) == 1 and "purple" in found[0].text and found[0].source.startswith("sub/b.md:")
 
 

@@ -11,11 +11,12 @@ import torch
 import yaml
 from conftest import load_run
 
-import lmzoo.checkpoint as ckpt
+import lmzoo.run.checkpoint as ckpt
 from lmzoo import Run
-from lmzoo.checkpoint import save_checkpoint
 from lmzoo.errors import CheckpointError, ConfigError
 from lmzoo.models import build_model, tiny_model_config
+from lmzoo.run.checkpoint import save_checkpoint
+from lmzoo.training.rundirs import create
 
 
 def tiny_lstm() -> torch.nn.Module:
@@ -27,10 +28,10 @@ def tiny_lstm() -> torch.nn.Module:
 
 def test_create_never_reuses_a_name(make_config, tmp_path):
     config = make_config()
-    first, second = Run.create(config), Run.create(config)
+    first, second = create(config), create(config)
     assert (first.path.name, second.path.name) == ("tiny", "tiny-2")
     assert (first.path / "config.yaml").is_file() and (second.path / "config.yaml").is_file()
-    assert Run.create(config).path.name == "tiny-3"
+    assert create(config).path.name == "tiny-3"
 
 
 def test_latest_and_open(tmp_path, monkeypatch):
@@ -73,7 +74,7 @@ def test_model_best_and_last(trained_run):
     assert not best.model.training
     assert best.tokenizer.vocab_size == best.model.embedding.num_embeddings
     assert best.config.name == "shared"
-    with pytest.raises(ConfigError, match="--checkpoint must be best or last"):
+    with pytest.raises(ConfigError, match="checkpoint_tag must be best or last"):
         load_run(trained_run, "middle")
 
 
@@ -98,7 +99,7 @@ def test_a_run_loads_without_its_corpus(tmp_path, trained_run):
 
 def test_the_library_verbs_match_the_model(trained_run):
     """run.generate streams what the sampler makes of the model; run.evaluate is the token-weighted loss."""
-    from lmzoo.generate import generate
+    from conftest import generate
 
     run = Run.open(trained_run)
     greedy = "".join(run.generate("the ", max_new_tokens=12, greedy=True, device="cpu"))

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from conftest import tiny_model_section
 
 from lmzoo.config import DataConfig, TrainConfig
+from lmzoo.data.examples import collate_pairs, encode_pairs, pair_batches, read_pair_file, read_pair_splits
+from lmzoo.data.tokenizer import CharTokenizer
 from lmzoo.errors import ConfigError, DataError
-from lmzoo.evaluate import evaluate_seq2seq, translate_corpus
-from lmzoo.examples import collate_pairs, encode_pairs, pair_batches, read_pair_file, read_pair_splits
-from lmzoo.generate import SamplingOptions
+from lmzoo.inference.decoding import SamplingOptions, Seq2SeqStepper, SequenceDecoder, run_decoder
+from lmzoo.inference.evaluate import evaluate_seq2seq, translate_corpus
+from lmzoo.inference.seq2seq import beam_search, decode_batch, translate
 from lmzoo.models import build_model, get_model_info, list_models
 from lmzoo.models.base import PAD_ID, Seq2SeqModel, select_rows
-from lmzoo.optim import lr_at
-from lmzoo.tokenizers import CharTokenizer
-from lmzoo.translate import beam_search, decode_batch, decode_stream, translate
+from lmzoo.training.optim import lr_at
 
 SEQ2SEQ_MODELS = [info.name for info in list_models() if info.kind == "seq2seq"]
 SRC_VOCAB, TGT_VOCAB = 19, 23
@@ -344,11 +344,8 @@ def test_sampling_and_streaming_agree_with_greedy(half_trained, name):
     assert first == again and first != greedy  # reproducible with a seeded generator, and really sampled
     for row in range(src.shape[0]):
         real = src[row : row + 1, : int((src[row] != PAD_ID).sum())]
-        streamed = list(
-            decode_stream(
-                model, real, bos_id=BOS, eos_id=EOS, max_len=8, options=SamplingOptions(greedy=True)
-            )
-        )
+        sequence = SequenceDecoder(SamplingOptions(greedy=True, max_new_tokens=8), end_ids=(EOS,))
+        streamed = [step.id for step in run_decoder(Seq2SeqStepper(model, real, BOS), sequence)]
         assert streamed == greedy[row]
 
 

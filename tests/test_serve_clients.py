@@ -111,7 +111,7 @@ def test_a_client_leaving_mid_stream_does_not_keep_the_model_locked(server):
     """A stream of 50,000 tokens (about a minute) is dropped after two events: the model is free again
     at once (the next request on it answers within seconds, far below the abandoned stream's time)."""
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "lstm", "prompt": "the ", "max_tokens": 50_000, "stream": True}
+    body = {"model": "lstm", "prompt": "the ", "max_tokens": 50_000, "stream": True, "ignore_eos": True}
     with httpx2.Client(timeout=30) as http:
         with http.stream("POST", f"{server}/v1/completions", json=body, headers=headers) as response:
             events = 0
@@ -276,7 +276,13 @@ def test_sigterm_during_a_stream_exits_cleanly(root):
                     break
                 except httpx2.TransportError:
                     time.sleep(0.2)
-            body = {"model": "lstm", "prompt": "the ", "max_tokens": 100_000, "stream": True}
+            body = {
+                "model": "lstm",
+                "prompt": "the ",
+                "max_tokens": 100_000,
+                "stream": True,
+                "ignore_eos": True,
+            }
             with http.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as response:
                 for line in response.iter_lines():
                     lines.append(line)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmzoo.config.load import config_to_yaml
 from lmzoo.run import load_config
+from lmzoo.run.config import config_to_yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = sorted(CONFIGS.rglob("*.yaml"))

@@ -17,18 +17,19 @@ import pytest
 import torch
 from conftest import config_from_dict, deep_merge, load_run, tiny_model_section
 
-from lmzoo.checkpoint import load_train_state
 from lmzoo.config import TrainConfig
-from lmzoo.data import RandomWindows
-from lmzoo.distributed import DistContext, ShardedBatches
+from lmzoo.data.streams import RandomWindows
+from lmzoo.data.token_batches import TokenBatches, padded_tokens
 from lmzoo.errors import ConfigError, TrainingStopped
-from lmzoo.generate import SamplingOptions, generate_ids
+from lmzoo.inference.decoding import generate_ids
+from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.models import build_model, tiny_model_config
-from lmzoo.objectives import LMObjective, Seq2SeqObjective
-from lmzoo.optim import NonFiniteWatch, lr_at
-from lmzoo.setup import setup_training
-from lmzoo.token_batches import TokenBatches, padded_tokens
-from lmzoo.train import train
+from lmzoo.run.checkpoint import load_train_state
+from lmzoo.training.distributed import DistContext, ShardedBatches
+from lmzoo.training.loop import train
+from lmzoo.training.objectives import LMObjective, Seq2SeqObjective
+from lmzoo.training.optim import NonFiniteWatch, lr_at
+from lmzoo.training.setup import setup_training
 
 BOS, EOS = 1, 2
 
@@ -313,12 +314,13 @@ def test_static_cache_decoding_equals_the_dynamic_path_past_the_context(prompt_l
     torch.testing.assert_close(static_scores, dynamic_scores, rtol=0, atol=1e-5)
 
 
-def test_a_family_without_a_static_state_decodes_with_its_own():
+def test_a_family_without_a_static_state_refuses_the_static_cache():
     torch.manual_seed(0)
     model = build_model(tiny_model_config("lstm"), 30).eval()
     options = SamplingOptions(max_new_tokens=10, greedy=True)
-    assert list(generate_ids(model, [3], options, cache="static")) == list(generate_ids(model, [3], options))
-    with pytest.raises(ValueError, match="cache must be"):
+    with pytest.raises(ConfigError, match="needs a Transformer decoder"):
+        list(generate_ids(model, [3], options, cache="static"))
+    with pytest.raises(ConfigError, match="cache must be"):
         list(generate_ids(model, [3], options, cache="fast"))
 
 

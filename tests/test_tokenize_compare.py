@@ -8,10 +8,10 @@ from conftest import TINY_TEXT
 from test_inspect import assert_one_error_line
 from typer.testing import CliRunner
 
+from lmzoo.analysis.tokenizer_compare import compare_tokenizers, sample_line, standard_tokenizers
 from lmzoo.cli import app
 from lmzoo.config.schema import DataConfig
-from lmzoo.data import read_splits
-from lmzoo.tokenizer_compare import compare_tokenizers, sample_line, standard_tokenizers
+from lmzoo.data.corpus import read_splits
 
 
 @pytest.fixture

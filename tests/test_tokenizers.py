@@ -9,8 +9,7 @@ from conftest import TINY_TEXT
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lmzoo.errors import CheckpointError, DataError
-from lmzoo.tokenizers import (
+from lmzoo.data.tokenizer import (
     BpeTokenizer,
     BpeTokenizerConfig,
     CharTokenizer,
@@ -20,6 +19,7 @@ from lmzoo.tokenizers import (
     fit_tokenizer,
     load_tokenizer,
 )
+from lmzoo.errors import CheckpointError, DataError
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ALPHABET = sorted(set(TINY_TEXT))

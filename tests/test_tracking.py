@@ -7,11 +7,12 @@ import math
 import time
 
 import pytest
-from conftest import load_run
+from conftest import load_run, read_history, read_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmzoo.optim import lr_at
-from lmzoo.tracking import METRICS_FILE, Tracker, read_history, read_metrics
+from lmzoo.run.layout import METRICS_FILE
+from lmzoo.training.optim import lr_at
+from lmzoo.training.tracking import Tracker
 
 TAGS = {"train/loss", "val/loss", "val/ppl", "train/lr", "train/grad_norm", "perf/tokens_per_sec"}
 
@@ -52,7 +53,7 @@ def test_training_writes_the_stable_tags(trained_run):
 
 
 def test_metrics_jsonl_one_object_per_logged_step(tmp_path):
-    tracker = Tracker(tmp_path)
+    tracker = Tracker(tmp_path, tmp_path / METRICS_FILE)
     before = time.time()
     tracker.log(1, {"train/loss": 2.5, "train/lr": 0.1})
     tracker.log(2, {"val/loss": float("inf")})
@@ -72,12 +73,12 @@ def test_read_metrics_skips_a_torn_line(tmp_path):
 
 
 def test_resume_drops_records_after_the_checkpoint(tmp_path):
-    first = Tracker(tmp_path)
+    first = Tracker(tmp_path, tmp_path / METRICS_FILE)
     for step in range(1, 6):
         first.log(step, {"train/loss": float(step)})
     first.close()
 
-    resumed = Tracker(tmp_path, resume_step=3)  # the checkpoint was at step 3
+    resumed = Tracker(tmp_path, tmp_path / METRICS_FILE, resume_step=3)  # the checkpoint was at step 3
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     for step in (4, 5):
         resumed.log(step, {"train/loss": 10.0 * step})

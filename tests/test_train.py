@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT, load_run, tiny_model_section
+from conftest import TINY_TEXT, load_run, read_metrics, tiny_model_section
 
-from lmzoo.checkpoint import load_train_state
 from lmzoo.config import TrainConfig
 from lmzoo.errors import ConfigError, DataError, TrainingStopped
 from lmzoo.models import list_models
-from lmzoo.optim import lr_at
-from lmzoo.tracking import read_metrics
-from lmzoo.train import train
+from lmzoo.run.checkpoint import load_train_state
+from lmzoo.training.loop import train
+from lmzoo.training.optim import lr_at
 
 LM_MODELS = [info.name for info in list_models() if info.kind == "lm"]
 
@@ -167,7 +166,7 @@ def test_resume_picks_the_newest_run_of_that_name(make_config):
 def test_resume_refuses_a_changed_model(make_config):
     train(make_config({"train": {"max_steps": 2}}), progress=False)
     with pytest.raises(
-        ConfigError, match=r"--resume: model\.hidden_size is 32 in the config but 16 in the run"
+        ConfigError, match=r"resume: model\.hidden_size is 32 in the config but 16 in the run"
     ):
         train(
             make_config({"model": {"hidden_size": 32}, "train": {"max_steps": 4}}),

@@ -16,18 +16,19 @@ import torch.nn.functional as F
 from conftest import TINY_TEXT, base_config_dict, config_from_dict, load_run, scripted, tiny_model_section
 
 import lmzoo.device
-from lmzoo.checkpoint import load_train_state
-from lmzoo.data import read_splits
+from lmzoo.data.batch import PairBatch
+from lmzoo.data.corpus import read_splits
+from lmzoo.data.tokenizer import SPECIALS, fit_tokenizer
 from lmzoo.device import pick_precision
 from lmzoo.errors import ConfigError, TrainingStopped
 from lmzoo.models import build_model
 from lmzoo.models.base import PAD_ID
 from lmzoo.models.heads import OutputHead
-from lmzoo.objectives import PairBatch, Seq2SeqObjective
 from lmzoo.run import Run, load_config
-from lmzoo.setup import setup_training
-from lmzoo.tokenizers import SPECIALS, fit_tokenizer
-from lmzoo.train import Trainer, train
+from lmzoo.run.checkpoint import load_train_state
+from lmzoo.training.loop import Trainer, train
+from lmzoo.training.objectives import Seq2SeqObjective
+from lmzoo.training.setup import setup_training
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -51,14 +52,14 @@ def test_early_stopping_after_patience_evals_and_resume_keeps_the_counter(tmp_pa
     # evaluations at steps 2, 4, 6, ...: the best at step 4, then none better at 6, 8, 10: patience 3 ends it at 10
     losses = [3.0, 2.0, 2.5, 2.4, 2.1, 1.0, 1.0, 1.0]
     extra = {"train": {"max_steps": 20, "eval_every": 2, "patience": 3}}
-    scripted(monkeypatch, "lmzoo.tasks.lm.evaluate_lm", lm_scores(losses))
+    scripted(monkeypatch, "lmzoo.training.tasks.lm.evaluate_stream", lm_scores(losses))
     straight = make_config(extra, out_dir=tmp_path / "straight")
     assert [s for s, _ in losses_of(straight)][-1] == 10
     run_dir = Path(straight.out_dir) / straight.name
     assert load_run(run_dir, "last").info["step"] == 10 and load_run(run_dir, "best").info["step"] == 4
 
     # Interrupted at step 9 (two evaluations without improvement so far), then resumed: it still stops at 10.
-    scripted(monkeypatch, "lmzoo.tasks.lm.evaluate_lm", lm_scores(losses))
+    scripted(monkeypatch, "lmzoo.training.tasks.lm.evaluate_stream", lm_scores(losses))
 
     def interrupt(step: int, loss: float) -> None:
         if step == 9:
@@ -76,7 +77,7 @@ def test_early_stopping_after_patience_evals_and_resume_keeps_the_counter(tmp_pa
 
 def test_checkpoint_every_minutes_saves_last_when_that_long_has_passed(make_config, monkeypatch):
     clock = {"now": 1000.0}
-    monkeypatch.setattr("lmzoo.train._now", lambda: clock["now"])
+    monkeypatch.setattr("lmzoo.training.loop._now", lambda: clock["now"])
     saves: list[int] = []
     save_last = Trainer.save_last
 
@@ -124,14 +125,12 @@ def test_label_smoothing_trains_on_the_smoothed_loss_and_evaluates_the_plain_one
     logits, _ = model(batch.inputs)
     assert loss.item() == pytest.approx(smoothed(logits, batch.targets, eps).item(), abs=1e-6)
     assert abs(loss.item() - smoothed(logits, batch.targets, 0.0).item()) > 1e-4  # smoothing changed it
-    # Evaluation reports the plain likelihood. By hand: the validation text as `rows` parallel streams, each
-    # scored in one forward pass (the LSTM carries its state from window to window).
+    # Evaluation reports the plain likelihood. By hand: the LSTM carries its state from window to window,
+    # so the validation text (one column: it is short) is scored in one forward pass.
     ids = torch.tensor(setup.task.tokenizer.encode(read_splits(config.data).val))
-    rows = max(1, min(config.data.batch_size, (len(ids) - 1) // config.seq_len))
-    grid = ids[: len(ids) // rows * rows].view(rows, -1)
     with torch.no_grad():
-        logits, _ = model(grid[:, :-1])
-    plain = smoothed(logits, grid[:, 1:], 0.0).item()
+        logits, _ = model(ids[None, :-1])
+    plain = smoothed(logits, ids[None, 1:], 0.0).item()
     assert setup.task.evaluate().values["loss"] == pytest.approx(plain, abs=1e-5)
 
 

@@ -8,6 +8,7 @@ lmzoo.errors), never a traceback; Ctrl-C ends with exit code 130.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import typer
@@ -28,13 +29,32 @@ BASE_HELP = "Fine-tunes: the base (init_from) run's directory, if it moved since
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
 
 
+# library parameters whose command-line flag is not --<name with dashes>
+FLAGS = {"checkpoint_tag": "--checkpoint", "fmt": "--format", "temperature": "--knn-temperature"}
+
+
+def flag_of(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def for_the_command_line(err: LmzooError) -> str:
+    """The error's message with the parameter it names shown as its flag (`n_best` -> `--n-best`,
+    `pass base=DIR` -> `pass --base DIR`)."""
+    text = str(err)
+    if err.param is None:
+        return text
+    flag = flag_of(err.param)
+    pattern = rf"(?<![\w.-]){re.escape(err.param)}(=)?(?![\w.])"
+    return re.sub(pattern, lambda m: flag + (" " if m.group(1) else ""), text)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn lmzoo's user-facing errors (and Ctrl-C) into one line and an exit code."""
     try:
         yield
     except LmzooError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {for_the_command_line(err)}", err=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)

@@ -7,11 +7,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from lmzoo.cli.app import BASE_HELP, DEVICE_HELP, RUN_HELP, app, user_errors, warn
+
+if TYPE_CHECKING:
+    from lmzoo.run import Run
 
 
 @app.command()
@@ -37,7 +40,7 @@ def train(
     """Train a model as the config describes; writes runs/<name>/ (config, tokenizer, checkpoints, logs)."""
     with user_errors():
         from lmzoo.run import load_config
-        from lmzoo.train import train as run_training
+        from lmzoo.training.loop import train as run_training
 
         items = list(overrides or []) + ([f"train.device={device}"] if device else [])
         hint = " ".join(["lmzoo train", str(config), *(overrides or []), "--resume"])
@@ -67,7 +70,7 @@ def _prompts(seed: str | None, verb: str) -> Iterator[str]:
 def generate(
     run: str | None = typer.Option(None, "--run", "-r", help=RUN_HELP),
     seed: str | None = typer.Option(
-        None, "--seed", "-s", help="Text to continue; without it, an interactive prompt opens."
+        None, "--seed", "--prompt", "-s", help="Text to continue; without it, an interactive prompt opens."
     ),
     max_new_tokens: int | None = typer.Option(
         None, help="Tokens to generate (default: the run's sample.max_new_tokens)."
@@ -94,6 +97,11 @@ def generate(
     checkpoint: str = typer.Option("best", help="Which checkpoint: best or last."),
     base: Path | None = typer.Option(None, help=BASE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    cache: str = typer.Option(
+        "dynamic",
+        help="Decoder KV cache: dynamic, static (fixed shapes) or compiled (static, torch.compile'd step; "
+        "CUDA graphs on CUDA). gpt and modern runs; the same tokens.",
+    ),
     knn: Path | None = typer.Option(None, help="Mix in a kNN-LM datastore (lmzoo index)."),
     k: int = typer.Option(1024, help="--knn: neighbours per token."),
     lmbda: float = typer.Option(0.25, help="--knn: weight of the kNN distribution."),
@@ -112,7 +120,9 @@ def generate(
 
         loaded = Run.open(run, base=base)
         if knn is not None:
-            loaded = loaded.with_knn(knn, k=k, lmbda=lmbda, temperature=knn_temperature)
+            from lmzoo.retrieval.interpolate import with_knn
+
+            loaded = with_knn(loaded, knn, k=k, lmbda=lmbda, temperature=knn_temperature)
         sampling = dict(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -123,21 +133,8 @@ def generate(
             stop=stop or None,
         )
         loaded.sampling(**sampling)  # a bad option fails before the model loads
-        request = GenerateRequest(
-            sampling,
-            num_samples,
-            seed_rng,
-            beam,
-            n_best,
-            length_penalty,
-            checkpoint,
-            device,
-            rag,
-            passages,
-            show_probs,
-            top_logprobs,
-            as_json,
-        )
+        options = (seed_rng, beam, n_best, length_penalty, checkpoint, device, cache, rag, passages)
+        request = GenerateRequest(sampling, num_samples, *options, show_probs, top_logprobs, as_json)
         verb = "translating with" if loaded.kind == "seq2seq" else "sampling from"
         for prompt in _prompts(seed, f"{verb} {loaded.path}"):
             _write_generation(loaded, prompt, request)
@@ -155,6 +152,7 @@ class GenerateRequest:
     length_penalty: float
     checkpoint: str
     device: str
+    cache: str
     rag: Path | None
     passages: int
     show_probs: bool
@@ -162,7 +160,7 @@ class GenerateRequest:
     as_json: bool
 
 
-def _write_generation(loaded: Any, prompt: str, request: GenerateRequest) -> None:
+def _write_generation(loaded: Run, prompt: str, request: GenerateRequest) -> None:
     """One prompt's output: beam translations, a probability view, or streamed samples (+ RAG sources)."""
     where = {"checkpoint_tag": request.checkpoint, "device": request.device}
     if request.beam > 1 and loaded.kind == "seq2seq" and not request.show_probs:
@@ -197,6 +195,7 @@ def _write_generation(loaded: Any, prompt: str, request: GenerateRequest) -> Non
             beam=request.beam,
             sampling=request.sampling,
             seed=request.seed,
+            cache=request.cache,
             warn=warn,
             **where,
         )
@@ -204,7 +203,12 @@ def _write_generation(loaded: Any, prompt: str, request: GenerateRequest) -> Non
         for index in range(request.num_samples):
             typer.echo(("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False)
             for piece in loaded.generate(
-                text, seed=request.seed, warn=warn if index == 0 else None, **where, **request.sampling
+                text,
+                seed=request.seed,
+                cache=request.cache,
+                warn=warn if index == 0 else None,
+                **where,
+                **request.sampling,
             ):
                 typer.echo(piece, nl=False)
             typer.echo()
@@ -274,8 +278,9 @@ def merge(
     """Fold a LoRA run's updates into its base weights: a plain run with the same outputs."""
     with user_errors():
         from lmzoo.run import Run
+        from lmzoo.training.merge import merge_run
 
-        merged = Run.open(run, base=base).merge(out)
+        merged = merge_run(Run.open(run, base=base), out)
         typer.echo(f"merged: {merged.path}  (sample it with: lmzoo generate --run {merged.path})")
 
 

@@ -29,9 +29,9 @@ def compare(
     .json (table, config diff, samples) and compare.png (validation curves) under --out.
     """
     with user_errors():
-        from lmzoo.compare import aggregate
-        from lmzoo.compare import compare as run_comparison
-        from lmzoo.compare_files import sample_all, table_markdown, write_outputs
+        from lmzoo.analysis.compare import aggregate
+        from lmzoo.analysis.compare import compare as run_comparison
+        from lmzoo.analysis.compare_files import sample_all, table_markdown, write_outputs
 
         show = sys.stderr.isatty() if progress is None else progress
         result = run_comparison(configs, tokens=tokens, seeds=seeds, out=out, device=device, progress=show)
@@ -54,7 +54,7 @@ def report(
 ) -> None:
     """Write one self-contained report of a run from its own files: curves, summary, config, samples."""
     with user_errors():
-        from lmzoo.report import write_report
+        from lmzoo.analysis.report import write_report
 
         path = write_report(run, fmt=fmt, out=out)
         typer.echo(f"wrote {path}", err=True)

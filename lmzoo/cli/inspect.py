@@ -2,8 +2,8 @@
 tokenize (a run's tokens, or char/word/BPE side by side), and the printing of `generate --show-probs`.
 
 Terminal views use rich (typer's own dependency): tokens shaded from green (expected) to red
-(surprising). Each verb parses, calls the library (lmzoo.inspect, lmzoo.attention_maps,
-lmzoo.tokenizer_compare, lmzoo.plots) and prints.
+(surprising). Each verb parses, calls the library (lmzoo.inference.scoring, lmzoo.analysis.attention,
+lmzoo.analysis.tokenizer_compare, lmzoo.analysis.plots) and prints.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _shaded(text: str, badness: float) -> Any:
     from rich.style import Style
     from rich.text import Text
 
-    from lmzoo.plots import shade
+    from lmzoo.analysis.plots import shade
 
     red, green, blue = (round(255 * c) for c in shade(badness))
     return Text(text, style=Style(bgcolor=Color.from_rgb(red, green, blue), color="black"))
@@ -71,7 +71,7 @@ def score(
     The loss equals `lmzoo eval --data` on the same text. For seq2seq runs, the target given --source.
     """
     with user_errors():
-        from lmzoo.data import read_text_file
+        from lmzoo.data.corpus import read_text_file
         from lmzoo.errors import ConfigError
         from lmzoo.run import Run
 
@@ -80,7 +80,9 @@ def score(
         body = text if text is not None else read_text_file(file)  # type: ignore[arg-type]
         loaded = Run.open(run, base=base)
         if knn is not None:
-            loaded = loaded.with_knn(knn, k=k, lmbda=lmbda, temperature=knn_temperature)
+            from lmzoo.retrieval.interpolate import with_knn
+
+            loaded = with_knn(loaded, knn, k=k, lmbda=lmbda, temperature=knn_temperature)
         scored = loaded.score(body, source=source, checkpoint_tag=checkpoint, device=device, top_k=top_k)
         unknown = (loaded.target_tokenizer or loaded.tokenizer).unknown_pieces(body)
         if unknown:
@@ -90,7 +92,7 @@ def score(
         else:
             print_score(scored)
         if out is not None:
-            from lmzoo.plots import surprisal_plot
+            from lmzoo.analysis.plots import surprisal_plot
 
             warn(f"wrote {surprisal_plot(scored, out, title=f'{loaded.name} ({loaded.config.model.name})')}")
 
@@ -120,7 +122,7 @@ def print_score(scored: Any, worst: int = 8) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from lmzoo.plots import SURPRISAL_CAP_BITS
+    from lmzoo.analysis.plots import SURPRISAL_CAP_BITS
 
     console = _console()
     pieces = [(pos, Text(piece, style="dim")) for pos, piece in scored.context]
@@ -168,13 +170,13 @@ def print_generation_probs(
     from rich.text import Text
 
     from lmzoo.errors import ConfigError
-    from lmzoo.inspect import generate_with_probs
 
     if beam > 1:
         raise ConfigError("--show-probs follows greedy or sampled decoding; leave --beam at 1")
     console = _console()
     for index in range(samples):
-        steps = list(generate_with_probs(run, prompt, top_logprobs=top_logprobs, **options, **sampling))
+        decoded = list(run.decode(prompt, top_logprobs=top_logprobs, **options, **sampling))
+        steps = [(step.text, step.probs) for step in decoded if step.probs is not None]
         if as_json:
             content = [step.to_openai() for _, step in steps]
             text = "".join(piece for piece, _ in steps)
@@ -227,7 +229,7 @@ def attention(
 ) -> None:
     """Attention weights of every layer and head on a text: a grid of heat maps, or the matrices."""
     with user_errors():
-        from lmzoo.attention_maps import attention_maps, format_matrix, select_maps
+        from lmzoo.analysis.attention import attention_maps, format_matrix, select_maps
         from lmzoo.device import pick_device
         from lmzoo.errors import ConfigError
         from lmzoo.run import Run
@@ -245,7 +247,7 @@ def attention(
                     typer.echo(f"{item.name} head {number} ({item.kind} attention; rows attend to columns)")
                     typer.echo(format_matrix(item, row) + "\n")
             return
-        from lmzoo.plots import attention_grid
+        from lmzoo.analysis.plots import attention_grid
 
         title = f"{loaded.name} ({loaded.config.model.name}): {chosen[0].kind} attention"
         typer.echo(f"wrote {attention_grid(chosen, out, title=title)} ({len(chosen)} layer(s))")
@@ -288,7 +290,11 @@ def tokenize(
                 raise ConfigError("pass --text T to see how a run's tokenizer splits it, or --compare")
             print_tokens(text, run)
             return
-        from lmzoo.tokenizer_compare import DEFAULT_BPE_SIZES, compare_tokenizers, standard_tokenizers
+        from lmzoo.analysis.tokenizer_compare import (
+            DEFAULT_BPE_SIZES,
+            compare_tokenizers,
+            standard_tokenizers,
+        )
 
         data_config, extra = _compare_inputs(data, config)
         candidates = standard_tokenizers(tuple(bpe_size or DEFAULT_BPE_SIZES)) + extra
@@ -298,8 +304,8 @@ def tokenize(
 
 
 def print_tokens(text: str, run: str | None) -> None:
-    from lmzoo.attention_maps import token_label
-    from lmzoo.inspect import token_text
+    from lmzoo.analysis.attention import token_label
+    from lmzoo.inference.text import token_text
     from lmzoo.run import Run
 
     tokenizer = Run.open(run).tokenizer

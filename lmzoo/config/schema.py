@@ -1,7 +1,7 @@
 """The run schema: typed, validated sections of a run config. Pure: no registry, no torch.
 
 Every section rejects unknown keys and type-checks its values. The `model:` and `tokenizer:`
-sections are validated against the config class their family registered (lmzoo.config.load
+sections are validated against the config class their family registered (lmzoo.run.config
 picks it by `name` / `kind`); a model config class learns its `kind` when it is registered.
 """
 
@@ -121,6 +121,11 @@ class DataConfig(Section):
     def train_files(self) -> list[str]:
         return [self.train] if isinstance(self.train, str) else list(self.train)
 
+    @property
+    def eval_rows(self) -> int:
+        """Sequences (windows) per evaluation batch: eval_batch_size, else batch_size."""
+        return self.eval_batch_size or self.batch_size
+
 
 def _files_of(path: str, data: dict[str, Any]) -> list[str]:
     if data.get("format") == "parallel":
@@ -158,7 +163,7 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: Annotated[float, Field(gt=0)] = 1e-3
     min_lr: Annotated[float, Field(ge=0)] = 1e-4
-    # noam: inverse square root with linear warmup to `lr` at warmup_steps (min_lr unused); lmzoo.optim.lr_at
+    # noam: inverse square root with linear warmup to `lr` at warmup_steps (min_lr unused); lmzoo.training.optim.lr_at
     schedule: Literal["cosine", "linear", "constant", "noam"] = "cosine"
     warmup_steps: NonNegInt = 100
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
@@ -204,7 +209,7 @@ class TrainConfig(Section):
 
 
 class FinetuneConfig(Section):
-    """How to fine-tune the model loaded with `init_from`: all weights, LoRA, or adapters (lmzoo.peft)."""
+    """How to fine-tune the model loaded with `init_from`: all weights, LoRA, or adapters (lmzoo.models.peft)."""
 
     method: Literal["full", "lora", "adapter"] = "full"
     r: PositiveInt = 8  # LoRA rank
@@ -228,6 +233,7 @@ class SampleConfig(Section):
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     greedy: bool = False  # always take the most likely token (as temperature 0)
     stop: list[str] = []  # stop when one of these texts appears
+    ignore_eos: bool = False  # language models: go on after <eos> up to max_new_tokens (benchmarks)
 
 
 class RunConfig(Section):
@@ -250,6 +256,13 @@ class RunConfig(Section):
     def seq_len(self) -> int:
         """Training sequence length after defaults: data.seq_len, else the model's context, else 128."""
         return self.data.seq_len or self.model.context_len or 128
+
+    @property
+    def eval_tokens(self) -> int | None:
+        """Tokens of a validation text an evaluation during training scores: train.eval_batches batches of
+        data.eval_rows windows of seq_len tokens (None: all of it)."""
+        batches = self.train.eval_batches
+        return None if batches is None else batches * self.data.eval_rows * self.seq_len
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

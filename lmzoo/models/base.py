@@ -13,7 +13,8 @@ a tiny config for tests. Defaults below fit most families; a family overrides wh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -112,6 +113,17 @@ class LanguageModel(ZooModel):
         return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=label_smoothing), state
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off for the duration; the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
     """`fn` applied to every tensor inside nested tuples/lists/dicts; anything else kept as is."""
     if isinstance(value, torch.Tensor):
@@ -139,7 +151,7 @@ def seq2seq_vocab_sizes(vocab_size: int | tuple[int, int], share_embeddings: boo
 class Seq2SeqModel(ZooModel):
     """An encoder-decoder: `encode(src, src_mask) -> memory`, `decode(tgt, memory, src_mask, state)`.
 
-    src_mask is (B, S) bool, True at padding. Greedy, sampling and beam search (lmzoo.translate)
+    src_mask is (B, S) bool, True at padding. Greedy, sampling and beam search (lmzoo.inference.seq2seq)
     are written once against this contract; a model adds `init_decode_state` (what incremental
     decoding starts from) and `reorder_state` (beam search's reshuffle of hypotheses).
     """

@@ -124,9 +124,12 @@ class Bm25Index:
         """Index the .txt/.md files under `docs` into `out` (refused if it exists); return the manifest."""
         docs, out = Path(docs), Path(out)
         if passage_chars < 1 or overlap_lines < 0:
-            raise ConfigError("--passage-chars must be >= 1 and --overlap-lines >= 0")
+            name, low = ("passage_chars", 1) if passage_chars < 1 else ("overlap_lines", 0)
+            raise ConfigError(f"{name} must be >= {low}", param=name)
         if out.exists():  # before reading the documents; staged_directory checks again
-            raise CheckpointError(f"{out} already exists; choose another --out or remove it first")
+            raise CheckpointError(
+                f"{out} already exists; choose another out= or remove it first", param="out"
+            )
         files = document_files(docs)
         passages = [
             passage
@@ -171,7 +174,7 @@ class Bm25Index:
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{directory / MANIFEST}: unreadable ({err})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{directory} is not an lmzoo passage index (a kNN datastore? use --knn)")
+            raise CheckpointError(f"{directory} is not an lmzoo passage index (a kNN-LM datastore?)")
         try:
             with open(directory / PASSAGES, encoding="utf-8") as handle:
                 rows = [json.loads(line) for line in handle]
@@ -187,7 +190,7 @@ class Bm25Index:
         """The `k` best passages for `query` (score > 0, best first), skipping those `exclude` rejects."""
         if not 1 <= k <= len(self.passages):
             raise ConfigError(
-                f"--passages {k}: must be between 1 and the index's {len(self.passages)} passages"
+                f"asked for {k} passages; the index has {len(self.passages)} (ask for 1 to {len(self.passages)})"
             )
         tokens = tokenize([query])
         if not tokens[0]:

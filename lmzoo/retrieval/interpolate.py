@@ -6,13 +6,14 @@ scores are shifted by their maximum before exponentiating, and the mixture is a 
 
 The mixture lives in an output head (`KnnHead`): it reads the same hidden state the model's own head
 reads, which is also the datastore's query. `KnnLM` is the model with that head, so evaluation
-(`lmzoo.evaluate.evaluate_lm`), scoring and generation (`lmzoo.generate`, one datastore query per
+(`lmzoo.inference.evaluate.evaluate_lm`), scoring and generation (`lmzoo.inference.decoding`, one datastore query per
 generated token) run unchanged. lambda = 0 is the plain model's own head: the same loss, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,19 @@ import torch
 from torch import nn
 
 from lmzoo.errors import ConfigError
+from lmzoo.inference.loaded import LoadedModel
 from lmzoo.models.base import LanguageModel
 from lmzoo.retrieval.knn import Datastore
+from lmzoo.run import Run
 
 
 def check_knn_options(k: int, lmbda: float, temperature: float) -> None:
     if k < 1:
-        raise ConfigError(f"--k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}", param="k")
     if not 0.0 <= lmbda <= 1.0:
-        raise ConfigError(f"--lmbda must be between 0 and 1, got {lmbda}")
+        raise ConfigError(f"lmbda must be between 0 and 1, got {lmbda}", param="lmbda")
     if not temperature > 0 or not math.isfinite(temperature):
-        raise ConfigError(f"--temperature (kNN) must be > 0, got {temperature}")
+        raise ConfigError(f"temperature (kNN) must be > 0, got {temperature}", param="temperature")
 
 
 def neighbour_scores(distances: torch.Tensor, values: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -139,43 +142,58 @@ class KnnLM(LanguageModel):
         return self.model.hidden(ids, state)
 
 
-class KnnMixer:
-    """What a run mixed with a datastore (`Run.with_knn`) adds: the store of each checkpoint, k, lambda
-    and T. The run's evaluate, score and generate are its own verbs, so they behave exactly as for the
-    plain run (lambda = 0: the same numbers)."""
+class KnnRun(Run):
+    """A run whose every next-token distribution is mixed with a kNN-LM datastore (`lmzoo index`).
 
-    def __init__(self, run: Any, index_dir: str | Path, *, k: int, lmbda: float, temperature: float) -> None:
+    It is the same run (directory, config, tokenizers, base) with another `load`: the model it hands
+    out is `KnnLM`, so evaluate, score and generate behave exactly as for the plain run, with the
+    mixture in place (lambda = 0: the same numbers). `plain` is the run without the store.
+    """
+
+    def __init__(self, run: Run, index_dir: str | Path, *, k: int, lmbda: float, temperature: float) -> None:
         if run.kind != "lm":
             raise ConfigError(f"{run.path} is a seq2seq run; kNN-LM works with language models")
         check_knn_options(k, lmbda, temperature)
-        self.run, self.index_dir = run, Path(index_dir)
+        super().__init__(run.path, run.config)
+        self.__dict__.update({k_: v for k_, v in run.__dict__.items() if k_ != "_loaded"})  # base, tokenizers
+        self.plain, self.index_dir = run, Path(index_dir)
         self.k, self.lmbda, self.temperature = k, lmbda, temperature
         self._stores = {"best": Datastore.load(index_dir, run, "best")}  # refused now, not at the first token
         self._stores["best"].check_k(k)
-        self._mixed: dict[tuple[str, int], nn.Module] = {}
 
     def __repr__(self) -> str:
-        return (
-            f"KnnMixer(index={str(self.index_dir)!r}, k={self.k}, lmbda={self.lmbda}, T={self.temperature})"
-        )
+        knn = f"k={self.k}, lmbda={self.lmbda}, T={self.temperature}"
+        return f"KnnRun({str(self.path)!r}, index={str(self.index_dir)!r}, {knn})"
 
     def retune(self, lmbda: float, temperature: float) -> None:
         """Change lambda and T (the store stays loaded; mixed models are rebuilt on next use)."""
         check_knn_options(self.k, lmbda, temperature)
         self.lmbda, self.temperature = lmbda, temperature
-        self._mixed.clear()
+        self._loaded.clear()
 
     def store(self, checkpoint_tag: str = "best") -> Datastore:
         if checkpoint_tag not in self._stores:
-            self._stores[checkpoint_tag] = Datastore.load(self.index_dir, self.run, checkpoint_tag)
+            self._stores[checkpoint_tag] = Datastore.load(self.index_dir, self.plain, checkpoint_tag)
         return self._stores[checkpoint_tag]
 
-    def mixed(self, model: nn.Module, checkpoint_tag: str) -> nn.Module:
-        """`model` (the plain run's, for this checkpoint) with its output mixed with the datastore."""
-        key = (checkpoint_tag, id(model))
-        if key not in self._mixed:
-            store = self.store(checkpoint_tag)
-            self._mixed[key] = KnnLM(
-                model, store, k=self.k, lmbda=self.lmbda, temperature=self.temperature
-            ).eval()
-        return self._mixed[key]
+    def load(self, checkpoint_tag: str = "best", device: torch.device | str = "auto") -> LoadedModel:
+        """The plain run's model for this checkpoint, with its output mixed with the datastore."""
+        plain = self.plain.load(checkpoint_tag, device)
+        key = (checkpoint_tag, str(plain.device))
+        if key not in self._loaded:
+            mixed = KnnLM(
+                plain.model,
+                self.store(checkpoint_tag),
+                k=self.k,
+                lmbda=self.lmbda,
+                temperature=self.temperature,
+            )
+            self._loaded[key] = replace(plain, model=mixed.eval())
+        return self._loaded[key]
+
+
+def with_knn(
+    run: Run, index: str | Path, *, k: int = 1024, lmbda: float = 0.25, temperature: float = 1.0
+) -> KnnRun:
+    """`run` mixed with the kNN-LM datastore at `index`: p = (1 - lmbda) p_LM + lmbda p_kNN."""
+    return KnnRun(run, index, k=k, lmbda=lmbda, temperature=temperature)

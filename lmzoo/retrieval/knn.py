@@ -17,7 +17,6 @@ A store is written into a temp directory and renamed into place: it exists whole
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -30,6 +29,7 @@ import torch
 from lmzoo.errors import CheckpointError, ConfigError, DataError
 from lmzoo.retrieval import MISSING
 from lmzoo.retrieval.staging import staged_directory
+from lmzoo.run import Run
 
 try:
     import faiss
@@ -45,24 +45,10 @@ TRAIN_PER_LIST = 64  # IVF k-means trains on this many sampled keys per list
 ADD_CHUNK = 65_536
 
 
-def weights_sha256(run: Any, checkpoint_tag: str = "best") -> str:
-    """sha256 over the weight files of one checkpoint of `run` (full weights and/or adapter tensors)."""
-    from lmzoo import checkpoint
-
-    ckpt = run.checkpoint(checkpoint_tag)
-    digest = hashlib.sha256()
-    for name in (checkpoint.WEIGHTS, checkpoint.ADAPTER):
-        if (ckpt / name).is_file():
-            with open(ckpt / name, "rb") as handle:
-                for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
-
-
 def choose_index(size: int, kind: str = "auto") -> dict[str, Any]:
     """The index for a store of `size` keys: flat (exact) up to FLAT_LIMIT, else IVF with ~sqrt(N) lists."""
     if kind not in ("auto", "flat", "ivf"):
-        raise ConfigError(f"--index must be auto, flat or ivf, got {kind!r}")
+        raise ConfigError(f"index must be auto, flat or ivf, got {kind!r}", param="index")
     if kind == "flat" or (kind == "auto" and size <= FLAT_LIMIT):
         return {"kind": "flat"}
     nlist = max(1, min(2 ** round(math.log2(math.sqrt(size))), size // TRAIN_PER_LIST))
@@ -79,16 +65,16 @@ def choose_index(size: int, kind: str = "auto") -> dict[str, Any]:
 
 def read_texts(files: list[str | Path]) -> str:
     """The files' text, one after another (each ending in a newline), as `lmzoo train` joins them."""
-    from lmzoo.data import read_text_file
+    from lmzoo.data.corpus import read_text_file
 
     if not files:
-        raise DataError("give at least one --data FILE")
+        raise DataError("data: give at least one text file", param="data")
     parts = [read_text_file(f) for f in files]
     return "".join(p if p.endswith("\n") else p + "\n" for p in parts)
 
 
 def encode_keys(
-    run: Any,
+    run: Run,
     text: str,
     keys_path: Path,
     *,
@@ -98,36 +84,39 @@ def encode_keys(
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Run the model once over `text`; write keys (float16, memory-mapped) to `keys_path`; return
-    (keys, values, precision). Windows and carried state as in `lmzoo eval`."""
+    (keys, values, precision). The text is read by the scorer's rule, as `lmzoo eval` reads it."""
+    from dataclasses import replace
+
     from tqdm import tqdm
 
-    from lmzoo.data import encode_stream, eval_windows
-    from lmzoo.device import autocast, pick_precision
+    from lmzoo.device import autocast
+    from lmzoo.inference.scoring import read_sequences
 
-    cfg = run.config
-    stream = encode_stream(run.tokenizer, text)
-    batch = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
-    windows = list(eval_windows(stream, batch, cfg.seq_len))
-    total = sum(x.numel() for x, _ in windows)
-    model = run.model(checkpoint_tag, device)
-    precision = pick_precision(device, cfg.train.precision)
+    lm = run.load(checkpoint_tag, device)
+    if batch_size is not None:
+        lm = replace(lm, batch_size=batch_size)
+    stream = torch.tensor(run.tokenizer.encode(text), dtype=torch.long)
+    total = max(0, len(stream) - 1)
+    if total == 0:
+        raise DataError("the text has fewer than 2 tokens; a datastore needs at least one key")
     values = np.empty(total, dtype=np.int32)
     keys: np.ndarray | None = None
-    state, at = None, 0
-    with torch.inference_mode(), autocast(device, precision):
-        for x, y in tqdm(windows, desc="encoding", unit="window", disable=not progress, leave=False):
-            h, state = model.hidden(x.to(device), state if model.carries_state else None)
-            flat = h.reshape(-1, h.shape[-1]).float().cpu().numpy()
+    bar = tqdm(total=total, desc="encoding", unit="tok", disable=not progress, leave=False)
+    with torch.inference_mode(), autocast(lm.device, lm.precision):
+        for batch in read_sequences(lm, [stream]):
+            flat = batch.hidden.float().cpu().numpy()
             if keys is None:
                 keys = np.lib.format.open_memmap(
                     keys_path, mode="w+", dtype=np.float16, shape=(total, flat.shape[1])
                 )
-            keys[at : at + len(flat)] = flat
-            values[at : at + len(flat)] = y.reshape(-1).numpy()
-            at += len(flat)
-    assert keys is not None and at == total
+            where = (batch.position - 1).numpy()
+            keys[where] = flat
+            values[where] = batch.target.cpu().numpy()
+            bar.update(len(where))
+    bar.close()
+    assert keys is not None
     keys.flush()
-    return keys, values, precision
+    return keys, values, lm.precision
 
 
 def build_faiss(keys: np.ndarray, spec: dict[str, Any], seed: int = 0) -> Any:
@@ -149,7 +138,7 @@ def build_faiss(keys: np.ndarray, spec: dict[str, Any], seed: int = 0) -> Any:
 
 
 def build_datastore(
-    run: Any,
+    run: Run,
     files: list[str | Path],
     out: str | Path,
     *,
@@ -185,7 +174,7 @@ def build_datastore(
             "version": 1,
             "run": str(Path(run.path).resolve()),
             "checkpoint": checkpoint_tag,
-            "weights_sha256": weights_sha256(run, checkpoint_tag),
+            "weights_sha256": run.weights_sha256(checkpoint_tag),
             "model": run.config.model.name,
             "data": [str(f) for f in files],
             "size": len(values),
@@ -237,11 +226,11 @@ class Datastore:
         return int(self.manifest["size"])
 
     @classmethod
-    def load(cls, directory: str | Path, run: Any, checkpoint_tag: str = "best") -> Datastore:
+    def load(cls, directory: str | Path, run: Run, checkpoint_tag: str = "best") -> Datastore:
         """Open a store for `run`; one built for another model (weights hash differs) is refused."""
         directory = Path(directory)
         manifest = read_manifest(directory)
-        if manifest["weights_sha256"] != weights_sha256(run, checkpoint_tag):
+        if manifest["weights_sha256"] != run.weights_sha256(checkpoint_tag):
             raise CheckpointError(
                 f"{directory} was built for another model ({manifest['run']}, {manifest['checkpoint']} "
                 f"checkpoint), not {run.path} ({checkpoint_tag}); build one: lmzoo index --run {run.path} ..."
@@ -263,7 +252,8 @@ class Datastore:
     def check_k(self, k: int) -> None:
         if not 1 <= k <= self.size:
             raise ConfigError(
-                f"--k {k}: must be between 1 and the store's size ({self.size:,} keys in {self.directory})"
+                f"k {k}: must be between 1 and the store's size ({self.size:,} keys in {self.directory})",
+                param="k",
             )
 
     def search(self, queries: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

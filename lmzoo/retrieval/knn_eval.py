@@ -1,7 +1,7 @@
 """Held-out loss with a kNN-LM datastore, and tuning lambda and T on one half of the text.
 
 `evaluate_knn` is what `lmzoo eval --knn` prints: the plain model's loss and the mixed model's loss on
-the same text, both through `lmzoo.evaluate.evaluate_lm` (the mixed model is `KnnLM`, so every number
+the same text, both through `lmzoo.inference.evaluate.evaluate_lm` (the mixed model is `KnnLM`, so every number
 is read the way `lmzoo eval` reads it). With `tune`, lambda and T are chosen on the first half of the
 lines (a grid over the neighbours collected once) and both losses are reported on the second half.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmzoo.errors import DataError
-from lmzoo.retrieval.interpolate import knn_target_logprob, mix
+from lmzoo.retrieval.interpolate import KnnRun, knn_target_logprob, mix, with_knn
 from lmzoo.run import Run
 
 LAMBDAS = tuple(round(0.05 * i, 2) for i in range(20)) + (0.975, 0.99)  # 0 keeps tuning from ever hurting
@@ -24,49 +24,37 @@ TEMPERATURE_STEPS = tuple(2.0**i for i in range(-4, 5))  # times the median near
 
 
 def evaluate_text(
-    run: Any, text: str, *, checkpoint_tag: str = "best", device: torch.device
+    run: Run, text: str, *, checkpoint_tag: str = "best", device: torch.device
 ) -> dict[str, float]:
     """Loss of `run`'s model on `text` exactly as `lmzoo eval --data` computes it, with tokens/s."""
-    from lmzoo.data import encode_stream
-    from lmzoo.device import pick_precision
-    from lmzoo.evaluate import evaluate_lm
+    from lmzoo.inference.evaluate import evaluate_text as evaluate
 
-    cfg = run.config
     started = time.perf_counter()
-    metrics = evaluate_lm(
-        run.model(checkpoint_tag, device),
-        encode_stream(run.tokenizer, text),
-        batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
-        seq_len=cfg.seq_len,
-        device=device,
-        precision=pick_precision(device, cfg.train.precision),
-    )
+    metrics = evaluate(run.load(checkpoint_tag, device), text)
     metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - started, 1e-9)
     return metrics
 
 
 def collect(
-    run: Run, text: str, *, checkpoint_tag: str, device: torch.device
+    run: KnnRun, text: str, *, checkpoint_tag: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over `text`: (LM log-prob of each target (N,), neighbour distances (N, k), neighbour
-    carries the target (N, k) bool), read in `lmzoo eval`'s windows."""
-    from lmzoo.data import encode_stream, eval_windows
-    from lmzoo.device import autocast, pick_precision
+    carries the target (N, k) bool), read by the scorer's rule."""
+    from lmzoo.device import autocast
+    from lmzoo.inference.scoring import read_sequences
 
-    cfg, model, store = run.config, run.knn.run.model(checkpoint_tag, device), run.knn.store(checkpoint_tag)
-    precision = pick_precision(device, cfg.train.precision)
-    stream = encode_stream(run.tokenizer, text)
-    lm, dists, match, state = [], [], [], None
-    with torch.inference_mode(), autocast(device, precision):
-        for x, y in eval_windows(stream, cfg.data.eval_batch_size or cfg.data.batch_size, cfg.seq_len):
-            h, state = model.hidden(x.to(device), state if model.carries_state else None)
-            targets = y.reshape(-1)
-            logp = model.head.logits(h).float().log_softmax(-1).reshape(len(targets), -1).cpu()
-            lm.append(logp.gather(1, targets[:, None]).squeeze(1).double())
-            d, values = store.search(h, run.knn.k)
+    lm, store = run.plain.load(checkpoint_tag, device), run.store(checkpoint_tag)
+    stream = torch.tensor(run.tokenizer.encode(text), dtype=torch.long)
+    logps, dists, match = [], [], []
+    with torch.inference_mode(), autocast(lm.device, lm.precision):
+        for batch in read_sequences(lm, [stream]):
+            targets = batch.target
+            logp = lm.model.head.logits(batch.hidden).float().log_softmax(-1)
+            logps.append(logp.gather(1, targets[:, None]).squeeze(1).double().cpu())
+            d, values = store.search(batch.hidden, run.k)
             dists.append(d.masked_fill(values < 0, float("inf")))  # no neighbour: weight 0
-            match.append(values == targets[:, None])
-    return torch.cat(lm), torch.cat(dists), torch.cat(match)
+            match.append(values == targets.cpu()[:, None])
+    return torch.cat(logps), torch.cat(dists), torch.cat(match)
 
 
 def mixed_loss(
@@ -100,7 +88,9 @@ def tune(lm: torch.Tensor, dists: torch.Tensor, match: torch.Tensor) -> tuple[fl
 def halves(text: str) -> tuple[str, str]:
     lines = text.splitlines(keepends=True)
     if len(lines) < 2:
-        raise DataError("--tune splits the text in two halves by lines; it has fewer than 2 lines")
+        raise DataError(
+            "tune splits the text in two halves by lines; it has fewer than 2 lines", param="tune"
+        )
     ends = list(itertools.accumulate(len(line) for line in lines))
     middle = min(
         range(1, len(lines)), key=lambda i: abs(ends[i - 1] - ends[-1] / 2)
@@ -109,7 +99,7 @@ def halves(text: str) -> tuple[str, str]:
 
 
 def evaluate_knn(
-    run: Any,
+    run: Run,
     index_dir: str | Path,
     *,
     data: str | Path | None = None,
@@ -123,23 +113,18 @@ def evaluate_knn(
 ) -> dict[str, Any]:
     """Plain and kNN-mixed loss on held-out text; with `tune_options`, lambda and T are tuned on the
     first half of the lines and both losses are reported on the second half."""
-    from lmzoo.data import read_splits, read_text_file
-    from lmzoo.errors import ConfigError
-
-    if split not in ("val", "test"):
-        raise ConfigError(f"--split must be val or test, got {split!r}")
-    text = read_text_file(data) if data is not None else getattr(read_splits(run.config.data), split)
-    mixed = run.with_knn(index_dir, k=k, lmbda=lmbda, temperature=temperature)
+    text = run.evaluation_text(data, split)
+    mixed = with_knn(run, index_dir, k=k, lmbda=lmbda, temperature=temperature)
     report: dict[str, Any] = {
         "k": k,
-        "store_size": mixed.knn.store(checkpoint_tag).size,
+        "store_size": mixed.store(checkpoint_tag).size,
         "tuned": tune_options,
     }
     if tune_options:
         first, text = halves(text)
         lm, dists, match = collect(mixed, first, checkpoint_tag=checkpoint_tag, device=device)
         lmbda, temperature, tune_loss = tune(lm, dists, match)
-        mixed.knn.retune(lmbda, temperature)
+        mixed.retune(lmbda, temperature)
         report.update(tune_tokens=len(lm), tune_loss_base=float(-lm.mean()), tune_loss_knn=tune_loss)
     base = evaluate_text(run, text, checkpoint_tag=checkpoint_tag, device=device)
     knn = evaluate_text(mixed, text, checkpoint_tag=checkpoint_tag, device=device)

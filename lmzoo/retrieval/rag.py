@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import ConfigError
+from lmzoo.inference.loaded import LoadedModel
+from lmzoo.inference.scoring import score_sequences
 from lmzoo.retrieval.bm25 import Bm25Index, Passage
+from lmzoo.run import Run
 
 SEPARATOR = "\n\n"
 GUARD_CHARS = 32
@@ -38,31 +43,29 @@ def leaks(chunk_text: str, n: int = GUARD_CHARS) -> Callable[[Passage], bool]:
     return lambda passage: any(piece in passage.text for piece in pieces)
 
 
-def context_of(run: Any, checkpoint_tag: str = "best") -> int | None:
-    """The model's context in tokens (None: a recurrent model, no limit); seq2seq runs are refused."""
+def context_of(run: Run) -> int | None:
+    """The model's context in tokens, from the run's config (None: a recurrent model, no limit);
+    seq2seq runs are refused. No weights are read."""
     if run.kind != "lm":
         raise ConfigError(f"{run.path} is a seq2seq run; passages go before the text of a language model")
-    return run.model(checkpoint_tag, "cpu").context_len
+    return run.config.model.context_len
 
 
-def retrieve(
-    run: Any, query: str, index: str | Path | Bm25Index, k: int = 4, *, checkpoint_tag: str = "best"
-) -> list[Passage]:
+def retrieve(run: Run, query: str, index: str | Path | Bm25Index, k: int = 4) -> list[Passage]:
     """The `k` best passages for `query` among those that fit `run`'s context (in its tokens)."""
     found = open_index(index)
-    context = context_of(run, checkpoint_tag)
+    context = context_of(run)
     too_long = (lambda p: len(run.tokenizer.encode(p.text + SEPARATOR)) >= context) if context else None
     return found.search(query, k, exclude=too_long)
 
 
 def rag_prompt(
-    run: Any,
+    run: Run,
     prompt: str,
     index: str | Path | Bm25Index,
     *,
     passages: int = 2,
     max_new_tokens: int = 200,
-    checkpoint_tag: str = "best",
     warn: Callable[[str], None] | None = None,
 ) -> tuple[str, list[Passage]]:
     """`prompt` with the best passages that fit before it, and the passages used (best first)."""
@@ -71,7 +74,7 @@ def rag_prompt(
         if warn:
             warn("warning: no passage matches the prompt's words; generating without retrieval")
         return prompt, []
-    context = context_of(run, checkpoint_tag)
+    context = context_of(run)
     budget = None
     if context is not None:
         budget = context - len(run.tokenizer.encode(prompt)) - min(max_new_tokens, context // 4)
@@ -96,7 +99,7 @@ def rag_prompt(
 
 
 def chunk_sequences(
-    ids: list[int], tokenizer: Any, index: Bm25Index, *, window: int, passages: int, seed: int
+    ids: list[int], tokenizer: Tokenizer, index: Bm25Index, *, window: int, passages: int, seed: int
 ) -> tuple[dict[str, list[list[int]]], int, int]:
     """Per condition, one token sequence per chunk (passage + preceding window + chunk; the chunk is the
     last `window // 4` tokens); also the chunk length and how many passages the leakage guard removed."""
@@ -121,37 +124,16 @@ def chunk_sequences(
     return conditions, chunk, guarded
 
 
-def chunk_losses(
-    model: torch.nn.Module,
-    sequences: list[list[int]],
-    chunk: int,
-    *,
-    device: torch.device,
-    precision: str,
-    batch: int = 32,
-) -> tuple[float, int]:
-    """Summed NLL of the last `chunk` tokens of every sequence (right-padded batches), and their count."""
-    from lmzoo.device import autocast
-
-    total, count = 0.0, 0
-    with torch.inference_mode(), autocast(device, precision):
-        for start in range(0, len(sequences), batch):
-            group = sequences[start : start + batch]
-            width = max(len(s) for s in group) - 1
-            x = torch.zeros(len(group), width, dtype=torch.long)
-            for row, seq in enumerate(group):
-                x[row, : len(seq) - 1] = torch.tensor(seq[:-1])
-            h, _ = model.hidden(x.to(device), None)
-            logp = model.head.logits(h).float().log_softmax(-1).cpu()
-            for row, seq in enumerate(group):
-                positions = torch.arange(len(seq) - 1 - chunk, len(seq) - 1)
-                total -= float(logp[row, positions, torch.tensor(seq[-chunk:])].sum())
-                count += chunk
-    return total, count
+def chunk_losses(lm: LoadedModel, sequences: list[list[int]], chunk: int) -> tuple[float, int]:
+    """Summed NLL of the last `chunk` tokens of every sequence (each fits the model's window), and
+    their count, through the one scorer."""
+    scored = score_sequences(lm, sequences)
+    total = -sum(float(s.logprobs[-chunk:].sum()) for s in scored)
+    return total, chunk * len(scored)
 
 
 def evaluate_rag(
-    run: Any,
+    run: Run,
     index: str | Path | Bm25Index,
     *,
     data: str | Path | None = None,
@@ -163,15 +145,10 @@ def evaluate_rag(
     device: torch.device,
 ) -> dict[str, Any]:
     """Held-out loss of chunks with no passage, a random passage and retrieved passages (see the module)."""
-    from lmzoo.data import read_splits, read_text_file
-    from lmzoo.device import pick_precision
-
-    if split not in ("val", "test"):
-        raise ConfigError(f"--split must be val or test, got {split!r}")
     found = open_index(index)
-    window = context_of(run, checkpoint_tag) or RECURRENT_WINDOW
-    model = run.model(checkpoint_tag, device)
-    text = read_text_file(data) if data is not None else getattr(read_splits(run.config.data), split)
+    window = context_of(run) or RECURRENT_WINDOW
+    lm = replace(run.load(checkpoint_tag, device), window=window)  # each sequence fits one window
+    text = run.evaluation_text(data, split)
     ids = run.tokenizer.encode(text)
     if max_chunks is not None:
         ids = ids[: (max_chunks + 1) * max(1, window // 4)]
@@ -184,8 +161,7 @@ def evaluate_rag(
         )
     report: dict[str, Any] = {"chunks": len(conditions["none"]), "chunk_tokens": chunk, "window": window}
     for name, sequences in conditions.items():
-        precision = pick_precision(device, run.config.train.precision)
-        total, count = chunk_losses(model, sequences, chunk, device=device, precision=precision)
+        total, count = chunk_losses(lm, sequences, chunk)
         report[f"loss_{name}"], report["tokens"] = total / count, count
     report.update(passages=passages, guarded=guarded, index_passages=len(found))
     return report

@@ -20,7 +20,7 @@ from lmzoo.io import fsync_tree
 def staged_directory(out: Path) -> Iterator[Path]:
     """Yield a temp directory beside `out`; on success it becomes `out` (refused if `out` exists)."""
     if out.exists():
-        raise CheckpointError(f"{out} already exists; choose another --out or remove it first")
+        raise CheckpointError(f"{out} already exists; choose another out= or remove it first", param="out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -121,9 +121,9 @@ def _registry(request: Request) -> RunRegistry:
 
 
 def _model_card(registry: RunRegistry, name: str) -> dict[str, Any]:
-    from lmzoo.checkpoint import checkpoint_time
+    from lmzoo.run import Run
 
-    created = int(checkpoint_time(registry.locate(name)))
+    created = int(Run.checkpoint_time_at(registry.locate(name)))
     return {"id": name, "object": "model", "created": created, "owned_by": "lmzoo"}
 
 

@@ -1,7 +1,7 @@
 """What POST /v1/completions computes, in a worker thread holding the run's lock.
 
 Language models continue the prompt; seq2seq runs translate it on the same endpoint. Generation is
-`lmzoo.inspect.generate_with_probs` (Run.generate's decoding, with each step's distribution seen),
+`lmzoo.inference.scoring.generate_with_probs` (Run.generate's decoding, with each step's distribution seen),
 so a generated token's logprob and top alternatives are those of the very step that chose it: the
 model's own distribution, before temperature, top-k or top-p. With `echo`, the prompt's tokens are
 scored by `probe.prompt_logprobs`: each given all tokens before it, the first one null (OpenAI's
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmzoo.run import Run
 from lmzoo.serve.errors import bad_request
 from lmzoo.serve.probe import Entry, prompt_logprobs
 from lmzoo.serve.runs import Budget
@@ -41,7 +42,7 @@ class Completion:
 
 
 def complete(
-    run: Any, budget: Budget, request: CompletionRequest, *, device: str, on_piece: OnPiece | None = None
+    run: Run, budget: Budget, request: CompletionRequest, *, device: str, on_piece: OnPiece | None = None
 ) -> Completion:
     """Every choice of the request: for each prompt, `n` of them (index = prompt * n + i, as OpenAI's)."""
     if request.echo and run.kind == "seq2seq":
@@ -58,7 +59,7 @@ def complete(
     return Completion(choices, request.n, list(dict.fromkeys(warnings)))
 
 
-def check_prompt(run: Any, prompt: str) -> list[str]:
+def check_prompt(run: Run, prompt: str) -> list[str]:
     """A prompt with no piece the model knows is a 400; a few unknown pieces are read as <unk> (a warning)."""
     tokenizer = run.tokenizer
     ids = tokenizer.encode(prompt)
@@ -82,6 +83,7 @@ def sampling_fields(request: CompletionRequest) -> dict[str, Any]:
         top_k=request.top_k,
         repetition_penalty=request.repetition_penalty,
         stop=request.stops,
+        ignore_eos=request.ignore_eos or None,
     )
 
 
@@ -100,7 +102,7 @@ def logprobs_block(entries: list[Entry], start: int) -> dict[str, Any]:
 
 
 def one_choice(
-    run: Any,
+    run: Run,
     budget: Budget,
     request: CompletionRequest,
     prompt: str,
@@ -109,35 +111,33 @@ def one_choice(
     device: str,
     emit: OnPiece,
 ) -> Choice:
-    from lmzoo.inspect import generate_with_probs
-
     k = request.logprobs
     entries: list[Entry] = []
     if request.echo:
         entries = prompt_logprobs(run, prompt, k, device=device) if k is not None else []
         emit(index, prompt, logprobs_block(entries, 0) if k is not None else None)
-    position, pieces, produced = len(prompt), [], 0
+    position, pieces, produced, finish = len(prompt), [], 0, "length"
     if request.max_tokens > 0:
-        steps = generate_with_probs(
-            run, prompt, top_logprobs=k or 0, device=device, seed=seed, **sampling_fields(request)
-        )
-        for piece, step in steps:
+        decoding = run.decode(prompt, device=device, seed=seed, top_logprobs=k, **sampling_fields(request))
+        for step in decoding:
             budget.check()
-            produced += 1
-            top: dict[str, float] = {}
-            for text, _, logprob in step.top[: k or 0]:
-                top.setdefault(text, logprob)
-            entry: Entry = (piece, step.logprob, top) if k is not None else (piece, None, None)
+            entry: Entry = (step.text, None, None)
+            if k is not None and step.probs is not None:
+                top: dict[str, float] = {}
+                for text, _, logprob in step.probs.top[:k]:
+                    top.setdefault(text, logprob)
+                entry = (step.text, step.probs.logprob, top)
             entries.append(entry)
-            emit(index, piece, logprobs_block([entry], position) if k is not None else None)
-            pieces.append(piece)
-            position += len(piece)
+            emit(index, step.text, logprobs_block([entry], position) if k is not None else None)
+            pieces.append(step.text)
+            position += len(step.text)
+        produced, finish = decoding.completion_tokens, decoding.finish_reason or "length"
     budget.check()
     text = "".join(pieces)
     return Choice(
         index=index,
         text=(prompt + text) if request.echo else text,
-        finish_reason="length" if produced >= request.max_tokens else "stop",
+        finish_reason=finish,
         logprobs=logprobs_block(entries, 0 if request.echo else len(prompt)) if k is not None else None,
         prompt_tokens=len(run.tokenizer.encode(prompt)),
         completion_tokens=produced,

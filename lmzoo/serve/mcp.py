@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmzoo import __version__
 from lmzoo.serve.errors import APIError
 from lmzoo.serve.runs import RunRegistry
+
+if TYPE_CHECKING:
+    from lmzoo.run import Run
 
 METRICS_LINES = 5000  # the metrics resource gives at most the last this many records
 
@@ -47,9 +50,9 @@ def build_mcp_server(registry: RunRegistry, rag_index: str | Path | None = None)
 def _add_resources(server: Any, registry: RunRegistry) -> None:
     from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
-    def located(name: str) -> Any:
+    def opened(name: str) -> Run:
         try:
-            return registry.locate(name)
+            return registry.open(name)
         except APIError as err:
             raise ResourceNotFoundError(err.message) from None
 
@@ -59,15 +62,11 @@ def _add_resources(server: Any, registry: RunRegistry) -> None:
 
     @server.resource("lmzoo://runs/{name}/config", mime_type="application/yaml", description="A run's config")
     def run_config(name: str) -> str:
-        from lmzoo.run import CONFIG_FILE
-
-        return (located(name) / CONFIG_FILE).read_text(encoding="utf-8")
+        return opened(name).config_text()
 
     @server.resource(
         "lmzoo://runs/{name}/metrics", mime_type="application/jsonl", description="A run's metrics.jsonl"
     )
     def run_metrics(name: str) -> str:
-        from lmzoo.tracking import read_metrics
-
-        records = read_metrics(located(name))[-METRICS_LINES:]
+        records = opened(name).metrics()[-METRICS_LINES:]
         return "".join(json.dumps(r) + "\n" for r in records)

@@ -24,11 +24,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lmzoo.errors import CheckpointError, LmzooError
 from lmzoo.serve.errors import APIError, Cancelled, bad_request, not_found, shutting_down, timed_out
 from lmzoo.serve.limits import Limits
+
+if TYPE_CHECKING:
+    from lmzoo.run import Run
 
 T = TypeVar("T")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
@@ -143,7 +146,7 @@ class RunRegistry:
 
     def locate(self, name: object) -> Path:
         """The resolved directory of run `name`, or a 400 (not a plain name) / 404 (no such run here)."""
-        from lmzoo.checkpoint import has_checkpoint
+        from lmzoo.run import Run
 
         if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
             raise bad_request(
@@ -159,7 +162,7 @@ class RunRegistry:
             raise unknown from None
         if real.parent != self.root or not real.is_dir() or self._escapes(real):
             raise unknown
-        if not has_checkpoint(real):
+        if not Run.trained_at(real):
             raise not_found(f"the run {name!r} has no checkpoint yet")
         return real
 
@@ -173,11 +176,11 @@ class RunRegistry:
         return False
 
     def _entry(self, name: str) -> Entry:
-        from lmzoo.checkpoint import checkpoint_time
+        from lmzoo.run import Run
 
         path = self.locate(name)
         try:
-            stamp = checkpoint_time(path)
+            stamp = Run.checkpoint_time_at(path)
         except OSError:
             raise not_found(f"the run {name!r} was removed") from None
         with self._guard:
@@ -189,7 +192,7 @@ class RunRegistry:
                 self._cache.popitem(last=False)  # a request still using it keeps its own reference
             return entry
 
-    def open(self, name: str) -> Any:
+    def open(self, name: str) -> Run:
         """The `Run` for `name` (configs and metadata only; no lock needed, no model loaded)."""
         from lmzoo.run import Run
 
@@ -238,7 +241,7 @@ class RunRegistry:
 
         try:
             run = Run.open(path)
-            if run.config.init_from and not self._bases_inside(path, run.config.init_from):
+            if not self._bases_inside(run):
                 raise not_found(
                     f"the run {name!r} is a fine-tune of a run outside the runs folder; not served"
                 )
@@ -247,17 +250,12 @@ class RunRegistry:
             raise self._unusable(name, path, CheckpointError(str(err))) from None
         return run
 
-    def _bases_inside(self, path: Path, init_from: str) -> bool:
-        """Whether every place Run looks for a fine-tune's base run (base.json's relative path, the config's
-        init_from) is under the runs folder, checked before Run reads (and hashes) anything there."""
-        from lmzoo.checkpoint import read_json
-        from lmzoo.run import BASE_FILE
-
-        recorded = read_json(path / BASE_FILE).get("path")
-        candidates = [Path(init_from)] + ([path / str(recorded)] if recorded else [])
+    def _bases_inside(self, run: Run) -> bool:
+        """Whether every place the run looks for a fine-tune's base run (--base, base.json's relative path,
+        the config's init_from) is under the runs folder, checked before anything there is read."""
         return all(
             c.resolve().is_relative_to(self.root) and not self._escapes(c.resolve())
-            for c in candidates
+            for c in run.base_candidates()
             if c.exists()
         )
 

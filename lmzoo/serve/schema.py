@@ -35,6 +35,7 @@ class CompletionRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    ignore_eos: bool = False  # as vLLM's: go on after <eos> up to max_tokens (fixed-length load tests)
     stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1)] = 1
     seed: int | None = None

@@ -128,11 +128,10 @@ class RunTools:
     async def describe_run(self, run: RunName) -> dict[str, Any]:
         """One run in full: its summary, resolved config, best checkpoint info, last metrics record."""
         from lmzoo.serve.probe import run_summary
-        from lmzoo.tracking import read_metrics
 
         def describe() -> dict[str, Any]:
             loaded = self.registry.open(run)
-            records = read_metrics(loaded.path)
+            records = loaded.metrics()
             return {
                 **run_summary(loaded),
                 "config": loaded.config.model_dump(mode="json"),

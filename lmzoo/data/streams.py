@@ -1,0 +1,159 @@
+"""Language-model batch sources over a token stream.
+
+Two ways to cut a language-model stream into batches:
+
+* `SequentialBatches`: the classic truncated-BPTT layout. The stream is split into `batch_size`
+  contiguous columns and read `seq_len` tokens at a time, so batch k+1 continues batch k and a
+  recurrent model can carry its hidden state across batches.
+* `RandomWindows`: independent windows at random offsets (what attention models train on).
+
+Examples that are not one stream (sentence pairs, SFT records, preference pairs) come in
+`lmzoo.data.examples.ShuffledBatches`. Every source keeps its position in a small `state_dict`, so
+a resumed run reads exactly the batches an uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmzoo.data.batch import LMBatch
+from lmzoo.errors import DataError
+
+
+class SequentialBatches:
+    """Contiguous truncated-BPTT batches: (x, y, starts_epoch) with x, y of shape (B, T).
+
+    `starts_epoch` is True for the first batch of each pass, where a carried state must be reset.
+    With `device`, the stream is moved there once and batches are views of it (no copy per step).
+    """
+
+    def __init__(
+        self,
+        stream: torch.Tensor,
+        batch_size: int,
+        seq_len: int,
+        *,
+        name: str = "train",
+        device: torch.device | str | None = None,
+    ) -> None:
+        columns = len(stream) // batch_size
+        if columns < seq_len + 1:
+            need = batch_size * (seq_len + 1)
+            raise DataError(
+                f"the {name} split has {len(stream)} tokens, fewer than one batch needs "
+                f"(batch_size {batch_size} x (seq_len {seq_len} + 1) = {need}); "
+                "lower data.batch_size or data.seq_len, or add text"
+            )
+        self.data = stream[: columns * batch_size].view(batch_size, columns).to(device or stream.device)
+        self.seq_len = seq_len
+        self.batches_per_epoch = (columns - 1) // seq_len
+        self.epoch, self.index = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def next(self) -> LMBatch:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        start = self.index * self.seq_len
+        x = self.data[:, start : start + self.seq_len]
+        y = self.data[:, start + 1 : start + 1 + self.seq_len]
+        starts_epoch = self.index == 0
+        self.index += 1
+        return LMBatch(x, y, starts_epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class RandomWindows:
+    """Batches of windows at random offsets, drawn from a generator whose state is checkpointed.
+
+    With `device`, the stream lives there (moved once) and windows are gathered there: only the
+    batch's start offsets, drawn on the CPU generator (so runs and resumes match across devices), travel.
+    """
+
+    def __init__(
+        self,
+        stream: torch.Tensor,
+        batch_size: int,
+        seq_len: int,
+        *,
+        seed: int,
+        name: str = "train",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if len(stream) < seq_len + 1:
+            raise DataError(
+                f"the {name} split has {len(stream)} tokens, fewer than one window of "
+                f"seq_len {seq_len} + 1; lower data.seq_len or add text"
+            )
+        self.stream = stream.to(device or stream.device)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(seq_len + 1, device=self.stream.device)
+        self.batches_per_epoch = max(1, len(stream) // (batch_size * seq_len))
+        self.drawn = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.drawn // self.batches_per_epoch
+
+    def next(self) -> LMBatch:
+        high = len(self.stream) - self.seq_len
+        starts = torch.randint(high, (self.batch_size,), generator=self.generator)
+        if self.stream.is_cuda:  # from pinned memory: the copy does not wait for the GPU's queue
+            starts = starts.pin_memory().to(self.stream.device, non_blocking=True)
+        else:
+            starts = starts.to(self.stream.device)
+        window = self.stream[starts[:, None] + self.offsets]  # (B, T+1), gathered where the stream is
+        self.drawn += 1
+        return LMBatch(window[:, :-1], window[:, 1:], True)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.drawn = int(state["drawn"])
+
+
+def eval_windows(stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None):
+    """Yield (x, y) batches that cover a stream in order, for evaluation with a carried state.
+
+    Short validation splits shrink the batch (and, if needed, the window) instead of failing.
+    """
+    if len(stream) < 2:
+        raise DataError("the evaluation split has fewer than 2 tokens")
+    seq_len = min(seq_len, len(stream) - 1)
+    batch_size = max(1, min(batch_size, (len(stream) - 1) // seq_len))
+    columns = len(stream) // batch_size
+    data = stream[: columns * batch_size].view(batch_size, columns)
+    count = 0
+    for start in range(0, columns - 1, seq_len):
+        if max_batches is not None and count >= max_batches:
+            return
+        end = min(start + seq_len, columns - 1)
+        yield data[:, start:end], data[:, start + 1 : end + 1]
+        count += 1
+
+
+def make_batches(
+    stream: torch.Tensor,
+    batch_size: int,
+    seq_len: int,
+    *,
+    sequential: bool,
+    seed: int,
+    device: torch.device | str | None = None,
+):
+    """The training batch source: contiguous truncated-BPTT batches, or random windows (kept on `device`)."""
+    if sequential:
+        return SequentialBatches(stream, batch_size, seq_len, device=device)
+    return RandomWindows(stream, batch_size, seq_len, seed=seed, device=device)

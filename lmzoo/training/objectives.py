@@ -1,0 +1,119 @@
+"""Batch -> loss. The training loop calls an objective and does not know which family it trains.
+
+Every objective is called as `objective(forward, batch) -> (loss, tokens)` where `forward` is the
+model (or its compiled/distributed wrapper) and `tokens` counts the target tokens of the batch.
+Objectives that keep state between batches (the carried recurrent state of truncated BPTT) expose
+it through `state_dict()` so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch
+from lmzoo.models.base import PAD_ID, detach_state
+
+
+class LMObjective:
+    """Next-token cross-entropy; with `carry`, the recurrent state flows from one batch to the next.
+
+    Label smoothing applies to training only: evaluation always reports the plain likelihood.
+    """
+
+    def __init__(self, *, carry: bool, label_smoothing: float = 0.0) -> None:
+        self.carry = carry
+        self.label_smoothing = label_smoothing
+        self.state: Any = None
+
+    def __call__(self, forward: Any, batch: LMBatch) -> tuple[torch.Tensor, int]:
+        state_in = None if (batch.starts_epoch or not self.carry) else self.state
+        loss, state_out = forward(
+            batch.inputs, state_in, targets=batch.targets, label_smoothing=self.label_smoothing
+        )
+        if self.carry:
+            self.state = detach_state(state_out)
+        return loss, batch.targets.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"carried": self.state if self.carry else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state.get("carried")
+
+
+class Seq2SeqObjective:
+    """Teacher-forced cross-entropy of the target given the source (padding ignored; label smoothing
+    in training only)."""
+
+    def __init__(self, *, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, forward: Any, batch: PairBatch) -> tuple[torch.Tensor, int]:
+        loss, _ = forward(
+            batch.source, batch.target_in, targets=batch.target_out, label_smoothing=self.label_smoothing
+        )
+        tokens = batch.tokens if batch.tokens is not None else int((batch.target_out != PAD_ID).sum())
+        return loss, tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def sequence_logprobs(forward: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(response | prompt) per row: the sum of token log-probabilities where targets != PAD."""
+    logits, _ = forward(inputs)  # (B, T, V)
+    logprobs = logits.float().log_softmax(-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * (targets != PAD_ID)).sum(-1)  # (B,)
+
+
+class DPOObjective:
+    """Direct Preference Optimisation (Rafailov et al., 2023):
+
+        loss = -log sigmoid(beta * [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
+
+    over response tokens only. `reference` scores the frozen reference model: with LoRA or adapters
+    it is the same model with them switched off, otherwise a frozen copy. `metrics` holds the last
+    batch's reward accuracy (ties count half), margin, and chosen/rejected rewards.
+    """
+
+    def __init__(self, beta: float, reference: Any) -> None:
+        self.beta = beta
+        self.reference = reference  # callable(inputs, targets) -> reference log-probs (B,)
+        self.metrics: dict[str, float] = {}
+        self.last_rewards: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, forward: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, int]:
+        inputs = torch.cat([batch.chosen_inputs, batch.rejected_inputs])
+        targets = torch.cat([batch.chosen_targets, batch.rejected_targets])
+        policy = sequence_logprobs(forward, inputs, targets)
+        with torch.no_grad():
+            reference = self.reference(inputs, targets)
+        rewards = self.beta * (policy - reference)
+        chosen, rejected = rewards.chunk(2)
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        self.last_rewards = (chosen.detach().float(), rejected.detach().float())
+        self.metrics = preference_metrics(*self.last_rewards)
+        return loss, int((targets != PAD_ID).sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Reward accuracy (ties count half), mean margin, mean chosen and rejected rewards."""
+    accuracy = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    return {
+        "reward_accuracy": float(accuracy.mean()),
+        "reward_margin": float((chosen - rejected).mean()),
+        "reward_chosen": float(chosen.mean()),
+        "reward_rejected": float(rejected.mean()),
+    }

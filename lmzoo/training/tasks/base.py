@@ -1,0 +1,124 @@
+"""The task contract: typed batch sources and objectives, `Metrics` that say which value picks `best`,
+and the `TaskContext` every task builder starts from."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from lmzoo.config.schema import RunConfig
+from lmzoo.data.tokenizer import Tokenizer, fit_tokenizer
+from lmzoo.device import autocast
+from lmzoo.inference.decoding import decode
+from lmzoo.inference.loaded import LoadedModel
+from lmzoo.inference.sampling import SamplingOptions
+from lmzoo.models.base import eval_mode
+
+
+class BatchSource(Protocol):
+    """Training batches: `next()` forever (epochs wrap), a position to save and restore, batches per epoch."""
+
+    def next(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def __len__(self) -> int: ...
+
+
+class Objective(Protocol):
+    """batch -> (loss, target tokens); state that flows between batches is saved with the run."""
+
+    def __call__(self, forward: Any, batch: Any) -> tuple[torch.Tensor, int]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Validation values, and which of them picks the best checkpoint, in which direction."""
+
+    values: dict[str, float]
+    key: str = "loss"
+    higher_is_better: bool = False
+
+    @property
+    def score(self) -> float:
+        return self.values[self.key]
+
+    def improves_on(self, best: float | None) -> bool:
+        if best is None or math.isnan(best):
+            return True
+        return self.score > best if self.higher_is_better else self.score < best
+
+
+class ModelFactory(Protocol):
+    def __call__(self, vocab_size: int | tuple[int, int]) -> torch.nn.Module: ...
+
+
+@dataclass
+class Task:
+    tokenizer: Tokenizer  # the source side for seq2seq
+    target_tokenizer: Tokenizer | None  # seq2seq only (the same object when shared)
+    model: torch.nn.Module
+    batches: BatchSource
+    objective: Objective
+    tokens_per_epoch: int
+    evaluate: Callable[[], Metrics]
+    sample: Callable[[int], str]  # a short text for TensorBoard at a step
+
+
+@dataclass
+class TaskContext:
+    """What every task builder needs: the config, where to run, how to get the model and tokenizers."""
+
+    config: RunConfig
+    device: torch.device
+    precision: str
+    make_model: ModelFactory  # the run's starting model for a vocabulary size (lmzoo.run.Run.initial_model)
+    tokenizers: dict[str, Tokenizer] | None  # reused from a run directory instead of fitted
+    batch_size: int  # per-step rows: data.batch_size x the number of processes sharing them
+    base_config: RunConfig | None = None  # fine-tunes: the init_from run's config
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.data.eval_rows
+
+    def tokenizer(self, text: Callable[[], str], section: Any = None) -> Tokenizer:
+        """The saved tokenizer, or one fitted on `text()` (read only when fitting)."""
+        if self.tokenizers is not None:
+            return self.tokenizers["source"]
+        return fit_tokenizer(section or self.config.tokenizer, text())
+
+    def loaded(self, model: torch.nn.Module, tokenizer: Tokenizer, window: int) -> LoadedModel:
+        """The model in training as the inference core reads it (scored in `window`-token windows)."""
+        return LoadedModel(
+            model, tokenizer, precision=self.precision, window=window, batch_size=self.eval_batch_size
+        )
+
+    def in_eval_mode(self, model: torch.nn.Module, make: Callable[[], Any]) -> Any:
+        with eval_mode(model), autocast(self.device, self.precision):
+            return make()
+
+    def sampler(
+        self, model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, **extra: Any
+    ) -> Callable[[int], str]:
+        """A short sample for TensorBoard, from its own generator so training randomness is untouched."""
+        sample = self.config.sample
+        options = SamplingOptions(
+            max_new_tokens=min(sample.max_new_tokens, 200),
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+            top_p=sample.top_p,
+            repetition_penalty=sample.repetition_penalty,
+            **extra,
+        )
+
+        def make(step: int) -> str:
+            lm = LoadedModel(model, tokenizer)
+            seed = self.config.seed + step
+            return prompt + self.in_eval_mode(model, lambda: decode(lm, prompt, options, seed=seed).text())
+
+        return make

@@ -1,0 +1,167 @@
+"""Fine-tuning data kinds: instruction tuning (SFT, loss on responses) and preference tuning (DPO)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+from lmzoo.config.schema import resolve_data_path
+from lmzoo.data.batch import to_device
+from lmzoo.data.corpus import encode_stream, read_splits
+from lmzoo.data.examples import (
+    ShuffledBatches,
+    preference_batch,
+    prompt_response_ids,
+    read_record_splits,
+    sft_batch,
+)
+from lmzoo.data.tokenizer import Tokenizer
+from lmzoo.device import autocast
+from lmzoo.inference.evaluate import token_weighted_loss
+from lmzoo.inference.scoring import evaluate_stream
+from lmzoo.models.base import eval_mode
+from lmzoo.models.peft import adapters_disabled, has_adapters
+from lmzoo.training.objectives import DPOObjective, LMObjective, preference_metrics, sequence_logprobs
+from lmzoo.training.tasks.base import Metrics, Task, TaskContext
+
+
+def sft_task(context: TaskContext) -> Task:
+    """Instruction tuning: the loss covers only the response tokens of each templated record."""
+    config = context.config
+    parts = read_record_splits(config.data, ("instruction", "input", "output"))
+    prompts = {
+        name: [
+            (config.data.template.format(instruction=r["instruction"], input=r["input"]), r["output"])
+            for r in records
+        ]
+        for name, records in parts.items()
+    }
+    tokenizer = context.tokenizer(lambda: "\n".join(p + r for p, r in prompts["train"]))
+    context_len = config.model.context_len
+    encoded = {
+        name: [prompt_response_ids(tokenizer, p, r, context_len) for p, r in pairs]
+        for name, pairs in prompts.items()
+    }
+    batches = ShuffledBatches(encoded["train"], context.batch_size, seed=config.seed, collate=sft_batch)
+    val = ShuffledBatches(encoded["val"], context.eval_batch_size, seed=0, collate=sft_batch, shuffle=False)
+    model = context.make_model(tokenizer.vocab_size)
+
+    def evaluate() -> Metrics:
+        return Metrics(
+            token_weighted_loss(
+                model,
+                val,
+                lambda b: (model(b.inputs, targets=b.targets)[0], b.targets),
+                device=context.device,
+                precision=context.precision,
+            )
+        )
+
+    return Task(
+        tokenizer=tokenizer,
+        target_tokenizer=None,
+        model=model,
+        batches=batches,
+        objective=LMObjective(carry=False, label_smoothing=config.train.label_smoothing),
+        tokens_per_epoch=sum(len(t) for _, t in encoded["train"]),
+        evaluate=evaluate,
+        sample=context.sampler(model, tokenizer, prompts["val"][0][0], stop=("\n\n",)),
+    )
+
+
+def dpo_task(context: TaskContext) -> Task:
+    """Preference tuning with DPO against the frozen init_from model.
+
+    Metrics: the DPO loss (which picks `best`), reward accuracy and margins, and, when the base
+    run's validation text is still on disk, the language-model loss on it (what DPO costs).
+    """
+    config = context.config
+    parts = read_record_splits(config.data, ("prompt", "chosen", "rejected"))
+    tokenizer = context.tokenizer(lambda: "")
+    context_len = config.model.context_len
+
+    def encode(
+        records: list[dict[str, str]],
+    ) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
+        return [
+            (
+                prompt_response_ids(tokenizer, r["prompt"], r["chosen"], context_len),
+                prompt_response_ids(tokenizer, r["prompt"], r["rejected"], context_len),
+            )
+            for r in records
+        ]
+
+    train = encode(parts["train"])
+    batches = ShuffledBatches(train, context.batch_size, seed=config.seed, collate=preference_batch)
+    val = ShuffledBatches(
+        encode(parts["val"]), context.eval_batch_size, seed=0, collate=preference_batch, shuffle=False
+    )
+    model = context.make_model(tokenizer.vocab_size)
+    objective = DPOObjective(config.train.dpo_beta, _reference(model))
+    pretrain_val = _base_validation_stream(context, tokenizer)
+    window = context.base_config.seq_len if context.base_config is not None else config.seq_len
+    readable = context.loaded(model, tokenizer, window)
+
+    def evaluate() -> Metrics:
+        values = _dpo_validation(model, objective, val, context)
+        if pretrain_val is not None:
+            lm = evaluate_stream(
+                readable,
+                pretrain_val,
+                max_tokens=context.base_config.eval_tokens if context.base_config else None,
+            )
+            values["pretrain_loss"] = lm["loss"]
+        return Metrics(values)
+
+    return Task(
+        tokenizer=tokenizer,
+        target_tokenizer=None,
+        model=model,
+        batches=batches,
+        objective=objective,
+        tokens_per_epoch=sum(len(c[1]) + len(r[1]) for c, r in train),
+        evaluate=evaluate,
+        sample=context.sampler(model, tokenizer, parts["val"][0]["prompt"]),
+    )
+
+
+def _reference(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """DPO's frozen reference: the same weights with LoRA/adapters off (no second copy), else a frozen copy."""
+    if has_adapters(model):
+
+        def frozen(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            with adapters_disabled(model), eval_mode(model):
+                return sequence_logprobs(model, inputs, targets)
+
+        return frozen
+    reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+    return lambda inputs, targets: sequence_logprobs(reference_model, inputs, targets)
+
+
+def _base_validation_stream(context: TaskContext, tokenizer: Tokenizer) -> torch.Tensor | None:
+    """The base run's own validation text, to watch what DPO costs the language model (if still on disk)."""
+    base = context.base_config
+    if base is None or base.data.format != "text":
+        return None
+    if not all(resolve_data_path(f).is_file() for f in base.data.train_files):
+        return None
+    return encode_stream(tokenizer, read_splits(base.data).val)
+
+
+def _dpo_validation(
+    model: torch.nn.Module, objective: DPOObjective, val: ShuffledBatches, context: TaskContext
+) -> dict[str, float]:
+    chosen, rejected, losses = [], [], []
+    with torch.inference_mode(), eval_mode(model):
+        for batch in val:
+            with autocast(context.device, context.precision):
+                loss, _ = objective(model, to_device(batch, context.device))
+            rewards = objective.last_rewards
+            assert rewards is not None
+            chosen.append(rewards[0])
+            rejected.append(rewards[1])
+            losses.append(float(loss) * len(rewards[0]))
+    chosen_all, rejected_all = torch.cat(chosen), torch.cat(rejected)
+    return {"loss": sum(losses) / len(chosen_all), **preference_metrics(chosen_all, rejected_all)}

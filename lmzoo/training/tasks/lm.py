@@ -1,0 +1,54 @@
+"""Language modelling on text: token streams, sequential (state-carrying) or random-window batches."""
+
+from __future__ import annotations
+
+from lmzoo.config.schema import RunConfig
+from lmzoo.data.corpus import encode_stream, read_splits
+from lmzoo.data.streams import make_batches
+from lmzoo.inference.scoring import evaluate_stream
+from lmzoo.models import get_model_info
+from lmzoo.training.objectives import LMObjective
+from lmzoo.training.tasks.base import Metrics, Task, TaskContext
+
+
+def lm_task(context: TaskContext) -> Task:
+    config = context.config
+    splits = read_splits(config.data)
+    fit_text = splits.train if config.tokenizer.fit_on == "train" else splits.train + splits.val + splits.test
+    tokenizer = context.tokenizer(lambda: fit_text)
+    train_stream, val_stream = encode_stream(tokenizer, splits.train), encode_stream(tokenizer, splits.val)
+    seq_len = config.data.seq_len = config.seq_len
+    # Batches before the model: a corpus too short for one batch fails before anything is built.
+    carries_state = _carries_state(config)
+    sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and carries_state)
+    # The stream moves to the device once and batches are gathered there.
+    batches = make_batches(
+        train_stream,
+        context.batch_size,
+        seq_len,
+        sequential=sequential,
+        seed=config.seed,
+        device=context.device,
+    )
+    model = context.make_model(tokenizer.vocab_size)
+
+    readable = context.loaded(model, tokenizer, seq_len)
+
+    def evaluate() -> Metrics:
+        return Metrics(evaluate_stream(readable, val_stream, max_tokens=config.eval_tokens))
+
+    objective = LMObjective(carry=carries_state and sequential, label_smoothing=config.train.label_smoothing)
+    return Task(
+        tokenizer=tokenizer,
+        target_tokenizer=None,
+        model=model,
+        batches=batches,
+        objective=objective,
+        tokens_per_epoch=len(train_stream),
+        evaluate=evaluate,
+        sample=context.sampler(model, tokenizer, config.sample.prompt),
+    )
+
+
+def _carries_state(config: RunConfig) -> bool:
+    return bool(get_model_info(config.model.name).cls.carries_state)
