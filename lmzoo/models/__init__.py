@@ -33,10 +33,10 @@ __all__ = [
 BUILDING_BLOCKS = {
     "attention",
     "base",
+    "decoder",
     "heads",
     "layers",
     "registry",
-    "static_decoding",
 }  # shared parts, not families
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):

@@ -53,6 +53,11 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def position(self) -> int:
+        """The position of the next token written (a StaticKVCache keeps it as a device tensor)."""
+        return self.length
+
     def select(self, indices: torch.Tensor) -> KVCache:
         """A cache holding only the given batch rows (beam search reorders hypotheses with it)."""
         chosen = KVCache.__new__(KVCache)

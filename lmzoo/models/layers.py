@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the gpt and transformer families: the position-wise
+"""Transformer building blocks shared by the gpt, modern and transformer families: the position-wise
 feed-forward network, dropout that vanishes at p = 0, and the heads-divide-width check."""
 
 from __future__ import annotations

@@ -17,16 +17,16 @@ It is GPT with the components that replaced the 2018 ones:
   attention logits bounded at high learning rates.
 - No biases anywhere; output layer tied to the embedding by default.
 
-Decoding keeps a KV cache per layer (K/V of the n_kv_heads, already rotated). When the text reaches
-the context length the window slides like GPT's: the oldest quarter is dropped and the cache is
-rebuilt from the kept tokens, whose positions restart at 0, exactly as a fresh forward over that
-window computes them.
+Positions enter inside attention only: the shell hands every block the rotary embedding
+(`block_inputs`), and attention rotates q and k at its cache's position, an int for the dynamic cache
+or the device tensor a static cache shares. Decoding is the decoder shell's (lmzoo.models.decoder): the
+KV cache holds the K/V of the n_kv_heads, already rotated; the window slides past the context like
+GPT's, and the static cache with its compiled one-token step works the same way.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
-from lmzoo.models.attention import KVCache, RecordsAttention, fused_attention
-from lmzoo.models.base import LanguageModel
-from lmzoo.models.heads import OutputHead
+from lmzoo.config.schema import PositiveInt
+from lmzoo.models.attention import KVCache, RecordsAttention, StaticKVCache, fused_attention
+from lmzoo.models.decoder import DecoderConfig, DecoderLM
+from lmzoo.models.layers import dropout_layer
 from lmzoo.models.registry import register_model
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -49,29 +49,20 @@ def swiglu_hidden_size(d_model: int, multiple_of: int) -> int:
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
-class ModernConfig(ModelConfig):
+class ModernConfig(DecoderConfig):
     name: Literal["modern"] = "modern"
-    d_model: PositiveInt = 128
-    n_heads: PositiveInt = 4
     n_kv_heads: PositiveInt | None = None  # key/value heads (GQA); None = n_heads (multi-head attention)
-    n_layers: PositiveInt = 4
     d_ff: PositiveInt | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to ff_multiple_of
     ff_multiple_of: PositiveInt = 32
-    context_length: PositiveInt = 64
-    dropout: Probability = 0.0
     rope_base: PositiveFloat = 10000.0
     norm_eps: PositiveFloat = 1e-5
     qk_norm: bool = False
-    tie_weights: bool = True
-    attention: Literal["sdpa", "explicit"] = "sdpa"  # explicit = the formula step by step (teaching, tests)
 
     @field_validator("n_heads")
     @classmethod
-    def _heads_divide_width(cls, value: int, info: ValidationInfo) -> int:
-        width = info.data.get("d_model")
-        if width is not None and width % value:
-            raise ValueError(f"n_heads ({value}) must divide d_model ({width})")
-        if width is not None and (width // value) % 2:
+    def _head_width_is_even(cls, value: int, info: ValidationInfo) -> int:
+        width = info.data.get("d_model")  # (that heads divide the width is DecoderConfig's check)
+        if width is not None and width % value == 0 and (width // value) % 2:
             raise ValueError(
                 f"head width d_model / n_heads = {width // value} must be even (RoPE rotates pairs)"
             )
@@ -92,21 +83,6 @@ class ModernConfig(ModelConfig):
     @property
     def ff_hidden(self) -> int:
         return self.d_ff or swiglu_hidden_size(self.d_model, self.ff_multiple_of)
-
-    @property
-    def context_len(self) -> int | None:
-        return self.context_length
-
-    def check_run(self, run) -> None:
-        if run.data.seq_len is not None and run.data.seq_len > self.context_length:
-            raise ValueError(
-                f"data.seq_len: {run.data.seq_len} is longer than model.context_length {self.context_length}; "
-                "a model cannot train on sequences longer than its context"
-            )
-
-
-def _dropout(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 class RMSNorm(nn.Module):
@@ -137,10 +113,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x (B, H, T, d) at positions start .. start+T-1, rotated; same dtype as x."""
-        steps = x.shape[-2]
-        cos, sin = self.cos[start : start + steps], self.sin[start : start + steps]  # (T, d/2)
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """x (B, H, T, d) at positions start .. start+T-1, rotated; same dtype as x. `start` is an int,
+        or a (1,) device tensor (a static cache's position), so a compiled step reads no Python int."""
+        positions = torch.arange(x.shape[-2], device=x.device) + start  # (T,)
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, d/2)
         pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, d/2, 2)
         even, odd = pairs[..., 0], pairs[..., 1]  # (B, H, T, d/2)
         rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (B, H, T, d/2, 2)
@@ -155,7 +132,7 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(d_model, hidden, bias=False)
         self.up = nn.Linear(d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
-        self.dropout = _dropout(dropout)
+        self.dropout = dropout_layer(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C)
@@ -188,24 +165,30 @@ class GroupedQueryAttention(RecordsAttention):
         batch, steps, _ = x.shape
         return x.view(batch, steps, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, d_k)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). With a cache, x continues the cached text (positions offset)."""
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | StaticKVCache | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a cache, x continues the cached text: its positions start at the
+        cache's next slot (an int, or a static cache's device tensor, whose whole capacity is attended
+        over with the slots not written yet masked)."""
         batch, steps, _ = x.shape
-        start = cache.length if cache is not None else 0
+        start = cache.position if cache is not None else 0
         q = self._heads(self.q_proj(x), self.n_heads)  # (B, H, T, d_k)
         k = self._heads(self.k_proj(x), self.n_kv_heads)  # (B, KV, T, d_k)
         v = self._heads(self.v_proj(x), self.n_kv_heads)  # (B, KV, T, d_k)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, start), rope(k, start)  # rotated by their absolute positions
+        static = isinstance(cache, StaticKVCache)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, KV, S, d_k), S = cached + T
+            k, v = cache.append(k, v)  # (B, KV, S, d_k), S = cached + T (static: the capacity)
         groups = self.n_heads // self.n_kv_heads
         if groups > 1:  # query head h reads key/value head h // groups
             k = k.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
             v = v.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
         dropout = self.dropout if self.training else 0.0
-        mask = causal_mask(steps, k.shape[2], x.device)  # (1, 1, T, S) or None
+        # (1, 1, T, S) or None; a static cache's mask also hides the slots not written yet
+        mask = cache.mask(steps) if static else causal_mask(steps, k.shape[2], x.device)
         if self.explicit or self.recording:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
             if mask is not None:
@@ -216,7 +199,7 @@ class GroupedQueryAttention(RecordsAttention):
                 weights = F.dropout(weights, p=dropout)
             out = weights @ v  # (B, H, T, d_k)
         else:
-            square = steps == k.shape[2]  # no cache before: the plain causal triangle
+            square = steps == k.shape[2] and not static  # no cache before: the plain causal triangle
             out = fused_attention(
                 q, k, v, attn_mask=None if square else mask, dropout_p=dropout, is_causal=square and steps > 1
             )  # (B, H, T, d_k)
@@ -235,25 +218,15 @@ class ModernBlock(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = GroupedQueryAttention(config)
-        self.attn_dropout = _dropout(config.dropout)
+        self.attn_dropout = dropout_layer(config.dropout)
         self.ff_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ff = SwiGLU(config.d_model, config.ff_hidden, config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | StaticKVCache | None = None
+    ) -> torch.Tensor:
         x = x + self.attn_dropout(self.attn(self.attn_norm(x), rope, cache))  # (B, T, C)
         return x + self.ff(self.ff_norm(x))  # (B, T, C)
-
-
-@dataclass
-class ModernState:
-    """Decoding state: one KV cache per layer and the token ids currently in the window (B, L)."""
-
-    caches: list[KVCache] | None = None
-    ids: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.ids is None else self.ids.shape[1]
 
 
 @register_model(
@@ -261,15 +234,16 @@ class ModernState:
     config=ModernConfig,
     description="LLaMA-style decoder LM: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, KV cache",
 )
-class ModernDecoder(LanguageModel):
-    carries_state = False
-    keep_fraction = 0.75  # share of the context kept when the decoding window slides
+class ModernDecoder(DecoderLM):
+    block_type = ModernBlock
+    residual_projections = ("o_proj.weight", "ff.down.weight")
     default_lora_targets = (
         "*attn.q_proj.weight",
         "*attn.k_proj.weight",
         "*attn.v_proj.weight",
         "*attn.o_proj.weight",
     )
+    config: ModernConfig
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:
@@ -283,71 +257,14 @@ class ModernDecoder(LanguageModel):
             "dropout": 0.0,
         }
 
-    def fsdp_units(self) -> set[type[nn.Module]]:
-        return {ModernBlock}
+    def add_positions(self) -> None:
+        """RoPE's cos/sin tables for the context (buffers, not saved); no position is added to the input."""
+        config = self.config
+        self.rope = RotaryEmbedding(config.head_dim, config.context_length, config.rope_base)
 
-    def adapter_sites(self) -> list[tuple[str, int]]:
-        return [(f"blocks.{index}.ff", self.config.d_model) for index in range(len(self.blocks))]
+    def make_final_norm(self) -> nn.Module:
+        return RMSNorm(self.config.d_model, self.config.norm_eps)
 
-    def __init__(self, config: ModernConfig, vocab_size: int) -> None:
-        super().__init__()
-        self.config = config
-        d = config.d_model
-        self.token_embedding = nn.Embedding(vocab_size, d)
-        self.rope = RotaryEmbedding(d // config.n_heads, config.context_length, config.rope_base)
-        self.dropout = _dropout(config.dropout)
-        self.blocks = nn.ModuleList(ModernBlock(config) for _ in range(config.n_layers))
-        self.final_norm = RMSNorm(d, config.norm_eps)
-        self.head = OutputHead(d, vocab_size, bias=False)
-        self._init_weights()
-        if config.tie_weights:
-            self.head.tie_to(self.token_embedding)
-
-    def _init_weights(self) -> None:
-        """N(0, 0.02) for matrices, residual output projections scaled by 1/sqrt(2 * layers); norms 1."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-        for name, param in self.named_parameters():
-            if param.dim() >= 2:
-                std = residual_std if name.endswith(("o_proj.weight", "ff.down.weight")) else 0.02
-                nn.init.normal_(param, mean=0.0, std=std)
-            else:  # RMSNorm gains
-                nn.init.ones_(param)
-
-    @property
-    def context_len(self) -> int:
-        return self.config.context_length
-
-    def init_state(self, batch_size: int) -> ModernState:
-        return ModernState()
-
-    def hidden(
-        self, ids: torch.Tensor, state: ModernState | None = None
-    ) -> tuple[torch.Tensor, ModernState | None]:
-        batch, steps = ids.shape
-        context = self.config.context_length
-        if steps > context:  # with a state too: a sliding window would return fewer positions than given
-            raise ValueError(f"sequence of {steps} tokens is longer than the context length {context}")
-        x = self.dropout(self.token_embedding(ids))  # (B, T, C)
-        if state is None:
-            for block in self.blocks:
-                x = block(x, self.rope)
-            return self.final_norm(x), None
-        if state.length + steps > context:
-            return self._slide(ids, state)
-        if state.caches is None:
-            like = self.token_embedding.weight
-            head_dim = self.config.d_model // self.config.n_heads
-            kv_heads = self.config.kv_heads
-            state.caches = [KVCache(batch, kv_heads, context, head_dim, like=like) for _ in self.blocks]
-        for block, cache in zip(self.blocks, state.caches, strict=True):
-            x = block(x, self.rope, cache)
-        state.ids = ids if state.ids is None else torch.cat([state.ids, ids], dim=1)
-        return self.final_norm(x), state  # (B, T, C)
-
-    def _slide(self, ids: torch.Tensor, state: ModernState) -> tuple[torch.Tensor, ModernState]:
-        """Drop the oldest tokens and rebuild the cache from the kept window (positions from 0)."""
-        context = self.config.context_length
-        history = ids if state.ids is None else torch.cat([state.ids, ids], dim=1)
-        keep = min(context, max(ids.shape[1], int(context * self.keep_fraction)))
-        h, new_state = self.hidden(history[:, -keep:], ModernState())
-        return h[:, -ids.shape[1] :], new_state
+    def block_inputs(self) -> tuple[RotaryEmbedding]:
+        """Every block's attention rotates q and k with the model's one RotaryEmbedding."""
+        return (self.rope,)
