@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -343,3 +345,51 @@ def test_bad_datastore_inputs_are_refused(gpt_run, stores, tmp_path, runner):
     ):
         _one_error_line(runner.invoke(app, args))
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
+
+
+# ---- manifest format versions: a newer or garbled one is refused in one line ------------------------
+
+VERSIONS = {
+    "newer": (2, "format version 2 is newer than this lmzoo reads; upgrade lmzoo"),
+    "missing": (..., "has no format version"),
+    "null": (None, "format version null is not a version number"),
+    "a string": ("1", 'format version "1" is not a version number'),
+    "a fraction": (1.5, "format version 1.5 is not a version number"),
+    "zero": (0, "format version 0 is not a version number"),
+}
+
+
+def _with_version(directory: Path, version) -> Path:
+    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    if version is ...:
+        del manifest["version"]
+    else:
+        manifest["version"] = version
+    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize("case", list(VERSIONS))
+def test_a_datastore_of_another_format_version_is_refused(gpt_run, stores, tmp_path, runner, case):
+    version, message = VERSIONS[case]
+    store = _with_version(Path(shutil.copytree(stores["gpt"], tmp_path / "store")), version)
+    with pytest.raises(CheckpointError) as caught:
+        Datastore.load(store, Run.open(gpt_run))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    result = runner.invoke(app, ["eval", "--run", str(gpt_run), "--knn", str(store)])
+    _one_error_line(result)
+    assert message in result.output and "kNN datastore" in result.output
+
+
+@pytest.mark.parametrize("case", list(VERSIONS))
+def test_a_passage_index_of_another_format_version_is_refused(gpt_run, tmp_path, runner, case):
+    version, message = VERSIONS[case]
+    Bm25Index.build(write_docs(tmp_path / "docs"), tmp_path / "index", passage_chars=10)
+    assert Bm25Index.load(tmp_path / "index").manifest["version"] == 1  # what this lmzoo writes reads back
+    index = _with_version(tmp_path / "index", version)
+    with pytest.raises(CheckpointError) as caught:
+        Bm25Index.load(index)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    result = runner.invoke(app, ["generate", "--run", str(gpt_run), "--rag", str(index), "-s", "the cat"])
+    _one_error_line(result)
+    assert message in result.output and "passage index" in result.output
