@@ -199,6 +199,31 @@ def test_ivf_index_is_chosen_and_recorded(gpt_run, stores, tmp_path):
     assert distances.shape == (2, 4) and values.shape == (2, 4)
 
 
+def test_ivf_search_recalls_the_exact_neighbours():
+    """The IVF index a large store gets (defaults: ~sqrt(N) lists, nprobe 32) finds at least 90% of the
+    exact 16 nearest neighbours of the flat index over the same float16 keys (clustered, as hidden
+    states are)."""
+    import numpy as np
+
+    from lmzoo.retrieval.knn import build_faiss, choose_index
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(128, 64)).astype(np.float32)
+
+    def draw(count: int) -> np.ndarray:
+        return (centres[rng.integers(0, len(centres), count)] + 0.5 * rng.normal(size=(count, 64))).astype(
+            np.float16
+        )
+
+    keys, queries, k = draw(32_768), draw(300).astype(np.float32), 16
+    spec = choose_index(len(keys), "ivf")
+    assert spec["kind"] == "ivf_fp16" and spec["nlist"] == 256 and spec["nprobe"] == 32
+    _, approximate = build_faiss(keys, spec).search(queries, k)
+    _, exact = build_faiss(keys, choose_index(len(keys), "flat")).search(queries, k)
+    recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(approximate, exact, strict=True)])
+    assert recall >= 0.9, f"IVF recall@{k} {recall:.3f}"
+
+
 # ---- BM25 passages ------------------------------------------------------------------------------
 
 
