@@ -418,3 +418,21 @@ def test_a_passage_index_of_another_format_version_is_refused(gpt_run, tmp_path,
     result = runner.invoke(app, ["generate", "--run", str(gpt_run), "--rag", str(index), "-s", "the cat"])
     _one_error_line(result)
     assert message in result.output and "passage index" in result.output
+
+
+def test_the_context_is_read_from_the_config_without_touching_the_weights(gpt_run, trained_run, tmp_path):
+    """context_of reads model.context_length from the run's config: it works with the weights deleted
+    or garbled (and None for a recurrent model)."""
+    from lmzoo.retrieval.rag import context_of
+
+    for name, source, expected in (("gpt", gpt_run, 64), ("lstm", trained_run, None)):
+        copy = Path(shutil.copytree(source, tmp_path / name))
+        weights = sorted(copy.glob("checkpoints/*/model.safetensors"))
+        assert weights
+        weights[0].write_bytes(b"not a safetensors file")
+        for other in weights[1:]:
+            other.unlink()
+        run = Run.open(copy)
+        assert context_of(run) == expected and context_of(run, "last") == expected
+        with pytest.raises(CheckpointError):
+            run.model()  # the weights really are unusable

@@ -39,10 +39,13 @@ def leaks(chunk_text: str, n: int = GUARD_CHARS) -> Callable[[Passage], bool]:
 
 
 def context_of(run: Any, checkpoint_tag: str = "best") -> int | None:
-    """The model's context in tokens (None: a recurrent model, no limit); seq2seq runs are refused."""
+    """The model's context in tokens (None: a recurrent model, no limit); seq2seq runs are refused.
+
+    Read from the run's config, the same for every checkpoint (`checkpoint_tag` is not needed): no
+    weights are loaded."""
     if run.kind != "lm":
         raise ConfigError(f"{run.path} is a seq2seq run; passages go before the text of a language model")
-    return run.model(checkpoint_tag, "cpu").context_len
+    return run.config.model.context_len
 
 
 def retrieve(
