@@ -286,7 +286,10 @@ def test_mcp_stdio_subprocess_scores_and_generates(root):
 
     command = [sys.executable, "-m", "lmzoo", "serve", "--runs", str(root / "runs"), "--mcp-stdio"]
     params = StdioServerParameters(command=command[0], args=[*command[1:], "--device", "cpu"])
-    expected = Run.open(root / "runs" / "lstm").score("the cat ", device="cpu")
+    lstm = Run.open(root / "runs" / "lstm")
+    expected = lstm.score("the cat ", device="cpu")
+    # greedy, so the text is known: a sampled one may hold a special token that decodes to no text
+    greedy = "".join(lstm.generate("the", greedy=True, max_new_tokens=5, device="cpu"))
 
     async def main() -> None:
         async with Client(params, read_timeout_seconds=60) as mcp:
@@ -296,8 +299,13 @@ def test_mcp_stdio_subprocess_scores_and_generates(root):
             assert scored.structured_content["total_logprob"] == pytest.approx(
                 expected.total_logprob, abs=1e-4
             )
-            made = await mcp.call_tool("generate", {"run": "lstm", "prompt": "the", "max_tokens": 5})
-            assert len(made.structured_content["text"]) == 5
+            made = await mcp.call_tool(
+                "generate", {"run": "lstm", "prompt": "the", "max_tokens": 5, "temperature": 0}
+            )
+            assert (
+                made.structured_content["text"] == greedy
+                and made.structured_content["finish_reason"] == "length"
+            )
 
     anyio.run(main)
 
