@@ -116,7 +116,7 @@ def test_train_writes_a_seq2seq_run(seq2seq_run):
     assert len(val_loss) == 2 and val_loss[1] < val_loss[0] < math.log(loaded.tokenizer.vocab_size)
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
-    assert {"val/bleu", "val/loss", "val/ppl", "train/loss"} <= set(events.Tags()["scalars"])
+    assert {"val/bleu", "loss/val", "val/ppl", "loss/train"} <= set(events.Tags()["scalars"])
     tb = [(e.step, e.value) for e in events.Scalars("val/bleu")]
     assert [s for s, _ in tb] == [15, 30]
     assert [v for _, v in tb] == pytest.approx([v for _, v in bleu], rel=1e-6, abs=1e-6)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmzoo.generate import SamplingOptions, generate_ids
+from lmzoo.inference.decoding import SamplingOptions, generate_ids
 from lmzoo.models import build_model, tiny_model_config
 from lmzoo.models.attention import KVCache, StaticKVCache
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -197,6 +199,31 @@ def test_ivf_index_is_chosen_and_recorded(gpt_run, stores, tmp_path):
     assert distances.shape == (2, 4) and values.shape == (2, 4)
 
 
+def test_ivf_search_recalls_the_exact_neighbours():
+    """The IVF index a large store gets (defaults: ~sqrt(N) lists, nprobe 32) finds at least 90% of the
+    exact 16 nearest neighbours of the flat index over the same float16 keys (clustered, as hidden
+    states are)."""
+    import numpy as np
+
+    from lmzoo.retrieval.knn import build_faiss, choose_index
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(128, 64)).astype(np.float32)
+
+    def draw(count: int) -> np.ndarray:
+        return (centres[rng.integers(0, len(centres), count)] + 0.5 * rng.normal(size=(count, 64))).astype(
+            np.float16
+        )
+
+    keys, queries, k = draw(32_768), draw(300).astype(np.float32), 16
+    spec = choose_index(len(keys), "ivf")
+    assert spec["kind"] == "ivf_fp16" and spec["nlist"] == 256 and spec["nprobe"] == 32
+    _, approximate = build_faiss(keys, spec).search(queries, k)
+    _, exact = build_faiss(keys, choose_index(len(keys), "flat")).search(queries, k)
+    recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(approximate, exact, strict=True)])
+    assert recall >= 0.9, f"IVF recall@{k} {recall:.3f}"
+
+
 # ---- BM25 passages ------------------------------------------------------------------------------
 
 
@@ -343,3 +370,69 @@ def test_bad_datastore_inputs_are_refused(gpt_run, stores, tmp_path, runner):
     ):
         _one_error_line(runner.invoke(app, args))
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
+
+
+# ---- manifest format versions: a newer or garbled one is refused in one line ------------------------
+
+VERSIONS = {
+    "newer": (2, "format version 2 is newer than this lmzoo reads; upgrade lmzoo"),
+    "missing": (..., "has no format version"),
+    "null": (None, "format version null is not a version number"),
+    "a string": ("1", 'format version "1" is not a version number'),
+    "a fraction": (1.5, "format version 1.5 is not a version number"),
+    "zero": (0, "format version 0 is not a version number"),
+}
+
+
+def _with_version(directory: Path, version) -> Path:
+    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    if version is ...:
+        del manifest["version"]
+    else:
+        manifest["version"] = version
+    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize("case", list(VERSIONS))
+def test_a_datastore_of_another_format_version_is_refused(gpt_run, stores, tmp_path, runner, case):
+    version, message = VERSIONS[case]
+    store = _with_version(Path(shutil.copytree(stores["gpt"], tmp_path / "store")), version)
+    with pytest.raises(CheckpointError) as caught:
+        Datastore.load(store, Run.open(gpt_run))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    result = runner.invoke(app, ["eval", "--run", str(gpt_run), "--knn", str(store)])
+    _one_error_line(result)
+    assert message in result.output and "kNN datastore" in result.output
+
+
+@pytest.mark.parametrize("case", list(VERSIONS))
+def test_a_passage_index_of_another_format_version_is_refused(gpt_run, tmp_path, runner, case):
+    version, message = VERSIONS[case]
+    Bm25Index.build(write_docs(tmp_path / "docs"), tmp_path / "index", passage_chars=10)
+    assert Bm25Index.load(tmp_path / "index").manifest["version"] == 1  # what this lmzoo writes reads back
+    index = _with_version(tmp_path / "index", version)
+    with pytest.raises(CheckpointError) as caught:
+        Bm25Index.load(index)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    result = runner.invoke(app, ["generate", "--run", str(gpt_run), "--rag", str(index), "-s", "the cat"])
+    _one_error_line(result)
+    assert message in result.output and "passage index" in result.output
+
+
+def test_the_context_is_read_from_the_config_without_touching_the_weights(gpt_run, trained_run, tmp_path):
+    """context_of reads model.context_length from the run's config: it works with the weights deleted
+    or garbled (and None for a recurrent model)."""
+    from lmzoo.retrieval.rag import context_of
+
+    for name, source, expected in (("gpt", gpt_run, 64), ("lstm", trained_run, None)):
+        copy = Path(shutil.copytree(source, tmp_path / name))
+        weights = sorted(copy.glob("checkpoints/*/model.safetensors"))
+        assert weights
+        weights[0].write_bytes(b"not a safetensors file")
+        for other in weights[1:]:
+            other.unlink()
+        run = Run.open(copy)
+        assert context_of(run) == expected and context_of(run, "last") == expected
+        with pytest.raises(CheckpointError):
+            run.model()  # the weights really are unusable

@@ -192,7 +192,8 @@ def test_seq2seq_runs_translate_on_the_same_endpoint(client, root):
 
 def test_unknown_pieces_are_read_as_unk_with_a_warning(client):
     body = complete(client, model="lstm", prompt="the ☃", max_tokens=2).json()
-    assert "'☃'" in body["warnings"][0] and len(body["choices"][0]["text"]) == 2
+    # two tokens, not two characters: a sampled <eos> decodes to no text
+    assert "'☃'" in body["warnings"][0] and body["usage"]["completion_tokens"] == 2
 
 
 # ---- bad requests: the right 4xx, OpenAI's shape, and the server keeps serving ---------------------
@@ -211,7 +212,7 @@ BAD = {
     "huge max_tokens": ({"model": "lstm", "prompt": "the", "max_tokens": 10**9}, 400, "max_tokens"),
     "too many choices": ({"model": "lstm", "prompt": "the", "n": 1000}, 400, "n"),
     "unseen characters": ({"model": "lstm", "prompt": "☃☃☃∮∯"}, 400, "prompt"),
-    "unknown field": ({"model": "lstm", "prompt": "the", "best_of": 2}, 400, "best_of"),
+    "unknown field": ({"model": "lstm", "prompt": "the", "beam_width": 2}, 400, "beam_width"),
     "empty prompt list": ({"model": "lstm", "prompt": []}, 400, "prompt"),
     "temperature out of range": ({"model": "lstm", "prompt": "the", "temperature": -1.0}, 400, "temperature"),
     "too many stops": ({"model": "lstm", "prompt": "the", "stop": list("abcde")}, 400, "stop"),
@@ -228,8 +229,48 @@ def test_bad_request_gets_its_4xx_and_the_server_goes_on(client, case):
         response = client.post("/v1/completions", json=body)
     error = assert_openai_error(response, status, param)
     if case == "unknown field":
-        assert "best_of" in error["message"]
+        assert "beam_width" in error["message"] and error["code"] == "unknown_field"
     assert complete(client, model="lstm", prompt="the", max_tokens=2).status_code == 200
+
+
+# OpenAI fields this server does not implement: what client wrappers send always, and what it cannot honour
+NEUTRAL = {
+    "frequency_penalty": [0, 0.0, None],
+    "presence_penalty": [0, 0.0, None],
+    "best_of": [None, 2],  # with n 2
+    "logit_bias": [None, {}],
+    "suffix": [None, ""],
+    "user": [None, "", "someone@example.com"],
+}
+NOT_HONOURED = {
+    "frequency_penalty": 0.5,
+    "presence_penalty": -1.0,
+    "best_of": 3,  # with n 2
+    "logit_bias": {"5": -100},
+    "suffix": " the end",
+}
+
+
+def test_openai_fields_at_their_neutral_values_are_accepted(client):
+    fields = dict(model="lstm", prompt="the ", max_tokens=6, temperature=0, n=2)
+    expected = complete(client, **fields).json()["choices"]
+    every = {name: values[-1] for name, values in NEUTRAL.items()}
+    response = complete(client, **fields, **every)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"] == expected
+    for name, values in NEUTRAL.items():
+        for value in values:
+            response = complete(client, **fields, **{name: value})
+            assert response.status_code == 200, (name, value, response.text)
+            assert response.json()["choices"] == expected
+
+
+@pytest.mark.parametrize("name", list(NOT_HONOURED))
+def test_openai_fields_this_server_cannot_honour_are_named_as_not_supported(client, name):
+    response = complete(client, model="lstm", prompt="the ", max_tokens=2, n=2, **{name: NOT_HONOURED[name]})
+    error = assert_openai_error(response, 400, name)
+    assert error["code"] == "unsupported_value" and "unknown" not in error["message"]
+    assert error["message"].startswith(f"{name}: ") and "not supported" in error["message"]
 
 
 def test_a_10_mb_body_is_refused_with_413(client):

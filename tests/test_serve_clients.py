@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,11 @@ def root(tmp_path_factory) -> Path:
     return serve_root(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def server(root) -> Iterator[str]:
-    """uvicorn in a thread on a free loopback port, with an API key; yields the base URL."""
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """uvicorn serving `app` in a thread on a free loopback port; yields the base URL."""
     import uvicorn
 
-    limits = Limits(timeout_s=30, max_tokens=100_000)
-    app = create_app(root / "runs", api_key=KEY, device="cpu", limits=limits)
     port = free_port()
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -57,9 +56,19 @@ def server(root) -> Iterator[str]:
     while not instance.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=15)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(root) -> Iterator[str]:
+    """uvicorn in a thread on a free loopback port, with an API key; yields the base URL."""
+    limits = Limits(timeout_s=30, max_tokens=100_000)
+    with serving(create_app(root / "runs", api_key=KEY, device="cpu", limits=limits)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -126,6 +135,44 @@ def test_a_client_leaving_mid_stream_does_not_keep_the_model_locked(server):
             headers=headers,
         )
     assert after.status_code == 200 and time.monotonic() - start < 10
+
+
+def test_a_client_leaving_a_non_streamed_request_frees_the_model(root):
+    """A non-streamed request for 100,000 tokens (minutes of work; the server's timeout is 60 s) whose
+    client closes its socket once the work holds the run's lock: the lock is free again within seconds,
+    and the next request on the run answers at once."""
+    app = create_app(root / "runs", device="cpu", limits=Limits(timeout_s=60, max_tokens=100_000))
+    registry = app.state.registry
+
+    def lock_held() -> bool:
+        return any(entry.lock._held for entry in list(registry._cache.values()))
+
+    def wait_for(condition, seconds: float) -> float:
+        start = time.monotonic()
+        while not condition():
+            assert time.monotonic() - start < seconds
+            time.sleep(0.02)
+        return time.monotonic() - start
+
+    with serving(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = b'{"model": "lstm", "prompt": "the ", "max_tokens": 100000}'
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(head.encode() + body)
+            wait_for(lock_held, 30)  # generating (loading the run takes a moment on a cold machine)
+            time.sleep(0.3)
+            assert lock_held()
+        assert wait_for(lambda: not lock_held(), 10) < 5
+        with httpx2.Client(timeout=30) as http:
+            start = time.monotonic()
+            after = http.post(
+                f"{url}/v1/completions", json={"model": "lstm", "prompt": "the", "max_tokens": 3}
+            )
+            assert after.status_code == 200 and time.monotonic() - start < 10
 
 
 # ---- MCP -----------------------------------------------------------------------------------------
@@ -239,7 +286,10 @@ def test_mcp_stdio_subprocess_scores_and_generates(root):
 
     command = [sys.executable, "-m", "lmzoo", "serve", "--runs", str(root / "runs"), "--mcp-stdio"]
     params = StdioServerParameters(command=command[0], args=[*command[1:], "--device", "cpu"])
-    expected = Run.open(root / "runs" / "lstm").score("the cat ", device="cpu")
+    lstm = Run.open(root / "runs" / "lstm")
+    expected = lstm.score("the cat ", device="cpu")
+    # greedy, so the text is known: a sampled one may hold a special token that decodes to no text
+    greedy = "".join(lstm.generate("the", greedy=True, max_new_tokens=5, device="cpu"))
 
     async def main() -> None:
         async with Client(params, read_timeout_seconds=60) as mcp:
@@ -249,8 +299,13 @@ def test_mcp_stdio_subprocess_scores_and_generates(root):
             assert scored.structured_content["total_logprob"] == pytest.approx(
                 expected.total_logprob, abs=1e-4
             )
-            made = await mcp.call_tool("generate", {"run": "lstm", "prompt": "the", "max_tokens": 5})
-            assert len(made.structured_content["text"]) == 5
+            made = await mcp.call_tool(
+                "generate", {"run": "lstm", "prompt": "the", "max_tokens": 5, "temperature": 0}
+            )
+            assert (
+                made.structured_content["text"] == greedy
+                and made.structured_content["finish_reason"] == "length"
+            )
 
     anyio.run(main)
 

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lmzoo.run.layout import METRICS_FILE
 from lmzoo.training.optim import lr_at
-from lmzoo.training.tracking import Tracker
+from lmzoo.training.tracking import Tracker, tensorboard_tag
 
 TAGS = {"train/loss", "val/loss", "val/ppl", "train/lr", "train/grad_norm", "perf/tokens_per_sec"}
 
@@ -25,14 +25,14 @@ def scalars(run_dir) -> EventAccumulator:
 
 def test_training_writes_the_stable_tags(trained_run):
     events = scalars(trained_run)
-    assert TAGS <= set(events.Tags()["scalars"])
+    assert {tensorboard_tag(key) for key in TAGS} <= set(events.Tags()["scalars"])
     records = read_metrics(trained_run)
 
     def from_jsonl(tag):
         return [(r["step"], r[tag]) for r in records if tag in r]
 
     for tag in TAGS | {"train/epoch"}:
-        tb = [(e.step, e.value) for e in events.Scalars(tag)]
+        tb = [(e.step, e.value) for e in events.Scalars(tensorboard_tag(tag))]
         js = from_jsonl(tag)
         assert [s for s, _ in tb] == [s for s, _ in js], tag
         assert [v for _, v in tb] == pytest.approx([v for _, v in js], rel=1e-6), tag  # TB stores float32
@@ -91,18 +91,18 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
         (4, 40.0),
         (5, 50.0),
     ]
-    tb = [(e.step, e.value) for e in scalars(tmp_path).Scalars("train/loss")]
+    tb = [(e.step, e.value) for e in scalars(tmp_path).Scalars("loss/train")]
     assert tb == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
 
 
 def test_tags_are_grouped_and_the_run_facts_are_text_not_charts(trained_run):
-    """TensorBoard's first screen is the loss curves: every chart is train/, val/ or perf/, and the
-    config and parameter counts are written once as text, not as one-point scalar charts."""
+    """Every chart is loss/, train/, val/ or perf/, and the config and parameter counts are written once
+    as text, not as one-point scalar charts."""
     import yaml
 
     events = scalars(trained_run)
     groups = {tag.split("/")[0] for tag in events.Tags()["scalars"]}
-    assert groups == {"train", "val", "perf"}
+    assert groups == {"loss", "train", "val", "perf"}
     config_text = events.Tensors("run/config/text_summary")
     assert len(config_text) == 1 and config_text[0].step == 0
     logged = yaml.safe_load(config_text[0].tensor_proto.string_val[0].decode())
@@ -112,6 +112,34 @@ def test_tags_are_grouped_and_the_run_facts_are_text_not_charts(trained_run):
     assert [(m["event"], m["step"]) for m in markers] == [("start", 0)]
     assert markers[0]["params/total"] == sum(p.numel() for p in model.parameters())
     assert markers[0]["device"] == "cpu" and markers[0]["torch"]
+
+
+def test_tensorboard_opens_on_the_loss_curves(trained_run):
+    """TensorBoard sorts its groups by name: the first holds the train and val loss (and nothing else),
+    and the custom-scalars layout draws both on one chart. metrics.jsonl keeps its keys."""
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = scalars(trained_run)
+    tags = sorted(events.Tags()["scalars"])
+    first = tags[0].split("/")[0]
+    assert first == "loss" and {t for t in tags if t.startswith(first + "/")} == {"loss/train", "loss/val"}
+    assert [e.value for e in events.Scalars("loss/val")] == pytest.approx(
+        [r["val/loss"] for r in read_metrics(trained_run) if "val/loss" in r], rel=1e-6
+    )
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = [chart for category in layout.category for chart in category.chart]
+    on_one = [
+        chart
+        for chart in charts
+        if all(any(re.search(p, tag) for p in chart.multiline.tag) for tag in ("loss/train", "loss/val"))
+    ]
+    assert layout.category[0].title == "loss" and on_one
+    assert all(
+        not re.search(p, t) for p in on_one[0].multiline.tag for t in tags if not t.startswith("loss/")
+    )
 
 
 def test_history_stitches_segments_on_one_training_clock(tmp_path):

@@ -139,9 +139,11 @@ def test_sigint_saves_last_and_resume_matches_a_straight_run(tmp_path, make_conf
 def scalar_history(run_dir, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from lmzoo.training.tracking import tensorboard_tag
+
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+    return [(e.step, e.value) for e in events.Scalars(tensorboard_tag(tag))]
 
 
 def test_a_second_run_with_the_same_name_gets_a_new_directory(make_config):

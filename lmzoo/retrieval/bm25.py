@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmzoo.errors import CheckpointError, ConfigError, DataError
-from lmzoo.retrieval import MISSING
+from lmzoo.retrieval import MISSING, check_version
 from lmzoo.retrieval.staging import staged_directory
 
 try:
@@ -31,6 +31,7 @@ except ImportError as err:  # without the `retrieval` extra: one line, not a tra
     raise ConfigError(MISSING.format(err.name)) from None
 
 FORMAT = "lmzoo-bm25-index"
+VERSION = 1  # the manifest's format version this lmzoo writes and reads (older ones too, when there are)
 MANIFEST, PASSAGES, BM25_DIR = "manifest.json", "passages.jsonl", "bm25"
 SUFFIXES = (".txt", ".md")
 
@@ -147,7 +148,7 @@ class Bm25Index:
         retriever.index(tokenize([p.text for p in passages]), show_progress=False)
         manifest = {
             "format": FORMAT,
-            "version": 1,
+            "version": VERSION,
             "docs": str(docs.resolve()),
             "files": len(files),
             "passages": len(passages),
@@ -175,6 +176,9 @@ class Bm25Index:
             raise CheckpointError(f"{directory / MANIFEST}: unreadable ({err})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CheckpointError(f"{directory} is not an lmzoo passage index (a kNN-LM datastore?)")
+        check_version(
+            manifest, directory / MANIFEST, "passage index", VERSION, "build it again with lmzoo rag index"
+        )
         try:
             with open(directory / PASSAGES, encoding="utf-8") as handle:
                 rows = [json.loads(line) for line in handle]

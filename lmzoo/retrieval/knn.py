@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError, DataError
-from lmzoo.retrieval import MISSING
+from lmzoo.retrieval import MISSING, check_version
 from lmzoo.retrieval.staging import staged_directory
 from lmzoo.run import Run
 
@@ -38,6 +38,7 @@ except ImportError as err:  # without the `retrieval` extra: one line, not a tra
     raise ConfigError(MISSING.format(err.name)) from None
 
 FORMAT = "lmzoo-knn-datastore"
+VERSION = 1  # the manifest's format version this lmzoo writes and reads (older ones too, when there are)
 MANIFEST, KEYS, VALUES, INDEX = "manifest.json", "keys.npy", "values.npy", "index.faiss"
 FLAT_LIMIT = 131_072  # stores up to this many keys are searched exactly
 DEFAULT_NPROBE = 32
@@ -171,7 +172,7 @@ def build_datastore(
             faiss.write_index(build_faiss(keys, spec), str(tmp / INDEX))
         manifest = {
             "format": FORMAT,
-            "version": 1,
+            "version": VERSION,
             "run": str(Path(run.path).resolve()),
             "checkpoint": checkpoint_tag,
             "weights_sha256": run.weights_sha256(checkpoint_tag),
@@ -209,6 +210,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lmzoo kNN datastore manifest")
+    check_version(manifest, path, "kNN datastore", VERSION, "build it again with lmzoo index")
     return manifest
 
 

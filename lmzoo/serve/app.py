@@ -152,7 +152,34 @@ async def completions(request: Request) -> Response:
     if body.stream:
         return await stream_completion(registry, body, budget, **meta)
     work = partial(complete, request=body, device=registry.device)
-    return JSONResponse(completion_body(await registry.call(body.model, work, budget), **meta))
+    task = asyncio.ensure_future(registry.call(body.model, work, budget))
+    try:
+        finished = await _done_unless_client_leaves(request, task)
+    finally:
+        if not task.done():  # the client left (or this handler was cancelled)
+            budget.cancel()  # the worker stops at its next step and frees the run's lock
+            task.cancel()
+    if not finished:
+        return Response(status_code=499)  # nobody reads it: the client closed the connection
+    return JSONResponse(completion_body(task.result(), **meta))
+
+
+async def _done_unless_client_leaves(request: Request, task: asyncio.Future[Any]) -> bool:
+    """Wait for `task`; False as soon as the client disconnects first (the body was read already, so
+    the next ASGI message is http.disconnect, which the server sends when the connection closes)."""
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watcher.exception() is not None:  # the server cannot tell: just wait
+            await asyncio.wait({task})
+    finally:
+        watcher.cancel()
+    return task.done()
 
 
 class EventStream(StreamingResponse):

@@ -1,9 +1,14 @@
 """The /v1/completions request: a strict pydantic model (an unknown field or a wrong type is a 400 that
-names it) and the limits checked on top of it."""
+names it) and the limits checked on top of it.
+
+OpenAI fields this server does not implement (`frequency_penalty`, `presence_penalty`, `best_of`,
+`logit_bias`, `suffix`) are accepted at their neutral values, since client wrappers send them always;
+any other value is a 400 that names the field and says it is not supported."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,6 +49,12 @@ class CompletionRequest(BaseModel):
     logprobs: Annotated[int, Field(ge=0)] | None = None
     echo: bool = False
     user: str | None = None  # accepted and ignored, as a single-user server
+    # OpenAI's fields this server does not implement: only their neutral values (see NOT_SUPPORTED)
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -52,6 +63,16 @@ class CompletionRequest(BaseModel):
     @property
     def stops(self) -> list[str] | None:
         return None if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+# field -> (whether the request's value is neutral, what this server accepts)
+NOT_SUPPORTED: dict[str, tuple[Callable[[CompletionRequest], bool], str]] = {
+    "frequency_penalty": (lambda r: not r.frequency_penalty, "0 or null"),
+    "presence_penalty": (lambda r: not r.presence_penalty, "0 or null"),
+    "best_of": (lambda r: r.best_of is None or r.best_of == r.n, "null or equal to n"),
+    "logit_bias": (lambda r: not r.logit_bias, "null or {}"),
+    "suffix": (lambda r: not r.suffix, 'null or ""'),
+}
 
 
 def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
@@ -114,3 +135,11 @@ def check_limits(request: CompletionRequest, limits: Limits) -> None:
         raise bad_request(f"stop: up to {MAX_STOPS} non-empty strings of at most 100 characters", "stop")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options needs stream: true", "stream_options")
+    for name, (neutral, accepted) in NOT_SUPPORTED.items():
+        if not neutral(request):
+            value = json.dumps(getattr(request, name))[:100]
+            raise bad_request(
+                f"{name}: {value} is not supported by this server (it takes {accepted}); leave it out",
+                name,
+                "unsupported_value",
+            )

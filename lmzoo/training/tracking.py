@@ -1,12 +1,14 @@
 """Where training numbers go: TensorBoard, metrics.jsonl and the progress bar.
 
-Tags are stable and grouped, so TensorBoard's first screen is the loss curves: train/loss,
-train/lr, train/grad_norm, train/epoch (and DPO's train/rewards_*), val/loss, val/ppl (val/bleu),
-perf/tokens_per_sec. The same numbers land in metrics.jsonl, one JSON object per logged step with
-its wall-clock `time`, for scripts to read. Each training segment (the start, and every resume)
-opens with one `event` record (start or resume) holding the run's facts: parameter counts, global
-batch, device, hardware and versions. TensorBoard gets those and the resolved config once, as text
-(and the config as hparams), instead of one-point charts. `read_history` stitches the segments.
+Keys are stable and grouped: train/loss, train/lr, train/grad_norm, train/epoch (and DPO's
+train/rewards_*), val/loss, val/ppl (val/bleu), perf/tokens_per_sec. They land in metrics.jsonl, one
+JSON object per logged step with its wall-clock `time`, for scripts to read. TensorBoard gets the same
+numbers under the same tags, except the two losses: `loss/train` and `loss/val`, a group that sorts
+first, so its first screen is the loss curves; a custom-scalars layout also draws both on one chart.
+Each training segment (the start, and every resume) opens with one `event` record (start or resume)
+holding the run's facts: parameter counts, global batch, device, hardware and versions. TensorBoard
+gets those and the resolved config once, as text (and the config as hparams), instead of one-point
+charts. `read_history` stitches the segments.
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from lmzoo.io import atomic_write_text
+
+# TensorBoard's name for a metrics.jsonl key, where they differ: TensorBoard sorts its groups by name, and
+# `loss` comes before `perf`, `train` and `val`.
+TENSORBOARD_TAGS = {"train/loss": "loss/train", "val/loss": "loss/val"}
+# The CUSTOM SCALARS tab: train and val loss on one chart.
+LAYOUT = {"loss": {"train and val loss": ["Multiline", ["^loss/train$", "^loss/val$"]]}}
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key."""
+    return TENSORBOARD_TAGS.get(key, key)
 
 
 class Tracker:
@@ -41,6 +54,7 @@ class Tracker:
         # TensorBoard drops events at steps >= purge_step; step `resume_step` itself is kept, as in metrics.jsonl.
         purge_step = None if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.writer.add_custom_scalars(LAYOUT)
         self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
 
     def _truncate_metrics(self, step: int) -> None:
@@ -75,12 +89,12 @@ class Tracker:
         flat = {k: v for k, v in flatten_config(config).items() if v is not None}
         values = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in flat.items()}
         values.update({k: v for k, v in facts.items() if k.startswith("params/")})
-        for summary in hparams(values, {"val/loss": 0.0}):
+        for summary in hparams(values, {tensorboard_tag("val/loss"): 0.0}):
             self.writer.file_writer.add_summary(summary)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
+            self.writer.add_scalar(tensorboard_tag(tag), value, step)
         values = {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}
         self._write({"step": step, **values, "time": time.time()})
 
