@@ -235,7 +235,7 @@ LAYERS = [
     {"lmzoo.training"},
     {"lmzoo.analysis", "lmzoo.retrieval", "lmzoo.interop", "lmzoo.stages"},
     {"lmzoo.serve"},
-    {"lmzoo.cli", "lmzoo.training.loop"},
+    {"lmzoo.cli", "lmzoo.train"},
     {"lmzoo.__main__"},
 ]
 

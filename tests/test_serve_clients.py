@@ -156,7 +156,7 @@ def test_a_client_leaving_a_non_streamed_request_frees_the_model(root):
 
     with serving(app) as url:
         port = int(url.rsplit(":", 1)[1])
-        body = b'{"model": "lstm", "prompt": "the ", "max_tokens": 100000}'
+        body = b'{"model": "lstm", "prompt": "the ", "max_tokens": 100000, "ignore_eos": true}'
         head = (
             "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"

@@ -1,13 +1,12 @@
-"""Registered model families: every module in this package that is not a building block is a family.
+"""Registered model families, imported by name below (timm-style): a new family is one new file in this
+package and one line here; `lmzoo models` lists what registered.
 
-Families are found by listing the package, so a new family is one new file here and nothing else
-(`lmzoo models` lists what registered). Today: recurrent (rnn, lstm, gru), seq2seq, gpt, transformer,
-modern; see each module's docstring.
+Families: recurrent (rnn, lstm, gru), seq2seq, transformer, gpt, modern (see each module's docstring).
+Building blocks shared by them: base (the contract), registry, attention, layers, heads, decoder (the
+shell of gpt and modern), peft (LoRA and adapters as module transforms).
 """
 
-import importlib
-import pkgutil
-
+from lmzoo.models import gpt, modern, recurrent, seq2seq, transformer  # noqa: F401  (they register)
 from lmzoo.models.registry import (
     MODEL_REGISTRY,
     ModelInfo,
@@ -29,16 +28,3 @@ __all__ = [
     "register_model",
     "tiny_model_config",
 ]
-
-BUILDING_BLOCKS = {
-    "attention",
-    "base",
-    "decoder",
-    "heads",
-    "layers",
-    "registry",
-}  # shared parts, not families
-
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _module not in BUILDING_BLOCKS:
-        importlib.import_module(f"{__name__}.{_module}")
