@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import ConfigError, DataError
 from lmzoo.models.attention import ATTENTION_KINDS, attention_modules, record_attention
+from lmzoo.models.base import LanguageModel, Seq2SeqModel
+from lmzoo.run import Run
 
 
 @dataclass
@@ -44,7 +46,7 @@ def token_label(text: str) -> str:
 
 
 def attention_maps(
-    run: Any,
+    run: Run,
     text: str,
     *,
     target: str | None = None,
@@ -53,7 +55,8 @@ def attention_maps(
     warn: Callable[[str], None] | None = None,
 ) -> list[AttentionMap]:
     """Every recorded attention map of the run's model on `text` (seq2seq: the source; `target` too)."""
-    model = run.model(checkpoint_tag, device)
+    lm = run.load(checkpoint_tag, device)
+    model = lm.model
     if not attention_modules(model):
         raise ConfigError(
             f"model {run.config.model.name} has no attention; use lmzoo score to see per-token probabilities"
@@ -64,23 +67,23 @@ def attention_maps(
         raise ConfigError("target is for seq2seq runs", param="target")
     with torch.inference_mode(), record_attention(model) as recorded:
         if run.kind == "seq2seq":
-            axes = _run_seq2seq(run, model, text, target, device, warn)
+            axes = _run_seq2seq(run, lm.seq2seq_model, text, target, device, warn)
         else:
-            axes = _run_lm(run, model, text, device, warn)
+            axes = _run_lm(run, lm.language_model, text, device, warn)
     return [
         AttentionMap(name, recorded.kinds[name], weights[0].float().cpu(), *axes[recorded.kinds[name]])
         for name, weights in recorded.items()
     ]
 
 
-def _labels(tokenizer: Any, ids: list[int]) -> list[str]:
-    from lmzoo.inference.scoring import token_text
+def _labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    from lmzoo.inference.text import token_text
 
     return [token_label(token_text(tokenizer, i)) for i in ids]
 
 
 def _run_lm(
-    run: Any, model: torch.nn.Module, text: str, device: torch.device, warn: Callable[[str], None] | None
+    run: Run, model: LanguageModel, text: str, device: torch.device, warn: Callable[[str], None] | None
 ) -> dict[str, tuple[list[str], list[str]]]:
     tokenizer = run.tokenizer
     ids = tokenizer.encode(text)
@@ -99,8 +102,8 @@ def _run_lm(
 
 
 def _run_seq2seq(
-    run: Any,
-    model: torch.nn.Module,
+    run: Run,
+    model: Seq2SeqModel,
     text: str,
     target: str | None,
     device: torch.device,
@@ -109,7 +112,7 @@ def _run_seq2seq(
     from lmzoo.inference.seq2seq import decode_batch, encode_source
     from lmzoo.models.base import PAD_ID
 
-    source_tok, target_tok = run.tokenizer, run.target_tokenizer
+    source_tok, target_tok = run.tokenizer, run.target_tokenizer or run.tokenizer
     src = encode_source(model, source_tok, text, warn)  # (1, S): tokens + <eos>
     src_ids = src[0].tolist()
     if all(i == source_tok.unk_id for i in src_ids[:-1]):

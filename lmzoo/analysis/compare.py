@@ -23,6 +23,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,7 @@ class Comparison:
 
 
 def plan(
-    paths: list[str | Path], *, tokens: int, seeds: list[int], out: Path, device: str | None = None
+    paths: Sequence[str | Path], *, tokens: int, seeds: list[int], out: Path, device: str | None = None
 ) -> list[Planned]:
     """Resolve each config with the comparison's overrides: seed, steps for the token budget, evaluation
     of the whole validation split every tenth of the budget, no early stopping, runs under out/runs."""
@@ -232,7 +233,7 @@ def train_measured(config: Any, *, progress: bool) -> tuple[Path, dict[str, Any]
     start = time.perf_counter()
     with PeakMemory(device) as memory:
         run_dir = training.train(config, progress=progress)
-    measured = {"wall_seconds": time.perf_counter() - start, "peak_memory_bytes": memory.peak}
+    measured: dict[str, Any] = {"wall_seconds": time.perf_counter() - start, "peak_memory_bytes": memory.peak}
     measured["device"] = _device_name(device)
     return Path(run_dir), measured
 
@@ -344,7 +345,7 @@ def aggregate(results: list[Result]) -> list[dict[str, Any]]:
 
 
 def compare(
-    paths: list[str | Path],
+    paths: Sequence[str | Path],
     *,
     tokens: int,
     seeds: int = 1,

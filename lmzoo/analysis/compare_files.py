@@ -56,7 +56,7 @@ def sample_all(
 
 def config_diff(comparison: Comparison) -> tuple[list[tuple[str, dict[str, str]]], list[str]]:
     """(keys whose values differ between the configs with each config's value, keys that are equal)."""
-    flat = {}
+    flat: dict[str, dict[str, str]] = {}
     for result in comparison.results:
         flat.setdefault(result.planned.label, flatten_config(result.planned.config.to_dict()))
     keys = sorted({k for values in flat.values() for k in values if not k.startswith(UNSHOWN_KEYS)})

@@ -76,7 +76,7 @@ def panels(history: Any) -> list[dict[str, Any]]:
         found = [(tag, *history.series(tag)[:2]) for tag in tags]
         return [(tag, steps, values) for tag, steps, values in found if steps]
 
-    chosen = [
+    chosen: list[dict[str, Any]] = [
         {"title": "loss (nats/token)", "series": series("train/loss", "val/loss")},
         {"title": "learning rate", "series": series("train/lr")},
         {"title": "gradient norm (before clipping)", "series": series("train/grad_norm"), "log": True},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -35,7 +36,9 @@ class TokenizerRow:
 
 def standard_tokenizers(bpe_sizes: tuple[int, ...] = DEFAULT_BPE_SIZES) -> list[tuple[str, TokenizerConfig]]:
     """(name, config) of char, word (the word tokenizer's defaults) and BPE at each size."""
-    make = {kind: entry.config for kind, entry in TOKENIZER_REGISTRY.items()}
+    make: dict[str, Any] = {
+        kind: entry.config for kind, entry in TOKENIZER_REGISTRY.items()
+    }  # config classes
     found = [("char", make["char"]()), ("word", make["word"]())]
     for size in bpe_sizes:
         try:

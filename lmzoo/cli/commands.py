@@ -175,7 +175,7 @@ def _write_generation(loaded: Run, prompt: str, request: GenerateRequest) -> Non
         ):
             typer.echo(f"{text}\t{score:.4f}" if request.n_best > 1 else text)
         return
-    text, sources = prompt, []
+    text, sources = prompt, list[Any]()
     if request.rag is not None:
         from lmzoo.retrieval.rag import rag_prompt
 
@@ -250,8 +250,11 @@ def evaluate(
 
         loaded = Run.open(run, base=base)
         if knn is not None or rag is not None:
-            options = dict(k=k, lmbda=lmbda, temperature=temperature, tune=tune, passages=passages)
-            for line in evaluate_with_retrieval(loaded, knn, rag, data, split, checkpoint, device, **options):
+            lines = evaluate_with_retrieval(
+                loaded, knn, rag, data, split, checkpoint, device,
+                k=k, lmbda=lmbda, temperature=temperature, tune=tune, passages=passages,
+            )  # fmt: skip
+            for line in lines:
                 typer.echo(line)
             return
         metrics = loaded.evaluate(data, split, beam=beam, checkpoint_tag=checkpoint, device=device)

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from lmzoo.cli.app import DEVICE_HELP, RUN_HELP, app, user_errors
+
+if TYPE_CHECKING:
+    from lmzoo.run import Run
 
 rag_app = typer.Typer(
     help="Passage retrieval (BM25) over a folder of .txt/.md files.",
@@ -91,7 +95,7 @@ def rag_index(
 
 
 def evaluate_with_retrieval(
-    run: object,
+    run: Run,
     knn: Path | None,
     rag: Path | None,
     data: Path | None,

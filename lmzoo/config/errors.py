@@ -54,11 +54,12 @@ def _key_path(cls: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def _fields_at(cls: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+def _fields_at(cls: Any, loc: tuple[str, ...]) -> list[str]:
     """The field names of the (nested) section at `loc`, for "did you mean" hints."""
     current: Any = cls
     for part in loc:
-        field = current.model_fields.get(part) if isinstance(current, type) else None
+        fields = getattr(current, "model_fields", None) if isinstance(current, type) else None
+        field = fields.get(part) if fields else None
         if field is None:
             return []
         current = _section_class(field.annotation)
@@ -84,4 +85,5 @@ def did_you_mean(word: str, known: Any) -> str:
 
 def describe_kind(value: Any) -> str:
     """How a YAML value reads to a user: a mapping, a list, a string, int, ..."""
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+    return names.get(type(value), type(value).__name__)

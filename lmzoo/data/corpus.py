@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lmzoo.config.schema import DataConfig, resolve_data_path
+from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import DataError
 
 
@@ -94,6 +95,6 @@ def _with_newline(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def encode_stream(tokenizer, text: str) -> torch.Tensor:
+def encode_stream(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     """Encode text into one flat LongTensor of token ids."""
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)

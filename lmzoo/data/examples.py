@@ -16,6 +16,7 @@ import torch
 from lmzoo.config.schema import DataConfig
 from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch
 from lmzoo.data.corpus import carve_splits, read_text_file
+from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import DataError
 
 # ---- sentence pairs (seq2seq) ------------------------------------------------------------------
@@ -88,7 +89,7 @@ def read_pair_splits(config: DataConfig) -> PairSplits:
 
 
 def encode_pairs(
-    pairs: list[Pair], source_tokenizer, target_tokenizer, *, max_len: int | None = None
+    pairs: list[Pair], source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, *, max_len: int | None = None
 ) -> list[tuple[list[int], list[int]]]:
     """Token ids of each pair (source + <eos>, target); pairs longer than max_len are skipped."""
     encoded = []
@@ -199,7 +200,7 @@ def read_record_splits(config: DataConfig, fields: tuple[str, ...]) -> dict[str,
 
 
 def prompt_response_ids(
-    tokenizer, prompt: str, response: str, context: int | None
+    tokenizer: Tokenizer, prompt: str, response: str, context: int | None
 ) -> tuple[list[int], list[int]]:
     """(input ids, target ids) of prompt + response + <eos>; targets are PAD except on the response.
 

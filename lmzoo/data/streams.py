@@ -14,6 +14,8 @@ a resumed run reads exactly the batches an uninterrupted run would have read.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from lmzoo.data.batch import LMBatch
@@ -124,7 +126,9 @@ class RandomWindows:
         self.drawn = int(state["drawn"])
 
 
-def eval_windows(stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None):
+def eval_windows(
+    stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) batches that cover a stream in order, for evaluation with a carried state.
 
     Short validation splits shrink the batch (and, if needed, the window) instead of failing.
@@ -152,7 +156,7 @@ def make_batches(
     sequential: bool,
     seed: int,
     device: torch.device | str | None = None,
-):
+) -> SequentialBatches | RandomWindows:
     """The training batch source: contiguous truncated-BPTT batches, or random windows (kept on `device`)."""
     if sequential:
         return SequentialBatches(stream, batch_size, seq_len, device=device)

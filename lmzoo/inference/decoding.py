@@ -25,6 +25,7 @@ from lmzoo.errors import ConfigError
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions, next_token
 from lmzoo.inference.text import StopFilter, TextStream, encode_prompt, token_text
+from lmzoo.models.base import PAD_ID, LanguageModel, Seq2SeqModel
 
 CACHES = ("dynamic", "static", "compiled")
 Observer = Callable[[torch.Tensor, int], None]
@@ -155,7 +156,7 @@ class LMStepper:
     CUDA graphs on CUDA); all three give the same tokens.
     """
 
-    def __init__(self, model: torch.nn.Module, prompt_ids: Sequence[int], cache: str = "dynamic") -> None:
+    def __init__(self, model: LanguageModel, prompt_ids: Sequence[int], cache: str = "dynamic") -> None:
         context = getattr(model, "context_len", None)
         self.ids = list(prompt_ids)[-context:] if context else list(prompt_ids)
         if not self.ids:
@@ -179,9 +180,7 @@ class LMStepper:
 class Seq2SeqStepper:
     """A seq2seq model's side of decoding: the source encoded once, then the target from <bos>."""
 
-    def __init__(self, model: torch.nn.Module, src: torch.Tensor, bos_id: int) -> None:
-        from lmzoo.models.base import PAD_ID
-
+    def __init__(self, model: Seq2SeqModel, src: torch.Tensor, bos_id: int) -> None:
         self.model, self.bos_id = model, bos_id
         self.src_mask = src == PAD_ID
         self.memory = model.encode(src, self.src_mask)
@@ -197,13 +196,13 @@ class Seq2SeqStepper:
         return logits[0, -1]
 
 
-def start_state(model: torch.nn.Module, cache: str = "dynamic") -> object:
+def start_state(model: LanguageModel, cache: str = "dynamic") -> object:
     """The decoding state to feed the prompt with: a fixed-shape one for cache static/compiled."""
     if cache not in CACHES:
         raise ConfigError(f"cache must be one of {', '.join(CACHES)}, not {cache!r}", param="cache")
     if cache == "dynamic":
         return model.init_state(1)
-    state = model.static_state(1, compile=cache == "compiled") if hasattr(model, "static_state") else None
+    state = model.static_state(1, compile=cache == "compiled")
     if state is None:
         raise ConfigError(
             f"cache {cache!r} needs a Transformer decoder with a fixed-shape KV cache (gpt, modern); "
@@ -275,13 +274,17 @@ def decode(
             raise ConfigError(
                 f"cache {cache!r} is for decoder-only language models, not seq2seq runs", param="cache"
             )
-        src = encode_source(lm.model, lm.tokenizer, prompt, warn)
-        stepper, context, prompt_tokens = Seq2SeqStepper(lm.model, src, tokenizer.bos_id), [], src.shape[1]
+        src = encode_source(lm.seq2seq_model, lm.tokenizer, prompt, warn)
+        stepper, context, prompt_tokens = (
+            Seq2SeqStepper(lm.seq2seq_model, src, tokenizer.bos_id),
+            [],
+            src.shape[1],
+        )
         options = replace(options, max_new_tokens=min(lm.max_target_len, options.max_new_tokens))
         end_ids: tuple[int, ...] = (tokenizer.eos_id,)
     else:
         context = encode_prompt(tokenizer, prompt, warn)
-        stepper, prompt_tokens = LMStepper(lm.model, context, cache), len(context)
+        stepper, prompt_tokens = LMStepper(lm.language_model, context, cache), len(context)
         end_ids = () if tokenizer.eos_is_text or options.ignore_eos else (tokenizer.eos_id,)
     sequence = SequenceDecoder(
         options,
@@ -296,7 +299,7 @@ def decode(
 
 
 def generate_ids(
-    model: torch.nn.Module,
+    model: LanguageModel,
     prompt_ids: Sequence[int],
     options: SamplingOptions,
     *,
@@ -330,14 +333,13 @@ def next_distribution(
             raise ConfigError(
                 "next tokens of a seq2seq model need the source sentence: pass source=", param="source"
             )
-        stepper: LMStepper | Seq2SeqStepper = Seq2SeqStepper(
-            lm.model, encode_source(lm.model, lm.tokenizer, source), tokenizer.bos_id
-        )
+        model = lm.seq2seq_model
+        stepper = Seq2SeqStepper(model, encode_source(model, lm.tokenizer, source), tokenizer.bos_id)
         logits = stepper.first()
         for token in tokenizer.encode(prefix):
             logits = stepper.next(token)
     else:
-        logits = LMStepper(lm.model, encode_prompt(tokenizer, prefix)).first()
+        logits = LMStepper(lm.language_model, encode_prompt(tokenizer, prefix)).first()
     logprobs = logits.float().log_softmax(-1)
     values, ids = logprobs.topk(min(k, logprobs.numel()))
     return [(tokenizer.decode([i]), i, v) for v, i in zip(values.tolist(), ids.tolist(), strict=True)]

@@ -20,7 +20,7 @@ from lmzoo.errors import DataError
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.scoring import evaluate_stream
 from lmzoo.inference.seq2seq import translate_corpus
-from lmzoo.models.base import PAD_ID, eval_mode
+from lmzoo.models.base import PAD_ID, Seq2SeqModel, eval_mode
 
 
 def evaluate_text(lm: LoadedModel, text: str) -> dict[str, float]:
@@ -58,7 +58,7 @@ def token_weighted_loss(
 
 
 def evaluate_seq2seq(
-    model: torch.nn.Module,
+    model: Seq2SeqModel,
     batches: Iterable,
     *,
     device: torch.device,
@@ -101,11 +101,17 @@ def evaluate_pairs(lm: LoadedModel, pairs: list[Pair], *, beam: int = 5) -> dict
         shuffle=False,
         name="evaluation",
     )
-    metrics = evaluate_seq2seq(lm.model, batches, device=lm.device, precision=lm.precision)
+    metrics = evaluate_seq2seq(lm.seq2seq_model, batches, device=lm.device, precision=lm.precision)
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     for label, width in (("greedy", 1), (f"beam{beam}", beam)):
         hyps = translate_corpus(
-            lm.model, sources, source_tok, target_tok, max_len=lm.max_target_len, beam=width, device=lm.device
+            lm.seq2seq_model,
+            sources,
+            source_tok,
+            target_tok,
+            max_len=lm.max_target_len,
+            beam=width,
+            device=lm.device,
         )
         metrics[f"bleu_{label}"] = corpus_bleu(hyps, references)
     metrics["sentences"] = float(len(pairs))

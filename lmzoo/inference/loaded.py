@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from lmzoo.data.tokenizer import Tokenizer
+from lmzoo.errors import ConfigError
+from lmzoo.models.base import LanguageModel, Seq2SeqModel, ZooModel
 
 
 @dataclass
@@ -23,7 +25,7 @@ class LoadedModel:
     runs, the longest translation (data.max_len).
     """
 
-    model: torch.nn.Module
+    model: ZooModel
     tokenizer: Tokenizer  # the source side for seq2seq
     target_tokenizer: Tokenizer | None = None  # seq2seq only (the same object when shared)
     precision: str = "fp32"
@@ -33,7 +35,7 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        return str(getattr(self.model, "kind", "lm"))
+        return self.model.kind
 
     @property
     def device(self) -> torch.device:
@@ -41,7 +43,21 @@ class LoadedModel:
 
     @property
     def context_len(self) -> int | None:
-        return getattr(self.model, "context_len", None)
+        return self.model.context_len if isinstance(self.model, LanguageModel) else None
+
+    @property
+    def language_model(self) -> LanguageModel:
+        """The model as a language model (a seq2seq model is refused in one line)."""
+        if not isinstance(self.model, LanguageModel):
+            raise ConfigError("this needs a language model, not a seq2seq model")
+        return self.model
+
+    @property
+    def seq2seq_model(self) -> Seq2SeqModel:
+        """The model as an encoder-decoder (a language model is refused in one line)."""
+        if not isinstance(self.model, Seq2SeqModel):
+            raise ConfigError("this needs a seq2seq model, not a language model")
+        return self.model
 
     @property
     def output_tokenizer(self) -> Tokenizer:

@@ -63,7 +63,8 @@ def read_sequences(lm: LoadedModel, sequences: Sequence[TokenIds]) -> Iterator[H
     """
     streams = [_as_tensor(ids) for ids in sequences]
     window = lm.window if lm.context_len is None else min(lm.window, lm.context_len)
-    carried = bool(getattr(lm.model, "carries_state", False))
+    model = lm.language_model
+    carried = model.carries_state
     span = window * COLUMN_WINDOWS if carried else window
     # (sequence, first input position, input length): windows, or columns of a state-carrying model
     segments = [
@@ -87,7 +88,7 @@ def read_sequences(lm: LoadedModel, sequences: Sequence[TokenIds]) -> Iterator[H
         state = None
         for chunk in range(0, width, window):  # one pass for windows; chunk by chunk for columns
             part = slice(chunk, chunk + window)
-            h, state = lm.model.hidden(inputs[:, part].to(device), state if carried else None)  # (B, T, C)
+            h, state = model.hidden(inputs[:, part].to(device), state if carried else None)  # (B, T, C)
             keep = valid[:, part]
             yield HiddenBatch(
                 sequence=rows[:, part][keep],
@@ -245,7 +246,7 @@ def score_target(lm: LoadedModel, source: str, target: str, *, top_k: int = 5) -
     batch = collate_pairs([(src_ids, tgt_ids)], bos_id=target_tok.bos_id, eos_id=target_tok.eos_id)
     src, tgt_in = batch.source.to(lm.device), batch.target_in.to(lm.device)
     src_mask = src == PAD_ID
-    model = lm.model
+    model = lm.seq2seq_model
     with torch.inference_mode(), eval_mode(model), autocast(lm.device, lm.precision):
         h, _ = model.decode_hidden(tgt_in, model.encode(src, src_mask), src_mask)
         logprobs = model.head.logits(h)[0].float().log_softmax(-1).cpu()  # (T+1, V)

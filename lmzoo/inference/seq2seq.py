@@ -20,7 +20,7 @@ from lmzoo.data.examples import collate_pairs
 from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.inference.sampling import SamplingOptions, next_token
 from lmzoo.inference.text import encode_prompt
-from lmzoo.models.base import PAD_ID, eval_mode, select_rows
+from lmzoo.models.base import PAD_ID, Seq2SeqModel, eval_mode, select_rows
 
 
 @dataclass
@@ -36,7 +36,7 @@ def _banned(scores: torch.Tensor, tokenizer_ids: tuple[int, ...]) -> torch.Tenso
 
 
 def encode_source(
-    model: torch.nn.Module, tokenizer: Tokenizer, text: str, warn: Callable[[str], None] | None = None
+    model: Seq2SeqModel, tokenizer: Tokenizer, text: str, warn: Callable[[str], None] | None = None
 ) -> torch.Tensor:
     """(1, S) source ids as training saw them: tokens + <eos>, cut to the positions the encoder has
     (`model.max_source_len`, as translate_corpus does); unseen pieces and a cut are warned about."""
@@ -55,7 +55,7 @@ def encode_source(
 
 @torch.inference_mode()
 def decode_batch(
-    model: torch.nn.Module,
+    model: Seq2SeqModel,
     src: torch.Tensor,
     *,
     bos_id: int,
@@ -92,7 +92,7 @@ def decode_batch(
 
 @torch.inference_mode()
 def beam_search(
-    model: torch.nn.Module,
+    model: Seq2SeqModel,
     src: torch.Tensor,
     *,
     beam: int,
@@ -190,7 +190,7 @@ def _extend_beams(
 
 
 def translate(
-    model: torch.nn.Module,
+    model: Seq2SeqModel,
     source_tokenizer: Tokenizer,
     target_tokenizer: Tokenizer,
     text: str,
@@ -219,10 +219,10 @@ def translate(
 
 
 def translate_corpus(
-    model: torch.nn.Module,
+    model: Seq2SeqModel,
     sources: list[str],
-    source_tokenizer,
-    target_tokenizer,
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
     *,
     max_len: int,
     beam: int = 1,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torch import nn
 CPU_BF16_ATTENTION_IN_FP32 = True
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
     """F.scaled_dot_product_attention, with bf16 on the CPU computed in fp32 (faster there; see above)."""
     cpu_bf16 = q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype)
     if not (cpu_bf16 and CPU_BF16_ATTENTION_IN_FP32):
@@ -229,7 +230,9 @@ class MultiHeadAttention(RecordsAttention):
             k, v = memory if isinstance(memory, tuple) else self.project_kv(memory)
         static = isinstance(cache, StaticKVCache)  # fixed shapes: the whole capacity, masked
         mask = (
-            cache.mask(steps) if static else self._mask(steps, k.shape[2], causal, key_padding_mask, x.device)
+            cache.mask(steps)
+            if isinstance(cache, StaticKVCache)
+            else self._mask(steps, k.shape[2], causal, key_padding_mask, x.device)
         )
         dropout = self.dropout if self.training else 0.0
         if self.explicit or self.recording:

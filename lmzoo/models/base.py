@@ -66,10 +66,10 @@ class ZooModel(nn.Module):
                 for layer in range(module.num_layers):
                     inputs = module.input_size if layer == 0 else module.hidden_size * directions
                     total += directions * 2 * gates * module.hidden_size * (inputs + module.hidden_size)
-            elif hasattr(module, "recurrent_flops_per_token"):
-                total += module.recurrent_flops_per_token()
-            if hasattr(module, "attention_flops_per_token"):
-                total += module.attention_flops_per_token(seq_len)
+            elif callable(recurrent := getattr(module, "recurrent_flops_per_token", None)):
+                total += recurrent()
+            if callable(attention := getattr(module, "attention_flops_per_token", None)):
+                total += attention(seq_len)
         return total
 
 

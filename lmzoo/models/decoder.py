@@ -34,7 +34,7 @@ import torch
 from pydantic import ValidationInfo, field_validator
 from torch import nn
 
-from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
+from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
 from lmzoo.models.attention import KVCache, StaticKVCache
 from lmzoo.models.base import LanguageModel
 from lmzoo.models.heads import OutputHead
@@ -70,7 +70,7 @@ class DecoderConfig(ModelConfig):
     def context_len(self) -> int | None:
         return self.context_length
 
-    def check_run(self, run) -> None:
+    def check_run(self, run: RunConfig) -> None:
         if run.data.seq_len is not None and run.data.seq_len > self.context_length:
             raise ValueError(
                 f"data.seq_len: {run.data.seq_len} is longer than model.context_length {self.context_length}; "
@@ -227,8 +227,8 @@ class DecoderLM(LanguageModel):
         if state.static:  # the same buffers (and captured graphs), written again from slot 0
             position = state.position.zero_() if state.position is not None else None
             fresh = DecoderState(caches=state.caches, static=True, compiled=state.compiled, position=position)
-        h, new_state = self.hidden(history[:, -keep:], fresh)
-        return h[:, -ids.shape[1] :], new_state
+        h, _ = self.hidden(history[:, -keep:], fresh)  # fills `fresh`
+        return h[:, -ids.shape[1] :], fresh
 
     def _static_tokens(self, ids: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """Features of `ids` written at the static caches' position; one-token steps may run compiled."""
@@ -238,6 +238,7 @@ class DecoderLM(LanguageModel):
                 mode = "reduce-overhead" if self.token_embedding.weight.is_cuda else None
                 self._compiled_step = torch.compile(self.features, mode=mode, dynamic=False)
             step = self._compiled_step
+        assert state.position is not None  # set with the static caches
         h = step(ids, state.position, state.caches)  # (B, T, C)
         state.position += ids.shape[1]
         return h

@@ -68,6 +68,7 @@ class DecoderBlock(nn.Module):
     description="decoder-only Transformer LM (GPT): masked multi-head self-attention, KV-cache decoding",
 )
 class GPT(DecoderLM):
+    position_table: torch.Tensor  # (context, C) buffer, sinusoidal positions
     block_type = DecoderBlock
     residual_projections = ("out_proj.weight", "down.weight")
     default_lora_targets = ("*attn.in_proj.weight", "*attn.out_proj.weight")

@@ -82,7 +82,7 @@ class OutputHead(nn.Module):
             low, high = softmax.cutoffs[index], softmax.cutoffs[index + 1]
             share = float(((flat >= low) & (flat < high)).float().mean()) if flat is not None else 0.0
             total += share * sum(
-                2 * m.in_features * m.out_features for m in cluster if isinstance(m, nn.Linear)
+                2 * m.in_features * m.out_features for m in cluster.modules() if isinstance(m, nn.Linear)
             )
         return total
 

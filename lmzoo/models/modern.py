@@ -106,6 +106,9 @@ class RotaryEmbedding(nn.Module):
     sees relative positions without a position table. cos/sin are precomputed for the context.
     """
 
+    cos: torch.Tensor  # (context, d/2) buffers
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
         super().__init__()
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (d/2,)
@@ -176,7 +179,7 @@ class GroupedQueryAttention(RecordsAttention):
         q = self._heads(self.q_proj(x), self.n_heads)  # (B, H, T, d_k)
         k = self._heads(self.k_proj(x), self.n_kv_heads)  # (B, KV, T, d_k)
         v = self._heads(self.v_proj(x), self.n_kv_heads)  # (B, KV, T, d_k)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, start), rope(k, start)  # rotated by their absolute positions
         static = isinstance(cache, StaticKVCache)
@@ -188,7 +191,11 @@ class GroupedQueryAttention(RecordsAttention):
             v = v.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
         dropout = self.dropout if self.training else 0.0
         # (1, 1, T, S) or None; a static cache's mask also hides the slots not written yet
-        mask = cache.mask(steps) if static else causal_mask(steps, k.shape[2], x.device)
+        mask = (
+            cache.mask(steps)
+            if isinstance(cache, StaticKVCache)
+            else causal_mask(steps, k.shape[2], x.device)
+        )
         if self.explicit or self.recording:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
             if mask is not None:

@@ -21,6 +21,7 @@ import contextlib
 import fnmatch
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from torch.nn.utils import parametrize
 
 from lmzoo.config.schema import FinetuneConfig
 from lmzoo.errors import ConfigError
+from lmzoo.models.base import ZooModel
 
 
 class LoRA(nn.Module):
@@ -45,7 +47,7 @@ class LoRA(nn.Module):
         self.enabled = True
 
     def delta(self) -> torch.Tensor:
-        a = self.A
+        a: torch.Tensor = self.A
         if self.training and self.dropout > 0:
             keep = torch.rand(a.shape[0], 1, device=a.device) >= self.dropout
             a = a * keep / (1 - self.dropout)
@@ -78,14 +80,14 @@ class AdapterAfter(nn.Module):
         self.inner = inner
         self.adapter = Adapter(width, bottleneck)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.inner(*args, **kwargs)
         if isinstance(out, tuple):  # (outputs, state) of a recurrent layer
             return (self.adapter(out[0]), *out[1:])
         return self.adapter(out)
 
 
-def _adapter_sites(model: nn.Module, patterns: list[str] | None) -> list[tuple[nn.Module, str, int]]:
+def _adapter_sites(model: ZooModel, patterns: list[str] | None) -> list[tuple[nn.Module, str, int]]:
     """(parent, attribute, width) of every site the model offers for adapters (matching `patterns`)."""
     sites = []
     for name, width in model.adapter_sites():
@@ -95,7 +97,7 @@ def _adapter_sites(model: nn.Module, patterns: list[str] | None) -> list[tuple[n
     return sites
 
 
-def apply_finetune(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+def apply_finetune(model: ZooModel, config: FinetuneConfig) -> ZooModel:
     """Freeze the base and add LoRA or adapters in place (no-op for method: full); returns the model."""
     if config.method == "full":
         return model
@@ -146,14 +148,14 @@ def _refresh_rnn(module: nn.Module) -> None:
         module._init_flat_weights()
 
 
-def merge_finetune(model: nn.Module) -> nn.Module:
+def merge_finetune(model: ZooModel) -> ZooModel:
     """Fold LoRA updates into the weights (W0 + s B A) and unfreeze everything; returns the model.
 
     Adapters are extra layers: they cannot be folded into the base weights and stay in the model.
     """
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
+            for name in list(getattr(module, "parametrizations")):  # noqa: B009  (added by parametrize)
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
             _refresh_rnn(module)
     for param in model.parameters():

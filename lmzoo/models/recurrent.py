@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
+from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
 from lmzoo.models.base import LanguageModel
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
@@ -36,7 +36,7 @@ class RecurrentConfig(ModelConfig):
     adaptive_cutoffs: list[PositiveInt] = [2000, 10000]  # word-rank boundaries of the adaptive clusters
     adaptive_div_value: Annotated[float, Field(gt=1)] = 4.0
 
-    def check_run(self, run) -> None:
+    def check_run(self, run: RunConfig) -> None:
         if self.softmax == "adaptive" and run.train.label_smoothing:
             raise ValueError(
                 "train.label_smoothing: needs model.softmax: full (an adaptive softmax scores only "

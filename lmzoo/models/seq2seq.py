@@ -17,7 +17,7 @@ from pydantic import ValidationInfo, field_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
+from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
 from lmzoo.models.attention import RecordsAttention
 from lmzoo.models.base import Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
@@ -48,7 +48,7 @@ class Seq2SeqConfig(ModelConfig):
             )
         return value
 
-    def check_run(self, run) -> None:
+    def check_run(self, run: RunConfig) -> None:
         if self.share_embeddings and run.target_tokenizer is not None:
             raise ValueError(
                 "model.share_embeddings: needs one tokenizer for both sides (remove target_tokenizer)"
@@ -137,7 +137,7 @@ class RecurrentSeq2Seq(Seq2SeqModel):
         self.attention = RecurrentAttention(config.attention, hidden, enc_dim)
         self.combine = nn.Linear(hidden + enc_dim, hidden)  # W_c
         width = hidden
-        self.out_proj = nn.Identity()
+        self.out_proj: nn.Module = nn.Identity()
         if config.tie_weights and hidden != emb:
             self.out_proj = nn.Linear(hidden, emb, bias=False)
             width = emb

@@ -10,14 +10,15 @@ decoder's self-attention keys/values and projects the encoder output for cross-a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import ValidationInfo, field_validator
 from torch import nn
 
-from lmzoo.config.schema import ModelConfig, PositiveInt, Probability
+from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
 from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
 from lmzoo.models.base import Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
@@ -45,7 +46,7 @@ class TransformerConfig(ModelConfig):
     def _heads_divide_width(cls, value: int, info: ValidationInfo) -> int:
         return heads_divide_width(value, info)
 
-    def check_run(self, run) -> None:
+    def check_run(self, run: RunConfig) -> None:
         if self.share_embeddings and run.target_tokenizer is not None:
             raise ValueError(
                 "model.share_embeddings: needs one tokenizer for both sides (remove target_tokenizer)"
@@ -61,7 +62,7 @@ class SublayerNorm(nn.Module):
         super().__init__()
         self.norm, self.pre, self.dropout = nn.LayerNorm(d_model), pre, dropout_layer(dropout)
 
-    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if self.pre:
             return x + self.dropout(sublayer(self.norm(x)))
         return self.norm(x + self.dropout(sublayer(x)))
@@ -91,7 +92,9 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(d, config.d_ff, config.activation, True, 0.0)
         self.sub1, self.sub2, self.sub3 = (SublayerNorm(d, pre, config.dropout) for _ in range(3))
 
-    def forward(self, x, memory, src_mask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         x = self.sub1(x, lambda h: self.self_attn(h, causal=True, cache=cache))
         x = self.sub2(x, lambda h: self.cross_attn(h, memory, key_padding_mask=src_mask))
         return self.sub3(x, self.ff)
@@ -112,6 +115,7 @@ class EncoderDecoderState:
     description="encoder-decoder Transformer (Vaswani et al.): sinusoidal positions, masked and cross attention",
 )
 class EncoderDecoderTransformer(Seq2SeqModel):
+    position_table: torch.Tensor  # (max_len, d) buffer
     default_lora_targets = ("*attn.in_proj.weight", "*attn.out_proj.weight")
 
     @classmethod
@@ -186,7 +190,7 @@ class EncoderDecoderTransformer(Seq2SeqModel):
             caches=[
                 KVCache(batch, heads, self.config.max_len, d_head, like=memory) for _ in self.decoder_layers
             ],
-            cross=[layer.cross_attn.project_kv(memory) for layer in self.decoder_layers],
+            cross=[cast(DecoderLayer, layer).cross_attn.project_kv(memory) for layer in self.decoder_layers],
         )
 
     def reorder_state(self, state: EncoderDecoderState, indices: torch.Tensor) -> EncoderDecoderState:

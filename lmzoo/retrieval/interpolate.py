@@ -23,6 +23,7 @@ from torch import nn
 from lmzoo.errors import ConfigError
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.models.base import LanguageModel
+from lmzoo.models.heads import OutputHead
 from lmzoo.retrieval.knn import Datastore
 from lmzoo.run import Run
 
@@ -72,7 +73,7 @@ class KnnHead(nn.Module):
     """The model's output head mixed with a datastore: `logits` gives interpolated log-probabilities."""
 
     def __init__(
-        self, head: nn.Module, store: Datastore, *, k: int, lmbda: float, temperature: float
+        self, head: OutputHead, store: Datastore, *, k: int, lmbda: float, temperature: float
     ) -> None:
         super().__init__()
         check_knn_options(k, lmbda, temperature)
@@ -128,7 +129,8 @@ class KnnLM(LanguageModel):
     ) -> None:
         super().__init__()
         self.model = model
-        self.head = KnnHead(model.head, store, k=k, lmbda=lmbda, temperature=temperature)
+        # the head the contract names: KnnHead answers logits, loss and vocab_size as an OutputHead does
+        self.head = KnnHead(model.head, store, k=k, lmbda=lmbda, temperature=temperature)  # type: ignore[assignment]
         self.carries_state = model.carries_state
 
     @property
@@ -182,7 +184,7 @@ class KnnRun(Run):
         key = (checkpoint_tag, str(plain.device))
         if key not in self._loaded:
             mixed = KnnLM(
-                plain.model,
+                plain.language_model,
                 self.store(checkpoint_tag),
                 k=self.k,
                 lmbda=self.lmbda,

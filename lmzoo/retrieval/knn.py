@@ -101,7 +101,7 @@ def encode_keys(
     if total == 0:
         raise DataError("the text has fewer than 2 tokens; a datastore needs at least one key")
     values = np.empty(total, dtype=np.int32)
-    keys: np.ndarray | None = None
+    keys: np.memmap | None = None
     bar = tqdm(total=total, desc="encoding", unit="tok", disable=not progress, leave=False)
     with torch.inference_mode(), autocast(lm.device, lm.precision):
         for batch in read_sequences(lm, [stream]):
@@ -123,6 +123,7 @@ def encode_keys(
 def build_faiss(keys: np.ndarray, spec: dict[str, Any], seed: int = 0) -> Any:
     """A FAISS index over `keys` (float16, (N, C)) as `spec` says; IVF lists trained on a seeded sample."""
     dim = keys.shape[1]
+    index: Any  # a faiss index
     if spec["kind"] == "flat":
         index = faiss.IndexFlatL2(dim)
     else:
@@ -240,6 +241,7 @@ class Datastore:
         try:
             keys = np.load(directory / KEYS, mmap_mode="r")
             values = torch.from_numpy(np.load(directory / VALUES).astype(np.int64))
+            index: Any  # a faiss index
             if manifest["index"]["kind"] == "flat":
                 index = build_faiss(keys, manifest["index"])
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def validate_tokenizer_section(raw: Any, section: str, source: str) -> Tokenizer
 
 
 def _validate_tagged(
-    raw: Any, section: str, tag: str, classes: dict[str, type[Section]], default: str | None, source: str
+    raw: Any, section: str, tag: str, classes: Mapping[str, type[Section]], default: str | None, source: str
 ) -> Section:
     """Validate a section whose `tag` key (tokenizer.kind, model.name) picks its config class."""
     if not isinstance(raw, dict):

@@ -79,7 +79,10 @@ def read_history(path: Path) -> History:
 
     A segment that logged nothing before another began at the same step (a start that failed before
     its first step and was restarted) is superseded by it."""
-    records, markers, elapsed, segments = [], [], [], []
+    records: list[dict[str, Any]] = []
+    markers: list[dict[str, Any]] = []
+    elapsed: list[float | None] = []
+    segments: list[Segment] = []
     done, start, empty = (
         0.0,
         None,

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.inference.scoring import Scored
 from lmzoo.io import atomic_write_text
 from lmzoo.models import build_model
+from lmzoo.models.base import ZooModel
 from lmzoo.models.peft import apply_finetune
 from lmzoo.run import checkpoint
 from lmzoo.run.config import config_to_yaml, parse_config, read_yaml
@@ -57,7 +59,7 @@ def weights_sha256(ckpt: Path) -> str:
     for name in (checkpoint.WEIGHTS, checkpoint.ADAPTER):
         if (ckpt / name).is_file():
             with open(ckpt / name, "rb") as handle:
-                for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                for block in iter(partial(handle.read, 1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
 
@@ -306,7 +308,7 @@ class Run:
         *,
         vocab_size: int | tuple[int, int] | None = None,
         base_weights: bool = True,
-    ) -> nn.Module:
+    ) -> ZooModel:
         """The model this run starts from, without its own checkpoint: built from the config, with the
         base run's weights for a fine-tune, then LoRA or adapters as `finetune` says. `vocab_size`
         defaults to the saved tokenizers'; `base_weights=False` skips loading the base weights (the
@@ -325,7 +327,7 @@ class Run:
             apply_finetune(model, self.config.finetune)
         return model
 
-    def trained_model(self, tag: str = "best", device: torch.device | str = "cpu") -> nn.Module:
+    def trained_model(self, tag: str = "best", device: torch.device | str = "cpu") -> ZooModel:
         """A new copy of the model with checkpoint `tag` loaded, in eval mode (not cached)."""
         ckpt = self.checkpoint(tag)
         # A LoRA/adapter checkpoint holds only its own tensors: the frozen base comes from the base run.
@@ -343,7 +345,7 @@ class Run:
             self._loaded[key] = self._loaded_model(self.trained_model(checkpoint_tag, where), where)
         return self._loaded[key]
 
-    def _loaded_model(self, model: nn.Module, device: torch.device) -> LoadedModel:
+    def _loaded_model(self, model: ZooModel, device: torch.device) -> LoadedModel:
         data = self.config.data
         return LoadedModel(
             model=model,
@@ -355,7 +357,7 @@ class Run:
             max_target_len=data.max_len,
         )
 
-    def model(self, checkpoint_tag: str = "best", device: torch.device | str = "cpu") -> nn.Module:
+    def model(self, checkpoint_tag: str = "best", device: torch.device | str = "cpu") -> ZooModel:
         """The trained model in eval mode (the cached `load(...).model`)."""
         return self.load(checkpoint_tag, device).model
 
@@ -437,7 +439,7 @@ class Run:
         lm = self.load(checkpoint_tag, device)
         limit = min(lm.max_target_len, max_new_tokens or lm.max_target_len)
         return translate(
-            lm.model, lm.tokenizer, lm.output_tokenizer, text, max_len=limit, beam=beam,
+            lm.seq2seq_model, lm.tokenizer, lm.output_tokenizer, text, max_len=limit, beam=beam,
             length_penalty=length_penalty, n_best=n_best, warn=warn,
         )  # fmt: skip
 

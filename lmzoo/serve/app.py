@@ -148,7 +148,7 @@ async def completions(request: Request) -> Response:
     body = parse_request(await request.body(), registry.limits)
     registry.locate(body.model)  # an unknown or unsafe name is refused before any work
     budget = registry.budget()
-    meta = dict(cid=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model)
+    meta: dict[str, Any] = dict(cid=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model)
     if body.stream:
         return await stream_completion(registry, body, budget, **meta)
     work = partial(complete, request=body, device=registry.device)

@@ -43,4 +43,4 @@ class Limits:
             if value <= 0:
                 raise ConfigError(f"--limit {item!r}: must be positive")
             changes[name] = value
-        return replace(self, **changes)
+        return replace(self, **changes)  # type: ignore[arg-type]  # each value was parsed as its field's type

@@ -36,7 +36,7 @@ def build_mcp_server(registry: RunRegistry, rag_index: str | Path | None = None)
         log_level="WARNING",
     )
     read_only = ToolAnnotations(
-        readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False
+        read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
     )
     tools = RunTools(registry).all()
     if rag_index is not None:

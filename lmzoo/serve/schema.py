@@ -137,9 +137,9 @@ def check_limits(request: CompletionRequest, limits: Limits) -> None:
         raise bad_request("stream_options needs stream: true", "stream_options")
     for name, (neutral, accepted) in NOT_SUPPORTED.items():
         if not neutral(request):
-            value = json.dumps(getattr(request, name))[:100]
+            shown = json.dumps(getattr(request, name))[:100]
             raise bad_request(
-                f"{name}: {value} is not supported by this server (it takes {accepted}); leave it out",
+                f"{name}: {shown} is not supported by this server (it takes {accepted}); leave it out",
                 name,
                 "unsupported_value",
             )

@@ -11,12 +11,15 @@ import asyncio
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
 from lmzoo.serve.errors import APIError
 from lmzoo.serve.runs import RunRegistry
+
+if TYPE_CHECKING:
+    from lmzoo.retrieval.bm25 import Bm25Index
 
 T = TypeVar("T")
 RunName = Annotated[str, Field(description="A run's name, as list_runs gives it")]
@@ -229,7 +232,8 @@ class PassageTool:
     """`retrieve` over the BM25 passage index the server was started with (loaded on first use)."""
 
     def __init__(self, index_dir: Path) -> None:
-        self.index_dir, self._lock, self._index = index_dir, threading.Lock(), None
+        self.index_dir, self._lock = index_dir, threading.Lock()
+        self._index: Bm25Index | None = None
 
     def _search(self, query: str, k: int) -> list[PassageHit]:
         from lmzoo.retrieval.bm25 import Bm25Index

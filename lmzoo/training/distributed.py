@@ -15,13 +15,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
 from lmzoo.errors import ConfigError
-from lmzoo.models.base import map_tensors
+from lmzoo.models.base import ZooModel, map_tensors
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,7 @@ class ShardedBatches:
         if self.per_rank:
             return self.batches.next_for_rank(self.ctx.rank, self.ctx.world_size)
         batch = self.batches.next()
-        rows = None
-        for value in batch:
-            if isinstance(value, torch.Tensor):
-                rows = value.shape[0] // self.ctx.world_size
-                break
+        rows = next(v.shape[0] for v in batch if isinstance(v, torch.Tensor)) // self.ctx.world_size
         start = self.ctx.rank * rows
         return type(batch)(*(v[start : start + rows] if isinstance(v, torch.Tensor) else v for v in batch))
 
@@ -164,7 +160,7 @@ def wrap_model(
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        units = tuple(model.fsdp_units())  # the model says which blocks to shard one by one
+        units = tuple(cast(ZooModel, model).fsdp_units())  # the model says which blocks to shard one by one
         for module in model.modules():
             if units and isinstance(module, units):
                 fully_shard(module)
@@ -222,4 +218,4 @@ def full_state_dict(model: torch.nn.Module, ctx: DistContext) -> dict[str, torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if ctx.is_main else None
+    return cast(dict[str, torch.Tensor], state) if ctx.is_main else None

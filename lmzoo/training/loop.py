@@ -199,6 +199,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         full = self.run_.fresh_model("cpu", vocab_size=self._vocab_size(), base_weights=False)
+        assert state is not None  # rank 0 holds the gathered state
         full.load_state_dict(state)
         return full
 
@@ -225,6 +226,7 @@ class Trainer:
                 "best_score": self.loop.best_score,
                 "best_metric": self.tcfg.best_metric,
             }
+            assert model is not None  # rank 0 always has the model to write
             self.run_.save_checkpoint("last", model, info=info, train_state=state)
         barrier(self.dist)
         self.last_save = _now()
@@ -291,6 +293,7 @@ class Trainer:
                     "best_metric": metrics.key,
                     **{f"val_{k}": v for k, v in metrics.values.items() if k != "tokens"},
                 }
+                assert model is not None
                 self.run_.save_checkpoint("best", model, info=info)
         else:
             self.loop.evals_since_best += 1
@@ -384,7 +387,7 @@ class Trainer:
         if every or finishing or signalled or self._save_is_overdue():
             self.save_last()
         if signalled:
-            code = EXIT_SIGNAL.get(stop.signal, EXIT_SIGNAL[signal.SIGTERM])
+            code = EXIT_SIGNAL.get(signal.Signals(stop.signal or signal.SIGTERM), EXIT_SIGNAL[signal.SIGTERM])
             raise TrainingStopped(
                 f"interrupted at step {loop.step}/{self.setup.max_steps}; saved "
                 f"{self.run_dir / 'checkpoints' / 'last'}. Resume with: {self.hint}",
@@ -400,9 +403,8 @@ class Trainer:
     def _save_is_overdue(self) -> bool:
         """train.checkpoint_every_minutes: that long since the last save (on any rank: all ranks save)."""
         minutes = self.tcfg.checkpoint_every_minutes
-        if minutes is None:
-            return False
-        return any_rank(self.dist, _now() - self.last_save >= 60.0 * minutes, self.setup.device)
+        overdue = minutes is not None and _now() - self.last_save >= 60.0 * minutes
+        return minutes is not None and any_rank(self.dist, overdue, self.setup.device)
 
 
 def _now() -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,13 +50,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
     if device.type in ("cuda", "cpu", "mps"):
         try:
-            return cls(groups, fused=True, **kwargs)
+            return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
         except (RuntimeError, TypeError, ValueError):
             pass  # no fused kernel for this device/dtype in this build
-    return cls(groups, **kwargs)
+    return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 @dataclass
@@ -139,10 +139,10 @@ class TrainStep:
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
         if enabled:
             return contextlib.nullcontext()
-        if hasattr(self.wrapped, "no_sync"):  # DDP
-            return self.wrapped.no_sync()
-        if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP (fully_shard)
-            self.wrapped.set_requires_gradient_sync(False)
+        if callable(no_sync := getattr(self.wrapped, "no_sync", None)):  # DDP
+            return no_sync()
+        if callable(set_sync := getattr(self.wrapped, "set_requires_gradient_sync", None)):  # FSDP
+            set_sync(False)
             return _restore_fsdp_sync(self.wrapped)
         return contextlib.nullcontext()
 
@@ -170,6 +170,7 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP returns a DTensor
+        assert loss_sum is not None  # accum >= 1 micro-batches
         mean_loss = mean_over_ranks(self.dist, loss_sum / accum, self.device)  # the global batch's loss
         finite = self._update(mean_loss, norm)
         self.optimizer.zero_grad(set_to_none=True)
@@ -185,11 +186,11 @@ class TrainStep:
             return torch.ones((), dtype=torch.bool, device=self.device)
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         if self.skips_on_device:
-            self.optimizer.found_inf = (~finite).to(torch.float32)  # read by the fused kernel
+            setattr(self.optimizer, "found_inf", (~finite).to(torch.float32))  # noqa: B010  (the fused kernel reads it)
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf
+                delattr(self.optimizer, "found_inf")
         elif bool(finite):  # an optimiser without a device-side skip: one sync per step
             self.optimizer.step()
         return finite
@@ -210,7 +211,7 @@ class TrainStep:
 
 
 @contextlib.contextmanager
-def _restore_fsdp_sync(module: Any):
+def _restore_fsdp_sync(module: Any) -> Iterator[None]:
     try:
         yield
     finally:

@@ -90,7 +90,7 @@ class Tracker:
         values = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in flat.items()}
         values.update({k: v for k, v in facts.items() if k.startswith("params/")})
         for summary in hparams(values, {tensorboard_tag("val/loss"): 0.0}):
-            self.writer.file_writer.add_summary(summary)
+            self.writer._get_file_writer().add_summary(summary)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for tag, value in metrics.items():

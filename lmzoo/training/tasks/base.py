@@ -16,7 +16,7 @@ from lmzoo.device import autocast
 from lmzoo.inference.decoding import decode
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions
-from lmzoo.models.base import eval_mode
+from lmzoo.models.base import ZooModel, eval_mode
 
 
 class BatchSource(Protocol):
@@ -55,14 +55,14 @@ class Metrics:
 
 
 class ModelFactory(Protocol):
-    def __call__(self, vocab_size: int | tuple[int, int]) -> torch.nn.Module: ...
+    def __call__(self, vocab_size: int | tuple[int, int]) -> ZooModel: ...
 
 
 @dataclass
 class Task:
     tokenizer: Tokenizer  # the source side for seq2seq
     target_tokenizer: Tokenizer | None  # seq2seq only (the same object when shared)
-    model: torch.nn.Module
+    model: ZooModel
     batches: BatchSource
     objective: Objective
     tokens_per_epoch: int
@@ -92,7 +92,7 @@ class TaskContext:
             return self.tokenizers["source"]
         return fit_tokenizer(section or self.config.tokenizer, text())
 
-    def loaded(self, model: torch.nn.Module, tokenizer: Tokenizer, window: int) -> LoadedModel:
+    def loaded(self, model: ZooModel, tokenizer: Tokenizer, window: int) -> LoadedModel:
         """The model in training as the inference core reads it (scored in `window`-token windows)."""
         return LoadedModel(
             model, tokenizer, precision=self.precision, window=window, batch_size=self.eval_batch_size
@@ -103,7 +103,7 @@ class TaskContext:
             return make()
 
     def sampler(
-        self, model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, **extra: Any
+        self, model: ZooModel, tokenizer: Tokenizer, prompt: str, **extra: Any
     ) -> Callable[[int], str]:
         """A short sample for TensorBoard, from its own generator so training randomness is untouched."""
         sample = self.config.sample

@@ -7,6 +7,7 @@ from lmzoo.data.corpus import encode_stream, read_splits
 from lmzoo.data.streams import make_batches
 from lmzoo.inference.scoring import evaluate_stream
 from lmzoo.models import get_model_info
+from lmzoo.models.base import LanguageModel
 from lmzoo.training.objectives import LMObjective
 from lmzoo.training.tasks.base import Metrics, Task, TaskContext
 
@@ -51,4 +52,5 @@ def lm_task(context: TaskContext) -> Task:
 
 
 def _carries_state(config: RunConfig) -> bool:
-    return bool(get_model_info(config.model.name).cls.carries_state)
+    family = get_model_info(config.model.name).cls
+    return issubclass(family, LanguageModel) and family.carries_state

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from lmzoo.data.examples import encode_pairs, pair_batches, read_pair_splits
 from lmzoo.data.tokenizer import Tokenizer, fit_tokenizer
+from lmzoo.errors import ConfigError
 from lmzoo.inference.evaluate import corpus_bleu, evaluate_seq2seq, translate_corpus
+from lmzoo.models.base import Seq2SeqModel
 from lmzoo.training.objectives import Seq2SeqObjective
 from lmzoo.training.tasks.base import BatchSource, Metrics, Task, TaskContext
 
@@ -21,18 +21,21 @@ def seq2seq_task(context: TaskContext) -> Task:
         context, pairs.train + pairs.val + pairs.test if config.tokenizer.fit_on == "all" else pairs.train
     )
     max_len = config.data.max_len
-    ids = {"bos_id": target_tok.bos_id, "eos_id": target_tok.eos_id}
+    bos, eos = target_tok.bos_id, target_tok.eos_id
     train_pairs = encode_pairs(pairs.train, source_tok, target_tok, max_len=max_len)
-    batches = _pair_training_batches(context, train_pairs, ids)  # fails before the model is built
+    batches = _pair_training_batches(context, train_pairs, bos, eos)  # fails before the model is built
     val_batches = pair_batches(
         encode_pairs(pairs.val, source_tok, target_tok, max_len=max_len),
         context.eval_batch_size,
         seed=0,
         shuffle=False,
         name="validation",
-        **ids,
+        bos_id=bos,
+        eos_id=eos,
     )
     model = context.make_model((source_tok.vocab_size, target_tok.vocab_size))
+    if not isinstance(model, Seq2SeqModel):
+        raise ConfigError(f"model {config.model.name!r} is not a seq2seq model; sentence pairs need one")
     evaluate = _evaluator(
         context, model, val_batches, pairs.val[: config.train.bleu_sentences], source_tok, target_tok
     )
@@ -61,7 +64,7 @@ def seq2seq_task(context: TaskContext) -> Task:
 
 def _evaluator(
     context: TaskContext,
-    model: torch.nn.Module,
+    model: Seq2SeqModel,
     val_batches: Any,
     bleu_pairs: list[tuple[str, str]],
     source_tok: Tokenizer,
@@ -97,14 +100,16 @@ def _evaluator(
     return evaluate
 
 
-def _pair_training_batches(context: TaskContext, pairs: list, ids: dict[str, int]) -> BatchSource:
+def _pair_training_batches(context: TaskContext, pairs: list, bos: int, eos: int) -> BatchSource:
     """Training pairs by token count (data.max_tokens: collated once, kept on the device) or by rows."""
     config = context.config
     if config.data.max_tokens is None:
-        return pair_batches(pairs, context.batch_size, seed=config.seed, **ids)
+        return pair_batches(pairs, context.batch_size, seed=config.seed, bos_id=bos, eos_id=eos)
     from lmzoo.data.token_batches import TokenBatches
 
-    return TokenBatches(pairs, config.data.max_tokens, seed=config.seed, device=context.device, **ids)
+    return TokenBatches(
+        pairs, config.data.max_tokens, seed=config.seed, device=context.device, bos_id=bos, eos_id=eos
+    )
 
 
 def _pair_tokenizers(context: TaskContext, fit_pairs: list[tuple[str, str]]) -> tuple[Tokenizer, Tokenizer]:
