@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_speed.py
+python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_speed.py tests/test_decoder.py
 tests=$?
 [ "$tests" -eq 5 ] && tests=0  # no test collected (a CPU dry run): not a failure
 PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py "$@"

@@ -119,7 +119,7 @@ def _run_seq2seq(
         raise DataError(f"no token of the source is in the run's vocabulary ({source_tok.kind} tokenizer)")
     limit = min(run.config.data.max_len, model.max_source_len or run.config.data.max_len)
     if target is None:
-        banned = (target_tok.pad_id, target_tok.unk_id, target_tok.bos_id)
+        banned = target_tok.never_generated
         tgt_ids = decode_batch(
             model, src, bos_id=target_tok.bos_id, eos_id=target_tok.eos_id, max_len=limit, banned_ids=banned
         )[0]

@@ -103,6 +103,11 @@ class Tokenizer:
         """Whether <eos> stands for text (a word tokenizer's line break) rather than the end of a text."""
         return False
 
+    @property
+    def never_generated(self) -> tuple[int, ...]:
+        """Ids a model never writes: <pad>, <unk> and <bos> (<eos> ends a text, or is a line break)."""
+        return (self.pad_id, self.unk_id, self.bos_id)
+
     @classmethod
     def fit(cls, text: str, config: Any) -> Tokenizer:
         """A tokenizer of this kind built from training text and its config section."""

@@ -265,7 +265,6 @@ def decode(
     tokenizer = lm.output_tokenizer
     if seed is not None:
         generator = torch.Generator(device=lm.device).manual_seed(seed)
-    banned = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id)
     stepper: LMStepper | Seq2SeqStepper
     if lm.kind == "seq2seq":
         from lmzoo.inference.seq2seq import encode_source
@@ -292,7 +291,7 @@ def decode(
         context=context,
         generator=generator,
         top_logprobs=top_logprobs,
-        banned_ids=banned,
+        banned_ids=tokenizer.never_generated,
         end_ids=end_ids,
     )
     return Decoding(run_decoder(stepper, sequence), sequence, prompt_tokens)

@@ -203,7 +203,6 @@ def translate(
 ) -> list[tuple[str, float]]:
     """(translation, score) pairs for one sentence: greedy when beam is 1, else the n best beams."""
     src = encode_source(model, source_tokenizer, text, warn)
-    banned = (target_tokenizer.pad_id, target_tokenizer.unk_id, target_tokenizer.bos_id)
     hyps = beam_search(
         model,
         src,
@@ -213,7 +212,7 @@ def translate(
         max_len=max_len,
         length_penalty=length_penalty,
         n_best=n_best,
-        banned_ids=banned,
+        banned_ids=target_tokenizer.never_generated,
     )[0]
     return [(target_tokenizer.decode(h.tokens), h.score) for h in hyps]
 
@@ -232,7 +231,7 @@ def translate_corpus(
 ) -> list[str]:
     """Translate sentences in length-sorted batches (greedy for beam 1, else beam search), in input order."""
     tgt = target_tokenizer
-    banned = (tgt.pad_id, tgt.unk_id, tgt.bos_id)
+    banned = tgt.never_generated
     encoded = [source_tokenizer.encode(s)[: max_len - 1] + [source_tokenizer.eos_id] for s in sources]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(sources)
