@@ -51,7 +51,18 @@ def through_every_path(root: Path, stop: str) -> dict[str, str]:
     texts["Run.generate"] = "".join(
         run.generate(PROMPT, greedy=True, max_new_tokens=MAX_TOKENS, stop=[stop], device="cpu")
     )
-    base = ["generate", "--run", str(run_dir), "--seed", PROMPT, "--greedy", "--stop", stop, "--device", "cpu"]
+    base = [
+        "generate",
+        "--run",
+        str(run_dir),
+        "--seed",
+        PROMPT,
+        "--greedy",
+        "--stop",
+        stop,
+        "--device",
+        "cpu",
+    ]
     base += ["--max-new-tokens", str(MAX_TOKENS)]
     plain = CliRunner().invoke(app, base)
     assert plain.exit_code == 0, plain.output
@@ -88,7 +99,9 @@ async def _mcp_generate(root: Path, stop: str) -> str:
 @pytest.mark.parametrize("length", [1, 3, 10])
 def test_a_stop_string_ends_every_path_at_the_same_place(root, length):
     run = Run.open(root / "runs" / "gpt")
-    free = "".join(run.generate(PROMPT, greedy=True, max_new_tokens=MAX_TOKENS, ignore_eos=True, device="cpu"))
+    free = "".join(
+        run.generate(PROMPT, greedy=True, max_new_tokens=MAX_TOKENS, ignore_eos=True, device="cpu")
+    )
     assert len(free) == MAX_TOKENS  # a char run: one character per token
     stop = stop_of_length(free, length)
     expected = free[: free.find(stop)]
@@ -117,4 +130,6 @@ def test_echo_logprobs_equal_score_equal_eval_on_a_text_three_windows_long(root,
     assert evaluated["tokens"] == len(scored.tokens)
     assert evaluated["loss"] == pytest.approx(scored.loss, abs=1e-5)
     printed = CliRunner().invoke(app, ["eval", "--run", str(root / "runs" / name), "--data", str(data)])
-    assert f"loss {scored.loss:.4f}" in printed.stdout and f"ppl {math.exp(scored.loss):.2f}" in printed.stdout
+    assert (
+        f"loss {scored.loss:.4f}" in printed.stdout and f"ppl {math.exp(scored.loss):.2f}" in printed.stdout
+    )

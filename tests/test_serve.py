@@ -469,3 +469,20 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch):
     result = CliRunner().invoke(app, ["serve", "--runs", "."])
     assert result.exit_code == 2
     assert "pip install 'lmzoo[serve]'" in result.output and result.output.count("\n") == 1
+
+
+def test_finish_reason_says_what_ended_a_translation(root, tmp_path):
+    """`length` when the run's data.max_len cut the translation, though max_tokens would allow more, and
+    when max_tokens cut it."""
+    import yaml
+
+    runs = copy_runs(root, tmp_path / "runs")
+    config = yaml.safe_load((runs / "translate" / "config.yaml").read_text())
+    config["data"]["max_len"] = 3  # the translation of "the red cat" is longer than 3 characters
+    (runs / "translate" / "config.yaml").write_text(yaml.safe_dump(config))
+    with TestClient(create_app(runs, device="cpu"), base_url=LOCAL) as local:
+        cut = complete(local, model="translate", prompt="the red cat", max_tokens=100, temperature=0).json()
+        assert len(cut["choices"][0]["text"]) == 3 and cut["choices"][0]["finish_reason"] == "length", cut
+    with TestClient(create_app(root / "runs", device="cpu"), base_url=LOCAL) as local:
+        short = complete(local, model="translate", prompt="the cat", max_tokens=2, temperature=0).json()
+    assert short["choices"][0]["finish_reason"] == "length" and len(short["choices"][0]["text"]) == 2
