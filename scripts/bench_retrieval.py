@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmzoo.data.corpus import read_splits  # noqa: E402
+from lmzoo.retrieval.interpolate import with_knn  # noqa: E402
 from lmzoo.retrieval.knn import build_datastore, read_manifest, read_texts  # noqa: E402
 from lmzoo.retrieval.knn_eval import evaluate_knn, evaluate_text  # noqa: E402
 from lmzoo.run import Run  # noqa: E402
@@ -63,7 +64,7 @@ def row_generation(
     run: Run, store: Path, *, k: int, lmbda: float, temperature: float, tokens: int, rounds: int
 ) -> dict:
     """Generated tokens per second with and without the store (greedy, the run's sample prompt)."""
-    mixed = run.with_knn(store, k=k, lmbda=lmbda, temperature=temperature)
+    mixed = with_knn(run, store, k=k, lmbda=lmbda, temperature=temperature)
     prompt = run.config.sample.prompt or "\n"
     runners = {"plain": run, "knn": mixed}
     times: dict[str, list[float]] = {name: [] for name in runners}

@@ -160,14 +160,14 @@ def part_train(check: Check, name: str = "gpt_gpu") -> list[dict]:
 
 def part_quality(check: Check) -> dict:
     """Train gpt_gpu.yaml as shipped (early stopping); the wall time and the time to the best val loss."""
+    from lmzoo.run import Run
     from lmzoo.training.loop import train
-    from lmzoo.training.tracking import read_metrics
 
     config = check.config("gpt_gpu", ["name=gpu_check_quality"])
     start = time.perf_counter()
     run_dir = train(config, progress=False)
     wall = time.perf_counter() - start
-    records = read_metrics(run_dir)
+    records = Run.open(run_dir).metrics()
     began = next(r["time"] for r in records if r.get("event") == "start")
     evals = [r for r in records if "val/loss" in r]
     best = min(evals, key=lambda r: float(r["val/loss"]))

@@ -10,7 +10,7 @@ from conftest import TINY_TEXT
 
 from lmzoo.config import DataConfig
 from lmzoo.data.corpus import read_splits, read_text_file
-from lmzoo.data.streams import RandomWindows, SequentialBatches, eval_windows, make_batches
+from lmzoo.data.streams import RandomWindows, SequentialBatches, make_batches
 from lmzoo.errors import DataError
 
 # ---- reading files -----------------------------------------------------------------------------
@@ -205,26 +205,3 @@ def test_random_windows_are_reproducible_from_state_dict():
 def test_random_windows_need_one_window():
     with pytest.raises(DataError, match="fewer than one window"):
         RandomWindows(torch.arange(8), 2, 8, seed=0)
-
-
-# ---- eval_windows ----------------------------------------------------------------------------------
-
-
-def test_eval_windows_cover_every_target_once_in_order():
-    stream = torch.arange(103)
-    batches = list(eval_windows(stream, batch_size=3, seq_len=10))
-    columns = 103 // 3
-    xs = torch.cat([x for x, _ in batches], dim=1)
-    ys = torch.cat([y for _, y in batches], dim=1)
-    assert torch.equal(xs, torch.arange(3)[:, None] * columns + torch.arange(columns - 1))
-    assert torch.equal(ys, xs + 1)
-    assert len(list(eval_windows(stream, 3, 10, max_batches=2))) == 2
-
-
-def test_eval_windows_shrink_for_short_streams():
-    batches = list(eval_windows(torch.arange(5), batch_size=8, seq_len=10))
-    assert len(batches) == 1
-    x, y = batches[0]
-    assert torch.equal(x, torch.tensor([[0, 1, 2, 3]])) and torch.equal(y, torch.tensor([[1, 2, 3, 4]]))
-    with pytest.raises(DataError, match="fewer than 2 tokens"):
-        list(eval_windows(torch.arange(1), 2, 4))

@@ -14,8 +14,6 @@ a resumed run reads exactly the batches an uninterrupted run would have read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from lmzoo.data.batch import LMBatch
@@ -124,28 +122,6 @@ class RandomWindows:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.drawn = int(state["drawn"])
-
-
-def eval_windows(
-    stream: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) batches that cover a stream in order, for evaluation with a carried state.
-
-    Short validation splits shrink the batch (and, if needed, the window) instead of failing.
-    """
-    if len(stream) < 2:
-        raise DataError("the evaluation split has fewer than 2 tokens")
-    seq_len = min(seq_len, len(stream) - 1)
-    batch_size = max(1, min(batch_size, (len(stream) - 1) // seq_len))
-    columns = len(stream) // batch_size
-    data = stream[: columns * batch_size].view(batch_size, columns)
-    count = 0
-    for start in range(0, columns - 1, seq_len):
-        if max_batches is not None and count >= max_batches:
-            return
-        end = min(start + seq_len, columns - 1)
-        yield data[:, start:end], data[:, start + 1 : end + 1]
-        count += 1
 
 
 def make_batches(
