@@ -26,7 +26,6 @@ from conftest import (
     TINY_TEXT,
     base_config_dict,
     config_from_dict,
-    generate,
     load_run,
     report_figure,
     run_trials,
@@ -40,6 +39,8 @@ from lmzoo.cli import app
 from lmzoo.config.schema import RunConfig
 from lmzoo.data.tokenizer import fit_tokenizer
 from lmzoo.errors import LmzooError, TrainingStopped
+from lmzoo.inference.decoding import decode
+from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.inference.text import start_ids
 from lmzoo.models import get_model_info, list_models
@@ -336,7 +337,7 @@ def test_bad_data_fails_before_a_model_is_built(tmp_path, monkeypatch):
         built.append(args)
         raise AssertionError("a model was built for bad data")
 
-    monkeypatch.setattr("lmzoo.run.build_model", trap)  # every model of a run is built through here
+    monkeypatch.setattr("lmzoo.run.run.build_model", trap)  # every model of a run is built through here
     monkeypatch.chdir(tmp_path)
     cases = bad_data_cases(tmp_path)
 
@@ -416,16 +417,17 @@ def test_prompts_from_empty_to_twice_the_context_generate(make_config):
         return forward(ids, *args, **kwargs)
 
     model.forward = recording
-    options = SamplingOptions(max_new_tokens=20, greedy=True)
+    options = SamplingOptions(max_new_tokens=20, greedy=True, ignore_eos=True)
 
     def trial(length: int) -> None:
         prompt = "the cat sat on the mat"[:length]
         fed.clear()
-        text = "".join(generate(model, tokenizer, prompt, options))
+        steps = list(decode(LoadedModel(model, tokenizer), prompt, options))
         assert fed[0] == (tokenizer.encode(prompt) or start_ids(tokenizer))[-8:]  # the last `context` tokens
-        generated = [ids[0] for ids in fed[1:]]
+        generated = [step.id for step in steps]
         assert len(generated) == 20 and all(len(ids) == 1 for ids in fed[1:])  # every token asked for
-        assert text == tokenizer.decode(generated)
+        assert [ids[0] for ids in fed[1:]] == generated[:-1]  # each fed back, the last one needs no step
+        assert "".join(step.text for step in steps) == tokenizer.decode(generated)
 
     run_trials(
         "prompts of 0..16 tokens at context 8: the last 8 kept, 20 new tokens generated and streamed",
