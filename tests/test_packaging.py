@@ -98,3 +98,10 @@ def test_the_torch_floor_is_the_version_ci_tests():
     if ci.is_file():
         pinned = re.search(r"torch==(\d+)\.(\d+)", ci.read_text(encoding="utf-8"))
         assert pinned and floor.groups() == pinned.groups(), (torch, pinned and pinned.group(0))
+
+
+def test_every_package_folder_is_a_regular_package():
+    """A folder of modules without __init__.py is a namespace package, which setuptools' package
+    discovery leaves out of a wheel: `pip install .` would install lmzoo without it."""
+    folders = {path.parent for path in (ROOT / "lmzoo").rglob("*.py") if "__pycache__" not in path.parts}
+    assert not [str(f) for f in folders if not (f / "__init__.py").is_file()]

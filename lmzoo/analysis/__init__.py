@@ -1,0 +1,1 @@
+"""Looking at runs: attention maps, tokenizer comparison, plots, `lmzoo compare` and `lmzoo report`."""
