@@ -116,9 +116,12 @@ class Tokenizer:
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def payload(self) -> dict[str, Any]:
+        """What tokenizer.json holds (and what identifies the tokenizer: equal payloads, equal ids)."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, **self.to_dict()}
+
     def save(self, path: str | Path) -> None:
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, **self.to_dict()}
-        atomic_write_text(Path(path), json.dumps(payload, ensure_ascii=False))
+        atomic_write_text(Path(path), json.dumps(self.payload(), ensure_ascii=False))
 
     def __len__(self) -> int:
         return self.vocab_size
