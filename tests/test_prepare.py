@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from lmzoo.cli import app
 from lmzoo.config.schema import DataConfig
 from lmzoo.data import prepare as prepare_module
-from lmzoo.data.encoders import safe_pieces
+from lmzoo.data.encoders import encoder_for, safe_pieces
 from lmzoo.data.packed import PackedExamples
 from lmzoo.data.prepare import prepare_corpus, split_text
 from lmzoo.data.streams import RandomWindows, SequentialBatches
@@ -85,17 +85,32 @@ def test_prepared_batches_equal_the_batches_of_the_text_in_memory(tmp_path, conf
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(list("ab \n\t.,'sé\u00a0\u2028") + ["ll", "  ", "all ", "'s"]), max_size=150))
+@given(
+    st.lists(
+        st.sampled_from(
+            list("ab \n\t\r\x0b\x1c.,'s1é\u00a0\u2028²") + ["ll", "  ", "all ", "'s", "'S", "<eos>"]
+        ),
+        min_size=10,
+        max_size=150,
+    )
+)
 def test_a_text_cut_at_safe_places_encodes_as_the_whole(parts):
     text = "".join(parts)
     for tokenizer in SAFE_CUT_TOKENIZERS:
-        pieces = safe_pieces(text, 7)
+        pieces = safe_pieces(text, 3)
         assert "".join(pieces) == text
         assert [i for piece in pieces for i in tokenizer.encode(piece)] == tokenizer.encode(text)
+        # The fast encoders (BPE: ASCII pre-tokens by Python's regex, cached) give the same ids.
+        [fast] = encoder_for(tokenizer, np.uint32)([text * 3])
+        assert fast.tolist() == tokenizer.encode(text * 3)
 
 
 SAFE_CUT_TOKENIZERS = [
-    fit_tokenizer(BpeTokenizerConfig(vocab_size=300, min_freq=1), "all the ball's a\n  ll's fall\tsé. " * 20),
+    # merges across whitespace runs (" \n", "\n\n ", ...): a cut in the wrong place changes the ids
+    fit_tokenizer(
+        BpeTokenizerConfig(vocab_size=400, min_freq=1),
+        "all the ball's a\n  ll's fall\tsé. a \nb\n\n all  ball\t\n's \n\n\t" * 20,
+    ),
     fit_tokenizer(WordTokenizerConfig(), "all the ball's a\nll's fall"),
     fit_tokenizer(WordTokenizerConfig(newline_token=False, filters=""), "all the ball's a"),
 ]

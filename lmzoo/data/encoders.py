@@ -1,7 +1,8 @@
 """Encoding large texts fast, to exactly the ids `Tokenizer.encode` gives the same text.
 
 * char: vectorised lookups (a byte translation table for ASCII text, a code-point table otherwise);
-* BPE: the `tokenizers` library's batch encoding, which runs on every core;
+* BPE: ASCII text pre-tokenized by Python's regex engine with a cache of encoded pre-tokens, other text
+  by the `tokenizers` library's batch encoding; in worker processes, one per core;
 * word (and any other registered tokenizer): `Tokenizer.encode` in worker processes, one per core.
 
 Texts are cut into pieces only where every tokenizer encodes the pieces as it encodes the whole
@@ -10,8 +11,10 @@ Texts are cut into pieces only where every tokenizer encodes the pieces as it en
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
@@ -23,7 +26,12 @@ from lmzoo.data.tokenizer import BpeTokenizer, CharTokenizer, Tokenizer, tokeniz
 from lmzoo.errors import DataError
 
 T = TypeVar("T")
-BPE_PIECE = 1 << 16  # characters per piece of a BPE batch
+ASCII_RUN = 80  # mixed text is cut into pieces of about this many characters, ASCII ones go the fast way
+KNOWN_PIECES = 1 << 21  # distinct pre-tokens a BPE encoder remembers
+_SPACE = " \t\n\x0b\x0c\r"  # \s of the pre-tokenizer's regex, on ASCII
+ASCII_PRETOKENS = re.compile(
+    rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9]+|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+"
+)
 SEARCH = 64  # cut candidates tried before giving up on a region
 PARALLEL_BYTES = 16 << 20  # smaller corpora are encoded in this process: starting workers costs more
 
@@ -96,20 +104,38 @@ class CharEncoder:
 
 
 class BpeEncoder:
-    """BpeTokenizer.encode over safe pieces of all the texts, batch-encoded on every core."""
+    """BpeTokenizer.encode, faster on ASCII text: it is cut into pre-tokens by Python's regex engine (the
+    byte-level pre-tokenizer's own GPT-2 pattern, whose classes are plain sets on ASCII) and each distinct
+    pre-token is encoded once and remembered; other text goes to the library's batch encoding."""
 
     def __init__(self, tokenizer: BpeTokenizer, dtype: type[np.unsignedinteger]) -> None:
         self.backend, self.dtype = tokenizer.backend, dtype
+        self.known: dict[str, list[int]] = {}
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        pieces = [safe_pieces(text, BPE_PIECE) for text in texts]
-        flat = [piece for group in pieces for piece in group]
-        encodings = iter(self.backend.encode_batch_fast(flat, add_special_tokens=False))
-        out = []
-        for group in pieces:
-            ids = [np.asarray(next(encodings).ids, dtype=self.dtype) for _ in group]
-            out.append(np.concatenate(ids) if ids else np.zeros(0, self.dtype))
-        return out
+        return [self.encode(text) for text in texts]
+
+    def encode(self, text: str) -> np.ndarray:
+        parts = [text] if text.isascii() else safe_pieces(text, ASCII_RUN)
+        runs = [(plain, "".join(group)) for plain, group in itertools.groupby(parts, key=str.isascii)]
+        other = iter(
+            self.backend.encode_batch_fast([t for plain, t in runs if not plain], add_special_tokens=False)
+        )
+        ids: list[int] = []
+        for plain, run in runs:
+            ids.extend(self._ascii(run) if plain else next(other).ids)
+        return np.asarray(ids, dtype=self.dtype)
+
+    def _ascii(self, text: str) -> Iterator[int]:
+        pieces = ASCII_PRETOKENS.findall(text)
+        missing = list(set(pieces).difference(self.known))
+        if missing:
+            if len(self.known) > KNOWN_PIECES:
+                self.known.clear()
+            encodings = self.backend.encode_batch_fast(missing, add_special_tokens=False)
+            for piece, encoding in zip(missing, encodings, strict=True):
+                self.known[piece] = encoding.ids
+        return itertools.chain.from_iterable(map(self.known.__getitem__, pieces))
 
 
 class PlainEncoder:
@@ -135,8 +161,8 @@ def encoder_for(tokenizer: Tokenizer, dtype: type[np.unsignedinteger]) -> Encode
 
 
 def in_processes(tokenizer: Tokenizer) -> bool:
-    """Whether encoding needs worker processes to use every core (the vectorised and BPE ones do not)."""
-    return not isinstance(tokenizer, (CharTokenizer, BpeTokenizer))
+    """Whether encoding needs worker processes to use every core (the vectorised char encoder does not)."""
+    return not isinstance(tokenizer, CharTokenizer)
 
 
 def cores() -> int:
@@ -153,7 +179,8 @@ _WORKER: Encoder | None = None
 
 def _start_worker(payload: dict[str, Any], dtype: str) -> None:
     global _WORKER
-    _WORKER = PlainEncoder(tokenizer_from_dict(payload), np.dtype(dtype).type)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers share the machine
+    _WORKER = encoder_for(tokenizer_from_dict(payload), np.dtype(dtype).type)
 
 
 def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:

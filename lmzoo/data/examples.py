@@ -8,7 +8,7 @@ A resumed run redraws exactly the order it was in: each epoch's order comes from
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
 
 
 def pair_batches(
-    pairs: list[tuple[list[int], list[int]]],
+    pairs: Sequence[tuple[list[int], list[int]]],
     batch_size: int,
     *,
     seed: int,
@@ -134,7 +134,7 @@ class ShuffledBatches:
 
     def __init__(
         self,
-        examples: list,
+        examples: Sequence[Any],
         batch_size: int,
         *,
         seed: int,

@@ -7,7 +7,7 @@ so a corpus of examples takes less memory than its text. An example reads back a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ class TokenTable:
         return np.diff(ends, prepend=0)
 
 
-class PackedExamples:
+class PackedExamples(Sequence[Any]):
     """Examples of `fields` token sequences each (e.g. (source, target)), stored as TokenTables.
 
     `shape` rebuilds an example from its flat fields and `flat` takes it apart (preference pairs nest
@@ -75,10 +75,10 @@ class PackedExamples:
     def __len__(self) -> int:
         return len(self.tables[0])
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
         return self.shape(tuple(table[index] for table in self.tables))
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Any]:
         return (self[i] for i in range(len(self)))
 
     def lengths(self, field: int) -> np.ndarray:

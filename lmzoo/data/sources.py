@@ -12,12 +12,13 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from lmzoo.config.schema import resolve_data_path
 from lmzoo.errors import DataError
@@ -166,13 +167,14 @@ def find_sources(entries: str | list[str], what: str = "data.train") -> Found:
 # ---- reading ------------------------------------------------------------------------------------
 
 
-class HashingReader:
+class HashingReader(io.BufferedIOBase):
     """A binary file that hashes (sha256) every byte read from it."""
 
-    def __init__(self, handle: IO[bytes]) -> None:
+    def __init__(self, handle: io.BufferedIOBase) -> None:
+        super().__init__()
         self.handle, self.digest, self.count = handle, hashlib.sha256(), 0
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         data = self.handle.read(size)
         self.digest.update(data)
         self.count += len(data)
@@ -189,24 +191,19 @@ class HashingReader:
 
     def close(self) -> None:
         self.handle.close()
-
-    def __enter__(self) -> HashingReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
 
-def open_bytes(source: Source, hashing: bool = False) -> tuple[IO[bytes], HashingReader | None]:
+def open_bytes(source: Source, hashing: bool = False) -> tuple[io.BufferedIOBase, HashingReader | None]:
     """The source's (decompressed) bytes, and the reader hashing the file's own bytes when asked."""
     try:
-        raw: Any = open(source.path, "rb")  # noqa: SIM115 (closed by the caller)
+        raw: io.BufferedIOBase = open(source.path, "rb")  # noqa: SIM115 (closed by the caller)
     except OSError as err:
         raise DataError(f"cannot read corpus file {source.path}: {err.strerror}") from None
     hasher = HashingReader(raw) if hashing else None
     inner = hasher or raw
     if source.compressed:
-        return gzip.GzipFile(fileobj=inner, mode="rb"), hasher  # type: ignore[arg-type]
+        return gzip.GzipFile(fileobj=inner, mode="rb"), hasher
     return inner, hasher
 
 

@@ -4,6 +4,7 @@ and the `TaskContext` every task builder starts from."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -113,7 +114,12 @@ class TaskContext:
 
         def prepare(reuse_only: bool) -> PreparedCorpus:
             show = self.progress and not reuse_only
-            return prepare_corpus(data, tokenizer, progress=show, say=self.say, reuse_only=reuse_only)
+            say = (
+                self.say
+                if not self.dist.enabled
+                else lambda m: print(f"rank {self.dist.rank}: {m}", file=sys.stderr)
+            )
+            return prepare_corpus(data, tokenizer, progress=show, say=say, reuse_only=reuse_only)
 
         return main_first(self.dist, lambda: prepare(False), lambda: prepare(True))
 
