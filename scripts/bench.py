@@ -265,7 +265,10 @@ def row_gpt(steps: int) -> dict:
     from lmzoo.device import pick_precision
 
     config, setup = load_setup("gpt")
-    vocab, stream = setup.task.tokenizer.vocab_size, torch.from_numpy(setup.task.batches.stream.astype("int64"))
+    vocab, stream = (
+        setup.task.tokenizer.vocab_size,
+        torch.from_numpy(setup.task.batches.stream.astype("int64")),
+    )
     batch, seq = config.data.batch_size, config.seq_len
     torch.manual_seed(0)
     baseline = PlainGPT(vocab)
