@@ -15,9 +15,11 @@ Tatoeba sentences, shuffled per block with a seeded RNG; no network) under --dir
   (metrics.jsonl logs every step with its wall-clock time); the same on Tiny Shakespeare beside it.
   With --before DIR (a checkout of an lmzoo without prepared corpora), its `lmzoo train` is measured
   the same way (it reads the whole corpus into memory: small sizes only);
+* open: milliseconds to find a prepared corpus in the cache (every source checked) and map its splits;
 * fetch: batches of random windows from the prepared train.bin, lmzoo's RandomWindows against a plain
   numpy memmap + random offsets reader (nanoGPT's get_batch: a new np.memmap per batch, one slice per
-  row), measured interleaved in one process, at (batch 12, context 64) and (batch 64, context 1024).
+  row; and the same with the memmap opened once), interleaved in one process, at (batch 12, context
+  64) and (batch 64, context 1024).
 
 Results are appended as JSON lines to --out and printed as markdown rows.
 """
@@ -136,25 +138,28 @@ def bench_prepare(corpus: Path, tokenizer: str, cache: Path) -> dict:
     }
 
 
+def prepare_for_gpt(corpus: str, cache: Path) -> Path:
+    """`lmzoo prepare configs/gpt.yaml data.train=CORPUS` (untimed); the prepared directory."""
+    env = {**os.environ, "LMZOO_CACHE_DIR": str(cache)}
+    command = [
+        sys.executable,
+        "-m",
+        "lmzoo",
+        "prepare",
+        str(ROOT / "configs" / "gpt.yaml"),
+        f"data.train={corpus}",
+    ]
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return Path(out.split(": ", 1)[1].split()[0])
+
+
 def bench_train(corpus: str, steps: int, cache: Path, lmzoo_root: Path | None = None) -> dict:
     """`lmzoo train configs/gpt.yaml` on `corpus` (prepared first, untimed): peak RSS, command to first step."""
     env = {**os.environ, "LMZOO_CACHE_DIR": str(cache), "OMP_NUM_THREADS": str(os.cpu_count())}
     if lmzoo_root is not None:
         env["PYTHONPATH"] = str(lmzoo_root)
     else:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lmzoo",
-                "prepare",
-                str(ROOT / "configs" / "gpt.yaml"),
-                f"data.train={corpus}",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        prepare_for_gpt(corpus, cache)
     with tempfile.TemporaryDirectory(prefix="lmzoo-bench-data-") as out:
         overrides = [
             f"data.train={corpus}",
@@ -183,12 +188,28 @@ def bench_train(corpus: str, steps: int, cache: Path, lmzoo_root: Path | None = 
     }
 
 
+def bench_open(corpus: str, cache: Path, rounds: int = 5) -> dict:
+    """Milliseconds to find an already prepared corpus in the cache (sources checked) and map its splits:
+    the data part of a run's start, in this process (imports excluded)."""
+    from lmzoo.data.prepare import prepare_corpus
+    from lmzoo.run import load_config
+
+    os.environ["LMZOO_CACHE_DIR"] = str(cache)
+    config = load_config(ROOT / "configs" / "gpt.yaml", [f"data.train={corpus}"])
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        prepared = prepare_corpus(config.data, config.tokenizer)
+        prepared.tokens("train"), prepared.tokens("val")
+        times.append(time.perf_counter() - start)
+    return {"part": "open", "corpus": corpus, "open_ms": round(1000 * statistics.median(times), 1)}
+
+
 # ---- batch fetch -------------------------------------------------------------------------------------
 
 
-def nanogpt_batch(path: Path, dtype: np.dtype, batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """nanoGPT's get_batch on a CPU: a new np.memmap each call, random offsets, one slice per row."""
-    data = np.memmap(path, dtype=dtype, mode="r")
+def nanogpt_batch(data: np.ndarray, batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """nanoGPT's get_batch on a CPU: random offsets, one slice per row, stacked."""
     ix = torch.randint(len(data) - block, (batch,))
     x = torch.stack([torch.from_numpy(data[i : i + block].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block].astype(np.int64)) for i in ix])
@@ -196,33 +217,36 @@ def nanogpt_batch(path: Path, dtype: np.dtype, batch: int, block: int) -> tuple[
 
 
 def bench_fetch(directory: Path, batch: int, block: int, rounds: int = 7, per_round: int = 200) -> dict:
-    """µs per batch: lmzoo's RandomWindows over the prepared split vs nanoGPT's reader, interleaved."""
+    """µs per batch, interleaved: lmzoo's RandomWindows over the prepared split; nanoGPT's reader as it is
+    (a new np.memmap per batch); and the same reader with the memmap opened once."""
     from lmzoo.data.streams import RandomWindows
 
     manifest = json.loads((directory / "manifest.json").read_text())
     dtype, path = np.dtype(manifest["dtype"]), directory / "train.bin"
     tokens = np.memmap(path, dtype=dtype, mode="c", shape=(manifest["splits"]["train"]["tokens"],))
-    windows = RandomWindows(tokens, batch, block, seed=0)
+    windows, once = RandomWindows(tokens, batch, block, seed=0), np.memmap(path, dtype=dtype, mode="r")
+    readers = {
+        "lmzoo": windows.next,
+        "nanogpt": lambda: nanogpt_batch(np.memmap(path, dtype=dtype, mode="r"), batch, block),
+        "memmap_once": lambda: nanogpt_batch(once, batch, block),
+    }
     torch.manual_seed(0)
-    ours, theirs = [], []
+    times: dict[str, list[float]] = {name: [] for name in readers}
     for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(per_round):
-            windows.next()
-        ours.append((time.perf_counter() - start) / per_round)
-        start = time.perf_counter()
-        for _ in range(per_round):
-            nanogpt_batch(path, dtype, batch, block)
-        theirs.append((time.perf_counter() - start) / per_round)
-    mine, plain = statistics.median(ours) * 1e6, statistics.median(theirs) * 1e6
+        for name, read in readers.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                read()
+            times[name].append((time.perf_counter() - start) / per_round)
+    us = {name: statistics.median(values) * 1e6 for name, values in times.items()}
     return {
         "part": "fetch",
         "corpus_tokens": int(len(tokens)),
         "batch": batch,
         "block": block,
-        "lmzoo_us": round(mine, 1),
-        "memmap_us": round(plain, 1),
-        "speedup": round(plain / mine, 2),
+        **{f"{name}_us": round(value, 1) for name, value in us.items()},
+        "speedup_vs_nanogpt": round(us["nanogpt"] / us["lmzoo"], 2),
+        "speedup_vs_memmap_once": round(us["memmap_once"] / us["lmzoo"], 2),
     }
 
 
@@ -286,10 +310,8 @@ def main() -> None:
                 emit(args.out, {**bench_train(str(corpus), args.steps, cache, args.before), "size": label})
             emit(args.out, {**bench_train(str(corpus), args.steps, cache), "size": label})
         if "fetch" in args.parts:
-            where = args.dir / f"fetch-{label}"
-            if not list(where.glob("*/tok-*/manifest.json")):
-                bench_prepare(corpus, "char", where)
-            directory = next(where.glob("*/tok-*/manifest.json")).parent
+            directory = prepare_for_gpt(str(corpus), cache)
+            emit(args.out, {**bench_open(str(corpus), cache), "size": label})
             for batch, block in ((12, 64), (64, 1024)):
                 emit(args.out, {**bench_fetch(directory, batch, block), "size": label})
 
