@@ -11,31 +11,29 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from lmzoo.config.schema import TokenizerConfig
 from lmzoo.data.cache import digest, read_json, write_json
-from lmzoo.data.corpus import SPLITS, CorpusPlan, route
-from lmzoo.data.scan import Say, scanned_sources
-from lmzoo.data.sources import Piece, Source
+from lmzoo.data.corpus import SPLITS
+from lmzoo.data.scan import Say, Scanned
+from lmzoo.data.sources import Piece
 from lmzoo.data.tokenizer import EOS, Tokenizer, fit_tokenizer, tokenizer_from_dict
 
 SAMPLE_BLOCK = 1 << 16  # the fit sample is made of blocks of about this many characters
 
 
-def _fit_text(
-    plan: CorpusPlan, sources: dict[str, list[Source]], counts: dict[str, int], config: TokenizerConfig
-) -> str:
+def _fit_text(corpus: Scanned, config: TokenizerConfig) -> str:
     """The text a tokenizer of `config` is fitted on: for char, every character of the fitted splits (one
     full pass); otherwise a sample of at most `fit_bytes`: all of it when it is smaller, else every k-th
     block of about SAMPLE_BLOCK characters."""
     wanted = {"train"} if config.fit_on == "train" else set(SPLITS)
-    pieces = ((split, piece) for split, piece in route(plan, sources, counts) if split in wanted)
-    separator = "" if plan.data.document_end == EOS else plan.data.document_end  # text between documents
+    pieces = ((split, piece) for split, piece in corpus.route() if split in wanted)
+    document_end = corpus.plan.data.document_end
+    separator = "" if document_end == EOS else document_end  # the text between documents
     if config.kind == "char":
         return "".join(sorted(_characters(piece for _, piece in pieces) | set(separator)))
     limit = config.fit_bytes
-    stride = max(1, math.ceil(_fit_bytes_estimate(plan, sources, counts, wanted) / limit))
+    stride = max(1, math.ceil(_fit_bytes_estimate(corpus, wanted) / limit))
     parts: list[str] = []
     size = index = 0
     for _, piece in pieces:
@@ -74,34 +72,24 @@ def _blocks(text: str) -> Iterator[str]:
         start = end
 
 
-def _fit_bytes_estimate(
-    plan: CorpusPlan, sources: dict[str, list[Source]], counts: dict[str, int], wanted: set[str]
-) -> float:
-    sizes = {role: sum(s.size for s in found) for role, found in sources.items()}
-    total = sum(counts.values())
-    share = counts.get("train", 0) / total if total else plan.data.split[0] / sum(plan.data.split)
+def _fit_bytes_estimate(corpus: Scanned, wanted: set[str]) -> float:
+    sizes = {role: sum(s.size for s in found) for role, found in corpus.sources().items()}
+    total, split = sum(corpus.counts.values()), corpus.plan.data.split
+    share = corpus.counts.get("train", 0) / total if total else split[0] / sum(split)
     train_role = sizes["train"] * (1.0 if wanted == set(SPLITS) else share)
     return train_role + sum(size for role, size in sizes.items() if role != "train" and role in wanted)
 
 
-def fitted_tokenizer(
-    plan: CorpusPlan,
-    scan: dict[str, Any],
-    counts: dict[str, int],
-    config: TokenizerConfig,
-    *,
-    say: Say,
-) -> Tokenizer:
+def fitted_tokenizer(corpus: Scanned, config: TokenizerConfig, *, say: Say) -> Tokenizer:
     """The tokenizer `config` describes, fitted on this corpus (kept in the cache with the scan it saw)."""
-    path = plan.root / f"fit-{digest({'tokenizer': config.model_dump(mode='json')})[:16]}.json"
-    scan_id = digest(scan["sources"])
+    path = corpus.plan.root / f"fit-{digest({'tokenizer': config.model_dump(mode='json')})[:16]}.json"
     saved = read_json(path)
-    if saved is not None and saved.get("scan") == scan_id:
+    if saved is not None and saved.get("scan") == corpus.id:
         return tokenizer_from_dict(saved["tokenizer"])
     started = time.perf_counter()
-    tokenizer = fit_tokenizer(config, _fit_text(plan, scanned_sources(plan, scan), counts, config))
+    tokenizer = fit_tokenizer(config, _fit_text(corpus, config))
     seconds = time.perf_counter() - started
     if seconds > 2:
         say(f"lmzoo: fitted the {config.kind} tokenizer ({tokenizer.vocab_size:,} tokens) in {seconds:.1f} s")
-    write_json(path, {"scan": scan_id, "tokenizer": tokenizer.payload()})
+    write_json(path, {"scan": corpus.id, "tokenizer": tokenizer.payload()})
     return tokenizer

@@ -36,10 +36,10 @@ from lmzoo.data.cache import (
     staged,
     write_json,
 )
-from lmzoo.data.corpus import SPLITS, CorpusPlan, check_counts, plan_corpus, route, split_counts
+from lmzoo.data.corpus import SPLITS, CorpusPlan, check_counts, plan_corpus, split_counts
 from lmzoo.data.encoders import PARALLEL_BYTES, cores, encode_all, id_dtype
 from lmzoo.data.fit import fitted_tokenizer
-from lmzoo.data.scan import Say, current_scan, progress_bar, scanned_sources, to_stderr, unit_counts
+from lmzoo.data.scan import Say, Scanned, progress_bar, scanned, to_stderr
 from lmzoo.data.sources import Piece
 from lmzoo.data.tokenizer import EOS, Tokenizer
 from lmzoo.errors import DataError
@@ -85,26 +85,18 @@ def _jobs(pieces: Iterator[tuple[str, Piece]]) -> Iterator[tuple[list[tuple[str,
 
 
 def encode_corpus(
-    plan: CorpusPlan,
-    scan: dict[str, Any],
-    counts: dict[str, int],
-    tokenizer: Tokenizer,
-    directory: Path,
-    *,
-    workers: int,
-    progress: bool,
+    corpus: Scanned, tokenizer: Tokenizer, directory: Path, *, workers: int, progress: bool
 ) -> dict[str, SplitStats]:
     """Write <split>.bin for every split into `directory`; return what each holds."""
-    sources = scanned_sources(plan, scan)
+    plan = corpus.plan
     dtype = id_dtype(tokenizer.vocab_size)
     separator = np.asarray(separator_ids(tokenizer, plan.data.document_end), dtype=dtype).tobytes()
     stats = {name: SplitStats() for name in SPLITS}
-    total = sum(r["bytes"] or r["size"] for records in scan["sources"].values() for r in records)
     hashes = {name: hashlib.sha256() for name in ("val", "test")}
     outputs = {name: open(directory / f"{name}.bin", "wb") for name in SPLITS}  # noqa: SIM115
     try:
-        with progress_bar(total, "tokenizing", progress) as bar:
-            jobs = _jobs(_hashed(route(plan, sources, counts), hashes))
+        with progress_bar(corpus.size, "tokenizing", progress) as bar:
+            jobs = _jobs(_hashed(corpus.route(), hashes))
             for tags, arrays in encode_all(tokenizer, dtype, jobs, workers):
                 for (split, ends, chars), ids in zip(tags, arrays, strict=True):
                     _write(outputs[split], stats[split], ids, separator, len(separator) // dtype().itemsize)
@@ -230,15 +222,10 @@ def _usable(directory: Path, scan_id: str, tokenizer_id: str) -> dict[str, Any] 
 
 
 def _manifest(
-    plan: CorpusPlan,
-    scan: dict[str, Any],
-    counts: dict[str, int],
-    tokenizer: Tokenizer,
-    stats: dict[str, SplitStats],
-    seconds: float,
+    corpus: Scanned, tokenizer: Tokenizer, stats: dict[str, SplitStats], seconds: float
 ) -> dict[str, Any]:
-    scan_id = digest(scan["sources"])
-    rule = {"unit": plan.unit, "split": list(plan.data.split), "given": plan.given, **counts}
+    plan, scan, scan_id = corpus.plan, corpus.scan, corpus.id
+    rule = {"unit": plan.unit, "split": list(plan.data.split), "given": plan.given, **corpus.counts}
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -300,34 +287,26 @@ def prepare_corpus(
     plan = plan_corpus(data)
     with locked(plan.root):
         remove_leftovers(plan.root)
-        scan = current_scan(plan, verify=verify, progress=progress, say=say)
-        counts = unit_counts(plan, scan, whole)
+        corpus = scanned(plan, verify=verify, progress=progress, say=say, whole=whole)
         if isinstance(tokenizer, TokenizerConfig):
-            tokenizer = fitted_tokenizer(plan, scan, counts, tokenizer, say=say)
+            tokenizer = fitted_tokenizer(corpus, tokenizer, say=say)
         tokenizer_id = digest(tokenizer.payload())
         directory = plan.root / f"tok-{tokenizer_id[:16]}"
-        manifest = None if force else _usable(directory, digest(scan["sources"]), tokenizer_id)
+        manifest = None if force else _usable(directory, corpus.id, tokenizer_id)
         fresh = manifest is None
         if manifest is None:
             if reuse_only:
                 raise DataError(
                     f"the prepared corpus {directory} is missing; the process preparing it failed"
                 )
-            manifest = _prepare(plan, scan, counts, tokenizer, directory, workers, progress, say)
+            manifest = _prepare(corpus, tokenizer, directory, workers, progress, say)
     return PreparedCorpus(directory, manifest, tokenizer, fresh)
 
 
 def _prepare(
-    plan: CorpusPlan,
-    scan: dict[str, Any],
-    counts: dict[str, int],
-    tokenizer: Tokenizer,
-    directory: Path,
-    workers: int | None,
-    progress: bool,
-    say: Say,
+    corpus: Scanned, tokenizer: Tokenizer, directory: Path, workers: int | None, progress: bool, say: Say
 ) -> dict[str, Any]:
-    size = sum(r["bytes"] or r["size"] for records in scan["sources"].values() for r in records)
+    plan, size = corpus.plan, corpus.size
     if size >= NOTICE_BYTES or progress:
         say(f"lmzoo: preparing {plan.describe()} with the {tokenizer.kind} tokenizer -> {directory}")
     itemsize = np.dtype(id_dtype(tokenizer.vocab_size)).itemsize
@@ -335,10 +314,10 @@ def _prepare(
     started = time.perf_counter()
     jobs = workers or plan.data.workers or (cores() if size > PARALLEL_BYTES else 1)
     with staged(directory) as tmp:
-        stats = encode_corpus(plan, scan, counts, tokenizer, tmp, workers=jobs, progress=progress)
+        stats = encode_corpus(corpus, tokenizer, tmp, workers=jobs, progress=progress)
         tokenizer.save(tmp / "tokenizer.json")
         seconds = time.perf_counter() - started
-        manifest = _manifest(plan, scan, counts, tokenizer, stats, seconds)
+        manifest = _manifest(corpus, tokenizer, stats, seconds)
         write_json(tmp / MANIFEST, {**manifest, "complete": True})
     tokens = sum(s.tokens for s in stats.values())
     if size >= NOTICE_BYTES or progress:
@@ -372,18 +351,17 @@ def fit_on_corpus(data: DataConfig, config: TokenizerConfig, *, progress: bool =
     """A tokenizer of `config` fitted on the corpus as `prepare_corpus` fits it (and kept in its cache)."""
     plan = plan_corpus(data)
     with locked(plan.root):
-        scan = current_scan(plan, verify=False, progress=progress, say=to_stderr)
-        return fitted_tokenizer(plan, scan, unit_counts(plan, scan), config, say=to_stderr)
+        corpus = scanned(plan, verify=False, progress=progress, say=to_stderr)
+        return fitted_tokenizer(corpus, config, say=to_stderr)
 
 
 def split_text(data: DataConfig, split: str, limit: int) -> str:
     """The first `limit` characters (about) of one split's text, read from the sources as `prepare` reads them."""
     plan = plan_corpus(data)
     with locked(plan.root):
-        scan = current_scan(plan, verify=False, progress=False, say=to_stderr)
-        counts = unit_counts(plan, scan)
+        corpus = scanned(plan, verify=False, progress=False, say=to_stderr)
     parts, size = [], 0
-    for name, piece in route(plan, scanned_sources(plan, scan), counts):
+    for name, piece in corpus.route():
         if name == split:
             parts.append(piece.text[: limit - size])
             size += len(parts[-1])

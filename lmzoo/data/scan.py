@@ -8,12 +8,13 @@ disk speed. Its line or document counts decide where the splits are carved (lmzo
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from lmzoo.data.cache import FORMAT, SCAN, VERSION, read_json, write_json
-from lmzoo.data.corpus import CorpusPlan, check_counts, split_counts
-from lmzoo.data.sources import CHUNK, Source, open_bytes, table_rows
+from lmzoo.data.cache import FORMAT, SCAN, VERSION, digest, read_json, write_json
+from lmzoo.data.corpus import CorpusPlan, check_counts, route, split_counts
+from lmzoo.data.sources import CHUNK, Piece, Source, open_bytes, table_rows
 from lmzoo.errors import DataError
 
 Say = Callable[[str], None]
@@ -140,10 +141,38 @@ def _hashes(scan: dict[str, Any]) -> dict[str, str]:
     return {r["path"]: r["sha256"] for records in scan["sources"].values() for r in records}
 
 
-def scanned_sources(plan: CorpusPlan, scan: dict[str, Any]) -> dict[str, list[Source]]:
-    """The sources that hold text, by role (empty ones skipped), as the scan saw them."""
-    keep = {r["path"] for records in scan["sources"].values() for r in records}
-    return {role: [s for s in f.sources if str(s.path) in keep] for role, f in plan.roles.items()}
+@dataclass
+class Scanned:
+    """A corpus with its scan and the lines or documents of each carved split: what fitting and encoding read."""
+
+    plan: CorpusPlan
+    scan: dict[str, Any]
+    counts: dict[str, int]
+
+    @property
+    def id(self) -> str:
+        """A hash of what the scan saw: prepared files and fitted tokenizers are valid for this id only."""
+        return digest(self.scan["sources"])
+
+    @property
+    def size(self) -> int:
+        """Bytes of text (decompressed) of every source."""
+        return sum(r["bytes"] or r["size"] for records in self.scan["sources"].values() for r in records)
+
+    def sources(self) -> dict[str, list[Source]]:
+        """The sources that hold text, by role (empty ones skipped), as the scan saw them."""
+        keep = {r["path"] for records in self.scan["sources"].values() for r in records}
+        return {role: [s for s in f.sources if str(s.path) in keep] for role, f in self.plan.roles.items()}
+
+    def route(self) -> Iterator[tuple[str, Piece]]:
+        """(split, piece) for all of the corpus's text, in order (lmzoo.data.corpus.route)."""
+        return route(self.plan, self.sources(), self.counts)
+
+
+def scanned(plan: CorpusPlan, *, verify: bool, progress: bool, say: Say, whole: bool = False) -> Scanned:
+    """The corpus's current scan and split counts (see `current_scan`, `unit_counts`)."""
+    scan = current_scan(plan, verify=verify, progress=progress, say=say)
+    return Scanned(plan, scan, unit_counts(plan, scan, whole))
 
 
 def unit_counts(plan: CorpusPlan, scan: dict[str, Any], whole: bool = False) -> dict[str, int]:
