@@ -277,6 +277,45 @@ def emit(out: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def tables(paths: list[Path]) -> str:
+    """Markdown tables of the JSON lines `paths` hold (what docs/data.md shows)."""
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    by = {
+        part: [r for r in rows if r["part"] == part]
+        for part in ("machine", "prepare", "train", "open", "fetch")
+    }
+    machine = by["machine"][-1]
+    out = [
+        f"Measured {machine['date']} on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}.",
+        "",
+    ]
+    out += [
+        "| corpus | tokenizer | prepare MB/s | seconds | peak RSS MB | tokens | dtype |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in by["prepare"]:
+        out.append(
+            f"| {r['size']} | {r['tokenizer']} | {r['mb_per_s']} | {r['seconds']} | {r['peak_rss_mb']:,} | "
+            f"{r['tokens']:,} | {r['dtype']} |"
+        )
+    out += ["", "| corpus | lmzoo | peak RSS MB | command to first step s |", "|---|---|---:|---:|"]
+    for r in by["train"]:
+        out.append(f"| {r['size']} | {r['lmzoo']} | {r['peak_rss_mb']:,} | {r['command_to_first_step_s']} |")
+    out += ["", "| corpus | open a prepared corpus ms |", "|---|---:|"]
+    out += [f"| {r['size']} | {r['open_ms']} |" for r in by["open"]]
+    out += [
+        "",
+        "| corpus | batch x context | lmzoo µs | nanoGPT µs | memmap once µs | vs nanoGPT | vs memmap once |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in by["fetch"]:
+        out.append(
+            f"| {r['size']} | {r['batch']} x {r['block']} | {r['lmzoo_us']} | {r['nanogpt_us']} | "
+            f"{r['memmap_once_us']} | {r['speedup_vs_nanogpt']}x | {r['speedup_vs_memmap_once']}x |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -291,7 +330,11 @@ def main() -> None:
     )
     parser.add_argument("--baseline", action="store_true", help="also a train row on Tiny Shakespeare")
     parser.add_argument("--out", type=Path, default=Path("bench_data.jsonl"))
+    parser.add_argument("--table", type=Path, nargs="+", help="print the markdown tables of these results")
     args = parser.parse_args()
+    if args.table:
+        print(tables(args.table))
+        return
     args.dir.mkdir(parents=True, exist_ok=True)
     emit(args.out, {"part": "machine", **machine()})
     cache = args.dir / "cache"
