@@ -475,6 +475,6 @@ def test_torchrun_prepares_the_corpus_once_on_rank_zero(tmp_path):
     manifests = [
         m
         for m in cache.glob("*/tok-*/manifest.json")
-        if json.loads(m.read_text())["corpus"]["train"] == corpus
+        if json.loads(m.read_text())["sources"]["train"][0]["path"] == corpus
     ]
     assert len(manifests) == 1  # both ranks trained on the same files

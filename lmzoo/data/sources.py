@@ -93,7 +93,7 @@ def _source(path: Path, kind: str | None = None) -> Source:
         info = path.stat()
     except OSError as err:
         raise DataError(f"cannot read corpus file {path}: {err.strerror}") from None
-    return Source(path, kind or kind_of(path), info.st_size, info.st_mtime_ns)
+    return Source(path.absolute(), kind or kind_of(path), info.st_size, info.st_mtime_ns)
 
 
 def _dataset_files(folder: Path) -> list[Path]:
