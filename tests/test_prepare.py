@@ -402,3 +402,39 @@ def test_split_text_reads_a_split_as_prepare_routes_it(tmp_path):
     lines = TEXT.splitlines(keepends=True)
     assert split_text(data, "val", 1 << 20) == "".join(lines[40:45])
     assert split_text(data, "train", 12) == lines[0][:12]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 80])
+def test_sentence_pairs_train_from_compact_tables_with_the_batches_of_lists(tmp_path, max_tokens):
+    from conftest import tiny_model_section
+
+    from lmzoo.data.examples import encode_pairs, pair_batches
+    from lmzoo.data.token_batches import TokenBatches
+    from lmzoo.training.setup import setup_training
+
+    pairs = tmp_path / "pairs.tsv"
+    lines = TEXT.splitlines()
+    pairs.write_text("".join(f"{s}\t{s[::-1]}\n" for s in lines), encoding="utf-8")
+    raw = base_config_dict(tmp_path / "runs", pairs)
+    raw["data"] = {
+        "format": "tsv",
+        "train": str(pairs),
+        "batch_size": 4,
+        "max_len": 32,
+        "max_tokens": max_tokens,
+    }
+    raw["model"] = tiny_model_section("seq2seq")
+    task = setup_training(config_from_dict(raw)).task
+    examples = task.batches.examples if max_tokens is None else None
+    tok, train = task.tokenizer, [(s, s[::-1]) for s in lines[: round(len(lines) * 0.9)]]
+    listed = encode_pairs(train, tok, tok, max_len=32)
+    ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    if max_tokens is None:
+        assert isinstance(examples, PackedExamples) and examples.tables[0].ids.dtype == np.uint16
+        assert list(examples) == listed
+        reference = pair_batches(listed, 4, seed=1234, **ids)
+    else:
+        reference = TokenBatches(listed, max_tokens, seed=1234, **ids)
+    for _ in range(2 * len(reference) + 1):
+        a, b = task.batches.next(), reference.next()
+        assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True))
