@@ -265,7 +265,10 @@ def row_gpt(steps: int) -> dict:
     from lmzoo.device import pick_precision
 
     config, setup = load_setup("gpt")
-    vocab, stream = setup.task.tokenizer.vocab_size, setup.task.batches.stream.cpu()
+    vocab, stream = (
+        setup.task.tokenizer.vocab_size,
+        torch.from_numpy(setup.task.batches.stream.astype("int64")),
+    )
     batch, seq = config.data.batch_size, config.seq_len
     torch.manual_seed(0)
     baseline = PlainGPT(vocab)
@@ -442,7 +445,7 @@ def row_tokenizers(steps: int) -> dict:
 def row_decode(steps: int) -> dict:
     """Seq2seq decoding sentences/s, greedy and beam 5, on 200 test sentences, on the default device, with
     the trained runs runs/seq2seq and runs/transformer_small when they exist (else untrained models)."""
-    from lmzoo.data.examples import read_pair_splits
+    from lmzoo.data.example_files import ExampleSplits
     from lmzoo.device import pick_device
     from lmzoo.inference.evaluate import translate_corpus
     from lmzoo.run import Run
@@ -460,7 +463,7 @@ def row_decode(steps: int) -> dict:
             config, setup = load_setup(name)
             model, src_tok, tgt_tok = setup.model.eval(), setup.task.tokenizer, setup.task.target_tokenizer
         result[f"{name}_trained"] = trained
-        sources = [s for s, _ in read_pair_splits(config.data).test[:200]]
+        sources = [s for s, _ in ExampleSplits(config.data).split("test")[:200]]
         for label, beam in (("greedy", 1), ("beam5", 5)):
             start = time.perf_counter()
             translate_corpus(

@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmzoo.data.corpus import read_splits  # noqa: E402
+from lmzoo.data.prepare import split_text  # noqa: E402
 from lmzoo.retrieval.interpolate import with_knn  # noqa: E402
-from lmzoo.retrieval.knn import build_datastore, read_manifest, read_texts  # noqa: E402
-from lmzoo.retrieval.knn_eval import evaluate_knn, evaluate_text  # noqa: E402
+from lmzoo.retrieval.knn import build_datastore, read_manifest  # noqa: E402
+from lmzoo.retrieval.knn_eval import evaluate_knn, evaluate_tokens  # noqa: E402
 from lmzoo.run import Run  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -39,8 +39,7 @@ def row_build(
     run: Run, data: list[str], store: Path | None, workdir: Path, batch_size: int | None = None
 ) -> tuple[dict, Path]:
     """Build the store (unless given) and time a plain forward pass over the same text beside it."""
-    text = read_texts(data)
-    forward = evaluate_text(run, text, device=CPU)
+    forward = evaluate_tokens(run, run.prepared(data).tensor("train"), device=CPU)
     if store is None:
         store = workdir / "store"
         build_datastore(run, data, store, device=CPU, batch_size=batch_size)
@@ -104,7 +103,7 @@ def main() -> None:
         data = args.data
         if data is None:  # the run's training split, written out as a file
             data = [str(Path(workdir) / "train.txt")]
-            Path(data[0]).write_text(read_splits(run.config.data).train, encoding="utf-8")
+            Path(data[0]).write_text(split_text(run.config.data, "train", 1 << 62), encoding="utf-8")
         build, store = row_build(run, data, args.store, Path(workdir), args.batch_size)
         options = dict(k=args.k, lmbda=args.lmbda, temperature=args.temperature)
         generation = row_generation(run, store, **options, tokens=args.tokens, rounds=args.rounds)

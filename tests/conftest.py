@@ -6,6 +6,7 @@ Everything here is sized to keep the whole suite well under two minutes on a 2-c
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,13 @@ from lmzoo.run import Run, resolve_config
 
 # The suite shares a small machine: one intra-op thread is also the fastest for these tiny models.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Prepared corpora go to a cache of the session's own (and so do the subprocesses' it starts)."""
+    os.environ["LMZOO_CACHE_DIR"] = str(tmp_path_factory.mktemp("prepared"))
+
 
 SENTENCES = [
     "the cat sat on the mat.",

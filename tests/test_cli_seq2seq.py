@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from lmzoo.cli import app
-from lmzoo.data.examples import read_pair_splits
+from lmzoo.data.example_files import ExampleSplits
 from lmzoo.inference.evaluate import corpus_bleu
 from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.inference.seq2seq import translate
@@ -235,7 +235,7 @@ def test_eval_prints_loss_ppl_and_bleu(seq2seq_run, runner):
     assert max(greedy, beam) > 0, "the run learned nothing: the BLEU comparison below would be vacuous"
     # The batched, length-sorted corpus translation gives each sentence what translating it alone gives.
     loaded = load_run(run, "best")
-    test_pairs = read_pair_splits(loaded.config.data).test
+    test_pairs = ExampleSplits(loaded.config.data).split("test")
     sources, references = [s for s, _ in test_pairs], [t for _, t in test_pairs]
     tok = loaded.tokenizer
     for width, printed in ((1, greedy), (5, beam)):

@@ -1,4 +1,4 @@
-"""Corpus reading, splits and the two batch layouts."""
+"""Corpus reading, splits and the two batch layouts (prepared corpora: tests/test_prepare.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 from conftest import TINY_TEXT
 
 from lmzoo.config import DataConfig
-from lmzoo.data.corpus import read_splits, read_text_file
+from lmzoo.data.corpus import read_text_file
+from lmzoo.data.prepare import prepare_corpus, split_text
 from lmzoo.data.streams import RandomWindows, SequentialBatches, make_batches
+from lmzoo.data.tokenizer import CharTokenizerConfig
 from lmzoo.errors import DataError
 
 # ---- reading files -----------------------------------------------------------------------------
@@ -48,11 +50,16 @@ def test_missing_file_and_directory(tmp_path):
         read_text_file(tmp_path)
 
 
-def test_empty_training_file_fails_in_read_splits(tmp_path):
+def read_splits(data: DataConfig) -> dict[str, str]:
+    """The text of each split, as prepare routes it."""
+    return {name: split_text(data, name, 1 << 30) for name in ("train", "val", "test")}
+
+
+def test_empty_training_file_fails_when_prepared(tmp_path):
     path = tmp_path / "blank.txt"
     path.write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataError, match="only whitespace"):
-        read_splits(DataConfig(train=str(path)))
+        prepare_corpus(DataConfig(train=str(path)), CharTokenizerConfig())
 
 
 def test_crlf_is_normalised(tmp_path):
@@ -72,10 +79,10 @@ def test_bundled_corpus_reads():
 def test_splits_are_by_lines_and_cover_the_text(corpus_file):
     splits = read_splits(DataConfig(train=str(corpus_file), split=(0.8, 0.1, 0.1)))
     lines = TINY_TEXT.splitlines(keepends=True)
-    assert splits.train == "".join(lines[:36])  # round(45 * 0.8)
-    assert splits.val == "".join(lines[36:40])  # round(4.5) == 4
-    assert splits.test == "".join(lines[40:])
-    assert splits.train + splits.val + splits.test == TINY_TEXT
+    assert splits["train"] == "".join(lines[:36])  # round(45 * 0.8)
+    assert splits["val"] == "".join(lines[36:40])  # round(4.5) == 4
+    assert splits["test"] == "".join(lines[40:])
+    assert splits["train"] + splits["val"] + splits["test"] == TINY_TEXT
 
 
 def test_separate_val_and_test_files(tmp_path, corpus_file):
@@ -83,22 +90,26 @@ def test_separate_val_and_test_files(tmp_path, corpus_file):
     val.write_text("validation text\n", encoding="utf-8")
     test.write_text("test text\n", encoding="utf-8")
     splits = read_splits(DataConfig(train=str(corpus_file), val=str(val), test=str(test)))
-    assert splits.train == TINY_TEXT and splits.val == "validation text\n" and splits.test == "test text\n"
+    assert splits == {"train": TINY_TEXT, "val": "validation text\n", "test": "test text\n"}
 
 
-def test_several_training_files_are_joined(tmp_path):
+def test_several_training_files_are_documents_separated_by_eos(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("no newline at end", encoding="utf-8")
     b.write_text("second\n" * 30, encoding="utf-8")
-    splits = read_splits(DataConfig(train=[str(a), str(b)], split=(0.9, 0.1, 0.0)))
-    assert (splits.train + splits.val).startswith("no newline at end\nsecond\n")
+    data = DataConfig(train=[str(a), str(b)], split=(0.9, 0.1, 0.0))
+    splits = read_splits(data)
+    assert (splits["train"] + splits["val"]).startswith("no newline at endsecond\n")
+    corpus = prepare_corpus(data, CharTokenizerConfig())
+    decoded = [corpus.tokenizer.itos[i] for i in corpus.tokens("train")[:25]]
+    assert "".join(decoded).startswith("no newline at end<eos>second\n")  # the documents, marked apart
 
 
 def test_too_few_lines_for_validation(tmp_path):
     path = tmp_path / "one_line.txt"
     path.write_text("only one line of text\n", encoding="utf-8")
     with pytest.raises(DataError, match="validation split is empty"):
-        read_splits(DataConfig(train=str(path)))
+        prepare_corpus(DataConfig(train=str(path)), CharTokenizerConfig())
 
 
 # ---- SequentialBatches --------------------------------------------------------------------------

@@ -458,3 +458,23 @@ def test_a_killed_worker_ends_the_run_quickly(runs):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: rank 0: another process of this distributed run stopped"), stderr[-2000:]
     assert procs[1].returncode == -signal.SIGKILL
+
+
+# ---- the corpus: prepared once, mapped by every rank ---------------------------------------------------
+
+
+def test_torchrun_prepares_the_corpus_once_on_rank_zero(tmp_path):
+    raw = deep_merge(config_dict("gpt"), {"train": {"max_steps": 2, "eval_every": 2, "eval_batches": 2}})
+    where = make_launch_dir(tmp_path, "big", raw)
+    (where / "corpus.txt").write_text(TINY_TEXT * 20_000, encoding="utf-8")  # 21 MB: prepared with a notice
+    result = torchrun(where)
+    assert result.stderr.count("lmzoo: preparing") == 1 and "rank 0: lmzoo: preparing" in result.stderr
+    assert result.stderr.count("lmzoo: prepared ") == 1 and "rank 1: lmzoo: prepar" not in result.stderr
+    cache = Path(os.environ["LMZOO_CACHE_DIR"])
+    corpus = str(where / "corpus.txt")
+    manifests = [
+        m
+        for m in cache.glob("*/tok-*/manifest.json")
+        if json.loads(m.read_text())["sources"]["train"][0]["path"] == corpus
+    ]
+    assert len(manifests) == 1  # both ranks trained on the same files

@@ -26,8 +26,9 @@ from typer.testing import CliRunner
 from lmzoo.cli import app
 from lmzoo.config.schema import RunConfig
 from lmzoo.data.batch import PreferenceBatch
-from lmzoo.data.corpus import encode_stream, read_splits
-from lmzoo.data.examples import preference_batch, prompt_response_ids, read_records, sft_batch
+from lmzoo.data.example_files import read_records
+from lmzoo.data.examples import preference_batch, prompt_response_ids, sft_batch
+from lmzoo.data.prepare import prepare_corpus
 from lmzoo.data.streams import make_batches
 from lmzoo.data.tokenizer import CharTokenizerConfig, fit_tokenizer
 from lmzoo.errors import CheckpointError, ConfigError, DataError
@@ -105,7 +106,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def first_batch_loss(model: nn.Module, config: RunConfig, tokenizer) -> float:
     """The loss of `model` on the first training batch a run with `config` draws (sequential LSTM batches)."""
-    stream = encode_stream(tokenizer, read_splits(config.data).train)
+    stream = prepare_corpus(config.data, tokenizer).tokens("train")
     batch = make_batches(
         stream, config.data.batch_size, config.seq_len, sequential=True, seed=config.seed
     ).next()
@@ -115,7 +116,7 @@ def first_batch_loss(model: nn.Module, config: RunConfig, tokenizer) -> float:
 
 def val_loss(model: nn.Module, config: RunConfig, tokenizer) -> float:
     """What a run's evaluate() computes on its validation split."""
-    stream = encode_stream(tokenizer, read_splits(config.data).val)
+    stream = prepare_corpus(config.data, tokenizer).tensor("val")
     readable = LoadedModel(model, tokenizer, window=config.seq_len, batch_size=config.data.eval_rows)
     return evaluate_stream(readable, stream, max_tokens=config.eval_tokens)["loss"]
 

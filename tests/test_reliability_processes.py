@@ -273,3 +273,47 @@ def test_sigkill_after_a_timed_checkpoint_then_resume_continues_from_it(tmp_path
         range(3),
         trial,
     )
+
+
+# ---- a prepare killed at any moment ---------------------------------------------------------------------
+
+
+def test_sigkill_during_prepare_leaves_a_state_the_next_prepare_completes(tmp_path):
+    """SIGKILL `lmzoo prepare` while it scans, fits or writes; the next prepare finishes and its token
+    files equal those of a prepare that was never interrupted."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT * 30_000, encoding="utf-8")  # ~30 MB: a few seconds of word tokenizing
+    config = tmp_path / "cfg.yaml"
+    raw = base_config_dict(tmp_path / "runs", corpus)
+    raw["tokenizer"] = {"kind": "word"}
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "lmzoo", "prepare", str(config), "--no-progress"]
+
+    def prepare(cache: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command, env={**env, "LMZOO_CACHE_DIR": str(cache)}, capture_output=True, text=True
+        )
+
+    clean = prepare(tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    [reference] = (tmp_path / "clean").glob("*/tok-*")
+
+    def trial(seed: int) -> None:
+        cache = tmp_path / f"killed-{seed}"
+        process = subprocess.Popen(
+            command, env={**env, "LMZOO_CACHE_DIR": str(cache)}, stdout=subprocess.DEVNULL
+        )
+        time.sleep(random.Random(seed).uniform(0.5, 4.0))  # imports, scan, fit, or in the middle of writing
+        process.kill()
+        process.wait(timeout=30)
+        kept = [p for p in cache.glob("*/tok-*") if ".tmp-" not in p.name]
+        assert all((p / "manifest.json").is_file() for p in kept)  # under its final name only when complete
+        again = prepare(cache)
+        assert again.returncode == 0 and again.stdout.startswith(("prepared: ", "up to date: ")), again.stderr
+        [directory] = cache.glob("*/tok-*")
+        for name in ("train.bin", "val.bin", "test.bin", "tokenizer.json"):
+            assert (directory / name).read_bytes() == (reference / name).read_bytes(), name
+        assert not list(cache.glob("*/*.tmp-*"))
+
+    run_trials("prepare killed at a random moment, then prepared again", list(range(6)), trial)

@@ -22,7 +22,7 @@ pytest.importorskip("bm25s", reason="the retrieval extra is not installed: pip i
 from lmzoo.retrieval.bm25 import Bm25Index, chunk_lines  # noqa: E402
 from lmzoo.retrieval.interpolate import knn_logprobs, knn_target_logprob, neighbour_scores, with_knn  # noqa: E402
 from lmzoo.retrieval.knn import Datastore, build_datastore  # noqa: E402
-from lmzoo.retrieval.knn_eval import collect, evaluate_text, mixed_loss  # noqa: E402
+from lmzoo.retrieval.knn_eval import collect, evaluate_tokens, mixed_loss  # noqa: E402
 from lmzoo.retrieval.rag import chunk_sequences, leaks, retrieve  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -115,12 +115,12 @@ def test_a_store_of_the_evaluated_text_drives_its_loss_near_zero(family, trained
 
 def test_tuning_formula_equals_the_mixed_model(gpt_run, stores):
     mixed = with_knn(Run.open(gpt_run), stores["gpt"], k=16, lmbda=0.4, temperature=5.0)
-    text = TINY_TEXT[:400]
-    lm, dists, match = collect(mixed, text, checkpoint_tag="best", device=CPU)
+    ids = torch.tensor(mixed.tokenizer.encode(TINY_TEXT[:400]))
+    lm, dists, match = collect(mixed, ids, checkpoint_tag="best", device=CPU)
     fast = float(mixed_loss(lm, dists, match, (0.0, 0.4), 5.0)[1])
-    assert math.isclose(fast, evaluate_text(mixed, text, device=CPU)["loss"], rel_tol=1e-5)
+    assert math.isclose(fast, evaluate_tokens(mixed, ids, device=CPU)["loss"], rel_tol=1e-5)
     assert math.isclose(
-        float(-lm.mean()), evaluate_text(Run.open(gpt_run), text, device=CPU)["loss"], rel_tol=1e-5
+        float(-lm.mean()), evaluate_tokens(Run.open(gpt_run), ids, device=CPU)["loss"], rel_tol=1e-5
     )
 
 

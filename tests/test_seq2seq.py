@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import tiny_model_section
 
 from lmzoo.config import DataConfig, TrainConfig
-from lmzoo.data.examples import collate_pairs, encode_pairs, pair_batches, read_pair_file, read_pair_splits
+from lmzoo.data.example_files import ExampleSplits, read_pair_file
+from lmzoo.data.examples import collate_pairs, encode_pairs, pair_batches
 from lmzoo.data.tokenizer import CharTokenizer
 from lmzoo.errors import ConfigError, DataError
 from lmzoo.inference.decoding import SamplingOptions, Seq2SeqStepper, SequenceDecoder, run_decoder
@@ -414,8 +415,8 @@ def test_parallel_files_are_read_as_aligned_pairs(tmp_path):
     config = parallel_config(prefix, split=(0.8, 0.1, 0.1))
     pairs = read_pair_file(config, prefix)
     assert pairs == [(f"quelle {i}", f"target {i}") for i in range(20)]
-    splits = read_pair_splits(config)
-    assert splits.train == pairs[:16] and splits.val == pairs[16:18] and splits.test == pairs[18:]
+    splits = ExampleSplits(config)
+    assert [splits.split(name) for name in ("train", "val", "test")] == [pairs[:16], pairs[16:18], pairs[18:]]
 
 
 def test_only_newlines_end_sentences(tmp_path):

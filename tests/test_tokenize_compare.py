@@ -3,6 +3,8 @@ measured on its validation split)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from conftest import TINY_TEXT
 from test_inspect import assert_one_error_line
@@ -11,7 +13,7 @@ from typer.testing import CliRunner
 from lmzoo.analysis.tokenizer_compare import compare_tokenizers, sample_line, standard_tokenizers
 from lmzoo.cli import app
 from lmzoo.config.schema import DataConfig
-from lmzoo.data.corpus import read_splits
+from lmzoo.data.prepare import split_text
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def corpus(tmp_path):
 def test_compare_measures_each_tokenizer_on_the_validation_split(corpus):
     data = DataConfig(train=str(corpus), split=(0.9, 0.1, 0.0))
     rows, line = compare_tokenizers(data, standard_tokenizers((300,)))
-    splits = read_splits(data)
+    splits = SimpleNamespace(**{name: split_text(data, name, 1 << 30) for name in ("train", "val")})
     assert line == sample_line(splits.val) == "an owl flew over the barn."
     char, word, bpe = rows
     assert [r.name for r in rows] == ["char", "word", "bpe 300"]

@@ -17,7 +17,7 @@ from conftest import TINY_TEXT, base_config_dict, config_from_dict, load_run, sc
 
 import lmzoo.device
 from lmzoo.data.batch import PairBatch
-from lmzoo.data.corpus import read_splits
+from lmzoo.data.prepare import split_text
 from lmzoo.data.tokenizer import SPECIALS, fit_tokenizer
 from lmzoo.device import pick_precision
 from lmzoo.errors import ConfigError, TrainingStopped
@@ -127,7 +127,7 @@ def test_label_smoothing_trains_on_the_smoothed_loss_and_evaluates_the_plain_one
     assert abs(loss.item() - smoothed(logits, batch.targets, 0.0).item()) > 1e-4  # smoothing changed it
     # Evaluation reports the plain likelihood. By hand: the LSTM carries its state from window to window,
     # so the validation text (one column: it is short) is scored in one forward pass.
-    ids = torch.tensor(setup.task.tokenizer.encode(read_splits(config.data).val))
+    ids = torch.tensor(setup.task.tokenizer.encode(split_text(config.data, "val", 1 << 30)))
     with torch.no_grad():
         logits, _ = model(ids[None, :-1])
     plain = smoothed(logits, ids[None, 1:], 0.0).item()
@@ -306,7 +306,7 @@ def test_gpt_norm_placement_against_a_hand_composition(norm):
 
 def test_seed_lstm_has_the_keras_models_parameters_plus_pytorchs_second_biases():
     config = load_config(ROOT / "configs" / "seed_lstm.yaml")
-    v = fit_tokenizer(config.tokenizer, read_splits(config.data).train).vocab_size
+    v = fit_tokenizer(config.tokenizer, split_text(config.data, "train", 1 << 30)).vocab_size
     e, h = config.model.embedding_dim, config.model.hidden_size
     assert (e, h, config.model.num_layers, config.model.head_sizes) == (25, 150, 2, [150])
     keras = (

@@ -16,7 +16,6 @@ ranked by validation bits per character, which compares models across tokenizers
 
 from __future__ import annotations
 
-import hashlib
 import math
 import resource
 import statistics
@@ -119,22 +118,18 @@ def _labels(paths: list[Path]) -> list[str]:
     return [f"{p.parent.name}-{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
 
 
-def validation_text(config: Any) -> str:
-    from lmzoo.data.corpus import read_splits
-
-    return read_splits(config.data).val
-
-
 def check_same_validation(planned: list[Planned]) -> dict[str, Any]:
     """The validation text every config shares (sha256, characters, and whether the training text is
-    shared too); ConfigError when the validation texts differ."""
-    from lmzoo.data.corpus import read_splits
+    shared too); ConfigError when the validation texts differ. Each config's corpus is prepared here
+    (with the tokenizer its run will fit), so the runs start from the cache."""
+    from lmzoo.data.prepare import prepare_corpus
 
     seen: dict[str, tuple[str, int, str]] = {}
     for item in planned:
         if item.source not in seen:
-            splits = read_splits(item.config.data)
-            seen[item.source] = (_sha(splits.val), len(splits.val), _sha(splits.train))
+            corpus = prepare_corpus(item.config.data, item.config.tokenizer)
+            chars = corpus.characters("val") or 0
+            seen[item.source] = (corpus.identity("val"), chars, corpus.identity("train"))
     (first, (digest, chars, train)), *others = seen.items()
     for source, (other, count, _) in others:
         if other != digest:
@@ -144,10 +139,6 @@ def check_same_validation(planned: list[Planned]) -> dict[str, Any]:
             )
     same_train = all(t == train for _, _, t in seen.values())
     return {"sha256": digest, "characters": chars, "same_training_text": same_train}
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---- training or reusing -----------------------------------------------------------------------
@@ -256,14 +247,16 @@ def eval_coverage(run: Run) -> tuple[int, int]:
     Characters are those of the covered tokens decoded; for a tokenizer that does not give the text back
     (word-level: case and punctuation dropped) they are the validation text's characters in proportion."""
     config, tokenizer = run.config, run.tokenizer
-    text = validation_text(config)
-    stream = tokenizer.encode(text)
+    corpus = run.prepared()
+    stream = corpus.tokens("val")
     budget = config.eval_tokens
-    scored = stream[1 : None if budget is None else budget + 1]
+    scored = stream[1 : None if budget is None else budget + 1].tolist()
     tokens = len(scored)
-    if tokenizer.decode(stream) == text:
+    whole = len(tokenizer.decode(stream.tolist()))
+    characters = corpus.characters("val") or whole
+    if whole == characters:  # the tokens give the text back: count the scored ones' characters
         return tokens, len(tokenizer.decode(scored))
-    return tokens, round(len(text) * tokens / max(1, len(stream)))
+    return tokens, round(characters * tokens / max(1, len(stream)))
 
 
 def bits_per_char(loss: float, tokens: int, characters: int) -> float:

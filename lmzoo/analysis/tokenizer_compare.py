@@ -1,6 +1,10 @@
 """Tokenizers side by side: char, word and BPE at a few vocabulary sizes, fitted on one training split
 and measured on its validation split (lmzoo tokenize --compare).
 
+Each tokenizer is fitted as `lmzoo prepare` fits it (on the same bounded sample of the training split,
+kept in the corpus cache) and measured on the first VALIDATION_CHARS characters of the validation split,
+read from the sources in chunks: a corpus of any size is compared in bounded time and memory.
+
 Per tokenizer: vocabulary size, characters per token (validation characters / validation tokens:
 how much text one prediction covers), the share of validation tokens that are <unk>, encoding speed
 (characters per second, one pass over the validation text), fitting time, and the tokens of one
@@ -17,10 +21,11 @@ from pydantic import ValidationError
 
 from lmzoo.config.errors import describe
 from lmzoo.config.schema import DataConfig, TokenizerConfig
-from lmzoo.data.tokenizer import TOKENIZER_REGISTRY, Tokenizer, fit_tokenizer
+from lmzoo.data.tokenizer import TOKENIZER_REGISTRY, Tokenizer
 from lmzoo.errors import ConfigError, DataError
 
 DEFAULT_BPE_SIZES = (512, 1024, 2048)
+VALIDATION_CHARS = 10_000_000
 
 
 @dataclass
@@ -86,15 +91,15 @@ def compare_tokenizers(
     """Fit each tokenizer on the training split of `data` and measure it on the validation split."""
     from tqdm import tqdm
 
-    from lmzoo.data.corpus import read_splits
+    from lmzoo.data.prepare import fit_on_corpus, split_text
 
-    splits = read_splits(data)
-    line = sample if sample is not None else sample_line(splits.val)
+    val = split_text(data, "val", VALIDATION_CHARS)
+    line = sample if sample is not None else sample_line(val)
     rows = []
     bar = tqdm(tokenizers, desc="fitting tokenizers", unit="tokenizer", disable=not progress, leave=False)
     for name, config in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
-        tokenizer = fit_tokenizer(config, splits.train)
-        rows.append(measure(name, tokenizer, splits.val, line, time.perf_counter() - start))
+        tokenizer = fit_on_corpus(data, config)
+        rows.append(measure(name, tokenizer, val, line, time.perf_counter() - start))
     return rows, line

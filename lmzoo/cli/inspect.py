@@ -77,16 +77,23 @@ def score(
 
         if (text is None) == (file is None):
             raise ConfigError("pass the text to score as --text T or --file F (one of them)")
-        body = text if text is not None else read_text_file(file)  # type: ignore[arg-type]
         loaded = Run.open(run, base=base)
         if knn is not None:
             from lmzoo.retrieval.interpolate import with_knn
 
             loaded = with_knn(loaded, knn, k=k, lmbda=lmbda, temperature=knn_temperature)
-        scored = loaded.score(body, source=source, checkpoint_tag=checkpoint, device=device, top_k=top_k)
-        unknown = (loaded.target_tokenizer or loaded.tokenizer).unknown_pieces(body)
-        if unknown:
-            warn(f"warning: {len(unknown)} piece(s) of the text are not in the vocabulary; scored as <unk>")
+        where = dict(checkpoint_tag=checkpoint, device=device, top_k=top_k)
+        if file is not None and source is None and loaded.kind != "seq2seq":  # from its prepared token file
+            scored = loaded.score_file(file, **where)  # type: ignore[arg-type]
+            unknown = sum(1 for token in scored.tokens if token.id == loaded.tokenizer.unk_id)
+            if unknown:
+                warn(f"warning: {unknown} token(s) of the text are not in the vocabulary; scored as <unk>")
+        else:
+            body = text if text is not None else read_text_file(file)  # type: ignore[arg-type]
+            scored = loaded.score(body, source=source, **where)  # type: ignore[arg-type]
+            unknown = len((loaded.target_tokenizer or loaded.tokenizer).unknown_pieces(body))
+            if unknown:
+                warn(f"warning: {unknown} piece(s) of the text are not in the vocabulary; scored as <unk>")
         if as_json:
             print_score_json(scored)
         else:

@@ -7,6 +7,8 @@ picks it by `name` / `kind`); a model config class learns its `kind` when it is 
 
 from __future__ import annotations
 
+import glob
+import os
 import string
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -54,10 +56,23 @@ class DataConfig(Section):
     format: Literal["text", "parallel", "tsv", "instruct", "preference"] = "text"
     source: str = "src"  # parallel: suffix of the source-side files
     target: str = "tgt"  # parallel: suffix of the target-side files
+    # text: files, globs and folders (searched recursively) of .txt/.md, .jsonl, their .gz forms, .parquet
     train: str | list[str] = "lmzoo:tinyshakespeare.txt"
-    val: str | None = None  # a separate validation file (or prefix); by default split off `train`
+    val: str | None = (
+        None  # a separate validation file, folder or glob (or prefix); by default split off `train`
+    )
     test: str | None = None
-    split: tuple[Probability, Probability, Probability] = (0.9, 0.05, 0.05)  # train/val/test, by lines
+    split: tuple[Probability, Probability, Probability] = (0.9, 0.05, 0.05)  # train/val/test fractions
+    # text: how `split` carves train: lines, documents (files, JSONL records), or tokens (the last fractions of
+    # the token stream); auto: lines for text files named one by one, documents for folders, globs, JSONL
+    split_by: Literal["auto", "lines", "documents", "tokens"] = "auto"
+    text_field: str = "text"  # JSONL, parquet and saved datasets: the field that holds each document's text
+    # text: what separates two documents in the token stream: <eos>, any other text, or "" (nothing)
+    document_end: str = "<eos>"
+    cache_dir: str | None = (
+        None  # prepared token files (lmzoo prepare); None: $LMZOO_CACHE_DIR or ~/.cache/lmzoo
+    )
+    workers: PositiveInt | None = None  # processes that tokenize a corpus being prepared; None: one per core
     max_len: PositiveInt = 100  # seq2seq: training pairs with a longer source or target are skipped
     # instruct: the prompt built from each {instruction, input, output} record; the loss covers only `output`
     template: str = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
@@ -80,16 +95,14 @@ class DataConfig(Section):
         if info.data.get("format", "text") != "text" and len(paths) != 1:
             raise ValueError("parallel and tsv data take one path (a file, or the prefix of a file pair)")
         for path in paths:
-            for file in _files_of(path, info.data):
-                _existing_file(file, info)
+            _existing_input(path, info)
         return value
 
     @field_validator("val", "test")
     @classmethod
     def _split_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            for file in _files_of(value, info.data):
-                _existing_file(file, info)
+            _existing_input(value, info)
         return value
 
     @field_validator("template")
@@ -127,6 +140,21 @@ class DataConfig(Section):
         return self.eval_batch_size or self.batch_size
 
 
+def _existing_input(path: str, info: ValidationInfo) -> None:
+    """A text corpus entry is a file, a folder or a glob that matches something; other data is files."""
+    if info.data.get("format", "text") != "text":
+        for file in _files_of(path, info.data):
+            _existing_file(file, info)
+        return
+    if not (info.context or {}).get("check_files", True):
+        return
+    if any(c in path for c in "*?[") and not path.startswith(BUNDLED_PREFIX):
+        if not glob.glob(os.path.expanduser(path), recursive=True):
+            raise ValueError(f"no file matches {path}")
+    elif not resolve_data_path(path).exists():
+        raise ValueError(f"file not found: {resolve_data_path(path)}")
+
+
 def _files_of(path: str, data: dict[str, Any]) -> list[str]:
     if data.get("format") == "parallel":
         return [f"{path}.{data.get('source', 'src')}", f"{path}.{data.get('target', 'tgt')}"]
@@ -138,6 +166,9 @@ class TokenizerConfig(Section):
 
     kind: str
     fit_on: Literal["train", "all"] = "train"  # which text builds the vocabulary
+    # text corpora: the most text (characters) word and BPE vocabularies are fitted on: all of it when the
+    # split is smaller, else evenly spaced blocks; a char vocabulary always sees every character
+    fit_bytes: PositiveInt = 100_000_000
 
 
 class ModelConfig(Section):

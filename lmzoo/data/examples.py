@@ -1,5 +1,6 @@
 """Examples that are not one stream of text: sentence pairs (seq2seq), instruction records (SFT) and
-preference pairs (DPO), and `ShuffledBatches`, the one batch source for all of them.
+preference pairs (DPO), encoded and collated, and `ShuffledBatches`, the one batch source for all of them.
+Their files are read by lmzoo.data.example_files.
 
 A resumed run redraws exactly the order it was in: each epoch's order comes from (seed, epoch) alone.
 """
@@ -7,99 +8,45 @@ A resumed run redraws exactly the order it was in: each epoch's order comes from
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from lmzoo.config.schema import DataConfig
 from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch
-from lmzoo.data.corpus import carve_splits, read_text_file
+from lmzoo.data.example_files import Pair
+from lmzoo.data.packed import field_lengths
 from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import DataError
 
 # ---- sentence pairs (seq2seq) ------------------------------------------------------------------
 
 
-Pair = tuple[str, str]
-
-
-@dataclass
-class PairSplits:
-    """(source, target) sentence pairs of the train / validation / test splits."""
-
-    train: list[Pair]
-    val: list[Pair]
-    test: list[Pair]
-
-
-def _lines(text: str) -> list[str]:
-    """The lines of a file, split at "\n" only: str.splitlines() also splits at characters that may
-    occur inside a sentence (U+2028, U+0085, form feed...), which would misalign a parallel corpus."""
-    lines = text.split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
-
-
-def read_pair_file(config: DataConfig, path: str) -> list[Pair]:
-    """Sentence pairs from a `<path>.<source>`/`<path>.<target>` file pair or a TSV file."""
-    if config.format == "tsv":
-        pairs = []
-        for number, line in enumerate(_lines(read_text_file(path)), start=1):
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
-                raise DataError(f"{path} line {number}: expected 'source<TAB>target', got {line[:60]!r}")
-            pairs.append((fields[0].strip(), fields[1].strip()))
-        return pairs
-    source_path, target_path = config.files_of(path)
-    sources = _lines(read_text_file(source_path))
-    targets = _lines(read_text_file(target_path))
-    if len(sources) != len(targets):
-        raise DataError(
-            f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}: "
-            "parallel files must be aligned line by line"
-        )
-    for number, (src, tgt) in enumerate(zip(sources, targets, strict=True), start=1):
-        if not src.strip() or not tgt.strip():
-            empty = source_path if not src.strip() else target_path
-            raise DataError(
-                f"{empty} line {number}: empty sentence (parallel files need one sentence per line)"
-            )
-    return [(src.strip(), tgt.strip()) for src, tgt in zip(sources, targets, strict=True)]
-
-
-def read_pair_splits(config: DataConfig) -> PairSplits:
-    """Read the training pairs; split off validation and test pairs unless they have their own files."""
-    pairs = read_pair_file(config, config.train_files[0])
-    given = {"val": bool(config.val), "test": bool(config.test)}
-    parts = carve_splits(pairs, config.split, given)
-    if config.val:
-        parts["val"] = read_pair_file(config, config.val)
-    if config.test:
-        parts["test"] = read_pair_file(config, config.test)
-    if not parts["train"]:
-        raise DataError("the training split has no sentence pairs")
-    if not parts.get("val"):
-        raise DataError(
-            "the validation split has no sentence pairs: give data.val or raise its fraction in data.split"
-        )
-    return PairSplits(train=parts["train"], val=parts["val"], test=parts.get("test", []))
-
-
-def encode_pairs(
-    pairs: list[Pair], source_tokenizer: Tokenizer, target_tokenizer: Tokenizer, *, max_len: int | None = None
-) -> list[tuple[list[int], list[int]]]:
+def iter_encoded_pairs(
+    pairs: Iterable[Pair],
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
+    *,
+    max_len: int | None = None,
+) -> Iterator[tuple[list[int], list[int]]]:
     """Token ids of each pair (source + <eos>, target); pairs longer than max_len are skipped."""
-    encoded = []
     for src, tgt in pairs:
         src_ids = source_tokenizer.encode(src) + [source_tokenizer.eos_id]
         tgt_ids = target_tokenizer.encode(tgt)
         if max_len is not None and (len(src_ids) > max_len or len(tgt_ids) + 1 > max_len):
             continue
-        encoded.append((src_ids, tgt_ids))
-    return encoded
+        yield src_ids, tgt_ids
+
+
+def encode_pairs(
+    pairs: Iterable[Pair],
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
+    *,
+    max_len: int | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """`iter_encoded_pairs` as a list (held-out pairs; training pairs go into PackedExamples)."""
+    return list(iter_encoded_pairs(pairs, source_tokenizer, target_tokenizer, max_len=max_len))
 
 
 def collate_pairs(
@@ -128,7 +75,7 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
 
 
 def pair_batches(
-    pairs: list[tuple[list[int], list[int]]],
+    pairs: Sequence[tuple[list[int], list[int]]],
     batch_size: int,
     *,
     seed: int,
@@ -150,53 +97,6 @@ def pair_batches(
 
 
 # ---- records: instruction tuning (SFT) and preference pairs (DPO) ---------------------------------
-
-
-def read_records(path: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
-    """JSON array or JSONL records holding string `fields`; a bad line or record is named by its number."""
-    import json
-
-    text = read_text_file(path)
-    records: list = []
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {err.lineno}: invalid JSON ({err.msg})") from None
-        where = "record"
-    else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number}: invalid JSON ({err.msg})") from None
-        where = "line"
-    checked = []
-    for index, item in enumerate(records, start=1):
-        number, record = item if where == "line" else (index, item)
-        if not isinstance(record, dict):
-            raise DataError(f"{path} {where} {number}: expected an object with {', '.join(fields)}")
-        for field in fields:
-            value = record.get(field, "" if field == "input" else None)
-            if not isinstance(value, str):
-                raise DataError(f"{path} {where} {number}: field {field!r} is missing or not a string")
-        checked.append({field: record.get(field, "") for field in fields})
-    if not checked:
-        raise DataError(f"{path}: no records")
-    return checked
-
-
-def read_record_splits(config: DataConfig, fields: tuple[str, ...]) -> dict[str, list[dict[str, str]]]:
-    """Records of the train file; the validation records come from data.val or are split off train."""
-    records = read_records(config.train_files[0], fields)
-    parts = carve_splits(records, config.split, {"val": bool(config.val), "test": bool(config.test)})
-    if config.val:
-        parts["val"] = read_records(config.val, fields)
-    if not parts.get("val"):
-        raise DataError("no validation records: give data.val or raise the validation fraction in data.split")
-    return parts
 
 
 def prompt_response_ids(
@@ -243,7 +143,7 @@ class ShuffledBatches:
 
     def __init__(
         self,
-        examples: list,
+        examples: Sequence[Any],
         batch_size: int,
         *,
         seed: int,
@@ -259,9 +159,8 @@ class ShuffledBatches:
         self.buckets: list[list[int]] | None = None
         if buckets:
             tie = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-            order = sorted(
-                range(len(examples)), key=lambda i: (len(examples[i][0]), len(examples[i][1]), tie[i])
-            )
+            first, second = field_lengths(examples, 0), field_lengths(examples, 1)
+            order = sorted(range(len(examples)), key=lambda i: (first[i], second[i], tie[i]))
             self.buckets = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
             self.batches_per_epoch = len(self.buckets)
         elif shuffle:

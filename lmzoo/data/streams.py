@@ -7,6 +7,10 @@ Two ways to cut a language-model stream into batches:
   recurrent model can carry its hidden state across batches.
 * `RandomWindows`: independent windows at random offsets (what attention models train on).
 
+A stream is a tensor or a numpy array, typically a prepared split memory-mapped from disk
+(lmzoo.data.prepare): a batch reads only its own slices of it, so memory stays flat however large the
+corpus is. On CUDA a batch travels from pinned memory without waiting (non-blocking).
+
 Examples that are not one stream (sentence pairs, SFT records, preference pairs) come in
 `lmzoo.data.examples.ShuffledBatches`. Every source keeps its position in a small `state_dict`, so
 a resumed run reads exactly the batches an uninterrupted run would have read.
@@ -14,22 +18,37 @@ a resumed run reads exactly the batches an uninterrupted run would have read.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lmzoo.data.batch import LMBatch
 from lmzoo.errors import DataError
+
+Stream = torch.Tensor | np.ndarray
+
+
+def as_array(stream: Stream) -> np.ndarray:
+    """The stream as a numpy array without a copy (a CPU tensor shares its memory)."""
+    return stream.cpu().numpy() if isinstance(stream, torch.Tensor) else stream
+
+
+def to_batch_tensor(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Token ids read from the stream as a LongTensor on `device` (pinned and non-blocking on CUDA)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor if device.type == "cpu" else tensor.to(device)
 
 
 class SequentialBatches:
     """Contiguous truncated-BPTT batches: (x, y, starts_epoch) with x, y of shape (B, T).
 
     `starts_epoch` is True for the first batch of each pass, where a carried state must be reset.
-    With `device`, the stream is moved there once and batches are views of it (no copy per step).
     """
 
     def __init__(
         self,
-        stream: torch.Tensor,
+        stream: Stream,
         batch_size: int,
         seq_len: int,
         *,
@@ -44,7 +63,8 @@ class SequentialBatches:
                 f"(batch_size {batch_size} x (seq_len {seq_len} + 1) = {need}); "
                 "lower data.batch_size or data.seq_len, or add text"
             )
-        self.data = stream[: columns * batch_size].view(batch_size, columns).to(device or stream.device)
+        self.data = as_array(stream)[: columns * batch_size].reshape(batch_size, columns)  # a view
+        self.device = torch.device(device or "cpu")
         self.seq_len = seq_len
         self.batches_per_epoch = (columns - 1) // seq_len
         self.epoch, self.index = 0, 0
@@ -56,11 +76,10 @@ class SequentialBatches:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         start = self.index * self.seq_len
-        x = self.data[:, start : start + self.seq_len]
-        y = self.data[:, start + 1 : start + 1 + self.seq_len]
+        block = to_batch_tensor(self.data[:, start : start + self.seq_len + 1], self.device)  # (B, T+1)
         starts_epoch = self.index == 0
         self.index += 1
-        return LMBatch(x, y, starts_epoch)
+        return LMBatch(block[:, :-1], block[:, 1:], starts_epoch)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -72,13 +91,13 @@ class SequentialBatches:
 class RandomWindows:
     """Batches of windows at random offsets, drawn from a generator whose state is checkpointed.
 
-    With `device`, the stream lives there (moved once) and windows are gathered there: only the
-    batch's start offsets, drawn on the CPU generator (so runs and resumes match across devices), travel.
+    The offsets are drawn on a CPU generator (so runs and resumes match across devices); the windows are
+    read from the stream in one gather and sent to `device`.
     """
 
     def __init__(
         self,
-        stream: torch.Tensor,
+        stream: Stream,
         batch_size: int,
         seq_len: int,
         *,
@@ -91,10 +110,11 @@ class RandomWindows:
                 f"the {name} split has {len(stream)} tokens, fewer than one window of "
                 f"seq_len {seq_len} + 1; lower data.seq_len or add text"
             )
-        self.stream = stream.to(device or stream.device)
+        self.stream = as_array(stream)
+        self.device = torch.device(device or "cpu")
         self.batch_size, self.seq_len = batch_size, seq_len
         self.generator = torch.Generator().manual_seed(seed)
-        self.offsets = torch.arange(seq_len + 1, device=self.stream.device)
+        self.offsets = np.arange(seq_len + 1)
         self.batches_per_epoch = max(1, len(stream) // (batch_size * seq_len))
         self.drawn = 0
 
@@ -107,12 +127,8 @@ class RandomWindows:
 
     def next(self) -> LMBatch:
         high = len(self.stream) - self.seq_len
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator)
-        if self.stream.is_cuda:  # from pinned memory: the copy does not wait for the GPU's queue
-            starts = starts.pin_memory().to(self.stream.device, non_blocking=True)
-        else:
-            starts = starts.to(self.stream.device)
-        window = self.stream[starts[:, None] + self.offsets]  # (B, T+1), gathered where the stream is
+        starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
+        window = to_batch_tensor(self.stream[starts[:, None] + self.offsets], self.device)  # (B, T+1)
         self.drawn += 1
         return LMBatch(window[:, :-1], window[:, 1:], True)
 
@@ -125,7 +141,7 @@ class RandomWindows:
 
 
 def make_batches(
-    stream: torch.Tensor,
+    stream: Stream,
     batch_size: int,
     seq_len: int,
     *,
@@ -133,7 +149,7 @@ def make_batches(
     seed: int,
     device: torch.device | str | None = None,
 ) -> SequentialBatches | RandomWindows:
-    """The training batch source: contiguous truncated-BPTT batches, or random windows (kept on `device`)."""
+    """The training batch source: contiguous truncated-BPTT batches, or random windows (sent to `device`)."""
     if sequential:
         return SequentialBatches(stream, batch_size, seq_len, device=device)
     return RandomWindows(stream, batch_size, seq_len, seed=seed, device=device)

@@ -14,12 +14,13 @@ one process computes with `train.grad_accum` N, and `data.max_tokens` is a per-p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from lmzoo.data.batch import PairBatch, to_device
 from lmzoo.data.examples import collate_pairs, epoch_order
+from lmzoo.data.packed import field_lengths
 from lmzoo.errors import DataError
 
 EncodedPair = tuple[list[int], list[int]]  # (source ids with <eos>, target ids)
@@ -30,16 +31,17 @@ def padded_tokens(pairs: list[EncodedPair]) -> int:
     return len(pairs) * (max(len(s) for s, _ in pairs) + max(len(t) for _, t in pairs) + 1)
 
 
-def token_groups(pairs: list[EncodedPair], max_tokens: int, seed: int) -> list[list[int]]:
+def token_groups(pairs: Sequence[EncodedPair], max_tokens: int, seed: int) -> list[list[int]]:
     """Indices of the pairs, sorted by (source, target) length, cut into groups of at most max_tokens
     padded tokens each."""
     tie = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), len(pairs[i][1]), tie[i]))
+    sources, targets = field_lengths(pairs, 0), field_lengths(pairs, 1)
+    order = sorted(range(len(pairs)), key=lambda i: (sources[i], targets[i], tie[i]))
     groups: list[list[int]] = []
     current: list[int] = []
     source_width = target_width = 0
     for index in order:
-        source, target = len(pairs[index][0]), len(pairs[index][1]) + 1
+        source, target = sources[index], targets[index] + 1
         if source + target > max_tokens:
             raise DataError(
                 f"a sentence pair takes {source + target} tokens, more than data.max_tokens {max_tokens}"
@@ -63,7 +65,7 @@ class TokenBatches:
 
     def __init__(
         self,
-        pairs: list[EncodedPair],
+        pairs: Sequence[EncodedPair],
         max_tokens: int,
         *,
         seed: int,

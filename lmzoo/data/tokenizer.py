@@ -9,6 +9,7 @@ Every tokenizer reserves the same four special ids at the front of its vocabular
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ SPECIALS = (PAD, UNK, BOS, EOS)
 FORMAT = "lmzoo.tokenizer"
 FORMAT_VERSION = 1
 KERAS_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
+MARK = "\x00"  # stands for a line end while the word tokenizer encodes
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,12 @@ class Tokenizer:
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def payload(self) -> dict[str, Any]:
+        """What tokenizer.json holds (and what identifies the tokenizer: equal payloads, equal ids)."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, **self.to_dict()}
+
     def save(self, path: str | Path) -> None:
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, **self.to_dict()}
-        atomic_write_text(Path(path), json.dumps(payload, ensure_ascii=False))
+        atomic_write_text(Path(path), json.dumps(self.payload(), ensure_ascii=False))
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -181,6 +186,13 @@ class WordTokenizer(VocabTokenizer):
         super().__init__(tokens)
         self.lowercase, self.filters, self.newline_token = lowercase, filters, newline_token
         self._table = str.maketrans(filters, " " * len(filters)) if filters else None
+        self._pattern = re.compile(f"[{re.escape(filters)}]") if filters else None
+        self._lookup = _Lookup(self.stoi, self.unk_id)
+        self._lookup[MARK] = self.eos_id
+        ascii_filters = filters.encode("ascii") if filters.isascii() else None
+        self._bytes_table = (
+            bytes.maketrans(ascii_filters, b" " * len(ascii_filters)) if ascii_filters else None
+        )
 
     def words(self, text: str) -> list[str]:
         """Split text into word strings (before vocabulary lookup), with "<eos>" at line ends."""
@@ -224,8 +236,20 @@ class WordTokenizer(VocabTokenizer):
         )
 
     def encode(self, text: str) -> list[int]:
-        get, unk = self.stoi.get, self.unk_id
-        return [get(w, unk) for w in self.words(text)]
+        if MARK in text or MARK in self.filters:
+            get, unk = self.stoi.get, self.unk_id
+            return [get(w, unk) for w in self.words(text)]
+        # The same ids as words() gives, in a few passes over the whole text instead of one per line:
+        # each line end becomes a MARK word (the text has none), filtered characters become spaces.
+        if self.lowercase:
+            text = text.lower()
+        if self.newline_token:
+            text = text.replace("\n", f" {MARK} ")
+        if self._bytes_table is not None:  # ASCII filters: a byte table over the UTF-8 (no multibyte
+            text = text.encode("utf-8").translate(self._bytes_table).decode("utf-8")  # char has ASCII bytes)
+        elif self._pattern is not None:
+            text = self._pattern.sub(" ", text)
+        return list(map(self._lookup.__getitem__, text.split()))
 
     def decode(self, ids: Iterable[int]) -> str:
         pieces: list[str] = []
@@ -251,6 +275,17 @@ class WordTokenizer(VocabTokenizer):
             "filters": self.filters,
             "newline_token": self.newline_token,
         }
+
+
+class _Lookup(dict[str, int]):
+    """A word -> id table where a missing word is <unk> (looked up in C: `map(table.__getitem__, words)`)."""
+
+    def __init__(self, table: dict[str, int], unk: int) -> None:
+        super().__init__(table)
+        self.unk = unk
+
+    def __missing__(self, key: str) -> int:
+        return self.unk
 
 
 @register_tokenizer("bpe", config=BpeTokenizerConfig)

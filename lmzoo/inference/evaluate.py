@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from lmzoo.data.batch import to_device
-from lmzoo.data.examples import Pair, encode_pairs, pair_batches
+from lmzoo.data.example_files import Pair
+from lmzoo.data.examples import encode_pairs, pair_batches
 from lmzoo.device import autocast
 from lmzoo.errors import DataError
 from lmzoo.inference.loaded import LoadedModel

@@ -22,6 +22,7 @@ char, word and BPE models can be compared with it (perplexity per token cannot).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -66,15 +67,9 @@ def read_sequences(lm: LoadedModel, sequences: Sequence[TokenIds]) -> Iterator[H
     model = lm.language_model
     carried = model.carries_state
     span = window * COLUMN_WINDOWS if carried else window
-    # (sequence, first input position, input length): windows, or columns of a state-carrying model
-    segments = [
-        (index, start, min(span, len(stream) - 1 - start))
-        for index, stream in enumerate(streams)
-        for start in range(0, len(stream) - 1, span)
-    ]
     device = lm.device
-    for first in range(0, len(segments), lm.batch_size):
-        group = segments[first : first + lm.batch_size]
+    segments = _segments(streams, span)  # lazily: a long (memory-mapped) stream is read window by window
+    while group := list(itertools.islice(segments, lm.batch_size)):
         width = max(length for _, _, length in group)
         inputs = torch.full((len(group), width), PAD_ID, dtype=torch.long)
         targets = torch.full((len(group), width), PAD_ID, dtype=torch.long)
@@ -96,6 +91,13 @@ def read_sequences(lm: LoadedModel, sequences: Sequence[TokenIds]) -> Iterator[H
                 target=targets[:, part][keep].to(device),
                 hidden=h[keep.to(device)],
             )
+
+
+def _segments(streams: list[torch.Tensor], span: int) -> Iterator[tuple[int, int, int]]:
+    """(sequence, first input position, input length) of each window, or column of a state-carrying model."""
+    for index, stream in enumerate(streams):
+        for start in range(0, len(stream) - 1, span):
+            yield index, start, min(span, len(stream) - 1 - start)
 
 
 @dataclass
@@ -204,12 +206,17 @@ def _tops(scores: SequenceScores, row: int, tokenizer: Tokenizer) -> list[tuple[
 
 def score_text(lm: LoadedModel, text: str, *, top_k: int = 5) -> Scored:
     """Per-token log-probabilities of `text` under a language model; equals `lmzoo eval` on the text."""
-    if top_k < 0:
-        raise ConfigError(f"top_k must be >= 0, got {top_k}", param="top_k")
     if not text:
         raise DataError("the text to score is empty")
+    return score_ids(lm, lm.tokenizer.encode(text), characters=len(text), top_k=top_k)
+
+
+def score_ids(lm: LoadedModel, token_ids: TokenIds, *, characters: int, top_k: int = 5) -> Scored:
+    """`score_text` of a text given as its token ids (a prepared file's) and its length in characters."""
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0, got {top_k}", param="top_k")
     tokenizer = lm.tokenizer
-    ids = tokenizer.encode(text)
+    ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
     _require_known(tokenizer, ids, "text")
     if len(ids) < 2:
         raise DataError("the text has fewer than 2 tokens; the first one is only context, nothing is scored")
@@ -220,7 +227,7 @@ def score_text(lm: LoadedModel, text: str, *, top_k: int = 5) -> Scored:
                    _tops(scores, pos - 1, tokenizer), position=pos)
         for pos in range(1, len(ids))
     ]  # fmt: skip
-    return summarise(tokens, max(1, len(text) - len(pieces[0])), [(0, pieces[0])])
+    return summarise(tokens, max(1, characters - len(pieces[0])), [(0, pieces[0])])
 
 
 def score_target(lm: LoadedModel, source: str, target: str, *, top_k: int = 5) -> Scored:

@@ -64,19 +64,9 @@ def choose_index(size: int, kind: str = "auto") -> dict[str, Any]:
 # ---- building -----------------------------------------------------------------------------------
 
 
-def read_texts(files: list[str | Path]) -> str:
-    """The files' text, one after another (each ending in a newline), as `lmzoo train` joins them."""
-    from lmzoo.data.corpus import read_text_file
-
-    if not files:
-        raise DataError("data: give at least one text file", param="data")
-    parts = [read_text_file(f) for f in files]
-    return "".join(p if p.endswith("\n") else p + "\n" for p in parts)
-
-
 def encode_keys(
     run: Run,
-    text: str,
+    stream: torch.Tensor,
     keys_path: Path,
     *,
     checkpoint_tag: str,
@@ -84,8 +74,8 @@ def encode_keys(
     batch_size: int | None,
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Run the model once over `text`; write keys (float16, memory-mapped) to `keys_path`; return
-    (keys, values, precision). The text is read by the scorer's rule, as `lmzoo eval` reads it."""
+    """Run the model once over the token ids `stream`; write keys (float16, memory-mapped) to `keys_path`;
+    return (keys, values, precision). The ids are read by the scorer's rule, as `lmzoo eval` reads them."""
     from dataclasses import replace
 
     from tqdm import tqdm
@@ -96,7 +86,6 @@ def encode_keys(
     lm = run.load(checkpoint_tag, device)
     if batch_size is not None:
         lm = replace(lm, batch_size=batch_size)
-    stream = torch.tensor(run.tokenizer.encode(text), dtype=torch.long)
     total = max(0, len(stream) - 1)
     if total == 0:
         raise DataError("the text has fewer than 2 tokens; a datastore needs at least one key")
@@ -157,11 +146,11 @@ def build_datastore(
     """
     if run.kind != "lm":
         raise ConfigError(f"{run.path} is a seq2seq run; kNN-LM datastores are for language models")
-    text = read_texts(files)
+    stream = run.prepared(files).tensor("train")  # tokenized once, read from its memory-mapped file
     started, cpu_started = time.perf_counter(), time.process_time()
     with staged_directory(Path(out)) as tmp:
         keys, values, precision = encode_keys(
-            run, text, tmp / KEYS, checkpoint_tag=checkpoint_tag, device=torch.device(device),
+            run, stream, tmp / KEYS, checkpoint_tag=checkpoint_tag, device=torch.device(device),
             batch_size=batch_size, progress=progress,
         )  # fmt: skip
         encoded = time.perf_counter()

@@ -2,19 +2,20 @@
 
 `evaluate_knn` is what `lmzoo eval --knn` prints: the plain model's loss and the mixed model's loss on
 the same text, both through `lmzoo.inference.evaluate.evaluate_lm` (the mixed model is `KnnLM`, so every number
-is read the way `lmzoo eval` reads it). With `tune`, lambda and T are chosen on the first half of the
-lines (a grid over the neighbours collected once) and both losses are reported on the second half.
+is read the way `lmzoo eval` reads it, from its prepared token file). With `tune`, lambda and T are chosen
+on the first half of the tokens, cut at a line end (a grid over the neighbours collected once), and
+both losses are reported on the second half.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import DataError
 from lmzoo.retrieval.interpolate import KnnRun, knn_target_logprob, mix, with_knn
 from lmzoo.run import Run
@@ -23,28 +24,27 @@ LAMBDAS = tuple(round(0.05 * i, 2) for i in range(20)) + (0.975, 0.99)  # 0 keep
 TEMPERATURE_STEPS = tuple(2.0**i for i in range(-4, 5))  # times the median nearest-neighbour distance
 
 
-def evaluate_text(
-    run: Run, text: str, *, checkpoint_tag: str = "best", device: torch.device
+def evaluate_tokens(
+    run: Run, ids: torch.Tensor, *, checkpoint_tag: str = "best", device: torch.device
 ) -> dict[str, float]:
-    """Loss of `run`'s model on `text` exactly as `lmzoo eval --data` computes it, with tokens/s."""
-    from lmzoo.inference.evaluate import evaluate_text as evaluate
+    """Loss of `run`'s model on token ids exactly as `lmzoo eval --data` computes it, with tokens/s."""
+    from lmzoo.inference.scoring import evaluate_stream
 
     started = time.perf_counter()
-    metrics = evaluate(run.load(checkpoint_tag, device), text)
+    metrics = evaluate_stream(run.load(checkpoint_tag, device), ids)
     metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - started, 1e-9)
     return metrics
 
 
 def collect(
-    run: KnnRun, text: str, *, checkpoint_tag: str, device: torch.device
+    run: KnnRun, stream: torch.Tensor, *, checkpoint_tag: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over `text`: (LM log-prob of each target (N,), neighbour distances (N, k), neighbour
+    """One pass over the token ids `stream`: (LM log-prob of each target (N,), neighbour distances (N, k), neighbour
     carries the target (N, k) bool), read by the scorer's rule."""
     from lmzoo.device import autocast
     from lmzoo.inference.scoring import read_sequences
 
     lm, store = run.plain.load(checkpoint_tag, device), run.store(checkpoint_tag)
-    stream = torch.tensor(run.tokenizer.encode(text), dtype=torch.long)
     logps, dists, match = [], [], []
     with torch.inference_mode(), autocast(lm.device, lm.precision):
         for batch in read_sequences(lm, [stream]):
@@ -85,17 +85,16 @@ def tune(lm: torch.Tensor, dists: torch.Tensor, match: torch.Tensor) -> tuple[fl
     return best
 
 
-def halves(text: str) -> tuple[str, str]:
-    lines = text.splitlines(keepends=True)
-    if len(lines) < 2:
-        raise DataError(
-            "tune splits the text in two halves by lines; it has fewer than 2 lines", param="tune"
-        )
-    ends = list(itertools.accumulate(len(line) for line in lines))
-    middle = min(
-        range(1, len(lines)), key=lambda i: abs(ends[i - 1] - ends[-1] / 2)
-    )  # the line end nearest half
-    return "".join(lines[:middle]), "".join(lines[middle:])
+def halves(ids: torch.Tensor, tokenizer: Tokenizer, reach: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids cut in two at the line end nearest their middle (within `reach` tokens; else at the middle)."""
+    if len(ids) < 4:
+        raise DataError("tune splits the text in two halves; it has fewer than 4 tokens", param="tune")
+    middle = len(ids) // 2
+    for offset in range(min(reach, middle - 1)):
+        for cut in (middle + offset, middle - offset):
+            if tokenizer.decode([int(ids[cut - 1])]).endswith("\n"):
+                return ids[:cut], ids[cut:]
+    return ids[:middle], ids[middle:]
 
 
 def evaluate_knn(
@@ -112,8 +111,8 @@ def evaluate_knn(
     device: torch.device,
 ) -> dict[str, Any]:
     """Plain and kNN-mixed loss on held-out text; with `tune_options`, lambda and T are tuned on the
-    first half of the lines and both losses are reported on the second half."""
-    text = run.evaluation_text(data, split)
+    first half of the tokens (cut at a line end) and both losses are reported on the second half."""
+    ids = run.evaluation_tokens(data, split)
     mixed = with_knn(run, index_dir, k=k, lmbda=lmbda, temperature=temperature)
     report: dict[str, Any] = {
         "k": k,
@@ -121,13 +120,13 @@ def evaluate_knn(
         "tuned": tune_options,
     }
     if tune_options:
-        first, text = halves(text)
+        first, ids = halves(ids, run.tokenizer)
         lm, dists, match = collect(mixed, first, checkpoint_tag=checkpoint_tag, device=device)
         lmbda, temperature, tune_loss = tune(lm, dists, match)
         mixed.retune(lmbda, temperature)
         report.update(tune_tokens=len(lm), tune_loss_base=float(-lm.mean()), tune_loss_knn=tune_loss)
-    base = evaluate_text(run, text, checkpoint_tag=checkpoint_tag, device=device)
-    knn = evaluate_text(mixed, text, checkpoint_tag=checkpoint_tag, device=device)
+    base = evaluate_tokens(run, ids, checkpoint_tag=checkpoint_tag, device=device)
+    knn = evaluate_tokens(mixed, ids, checkpoint_tag=checkpoint_tag, device=device)
     report.update(
         lmbda=lmbda,
         temperature=temperature,

@@ -148,10 +148,10 @@ def evaluate_rag(
     found = open_index(index)
     window = context_of(run) or RECURRENT_WINDOW
     lm = replace(run.load(checkpoint_tag, device), window=window)  # each sequence fits one window
-    text = run.evaluation_text(data, split)
-    ids = run.tokenizer.encode(text)
+    stream = run.evaluation_tokens(data, split)  # the prepared token file, memory-mapped
     if max_chunks is not None:
-        ids = ids[: (max_chunks + 1) * max(1, window // 4)]
+        stream = stream[: (max_chunks + 1) * max(1, window // 4)]
+    ids = stream.tolist()
     conditions, chunk, guarded = chunk_sequences(
         ids, run.tokenizer, found, window=window, passages=passages, seed=seed
     )

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -43,6 +43,9 @@ from lmzoo.run import checkpoint
 from lmzoo.run.config import config_to_yaml, parse_config, read_yaml
 from lmzoo.run.layout import BASE_FILE, CONFIG_FILE, METRICS_FILE, TARGET_TOKENIZER_FILE, TOKENIZER_FILE
 from lmzoo.run.metrics import History, read_history, read_metrics
+
+if TYPE_CHECKING:
+    from lmzoo.data.prepare import PreparedCorpus
 
 TAGS = ("best", "last")
 
@@ -443,16 +446,24 @@ class Run:
             length_penalty=length_penalty, n_best=n_best, warn=warn,
         )  # fmt: skip
 
-    def evaluation_text(self, data: str | Path | None = None, split: str = "val") -> str:
-        """The text `evaluate` reads: a file, or the run's val/test split (language models)."""
-        from lmzoo.data.corpus import read_splits, read_text_file
+    def prepared(self, data: str | Path | list[str | Path] | None = None) -> PreparedCorpus:
+        """A text (a file, folder or glob, read whole into the split "train") or else the run's corpus,
+        tokenized by the run's tokenizer into memory-mapped token files: from the cache when it is there."""
+        from lmzoo.data.prepare import prepare_corpus, prepare_text
 
+        if data is not None:
+            return prepare_text(data, self.tokenizer, cache_dir=self.config.data.cache_dir)
+        return prepare_corpus(self.config.data, self.tokenizer)
+
+    def evaluation_tokens(self, data: str | Path | None = None, split: str = "val") -> torch.Tensor:
+        """The token ids `evaluate` reads (language models): a text file, folder or glob, or the run's
+        val/test split, as a tensor over the prepared token file (read lazily, window by window)."""
         if split not in ("val", "test"):
             raise ConfigError(f"split must be val or test, got {split!r}", param="split")
-        text = read_text_file(data) if data is not None else getattr(read_splits(self.config.data), split)
-        if not text.strip():
+        ids = self.prepared(data).tensor("train" if data is not None else split)
+        if not len(ids):
             raise DataError(f"the run's {split} split is empty; pass data=FILE", param="data")
-        return text
+        return ids
 
     def evaluate(
         self,
@@ -465,16 +476,17 @@ class Run:
     ) -> dict[str, float]:
         """Loss and perplexity on a text file or the run's val/test split; seq2seq runs add greedy and beam
         BLEU. Language models read the text as `score` does: every token after the first."""
-        from lmzoo.inference.evaluate import evaluate_pairs, evaluate_text
+        from lmzoo.inference.evaluate import evaluate_pairs
+        from lmzoo.inference.scoring import evaluate_stream
 
         if self.kind != "seq2seq":
-            return evaluate_text(self.load(checkpoint_tag, device), self.evaluation_text(data, split))
-        from lmzoo.data.examples import read_pair_file, read_pair_splits
+            return evaluate_stream(self.load(checkpoint_tag, device), self.evaluation_tokens(data, split))
+        from lmzoo.data.example_files import ExampleSplits, read_pair_file
 
         if split not in ("val", "test"):
             raise ConfigError(f"split must be val or test, got {split!r}", param="split")
         cfg = self.config.data
-        pairs = read_pair_file(cfg, str(data)) if data is not None else getattr(read_pair_splits(cfg), split)
+        pairs = read_pair_file(cfg, str(data)) if data is not None else list(ExampleSplits(cfg).stream(split))
         if not pairs:
             raise DataError(f"the run's {split} split has no sentence pairs; pass data=FILE", param="data")
         return evaluate_pairs(self.load(checkpoint_tag, device), pairs, beam=beam)
@@ -501,3 +513,18 @@ class Run:
         if source is not None:
             return score_target(lm, source, text, top_k=top_k)
         return score_text(lm, text, top_k=top_k)
+
+    def score_file(
+        self, path: str | Path, *, checkpoint_tag: str = "best", device: str = "auto", top_k: int = 5
+    ) -> Scored:
+        """`score` of a text file (language models), read from its prepared token file: equals
+        `evaluate(data=path)` and `score` of the file's text."""
+        from lmzoo.inference.scoring import score_ids
+
+        if self.kind == "seq2seq":
+            raise ConfigError("a seq2seq run scores a target given its source: pass source= and the text")
+        prepared = self.prepared(path)
+        lm = self.load(checkpoint_tag, device)
+        return score_ids(
+            lm, prepared.tensor("train"), characters=prepared.characters("train") or 0, top_k=top_k
+        )

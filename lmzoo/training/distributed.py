@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
-from lmzoo.errors import ConfigError
+from lmzoo.errors import ConfigError, DataError, LmzooError
 from lmzoo.models.base import ZooModel, map_tensors
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,35 @@ def from_main(ctx: DistContext, value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def main_first(
+    ctx: DistContext, first: Callable[[], T], then: Callable[[], T], timeout_s: float = 86_400
+) -> T:
+    """Rank 0 runs `first` (preparing a corpus: minutes, maybe hours) while the other ranks wait for it on a
+    group of their own with a long timeout; then they run `then`. A failure on rank 0 fails every rank."""
+    if not ctx.enabled:
+        return first()
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        if ctx.is_main:
+            failure: str | None = "rank 0 stopped"
+            try:
+                result = first()
+                failure = None
+                return result
+            except LmzooError as err:
+                failure = str(err)
+                raise
+            finally:
+                dist.broadcast_object_list([failure], src=0, group=group)
+        box: list[str | None] = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        if box[0] is not None:
+            raise DataError(f"rank {ctx.rank}: rank 0 could not prepare the data ({box[0]})")
+        return then()
+    finally:
+        dist.destroy_process_group(group)
 
 
 def gather_to_main(ctx: DistContext, value: Any) -> list[Any] | None:

@@ -132,9 +132,9 @@ class Trainer:
         self.bar = ProgressBar(0, 0, enabled=False, quiet=not dist.is_main)
         self.run_, self.resuming = open_run(config, resume, dist, say=self.bar.write)
         self.run_dir = self.run_.path
-        self.setup = setup_training(
-            config, self.run_.tokenizers() if self.resuming else None, dist, self.run_
-        )
+        saved = self.run_.tokenizers() if self.resuming else None
+        show = progress and dist.is_main
+        self.setup = setup_training(config, saved, dist, self.run_, progress=show, say=self.bar.write)
         self.task, self.stepper, self.model = self.setup.task, self.setup.stepper, self.setup.task.model
         self.loop = LoopState()
         self.watch = NonFiniteWatch(self.setup.device)  # non-finite steps, read at log/eval/save steps

@@ -46,6 +46,9 @@ def setup_training(
     tokenizers: dict[str, Any] | None = None,
     dist: DistContext = SINGLE,
     run: Run | None = None,
+    *,
+    progress: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> Setup:
     """Read and tokenize the data (fitting tokenizers unless given), build model, optimiser and step.
 
@@ -66,6 +69,9 @@ def setup_training(
         make_model=lambda vocab: run.fresh_model(device, vocab_size=vocab),
         batch_size=config.data.batch_size * dist.world_size,
         base_config=base.config if base else None,
+        dist=dist,
+        progress=progress,
+        say=say,
     )
     task = build_task(context)
     if dist.enabled:

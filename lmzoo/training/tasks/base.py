@@ -4,19 +4,24 @@ and the `TaskContext` every task builder starts from."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from lmzoo.config.schema import RunConfig
+from lmzoo.config.schema import DataConfig, RunConfig, TokenizerConfig
 from lmzoo.data.tokenizer import Tokenizer, fit_tokenizer
 from lmzoo.device import autocast
 from lmzoo.inference.decoding import decode
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.models.base import ZooModel, eval_mode
+from lmzoo.training.distributed import SINGLE, DistContext, main_first
+
+if TYPE_CHECKING:
+    from lmzoo.data.prepare import PreparedCorpus
 
 
 class BatchSource(Protocol):
@@ -81,6 +86,9 @@ class TaskContext:
     tokenizers: dict[str, Tokenizer] | None  # reused from a run directory instead of fitted
     batch_size: int  # per-step rows: data.batch_size x the number of processes sharing them
     base_config: RunConfig | None = None  # fine-tunes: the init_from run's config
+    dist: DistContext = SINGLE
+    progress: bool = False  # show progress bars while a corpus is prepared
+    say: Callable[[str], None] | None = None  # where notices go (stderr by default)
 
     @property
     def eval_batch_size(self) -> int:
@@ -91,6 +99,29 @@ class TaskContext:
         if self.tokenizers is not None:
             return self.tokenizers["source"]
         return fit_tokenizer(section or self.config.tokenizer, text())
+
+    def corpus(
+        self, data: DataConfig | None = None, tokenizer: Tokenizer | TokenizerConfig | None = None
+    ) -> PreparedCorpus:
+        """A text corpus (the run's by default) tokenized once into memory-mapped token files, with the saved
+        tokenizer or one fitted on it. Under torchrun rank 0 prepares while the others wait; then every
+        rank maps the same files."""
+        from lmzoo.data.prepare import prepare_corpus
+
+        data = data or self.config.data
+        if tokenizer is None:
+            tokenizer = self.tokenizers["source"] if self.tokenizers is not None else self.config.tokenizer
+
+        def prepare(reuse_only: bool) -> PreparedCorpus:
+            show = self.progress and not reuse_only
+            say = (
+                self.say
+                if not self.dist.enabled
+                else lambda m: print(f"rank {self.dist.rank}: {m}", file=sys.stderr)
+            )
+            return prepare_corpus(data, tokenizer, progress=show, say=say, reuse_only=reuse_only)
+
+        return main_first(self.dist, lambda: prepare(False), lambda: prepare(True))
 
     def loaded(self, model: ZooModel, tokenizer: Tokenizer, window: int) -> LoadedModel:
         """The model in training as the inference core reads it (scored in `window`-token windows)."""

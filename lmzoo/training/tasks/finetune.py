@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-from lmzoo.config.schema import resolve_data_path
 from lmzoo.data.batch import to_device
-from lmzoo.data.corpus import encode_stream, read_splits
-from lmzoo.data.examples import (
-    ShuffledBatches,
-    preference_batch,
-    prompt_response_ids,
-    read_record_splits,
-    sft_batch,
-)
+from lmzoo.data.encoders import id_dtype
+from lmzoo.data.example_files import ExampleSplits
+from lmzoo.data.examples import ShuffledBatches, preference_batch, prompt_response_ids, sft_batch
+from lmzoo.data.packed import PackedExamples
 from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.device import autocast
+from lmzoo.errors import DataError
 from lmzoo.inference.evaluate import token_weighted_loss
 from lmzoo.inference.scoring import evaluate_stream
 from lmzoo.models.base import eval_mode
@@ -30,20 +26,22 @@ from lmzoo.training.tasks.base import Metrics, Task, TaskContext
 def sft_task(context: TaskContext) -> Task:
     """Instruction tuning: the loss covers only the response tokens of each templated record."""
     config = context.config
-    parts = read_record_splits(config.data, ("instruction", "input", "output"))
-    prompts = {
-        name: [
-            (config.data.template.format(instruction=r["instruction"], input=r["input"]), r["output"])
-            for r in records
-        ]
-        for name, records in parts.items()
+    splits = ExampleSplits(config.data, ("instruction", "input", "output"))
+
+    def prompts(split: str) -> Iterator[tuple[str, str]]:
+        for r in splits.stream(split):
+            yield config.data.template.format(instruction=r["instruction"], input=r["input"]), r["output"]
+
+    tokenizer = context.tokenizer(lambda: "\n".join(p + r for p, r in prompts("train")))
+    context_len, dtype = config.model.context_len, id_dtype(tokenizer.vocab_size)
+    encoded = {  # streamed into compact tables: a few bytes per token
+        name: PackedExamples.of(
+            (prompt_response_ids(tokenizer, p, r, context_len) for p, r in prompts(name)), 2, dtype=dtype
+        )
+        for name in ("train", "val")
     }
-    tokenizer = context.tokenizer(lambda: "\n".join(p + r for p, r in prompts["train"]))
-    context_len = config.model.context_len
-    encoded = {
-        name: [prompt_response_ids(tokenizer, p, r, context_len) for p, r in pairs]
-        for name, pairs in prompts.items()
-    }
+    if not len(encoded["val"]):
+        splits.split("val")  # the one-line error for an empty validation split
     batches = ShuffledBatches(encoded["train"], context.batch_size, seed=config.seed, collate=sft_batch)
     val = ShuffledBatches(encoded["val"], context.eval_batch_size, seed=0, collate=sft_batch, shuffle=False)
     model = context.make_model(tokenizer.vocab_size)
@@ -65,9 +63,9 @@ def sft_task(context: TaskContext) -> Task:
         model=model,
         batches=batches,
         objective=LMObjective(carry=False, label_smoothing=config.train.label_smoothing),
-        tokens_per_epoch=sum(len(t) for _, t in encoded["train"]),
+        tokens_per_epoch=int(encoded["train"].lengths(1).sum()),
         evaluate=evaluate,
-        sample=context.sampler(model, tokenizer, prompts["val"][0][0], stop=("\n\n",)),
+        sample=context.sampler(model, tokenizer, next(prompts("val"))[0], stop=("\n\n",)),
     )
 
 
@@ -78,25 +76,31 @@ def dpo_task(context: TaskContext) -> Task:
     run's validation text is still on disk, the language-model loss on it (what DPO costs).
     """
     config = context.config
-    parts = read_record_splits(config.data, ("prompt", "chosen", "rejected"))
+    splits = ExampleSplits(config.data, ("prompt", "chosen", "rejected"))
     tokenizer = context.tokenizer(lambda: "")
     context_len = config.model.context_len
 
-    def encode(
-        records: list[dict[str, str]],
-    ) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
-        return [
+    def encode(split: str) -> PackedExamples:
+        """(chosen (inputs, targets), rejected (inputs, targets)) of each record, in compact tables."""
+        pairs = (
             (
                 prompt_response_ids(tokenizer, r["prompt"], r["chosen"], context_len),
                 prompt_response_ids(tokenizer, r["prompt"], r["rejected"], context_len),
             )
-            for r in records
-        ]
+            for r in splits.stream(split)
+        )
+        return PackedExamples.of(
+            pairs,
+            4,
+            dtype=id_dtype(tokenizer.vocab_size),
+            shape=lambda f: ((f[0], f[1]), (f[2], f[3])),
+            flat=lambda e: (*e[0], *e[1]),
+        )
 
-    train = encode(parts["train"])
+    train, held_out = encode("train"), splits.split("val")
     batches = ShuffledBatches(train, context.batch_size, seed=config.seed, collate=preference_batch)
     val = ShuffledBatches(
-        encode(parts["val"]), context.eval_batch_size, seed=0, collate=preference_batch, shuffle=False
+        encode("val"), context.eval_batch_size, seed=0, collate=preference_batch, shuffle=False
     )
     model = context.make_model(tokenizer.vocab_size)
     objective = DPOObjective(config.train.dpo_beta, _reference(model))
@@ -121,9 +125,9 @@ def dpo_task(context: TaskContext) -> Task:
         model=model,
         batches=batches,
         objective=objective,
-        tokens_per_epoch=sum(len(c[1]) + len(r[1]) for c, r in train),
+        tokens_per_epoch=int(train.lengths(1).sum() + train.lengths(3).sum()),
         evaluate=evaluate,
-        sample=context.sampler(model, tokenizer, parts["val"][0]["prompt"]),
+        sample=context.sampler(model, tokenizer, held_out[0]["prompt"]),
     )
 
 
@@ -145,9 +149,10 @@ def _base_validation_stream(context: TaskContext, tokenizer: Tokenizer) -> torch
     base = context.base_config
     if base is None or base.data.format != "text":
         return None
-    if not all(resolve_data_path(f).is_file() for f in base.data.train_files):
+    try:
+        return context.corpus(base.data, tokenizer).tensor("val")
+    except DataError:  # its corpus is gone (or no longer readable): no pretraining loss
         return None
-    return encode_stream(tokenizer, read_splits(base.data).val)
 
 
 def _dpo_validation(

@@ -1,9 +1,9 @@
-"""Language modelling on text: token streams, sequential (state-carrying) or random-window batches."""
+"""Language modelling on text: a prepared corpus (tokenized once, memory-mapped), sequential
+(state-carrying) or random-window batches read from it."""
 
 from __future__ import annotations
 
 from lmzoo.config.schema import RunConfig
-from lmzoo.data.corpus import encode_stream, read_splits
 from lmzoo.data.streams import make_batches
 from lmzoo.inference.scoring import evaluate_stream
 from lmzoo.models import get_model_info
@@ -14,15 +14,13 @@ from lmzoo.training.tasks.base import Metrics, Task, TaskContext
 
 def lm_task(context: TaskContext) -> Task:
     config = context.config
-    splits = read_splits(config.data)
-    fit_text = splits.train if config.tokenizer.fit_on == "train" else splits.train + splits.val + splits.test
-    tokenizer = context.tokenizer(lambda: fit_text)
-    train_stream, val_stream = encode_stream(tokenizer, splits.train), encode_stream(tokenizer, splits.val)
+    corpus = context.corpus()
+    tokenizer = corpus.tokenizer
+    train_stream, val_stream = corpus.tokens("train"), corpus.tensor("val")
     seq_len = config.data.seq_len = config.seq_len
     # Batches before the model: a corpus too short for one batch fails before anything is built.
     carries_state = _carries_state(config)
     sequential = config.data.sampling == "sequential" or (config.data.sampling == "auto" and carries_state)
-    # The stream moves to the device once and batches are gathered there.
     batches = make_batches(
         train_stream,
         context.batch_size,

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lmzoo.data.examples import encode_pairs, pair_batches, read_pair_splits
+from lmzoo.data.encoders import id_dtype
+from lmzoo.data.example_files import ExampleSplits
+from lmzoo.data.examples import encode_pairs, iter_encoded_pairs, pair_batches
+from lmzoo.data.packed import PackedExamples
 from lmzoo.data.tokenizer import Tokenizer, fit_tokenizer
 from lmzoo.errors import ConfigError
 from lmzoo.inference.evaluate import corpus_bleu, evaluate_seq2seq, translate_corpus
@@ -16,16 +19,17 @@ from lmzoo.training.tasks.base import BatchSource, Metrics, Task, TaskContext
 
 def seq2seq_task(context: TaskContext) -> Task:
     config = context.config
-    pairs = read_pair_splits(config.data)
-    source_tok, target_tok = _pair_tokenizers(
-        context, pairs.train + pairs.val + pairs.test if config.tokenizer.fit_on == "all" else pairs.train
-    )
+    splits = ExampleSplits(config.data)  # counted once; each split then streams from the files
+    source_tok, target_tok = _pair_tokenizers(context, splits)
     max_len = config.data.max_len
     bos, eos = target_tok.bos_id, target_tok.eos_id
-    train_pairs = encode_pairs(pairs.train, source_tok, target_tok, max_len=max_len)
+    dtype = id_dtype(max(source_tok.vocab_size, target_tok.vocab_size))
+    encoded = iter_encoded_pairs(splits.stream("train"), source_tok, target_tok, max_len=max_len)
+    train_pairs = PackedExamples.of(encoded, 2, dtype=dtype)  # a few bytes per token
     batches = _pair_training_batches(context, train_pairs, bos, eos)  # fails before the model is built
+    val = splits.split("val")
     val_batches = pair_batches(
-        encode_pairs(pairs.val, source_tok, target_tok, max_len=max_len),
+        encode_pairs(val, source_tok, target_tok, max_len=max_len),
         context.eval_batch_size,
         seed=0,
         shuffle=False,
@@ -37,19 +41,19 @@ def seq2seq_task(context: TaskContext) -> Task:
     if not isinstance(model, Seq2SeqModel):
         raise ConfigError(f"model {config.model.name!r} is not a seq2seq model; sentence pairs need one")
     evaluate = _evaluator(
-        context, model, val_batches, pairs.val[: config.train.bleu_sentences], source_tok, target_tok
+        context, model, val_batches, val[: config.train.bleu_sentences], source_tok, target_tok
     )
 
     def sample(step: int) -> str:
         from lmzoo.inference.seq2seq import translate
 
-        source, reference = pairs.val[0]
+        source, reference = val[0]
         [(hyp, _)] = context.in_eval_mode(
             model, lambda: [translate(model, source_tok, target_tok, source, max_len=max_len)[0]]
         )
         return f"{source}\n-> {hyp}\n(reference: {reference})"
 
-    tokens = sum(len(t) + 1 for _, t in train_pairs)
+    tokens = int(train_pairs.lengths(1).sum()) + len(train_pairs)
     return Task(
         tokenizer=source_tok,
         target_tokenizer=target_tok,
@@ -100,7 +104,7 @@ def _evaluator(
     return evaluate
 
 
-def _pair_training_batches(context: TaskContext, pairs: list, bos: int, eos: int) -> BatchSource:
+def _pair_training_batches(context: TaskContext, pairs: PackedExamples, bos: int, eos: int) -> BatchSource:
     """Training pairs by token count (data.max_tokens: collated once, kept on the device) or by rows."""
     config = context.config
     if config.data.max_tokens is None:
@@ -112,11 +116,15 @@ def _pair_training_batches(context: TaskContext, pairs: list, bos: int, eos: int
     )
 
 
-def _pair_tokenizers(context: TaskContext, fit_pairs: list[tuple[str, str]]) -> tuple[Tokenizer, Tokenizer]:
-    """(source, target) tokenizers: saved ones, one shared tokenizer, or one per side."""
+def _pair_tokenizers(context: TaskContext, splits: ExampleSplits) -> tuple[Tokenizer, Tokenizer]:
+    """(source, target) tokenizers: saved ones, one shared tokenizer, or one per side (fitted on a bounded
+    sample of the pairs: all of them, up to tokenizer.fit_bytes of files)."""
     if context.tokenizers is not None:
         source = context.tokenizers["source"]
         return source, context.tokenizers.get("target", source)
+    tokenizer = context.config.tokenizer
+    wanted = {"train", "val", "test"} if tokenizer.fit_on == "all" else {"train"}
+    fit_pairs = splits.sample(wanted, tokenizer.fit_bytes)
     sources, targets = "\n".join(s for s, _ in fit_pairs), "\n".join(t for _, t in fit_pairs)
     config = context.config
     if config.target_tokenizer is None:

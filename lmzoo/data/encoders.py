@@ -1,0 +1,232 @@
+"""Encoding large texts fast, to exactly the ids `Tokenizer.encode` gives the same text.
+
+* char: vectorised lookups (a byte translation table for ASCII text, a code-point table otherwise);
+* BPE: ASCII text pre-tokenized by Python's regex engine with a cache of encoded pre-tokens, other text
+  by the `tokenizers` library's batch encoding; in worker processes, one per core;
+* word (and any other registered tokenizer): `Tokenizer.encode` in worker processes, one per core.
+
+Texts are cut into pieces only where every tokenizer encodes the pieces as it encodes the whole
+(`safe_pieces`), so the ids of a corpus do not depend on how it was read in chunks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from lmzoo.data.tokenizer import BpeTokenizer, CharTokenizer, Tokenizer, tokenizer_from_dict
+from lmzoo.errors import DataError
+
+T = TypeVar("T")
+ASCII_RUN = 80  # mixed text is cut into pieces of about this many characters, ASCII ones go the fast way
+KNOWN_PIECES = 1 << 21  # distinct pre-tokens a BPE encoder remembers
+_SPACE = " \t\n\x0b\x0c\r"  # \s of the pre-tokenizer's regex, on ASCII
+ASCII_PRETOKENS = re.compile(
+    rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9]+|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+"
+)
+SEARCH = 64  # cut candidates tried before giving up on a region
+PARALLEL_BYTES = 16 << 20  # smaller corpora are encoded in this process: starting workers costs more
+
+
+def _solid(char: str) -> bool:
+    return not char.isspace()
+
+
+def safe_cut(text: str, start: int, target: int) -> int | None:
+    """A position near `target` (after `start`) where `text` may be cut: right after a "\\n" or right before
+    a " ", with no whitespace on either side. Any tokenizer gives text[:p] + text[p:] the ids of text."""
+    end = len(text)
+    for char, after in (("\n", 1), (" ", 0)):
+        for direction in (-1, 1):
+            position, tries = target, 0
+            while tries < SEARCH:
+                tries += 1
+                found = (
+                    text.rfind(char, start + 1, position)
+                    if direction < 0
+                    else text.find(char, position, end - 1)
+                )
+                if found <= start:
+                    break
+                if _solid(text[found - 1]) and found + 1 < end and _solid(text[found + 1]):
+                    return found + after
+                position = found if direction < 0 else found + 1
+    return None
+
+
+def safe_pieces(text: str, size: int) -> list[str]:
+    """`text` cut at safe places into pieces of about `size` characters (longer where it has none)."""
+    pieces, start = [], 0
+    while len(text) - start > 2 * size:
+        cut = safe_cut(text, start, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def id_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """uint16 when every id fits, else uint32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+class CharEncoder:
+    """CharTokenizer.encode as table lookups."""
+
+    def __init__(self, tokenizer: CharTokenizer, dtype: type[np.unsignedinteger]) -> None:
+        self.dtype, unk = dtype, tokenizer.unk_id
+        codes = {ord(ch): i for ch, i in tokenizer.stoi.items() if len(ch) == 1}
+        size = max(codes, default=0) + 2  # the last entry: every code point beyond the vocabulary
+        self.table = np.full(size, unk, dtype=dtype)
+        for code, index in codes.items():
+            self.table[code] = index
+        ascii_ids = [codes.get(c, unk) for c in range(128)]
+        self.ascii = bytes(ascii_ids) + bytes(128) if max(ascii_ids) < 256 else None
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.ascii is not None and text.isascii():
+            return np.frombuffer(text.encode("ascii").translate(self.ascii), np.uint8).astype(self.dtype)
+        codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        return self.table[np.minimum(codes, len(self.table) - 1)]
+
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(text) for text in texts]
+
+
+class BpeEncoder:
+    """BpeTokenizer.encode, faster on ASCII text: it is cut into pre-tokens by Python's regex engine (the
+    byte-level pre-tokenizer's own GPT-2 pattern, whose classes are plain sets on ASCII) and each distinct
+    pre-token is encoded once and remembered; other text goes to the library's batch encoding."""
+
+    def __init__(self, tokenizer: BpeTokenizer, dtype: type[np.unsignedinteger]) -> None:
+        self.backend, self.dtype = tokenizer.backend, dtype
+        self.known: dict[str, list[int]] = {}
+
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(text) for text in texts]
+
+    def encode(self, text: str) -> np.ndarray:
+        parts = [text] if text.isascii() else safe_pieces(text, ASCII_RUN)
+        runs = [(plain, "".join(group)) for plain, group in itertools.groupby(parts, key=str.isascii)]
+        other = iter(
+            self.backend.encode_batch_fast([t for plain, t in runs if not plain], add_special_tokens=False)
+        )
+        ids: list[int] = []
+        for plain, run in runs:
+            ids.extend(self._ascii(run) if plain else next(other).ids)
+        return np.asarray(ids, dtype=self.dtype)
+
+    def _ascii(self, text: str) -> Iterator[int]:
+        pieces = ASCII_PRETOKENS.findall(text)
+        missing = list(set(pieces).difference(self.known))
+        if missing:
+            if len(self.known) > KNOWN_PIECES:
+                self.known.clear()
+            encodings = self.backend.encode_batch_fast(missing, add_special_tokens=False)
+            for piece, encoding in zip(missing, encodings, strict=True):
+                self.known[piece] = encoding.ids
+        return itertools.chain.from_iterable(map(self.known.__getitem__, pieces))
+
+
+class PlainEncoder:
+    """Tokenizer.encode itself (run in worker processes)."""
+
+    def __init__(self, tokenizer: Tokenizer, dtype: type[np.unsignedinteger]) -> None:
+        self.tokenizer, self.dtype = tokenizer, dtype
+
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(self.tokenizer.encode(text), dtype=self.dtype) for text in texts]
+
+
+Encoder = Callable[[list[str]], list[np.ndarray]]
+
+
+def encoder_for(tokenizer: Tokenizer, dtype: type[np.unsignedinteger]) -> Encoder:
+    """The fastest encoder of `tokenizer` in this process."""
+    if isinstance(tokenizer, CharTokenizer):
+        return CharEncoder(tokenizer, dtype)
+    if isinstance(tokenizer, BpeTokenizer):
+        return BpeEncoder(tokenizer, dtype)
+    return PlainEncoder(tokenizer, dtype)
+
+
+def in_processes(tokenizer: Tokenizer) -> bool:
+    """Whether encoding needs worker processes to use every core (the vectorised char encoder does not)."""
+    return not isinstance(tokenizer, CharTokenizer)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+# ---- worker processes -----------------------------------------------------------------------------
+
+_WORKER: Encoder | None = None
+
+
+def _start_worker(payload: dict[str, Any], dtype: str) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers share the machine
+    _WORKER = encoder_for(tokenizer_from_dict(payload), np.dtype(dtype).type)
+
+
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    assert _WORKER is not None
+    return _WORKER(texts)
+
+
+def encode_all(
+    tokenizer: Tokenizer,
+    dtype: type[np.unsignedinteger],
+    items: Iterable[tuple[T, list[str]]],
+    workers: int = 1,
+) -> Iterator[tuple[T, list[np.ndarray]]]:
+    """(tag, ids of each text) for each (tag, texts) of `items`, in order; with workers > 1 and a tokenizer
+    that needs them, `workers` processes encode while this one reads ahead at most 2 items per worker."""
+    if workers <= 1 or not in_processes(tokenizer):
+        encode = encoder_for(tokenizer, dtype)
+        for tag, texts in items:
+            yield tag, encode(texts)
+        return
+    payload = tokenizer.payload()
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    pending: deque[tuple[T, Future[list[np.ndarray]]]] = deque()
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(payload, np.dtype(dtype).str)
+    ) as pool:
+        try:
+            for tag, texts in items:
+                pending.append((tag, pool.submit(_encode_in_worker, texts)))
+                while len(pending) > 2 * workers:
+                    done_tag, future = pending.popleft()
+                    yield done_tag, _result(future)
+            while pending:
+                done_tag, future = pending.popleft()
+                yield done_tag, _result(future)
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _result(future: Future[list[np.ndarray]]) -> list[np.ndarray]:
+    try:
+        return future.result()
+    except (BrokenExecutor, OSError) as err:
+        raise DataError(
+            f"a tokenizing worker process failed ({type(err).__name__}: {err}); "
+            "set data.workers: 1 to tokenize in this process"
+        ) from None

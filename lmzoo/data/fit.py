@@ -1,0 +1,95 @@
+"""Fitting a tokenizer on a corpus of any size: on a bounded, deterministic sample of its training split.
+
+Word and BPE vocabularies are fitted on at most `tokenizer.fit_bytes` characters: the whole split when it
+is smaller (so small corpora get exactly the tokenizer they always got), else every k-th block of about
+SAMPLE_BLOCK characters, evenly spread over the split. A char vocabulary comes from one cheap full pass.
+The fitted tokenizer is kept in the corpus's cache with the scan it saw.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+from lmzoo.config.schema import TokenizerConfig
+from lmzoo.data.cache import digest, read_json, write_json
+from lmzoo.data.corpus import SPLITS
+from lmzoo.data.scan import Say, Scanned
+from lmzoo.data.sources import Piece
+from lmzoo.data.tokenizer import EOS, Tokenizer, fit_tokenizer, tokenizer_from_dict
+
+SAMPLE_BLOCK = 1 << 16  # the fit sample is made of blocks of about this many characters
+
+
+def _fit_text(corpus: Scanned, config: TokenizerConfig) -> str:
+    """The text a tokenizer of `config` is fitted on: for char, every character of the fitted splits (one
+    full pass); otherwise a sample of at most `fit_bytes`: all of it when it is smaller, else every k-th
+    block of about SAMPLE_BLOCK characters."""
+    wanted = {"train"} if config.fit_on == "train" else set(SPLITS)
+    pieces = ((split, piece) for split, piece in corpus.route() if split in wanted)
+    document_end = corpus.plan.data.document_end
+    separator = "" if document_end == EOS else document_end  # the text between documents
+    if config.kind == "char":
+        return "".join(sorted(_characters(piece for _, piece in pieces) | set(separator)))
+    limit = config.fit_bytes
+    stride = max(1, math.ceil(_fit_bytes_estimate(corpus, wanted) / limit))
+    parts: list[str] = []
+    size = index = 0
+    for _, piece in pieces:
+        text = piece.text if not piece.ends_document or piece.text.endswith("\n") else piece.text + "\n"
+        for block in _blocks(text) if stride > 1 else [text]:
+            if index % stride == 0:
+                parts.append(block)
+                size += len(block)
+            index += 1
+        if size >= limit:
+            break
+    return "".join(parts) + separator
+
+
+def _characters(pieces: Iterator[Piece]) -> set[str]:
+    found: set[str] = set()
+    known = b""  # the ASCII characters found so far, deleted from each ASCII chunk before looking
+    for piece in pieces:
+        text = piece.text
+        if text.isascii():
+            rest = text.encode("ascii").translate(None, known)
+            if rest:
+                found |= set(rest.decode("ascii"))
+                known = bytes(sorted(ord(c) for c in found if ord(c) < 128))
+        else:
+            found |= set(text)
+    return found
+
+
+def _blocks(text: str) -> Iterator[str]:
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + SAMPLE_BLOCK)
+        end = len(text) if end == -1 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def _fit_bytes_estimate(corpus: Scanned, wanted: set[str]) -> float:
+    sizes = {role: sum(s.size for s in found) for role, found in corpus.sources().items()}
+    total, split = sum(corpus.counts.values()), corpus.plan.data.split
+    share = corpus.counts.get("train", 0) / total if total else split[0] / sum(split)
+    train_role = sizes["train"] * (1.0 if wanted == set(SPLITS) else share)
+    return train_role + sum(size for role, size in sizes.items() if role != "train" and role in wanted)
+
+
+def fitted_tokenizer(corpus: Scanned, config: TokenizerConfig, *, say: Say) -> Tokenizer:
+    """The tokenizer `config` describes, fitted on this corpus (kept in the cache with the scan it saw)."""
+    path = corpus.plan.root / f"fit-{digest({'tokenizer': config.model_dump(mode='json')})[:16]}.json"
+    saved = read_json(path)
+    if saved is not None and saved.get("scan") == corpus.id:
+        return tokenizer_from_dict(saved["tokenizer"])
+    started = time.perf_counter()
+    tokenizer = fit_tokenizer(config, _fit_text(corpus, config))
+    seconds = time.perf_counter() - started
+    if seconds > 2:
+        say(f"lmzoo: fitted the {config.kind} tokenizer ({tokenizer.vocab_size:,} tokens) in {seconds:.1f} s")
+    write_json(path, {"scan": corpus.id, "tokenizer": tokenizer.payload()})
+    return tokenizer

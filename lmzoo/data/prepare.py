@@ -1,0 +1,370 @@
+"""`lmzoo prepare`: a corpus tokenized once into flat token files per split that every run memory-maps.
+
+Three streaming passes, none of which holds the corpus in memory:
+
+1. scan (lmzoo.data.scan): each source's size, mtime, sha256, lines and documents;
+2. fit (lmzoo.data.fit): the tokenizer, on a bounded deterministic sample of the training split;
+3. encode (here): text routed to its split (lmzoo.data.corpus), encoded on every core
+   (lmzoo.data.encoders), appended to <split>.bin; documents are separated by `data.document_end`.
+
+Prepared corpora live in a cache keyed by corpus and tokenizer (lmzoo.data.cache), shared by every run
+that uses them; one process prepares while the others wait, and a prepare that fails leaves nothing
+behind that a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lmzoo.config.schema import DataConfig, TokenizerConfig
+from lmzoo.data.cache import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    check_room,
+    digest,
+    locked,
+    read_json,
+    remove_leftovers,
+    staged,
+    write_json,
+)
+from lmzoo.data.corpus import SPLITS, CorpusPlan, check_counts, plan_corpus, split_counts
+from lmzoo.data.encoders import PARALLEL_BYTES, cores, encode_all, id_dtype
+from lmzoo.data.fit import fitted_tokenizer
+from lmzoo.data.scan import Say, Scanned, progress_bar, scanned, to_stderr
+from lmzoo.data.sources import Piece
+from lmzoo.data.tokenizer import EOS, Tokenizer
+from lmzoo.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+BATCH_CHARS = 1 << 22  # characters of text per encoding job
+NOTICE_BYTES = 16 << 20  # preparing a smaller corpus takes about a second: it is done without a word
+
+
+@dataclass
+class SplitStats:
+    tokens: int = 0
+    documents: int = 0
+    characters: int | None = 0
+    text_sha256: str | None = None  # held-out splits: sha256 of their text
+    started: bool = False  # the current document has written tokens
+    separate: bool = False  # a document ended: the next tokens start with the separator
+
+
+def separator_ids(tokenizer: Tokenizer, document_end: str) -> list[int]:
+    """The ids between two documents: <eos>, nothing (""), or the encoded text."""
+    if document_end == EOS:
+        return [tokenizer.eos_id]
+    return tokenizer.encode(document_end) if document_end else []
+
+
+def _jobs(pieces: Iterator[tuple[str, Piece]]) -> Iterator[tuple[list[tuple[str, bool, int]], list[str]]]:
+    """Consecutive pieces grouped into jobs of about BATCH_CHARS characters: (tags, texts)."""
+    tags: list[tuple[str, bool, int]] = []
+    texts: list[str] = []
+    size = 0
+    for split, piece in pieces:
+        tags.append((split, piece.ends_document, len(piece.text)))
+        texts.append(piece.text)
+        size += len(piece.text)
+        if size >= BATCH_CHARS:
+            yield tags, texts
+            tags, texts, size = [], [], 0
+    if texts:
+        yield tags, texts
+
+
+def encode_corpus(
+    corpus: Scanned, tokenizer: Tokenizer, directory: Path, *, workers: int, progress: bool
+) -> dict[str, SplitStats]:
+    """Write <split>.bin for every split into `directory`; return what each holds."""
+    plan = corpus.plan
+    dtype = id_dtype(tokenizer.vocab_size)
+    separator = np.asarray(separator_ids(tokenizer, plan.data.document_end), dtype=dtype).tobytes()
+    stats = {name: SplitStats() for name in SPLITS}
+    hashes = {name: hashlib.sha256() for name in ("val", "test")}
+    outputs = {name: open(directory / f"{name}.bin", "wb") for name in SPLITS}  # noqa: SIM115
+    try:
+        with progress_bar(corpus.size, "tokenizing", progress) as bar:
+            jobs = _jobs(_hashed(corpus.route(), hashes))
+            for tags, arrays in encode_all(tokenizer, dtype, jobs, workers):
+                for (split, ends, chars), ids in zip(tags, arrays, strict=True):
+                    _write(outputs[split], stats[split], ids, separator, len(separator) // dtype().itemsize)
+                    stats[split].characters = (stats[split].characters or 0) + chars
+                    if ends:
+                        stats[split].separate = stats[split].separate or stats[split].started
+                        stats[split].started = False
+                    bar.update(chars)
+    finally:
+        for handle in outputs.values():
+            handle.close()
+    for name, hasher in hashes.items():
+        stats[name].text_sha256 = hasher.hexdigest()
+    if plan.unit == "tokens":
+        _carve_token_tail(plan, directory, stats, dtype().itemsize)
+    return stats
+
+
+def _hashed(pieces: Iterator[tuple[str, Piece]], hashes: dict[str, Any]) -> Iterator[tuple[str, Piece]]:
+    """The pieces, hashing the text of the held-out splits on the way (what `lmzoo compare` checks)."""
+    for split, piece in pieces:
+        if split in hashes:
+            hashes[split].update(piece.text.encode("utf-8"))
+        yield split, piece
+
+
+def _write(handle: Any, stats: SplitStats, ids: np.ndarray, separator: bytes, separator_tokens: int) -> None:
+    if not len(ids):
+        return
+    if stats.separate:
+        handle.write(separator)
+        stats.tokens += separator_tokens
+        stats.separate = False
+    handle.write(ids.tobytes())
+    stats.tokens += len(ids)
+    stats.documents += not stats.started  # documents with text in this split (one may span two splits)
+    stats.started = True
+
+
+def _carve_token_tail(plan: CorpusPlan, directory: Path, stats: dict[str, SplitStats], itemsize: int) -> None:
+    """Move the validation/test tail of train.bin into their files (the token-tail split rule)."""
+    total = stats["train"].tokens
+    counts = split_counts(total, plan.data.split, plan.given)
+    check_counts(counts, "tokens", total, plan.given)
+    start = counts["train"]
+    with open(directory / "train.bin", "r+b") as train:
+        for name in ("val", "test"):
+            if name not in counts:
+                continue
+            train.seek(start * itemsize)
+            with open(directory / f"{name}.bin", "wb") as out:
+                remaining = counts[name] * itemsize
+                while remaining:
+                    block = train.read(min(remaining, 1 << 24))
+                    out.write(block)
+                    remaining -= len(block)
+            stats[name] = SplitStats(tokens=counts[name], documents=0, characters=None)
+            start += counts[name]
+        train.truncate(counts["train"] * itemsize)
+    stats["train"].tokens, stats["train"].characters = counts["train"], None
+
+
+# ---- the prepared corpus --------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedCorpus:
+    """A corpus's token files under one tokenizer, with their manifest; splits are memory-mapped."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    tokenizer: Tokenizer
+    fresh: bool = False  # prepared by this call (not found in the cache)
+    _maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    def count(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["tokens"])
+
+    def characters(self, split: str) -> int | None:
+        return self.manifest["splits"][split]["characters"]
+
+    def identity(self, split: str) -> str:
+        """sha256 of a held-out split's text; else a hash of what defines it (sources' content, split rule)."""
+        info = self.manifest["splits"][split]
+        return str(info.get("text_sha256") or info["identity"])
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's token ids, memory-mapped (copy-on-write: writable, but nothing reaches the file)."""
+        if split not in self._maps:
+            count = self.count(split)
+            path = self.directory / self.manifest["splits"][split]["file"]
+            self._maps[split] = (
+                np.memmap(path, dtype=self.dtype, mode="c", shape=(count,))
+                if count
+                else np.zeros(0, dtype=self.dtype)
+            )
+        return self._maps[split]
+
+    def tensor(self, split: str) -> torch.Tensor:
+        """The split as a tensor over the mapped file (uint16/uint32; read lazily, slice by slice)."""
+        import torch
+
+        return torch.from_numpy(self.tokens(split))
+
+
+def _usable(directory: Path, scan_id: str, tokenizer_id: str) -> dict[str, Any] | None:
+    """The manifest of a complete prepared corpus for this scan and tokenizer, else None."""
+    manifest = read_json(directory / MANIFEST)
+    if manifest is None or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        return None
+    if manifest.get("scan") != scan_id or manifest.get("tokenizer", {}).get("sha256") != tokenizer_id:
+        return None
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for info in manifest["splits"].values():
+        path = directory / info["file"]
+        if not path.is_file() or path.stat().st_size != info["tokens"] * itemsize:
+            return None
+    return manifest
+
+
+def _manifest(
+    corpus: Scanned, tokenizer: Tokenizer, stats: dict[str, SplitStats], seconds: float
+) -> dict[str, Any]:
+    plan, scan, scan_id = corpus.plan, corpus.scan, corpus.id
+    rule = {"unit": plan.unit, "split": list(plan.data.split), "given": plan.given, **corpus.counts}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 3),
+        "corpus": {
+            "key": plan.key,
+            "train": plan.data.train_files,
+            "val": plan.data.val,
+            "test": plan.data.test,
+            "text_field": plan.data.text_field,
+            "document_end": plan.data.document_end,
+        },
+        "scan": scan_id,
+        "sources": scan["sources"],
+        "skipped": scan["skipped"],
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "sha256": digest(tokenizer.payload()),
+            "vocab_size": tokenizer.vocab_size,
+        },
+        "dtype": np.dtype(id_dtype(tokenizer.vocab_size)).name,
+        "boundaries": rule,
+        "splits": {
+            name: {
+                "file": f"{name}.bin",
+                "tokens": s.tokens,
+                "documents": s.documents,
+                "characters": s.characters,
+                "text_sha256": s.text_sha256,
+                "identity": digest(
+                    {"scan": scan_id, "rule": rule, "split": name, "end": plan.data.document_end}
+                ),
+            }
+            for name, s in stats.items()
+        },
+    }
+
+
+def prepare_corpus(
+    data: DataConfig,
+    tokenizer: Tokenizer | TokenizerConfig,
+    *,
+    verify: bool = False,
+    force: bool = False,
+    progress: bool = False,
+    say: Say | None = None,
+    workers: int | None = None,
+    reuse_only: bool = False,
+    whole: bool = False,
+) -> PreparedCorpus:
+    """The corpus `data` describes, tokenized by `tokenizer` (a fitted one, or a config to fit on the
+    corpus), from the cache when it is there and its sources are unchanged, else prepared now.
+
+    `verify` rehashes every source; `force` prepares again; `reuse_only` fails instead of preparing
+    (processes that wait for another to prepare); `whole` puts everything in "train" (see prepare_text).
+    """
+    say = say or to_stderr
+    plan = plan_corpus(data)
+    with locked(plan.root):
+        remove_leftovers(plan.root)
+        corpus = scanned(plan, verify=verify, progress=progress, say=say, whole=whole)
+        if isinstance(tokenizer, TokenizerConfig):
+            tokenizer = fitted_tokenizer(corpus, tokenizer, say=say)
+        tokenizer_id = digest(tokenizer.payload())
+        directory = plan.root / f"tok-{tokenizer_id[:16]}"
+        manifest = None if force else _usable(directory, corpus.id, tokenizer_id)
+        fresh = manifest is None
+        if manifest is None:
+            if reuse_only:
+                raise DataError(
+                    f"the prepared corpus {directory} is missing; the process preparing it failed"
+                )
+            manifest = _prepare(corpus, tokenizer, directory, workers, progress, say)
+    return PreparedCorpus(directory, manifest, tokenizer, fresh)
+
+
+def _prepare(
+    corpus: Scanned, tokenizer: Tokenizer, directory: Path, workers: int | None, progress: bool, say: Say
+) -> dict[str, Any]:
+    plan, size = corpus.plan, corpus.size
+    if size >= NOTICE_BYTES or progress:
+        say(f"lmzoo: preparing {plan.describe()} with the {tokenizer.kind} tokenizer -> {directory}")
+    itemsize = np.dtype(id_dtype(tokenizer.vocab_size)).itemsize
+    check_room(plan.root, size * itemsize // (1 if tokenizer.kind == "char" else 3))
+    started = time.perf_counter()
+    jobs = workers or plan.data.workers or (cores() if size > PARALLEL_BYTES else 1)
+    with staged(directory) as tmp:
+        stats = encode_corpus(corpus, tokenizer, tmp, workers=jobs, progress=progress)
+        tokenizer.save(tmp / "tokenizer.json")
+        seconds = time.perf_counter() - started
+        manifest = _manifest(corpus, tokenizer, stats, seconds)
+        write_json(tmp / MANIFEST, {**manifest, "complete": True})
+    tokens = sum(s.tokens for s in stats.values())
+    if size >= NOTICE_BYTES or progress:
+        say(
+            f"lmzoo: prepared {tokens:,} tokens ({manifest['dtype']}) in {seconds:.1f} s "
+            f"({size / 1e6 / max(seconds, 1e-9):,.1f} MB/s)"
+        )
+    return manifest
+
+
+def prepare_text(
+    entries: str | Path | list[str | Path],
+    tokenizer: Tokenizer,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    say: Say | None = None,
+) -> PreparedCorpus:
+    """Files, folders or globs read whole (`lmzoo eval --data`, `score --file`, `index`) and prepared with
+    `tokenizer`: all their documents, in order, in the split "train"."""
+    listed = [str(e) for e in ([entries] if isinstance(entries, (str, Path)) else entries)]
+    if not listed:
+        raise DataError("data: give at least one text file", param="data")
+    data = DataConfig.model_construct(
+        train=listed, split=(1.0, 0.0, 0.0), split_by="documents", cache_dir=cache_dir
+    )
+    return prepare_corpus(data, tokenizer, progress=progress, say=say, whole=True)
+
+
+def fit_on_corpus(data: DataConfig, config: TokenizerConfig, *, progress: bool = False) -> Tokenizer:
+    """A tokenizer of `config` fitted on the corpus as `prepare_corpus` fits it (and kept in its cache)."""
+    plan = plan_corpus(data)
+    with locked(plan.root):
+        corpus = scanned(plan, verify=False, progress=progress, say=to_stderr)
+        return fitted_tokenizer(corpus, config, say=to_stderr)
+
+
+def split_text(data: DataConfig, split: str, limit: int) -> str:
+    """The first `limit` characters (about) of one split's text, read from the sources as `prepare` reads them."""
+    plan = plan_corpus(data)
+    with locked(plan.root):
+        corpus = scanned(plan, verify=False, progress=False, say=to_stderr)
+    parts, size = [], 0
+    for name, piece in corpus.route():
+        if name == split:
+            parts.append(piece.text[: limit - size])
+            size += len(parts[-1])
+            if size >= limit:
+                break
+    return "".join(parts)

@@ -1,0 +1,440 @@
+"""Prepared corpora: inputs (files, globs, folders, JSONL, gzip, parquet, saved datasets), the token files
+and their manifest, the cache, batches read from the memory map, and every bad input as one line."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_TEXT, base_config_dict, config_from_dict, load_run
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from lmzoo.cli import app
+from lmzoo.config.schema import DataConfig
+from lmzoo.data import prepare as prepare_module
+from lmzoo.data.encoders import encoder_for, safe_pieces
+from lmzoo.data.packed import PackedExamples
+from lmzoo.data.prepare import prepare_corpus, split_text
+from lmzoo.data.streams import RandomWindows, SequentialBatches
+from lmzoo.data.tokenizer import (
+    BpeTokenizerConfig,
+    CharTokenizerConfig,
+    WordTokenizerConfig,
+    fit_tokenizer,
+)
+from lmzoo.errors import DataError, TrainingStopped
+from lmzoo.training.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZERS = [CharTokenizerConfig(), WordTokenizerConfig(), BpeTokenizerConfig(vocab_size=300)]
+TEXT = TINY_TEXT + "an owl flew over the barn.\n" * 5
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def prepared(data: DataConfig, tokenizer=None, **options):
+    return prepare_corpus(data, tokenizer or CharTokenizerConfig(), say=quiet, **options)
+
+
+def one_line_error(call) -> str:
+    with pytest.raises(DataError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ---- the same tokens and batches as the text in memory -------------------------------------------------
+
+
+@pytest.mark.parametrize("config", TOKENIZERS, ids=lambda c: c.kind)
+def test_prepared_batches_equal_the_batches_of_the_text_in_memory(tmp_path, config):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    lines = TEXT.splitlines(keepends=True)
+    train_text, val_text = "".join(lines[:45]), "".join(lines[45:])  # round(50 * 0.9)
+    corpus = prepared(DataConfig(train=str(path), split=(0.9, 0.1, 0.0)), config)
+    reference = fit_tokenizer(config, train_text)
+    assert corpus.tokenizer.payload() == reference.payload()
+    train_ids, val_ids = torch.tensor(reference.encode(train_text)), torch.tensor(reference.encode(val_text))
+    assert torch.equal(corpus.tensor("train").long(), train_ids)
+    assert torch.equal(corpus.tensor("val").long(), val_ids)
+    assert corpus.manifest["dtype"] == "uint16" and corpus.tokens("train").dtype == np.uint16
+    for make in (
+        lambda s: RandomWindows(s, 3, 7, seed=5),
+        lambda s: SequentialBatches(s, 3, 7),
+    ):
+        mapped, memory = make(corpus.tokens("train")), make(train_ids)
+        for _ in range(2 * len(memory) + 1):  # past an epoch boundary
+            a, b = mapped.next(), memory.next()
+            assert a.inputs.dtype == torch.long and torch.equal(a.inputs, b.inputs)
+            assert torch.equal(a.targets, b.targets) and a.starts_epoch == b.starts_epoch
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            list("ab \n\t\r\x0b\x1c.,'s1é\u00a0\u2028²") + ["ll", "  ", "all ", "'s", "'S", "<eos>"]
+        ),
+        min_size=10,
+        max_size=150,
+    )
+)
+def test_a_text_cut_at_safe_places_encodes_as_the_whole(parts):
+    text = "".join(parts)
+    for tokenizer in SAFE_CUT_TOKENIZERS:
+        pieces = safe_pieces(text, 3)
+        assert "".join(pieces) == text
+        assert [i for piece in pieces for i in tokenizer.encode(piece)] == tokenizer.encode(text)
+        # The fast encoders (BPE: ASCII pre-tokens by Python's regex, cached) give the same ids.
+        [fast] = encoder_for(tokenizer, np.uint32)([text * 3])
+        assert fast.tolist() == tokenizer.encode(text * 3)
+
+
+SAFE_CUT_TOKENIZERS = [
+    # merges across whitespace runs (" \n", "\n\n ", ...): a cut in the wrong place changes the ids
+    fit_tokenizer(
+        BpeTokenizerConfig(vocab_size=400, min_freq=1),
+        "all the ball's a\n  ll's fall\tsé. a \nb\n\n all  ball\t\n's \n\n\t" * 20,
+    ),
+    fit_tokenizer(WordTokenizerConfig(), "all the ball's a\nll's fall"),
+    fit_tokenizer(WordTokenizerConfig(newline_token=False, filters=""), "all the ball's a"),
+]
+
+
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_resume_from_a_prepared_corpus_is_bit_identical(tmp_path, sampling):
+    """8 steps straight == 4 steps, a stop, resume, 4 steps, on a folder of documents read from the map."""
+    folder = tmp_path / "docs"
+    (folder / "deep").mkdir(parents=True)
+    for index in range(12):
+        (folder / ("deep" if index % 2 else "") / f"{index:02}.txt").write_text(TEXT[index * 60 :], "utf-8")
+    raw = base_config_dict(tmp_path / "runs", folder, name="gpt")
+    raw["model"] = {"name": "gpt", "d_model": 16, "n_heads": 2, "n_layers": 1, "context_length": 8}
+    raw["train"].update(max_steps=8, eval_every=4)
+    raw["data"]["sampling"] = sampling
+    straight: list[tuple[int, float]] = []
+    whole = train(config_from_dict(raw), progress=False, on_step=lambda s, loss: straight.append((s, loss)))
+    split: list[tuple[int, float]] = []
+
+    def stop_at_four(step: int, loss: float) -> None:
+        split.append((step, loss))
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    other = {**raw, "name": "split"}
+    with pytest.raises(TrainingStopped):
+        train(config_from_dict(other), progress=False, on_step=stop_at_four)
+    resumed = train(
+        config_from_dict(other), resume=True, progress=False, on_step=lambda s, loss: split.append((s, loss))
+    )
+    assert split == straight
+    a, b = load_run(whole, "last").model.state_dict(), load_run(resumed, "last").model.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+
+
+def test_folders_globs_jsonl_and_gzip_are_documents_separated_by_eos(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha one\nalpha two\n", encoding="utf-8")
+    (folder / "b" / "c.md").write_text("gamma\n", encoding="utf-8")
+    with gzip.open(folder / "b" / "d.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("delta zipped\n")
+    records = [{"text": "epsilon"}, {"text": "zeta\nline"}, {"other": 1, "text": ""}]
+    (folder / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    with gzip.open(folder / "f.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.write(json.dumps({"text": "eta"}) + "\n")
+    (folder / "empty.txt").write_text("", encoding="utf-8")  # skipped and counted
+    (folder / "image.png").write_bytes(b"\x89PNG")  # not text: never read
+    (folder / ".hidden.txt").write_text("never read\n", encoding="utf-8")
+    data = DataConfig(train=str(folder), split=(0.5, 0.5, 0.0), split_by="tokens")
+    corpus = prepared(data)
+    stream = corpus.tokens("train").tolist() + corpus.tokens("val").tolist()
+    text = "".join("|" if i == corpus.tokenizer.eos_id else corpus.tokenizer.itos[i] for i in stream)
+    assert text == "alpha one\nalpha two\n|gamma\n|delta zipped\n|epsilon|zeta\nline|eta"
+    assert corpus.manifest["skipped"] == [str(folder / "empty.txt")]
+    assert len(corpus.manifest["sources"]["train"]) == 5
+    # A glob picks the same files; a list of entries joins them in order.
+    globbed = prepared(
+        DataConfig(train=str(folder / "**" / "*.txt*"), split=(0.5, 0.5, 0.0), split_by="tokens")
+    )
+    ids = globbed.tokens("train").tolist() + globbed.tokens("val").tolist()
+    assert globbed.tokenizer.decode(ids) == "alpha one\nalpha two\ndelta zipped\n"
+    listed = prepared(
+        DataConfig(train=[str(folder / "e.jsonl"), str(folder / "a.txt")], split=(0.5, 0.5, 0.0))
+    )
+    assert listed.manifest["boundaries"] == {
+        "unit": "documents", "split": [0.5, 0.5, 0.0], "given": {"val": False, "test": False},
+        "train": 2, "val": 2, "test": 0,
+    }  # fmt: skip
+
+
+def test_document_end_and_split_by_documents(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": f"doc{i}"}) + "\n" for i in range(10)), encoding="utf-8")
+    data = DataConfig(train=str(path), text_field="body", document_end="\n\n", split=(0.8, 0.1, 0.1))
+    corpus = prepared(data, CharTokenizerConfig(fit_on="all"))
+    decode = corpus.tokenizer.decode
+    assert decode(corpus.tokens("train").tolist()) == "\n\n".join(f"doc{i}" for i in range(8))
+    assert (
+        decode(corpus.tokens("val").tolist()) == "doc8" and decode(corpus.tokens("test").tolist()) == "doc9"
+    )
+    assert [corpus.manifest["splits"][s]["documents"] for s in ("train", "val", "test")] == [8, 1, 1]
+
+
+def test_parquet_and_saved_datasets_are_read_through_the_extra(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["first row", "second row", None], "n": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    saved = tmp_path / "dataset"
+    saved.mkdir()
+    with pa.ipc.new_stream(str(saved / "data-00000-of-00001.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    (saved / "dataset_info.json").write_text("{}", encoding="utf-8")
+    (saved / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
+    for entry in (tmp_path / "rows.parquet", saved):
+        corpus = prepared(DataConfig(train=str(entry), split=(0.5, 0.5, 0.0), split_by="tokens"))
+        ids = corpus.tokens("train").tolist() + corpus.tokens("val").tolist()
+        assert corpus.tokenizer.decode(ids) == "first rowsecond row"  # <eos> between rows decodes to ""
+        assert ids.count(corpus.tokenizer.eos_id) == 1  # the empty third row adds nothing
+    message = one_line_error(
+        lambda: prepared(DataConfig(train=str(saved), text_field="body", split_by="tokens"))
+    )
+    assert "no 'body' column" in message and "text, n" in message
+
+
+# ---- the cache: reuse, invalidation, atomic writes, concurrency ------------------------------------
+
+
+def test_a_changed_source_is_noticed_and_prepared_again(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    data, notices = DataConfig(train=str(path)), []
+    first = prepare_corpus(data, CharTokenizerConfig(), say=notices.append)
+    assert first.fresh and not prepare_corpus(data, CharTokenizerConfig(), say=notices.append).fresh
+    assert notices == []
+    path.write_text(TEXT.replace("cat", "cow"), encoding="utf-8")
+    changed = prepare_corpus(data, CharTokenizerConfig(), say=notices.append)
+    assert changed.fresh and notices == [
+        f"notice: {path} changed since the corpus was prepared; preparing it again"
+    ]
+    assert "w" in changed.tokenizer.stoi and "w" not in first.tokenizer.stoi
+    # Same size and time, other content: only --verify (a rehash) sees it.
+    stat = path.stat()
+    path.write_text(TEXT.replace("cat", "cap"), encoding="utf-8")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not prepare_corpus(data, CharTokenizerConfig(), say=notices.append).fresh
+    verified = prepare_corpus(data, CharTokenizerConfig(), verify=True, say=notices.append)
+    assert (
+        verified.fresh
+        and notices[-1] == f"notice: {path} has new content (same size and time); preparing it again"
+    )
+    assert "p" in verified.tokenizer.stoi
+
+
+def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_trusted(tmp_path, monkeypatch):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT * 3, encoding="utf-8")
+    data = DataConfig(train=str(path), cache_dir=str(tmp_path / "cache"))
+    real_write = prepare_module._write
+    calls = []
+
+    def fill_up(handle, *args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(handle, *args)
+
+    monkeypatch.setattr(prepare_module, "_write", fill_up)
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 500)  # several jobs: the disk fills after the first
+    message = one_line_error(lambda: prepared(data))
+    assert message.startswith("no space left for the prepared corpus") and "data.cache_dir" in message
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_dir()]
+    assert len(leftovers) == 1 and not any(p.name.startswith("tok-") for p in (tmp_path / "cache").rglob("*"))
+    monkeypatch.setattr(prepare_module, "_write", real_write)
+    assert prepared(data).fresh  # the next prepare starts clean and succeeds
+
+
+def test_two_processes_preparing_at_once_prepare_it_once(tmp_path):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(TEXT * 2000, encoding="utf-8")  # ~2 MB: long enough to overlap
+    config = tmp_path / "cfg.yaml"
+    raw = base_config_dict(tmp_path / "runs", corpus)
+    raw["tokenizer"] = {"kind": "bpe", "vocab_size": 300}
+    config.write_text(json.dumps(raw), encoding="utf-8")
+    command = [sys.executable, "-m", "lmzoo", "prepare", str(config), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    states = sorted(out.split(":")[0] for out in outputs)
+    assert states == ["prepared", "up to date"], outputs
+    directories = {out.split(": ", 1)[1].split()[0] for out in outputs}
+    assert len(directories) == 1  # one directory, prepared once
+
+
+def test_the_cli_prepares_reports_and_refuses_example_data(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(json.dumps(base_config_dict(tmp_path / "runs", path)), encoding="utf-8")
+    runner = CliRunner()
+    first = runner.invoke(app, ["prepare", str(config)])
+    assert first.exit_code == 0 and first.stdout.startswith("prepared: ")
+    assert "train" in first.stdout and "uint16" in first.stdout
+    again = runner.invoke(app, ["prepare", str(config)])
+    assert (
+        again.stdout.startswith("up to date: ")
+        and again.stdout.split("\n", 1)[1] == first.stdout.split("\n", 1)[1]
+    )
+    assert runner.invoke(app, ["prepare", str(config), "--force"]).stdout.startswith("prepared: ")
+    refused = runner.invoke(app, ["prepare", str(config), "data.format=instruct"])
+    assert (
+        refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "nothing to prepare" in refused.stderr
+    )
+
+
+def test_eval_and_score_read_a_file_from_its_prepared_tokens(trained_run, tmp_path):
+    path = tmp_path / "held_out.txt"
+    path.write_text(TEXT[:300], encoding="utf-8")
+    runner = CliRunner()
+    evaluated = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(path)])
+    scored = runner.invoke(app, ["score", "--run", str(trained_run), "--file", str(path), "--json"])
+    as_text = runner.invoke(app, ["score", "--run", str(trained_run), "--text", TEXT[:300], "--json"])
+    summary = json.loads(scored.stdout.splitlines()[-1])["summary"]
+    assert summary == json.loads(as_text.stdout.splitlines()[-1])["summary"]
+    assert f"loss {summary['loss']:.4f}" in evaluated.stdout
+    manifests = list(Path(os.environ["LMZOO_CACHE_DIR"]).glob("*/tok-*/manifest.json"))
+    assert any(json.loads(m.read_text())["corpus"]["train"] == [str(path)] for m in manifests)
+
+
+# ---- bad input: one line each, nothing lost ------------------------------------------------------------
+
+
+def test_a_bad_byte_deep_inside_a_large_file_names_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "large.txt"
+    line = b"a line of plain text, long enough to fill the file quickly\n"
+    body = line * 200_000  # ~12 MB: several read chunks
+    path.write_bytes(body + b"caf\xe9 au lait\n" + line)
+    message = one_line_error(lambda: prepared(DataConfig(train=str(path))))
+    offset = len(body) + 3
+    assert message == f"{path}: not UTF-8 text (byte {offset}, line 200001: invalid continuation byte)"
+
+
+def test_a_folder_without_text_files_and_bad_jsonl_lines_are_one_line_each(tmp_path):
+    empty = tmp_path / "pictures"
+    empty.mkdir()
+    (empty / "cat.png").write_bytes(b"\x89PNG")
+    assert "no text files in this folder" in one_line_error(lambda: prepared(DataConfig(train=str(empty))))
+    only_empty = tmp_path / "blank"
+    only_empty.mkdir()
+    (only_empty / "a.txt").write_text("", encoding="utf-8")
+    assert "every file is empty (1 skipped)" in one_line_error(
+        lambda: prepared(DataConfig(train=str(only_empty)))
+    )
+    for text, words in [
+        ('{"text": "fine"}\n{"body": "no text"}\n', "line 2: no 'text' field"),
+        ('{"text": "fine"}\n\n{"text": "x",\n', "line 3: not JSON"),
+        ('{"text": 3}\n', "line 1: a non-string 'text' field"),
+    ]:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(text * 1, encoding="utf-8")
+        message = one_line_error(lambda p=path: prepared(DataConfig(train=str(p), split_by="tokens")))
+        assert message.startswith(f"{path} {words}"), message
+
+
+def test_training_on_a_folder_skips_its_empty_files_and_counts_them(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for index in range(20):
+        (folder / f"{index:02}.txt").write_text(TEXT if index % 5 else "", encoding="utf-8")
+    runner = CliRunner()
+    config = tmp_path / "cfg.yaml"
+    config.write_text(json.dumps(base_config_dict(tmp_path / "runs", folder)), encoding="utf-8")
+    result = runner.invoke(app, ["prepare", str(config)])
+    assert result.exit_code == 0 and "skipped 4 empty file(s)" in result.stdout
+    trained = runner.invoke(app, ["train", str(config), "train.max_steps=2", "--no-progress"])
+    assert trained.exit_code == 0, trained.output
+
+
+# ---- examples stored compactly ------------------------------------------------------------------------
+
+
+def test_packed_examples_read_back_as_the_lists_at_a_few_bytes_per_token():
+    examples = [([3, 4, 5], [6]), ([], [7, 8]), ([9] * 50, [10] * 20)]
+    packed = PackedExamples.of(examples, 2, dtype=np.uint16)
+    assert list(packed) == [tuple(e) for e in examples] and len(packed) == 3
+    assert packed.lengths(0).tolist() == [3, 0, 50] and packed.tokens() == 76
+    nested = PackedExamples.of(
+        [(([1], [2, 3]), [4]), (([5], []), [6, 7])],
+        3,
+        shape=lambda f: ((f[0], f[1]), f[2]),
+        flat=lambda e: (*e[0], e[1]),
+    )
+    assert nested[0] == (([1], [2, 3]), [4]) and nested[1] == (([5], []), [6, 7])
+
+
+def test_split_text_reads_a_split_as_prepare_routes_it(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    data = DataConfig(train=str(path), split=(0.8, 0.1, 0.1))
+    lines = TEXT.splitlines(keepends=True)
+    assert split_text(data, "val", 1 << 20) == "".join(lines[40:45])
+    assert split_text(data, "train", 12) == lines[0][:12]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 80])
+def test_sentence_pairs_train_from_compact_tables_with_the_batches_of_lists(tmp_path, max_tokens):
+    from conftest import tiny_model_section
+
+    from lmzoo.data.examples import encode_pairs, pair_batches
+    from lmzoo.data.token_batches import TokenBatches
+    from lmzoo.training.setup import setup_training
+
+    pairs = tmp_path / "pairs.tsv"
+    lines = TEXT.splitlines()
+    pairs.write_text("".join(f"{s}\t{s[::-1]}\n" for s in lines), encoding="utf-8")
+    raw = base_config_dict(tmp_path / "runs", pairs)
+    raw["data"] = {
+        "format": "tsv",
+        "train": str(pairs),
+        "batch_size": 4,
+        "max_len": 32,
+        "max_tokens": max_tokens,
+    }
+    raw["model"] = tiny_model_section("seq2seq")
+    task = setup_training(config_from_dict(raw)).task
+    examples = task.batches.examples if max_tokens is None else None
+    tok, train = task.tokenizer, [(s, s[::-1]) for s in lines[: round(len(lines) * 0.9)]]
+    listed = encode_pairs(train, tok, tok, max_len=32)
+    ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    if max_tokens is None:
+        assert isinstance(examples, PackedExamples) and examples.tables[0].ids.dtype == np.uint16
+        assert list(examples) == listed
+        reference = pair_batches(listed, 4, seed=1234, **ids)
+    else:
+        reference = TokenBatches(listed, max_tokens, seed=1234, **ids)
+    for _ in range(2 * len(reference) + 1):
+        a, b = task.batches.next(), reference.next()
+        assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True))
