@@ -88,8 +88,10 @@ def test_echo_logprobs_total_equals_lmzoo_score(client, root, tmp_path, name, te
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     evaluated = run.evaluate(data=tmp_path / "text.txt", device="cpu")
     assert api_total == pytest.approx(-evaluated["loss"] * evaluated["tokens"], abs=1e-3)
-    for top, logprob in zip(block["top_logprobs"][1:], block["token_logprobs"][1:], strict=True):
-        assert len(top) == 3 and max(top.values()) >= logprob - 1e-6
+    entries = zip(block["tokens"][1:], block["top_logprobs"][1:], block["token_logprobs"][1:], strict=True)
+    for token, top, logprob in entries:  # the 3 most likely, and the token itself (as OpenAI's)
+        assert len(top) in (3, 4) and top[token] == logprob and max(top.values()) >= logprob
+        assert len(top) == 3 or min(top.values()) == logprob
 
 
 def test_echo_of_a_long_prompt_keeps_left_context(client, root):
@@ -215,7 +217,7 @@ BAD = {
     "unknown field": ({"model": "lstm", "prompt": "the", "beam_width": 2}, 400, "beam_width"),
     "empty prompt list": ({"model": "lstm", "prompt": []}, 400, "prompt"),
     "temperature out of range": ({"model": "lstm", "prompt": "the", "temperature": -1.0}, 400, "temperature"),
-    "too many stops": ({"model": "lstm", "prompt": "the", "stop": list("abcde")}, 400, "stop"),
+    "too many stops": ({"model": "lstm", "prompt": "the", "stop": list("abcdefghijklmnopq")}, 400, "stop"),
     "prompt too long": ({"model": "lstm", "prompt": "the " * 6000}, 400, "prompt"),
 }
 
@@ -280,7 +282,8 @@ def test_a_10_mb_body_is_refused_with_413(client):
 
 
 def test_unknown_routes_and_methods_are_openai_errors(client):
-    assert_openai_error(client.get("/v1/chat/completions"), 404)
+    assert_openai_error(client.get("/v1/embeddings"), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
     assert_openai_error(client.get("/v1/completions"), 405)
 
 

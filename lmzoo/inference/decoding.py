@@ -246,9 +246,19 @@ class Decoding:
         return "".join(step.text for step in self)
 
 
-def decode(
+@dataclass
+class Prepared:
+    """One sequence ready to decode: the model side (`stepper`), its `SequenceDecoder`, and how many
+    tokens the prompt (or source) has."""
+
+    stepper: LMStepper | Seq2SeqStepper
+    sequence: SequenceDecoder
+    prompt_tokens: int
+
+
+def prepare(
     lm: LoadedModel,
-    prompt: str,
+    prompt: str | Sequence[int],
     options: SamplingOptions,
     *,
     seed: int | None = None,
@@ -256,13 +266,10 @@ def decode(
     top_logprobs: int | None = None,
     warn: Callable[[str], None] | None = None,
     cache: str = "dynamic",
-) -> Decoding:
-    """Continue `prompt` (language models) or translate it (seq2seq), one `Step` per token.
-
-    `seed` (or an explicit `generator`) makes sampling reproducible; `top_logprobs` (0 or more) adds
-    each step's `StepProbs`
-    with that many alternatives. Seq2seq output ends at <eos> or the run's data.max_len.
-    """
+) -> Prepared:
+    """The stepper and sequence state of one prompt: what `decode` runs, and what the batched engine
+    (lmzoo.inference.engine) prefills and then steps with many others. `prompt` is text, or token ids
+    (a language model's prompt; a seq2seq model's source ids with their <eos>)."""
     tokenizer = lm.output_tokenizer
     if seed is not None:
         generator = torch.Generator(device=lm.device).manual_seed(seed)
@@ -275,12 +282,15 @@ def decode(
             raise ConfigError(
                 f"cache {cache!r} is for decoder-only language models, not seq2seq runs", param="cache"
             )
-        src = encode_source(lm.model, lm.tokenizer, prompt, warn)
+        if isinstance(prompt, str):
+            src = encode_source(lm.model, lm.tokenizer, prompt, warn)
+        else:
+            src = torch.tensor([list(prompt)], device=lm.device)
         stepper, context, prompt_tokens = Seq2SeqStepper(lm.model, src, tokenizer.bos_id), [], src.shape[1]
         options = replace(options, max_new_tokens=min(lm.max_target_len, options.max_new_tokens))
-        end_ids: tuple[int, ...] = (tokenizer.eos_id,)
+        end_ids: tuple[int, ...] = () if options.ignore_eos else (tokenizer.eos_id,)
     else:
-        context = encode_prompt(tokenizer, prompt, warn)
+        context = encode_prompt(tokenizer, prompt, warn) if isinstance(prompt, str) else list(prompt)
         stepper, prompt_tokens = LMStepper(lm.model, context, cache), len(context)
         end_ids = () if tokenizer.eos_is_text or options.ignore_eos else (tokenizer.eos_id,)
     sequence = SequenceDecoder(
@@ -292,7 +302,30 @@ def decode(
         banned_ids=banned,
         end_ids=end_ids,
     )
-    return Decoding(run_decoder(stepper, sequence), sequence, prompt_tokens)
+    return Prepared(stepper, sequence, prompt_tokens)
+
+
+def decode(
+    lm: LoadedModel,
+    prompt: str | Sequence[int],
+    options: SamplingOptions,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    top_logprobs: int | None = None,
+    warn: Callable[[str], None] | None = None,
+    cache: str = "dynamic",
+) -> Decoding:
+    """Continue `prompt` (language models) or translate it (seq2seq), one `Step` per token.
+
+    `seed` (or an explicit `generator`) makes sampling reproducible; `top_logprobs` (0 or more) adds
+    each step's `StepProbs` with that many alternatives. Seq2seq output ends at <eos> (unless
+    `ignore_eos`) or the run's data.max_len.
+    """
+    ready = prepare(
+        lm, prompt, options, seed=seed, generator=generator, top_logprobs=top_logprobs, warn=warn, cache=cache
+    )
+    return Decoding(run_decoder(ready.stepper, ready.sequence), ready.sequence, ready.prompt_tokens)
 
 
 def generate_ids(

@@ -22,7 +22,7 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     greedy: bool = False  # temperature 0 means greedy too
     stop: Sequence[str] = field(default_factory=tuple)
-    ignore_eos: bool = False  # language models: <eos> does not end the text (fixed-length benchmarks)
+    ignore_eos: bool = False  # <eos> does not end the text (fixed-length benchmarks; seq2seq: up to max_len)
 
     @property
     def is_greedy(self) -> bool:

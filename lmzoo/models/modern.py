@@ -37,7 +37,7 @@ from torch import nn
 from lmzoo.config.schema import PositiveInt
 from lmzoo.models.attention import KVCache, RecordsAttention, StaticKVCache, fused_attention
 from lmzoo.models.decoder import DecoderConfig, DecoderLM
-from lmzoo.models.layers import dropout_layer
+from lmzoo.models.layers import dropout_layer, positions_from
 from lmzoo.models.registry import register_model
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -115,9 +115,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """x (B, H, T, d) at positions start .. start+T-1, rotated; same dtype as x. `start` is an int,
-        or a (1,) device tensor (a static cache's position), so a compiled step reads no Python int."""
-        positions = torch.arange(x.shape[-2], device=x.device) + start  # (T,)
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, d/2)
+        a (1,) device tensor (a static cache's position, so a compiled step reads no Python int), or a
+        (B,) tensor of per-row positions (batched decoding)."""
+        positions = positions_from(start, x.shape[-2], x.device)  # (T,), or (B, T) per row
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, d/2), or (B, T, d/2)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d/2): one rotation per row, every head
         pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, d/2, 2)
         even, odd = pairs[..., 0], pairs[..., 1]  # (B, H, T, d/2)
         rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (B, H, T, d/2, 2)

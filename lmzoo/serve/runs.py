@@ -1,13 +1,16 @@
-"""The runs a server may load: safe name lookup under --runs, a small LRU of loaded runs, one lock each.
+"""The runs a server may load: safe name lookup under --runs, a small LRU of loaded runs, each with its
+decoding engine and a lock.
 
 A request names a run only by its directory name under the runs folder. A name that is a path, holds
 `..` or starts with a dot is refused; so is a run whose directory, or any symlink inside it, or the
 base run of a fine-tune, resolves outside the runs folder. Weights are safetensors and the config is
 YAML, so nothing a request reaches is unpickled or executed.
 
-Work on a run happens in a worker thread that holds the run's lock for the whole request, so two
-requests never share a decoding state, and the event loop stays free. Every step of the work checks
-a `Budget`: the client went away, the timeout passed, or the server is shutting down.
+Generation goes to the run's `Engine` (lmzoo.inference.engine), which decodes up to `limits.slots`
+sequences together in its own worker thread, each in its own state slot, with at most
+`limits.max_queue` waiting. Other work on a run (loading it, scoring, next tokens, beam search) happens
+in a worker thread that holds the run's lock, and the event loop stays free. Every step checks a
+`Budget`: the client went away, the timeout passed, or the server is shutting down.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lmzoo.serve.errors import APIError, Cancelled, bad_request, not_found, shut
 from lmzoo.serve.limits import Limits
 
 if TYPE_CHECKING:
+    from lmzoo.inference.engine import Engine
     from lmzoo.run import Run
 
 T = TypeVar("T")
@@ -108,12 +112,15 @@ class FairLock:
 
 @dataclass
 class Entry:
-    """A run directory at one checkpoint time: its lock, and the Run once opened (models cache inside)."""
+    """A run directory at one checkpoint time: its lock, the Run once opened (models cache inside), and
+    the engine that decodes its requests once one asked for generation."""
 
     path: Path
     stamp: float
     lock: FairLock = field(default_factory=FairLock)
     run: Any = None
+    engine: Engine | None = None
+    opened: Any = None  # the Run opened for metadata (tokenizers) before any model is loaded
 
 
 class RunRegistry:
@@ -202,6 +209,13 @@ class RunRegistry:
         except (LmzooError, OSError) as err:
             raise self._unusable(name, path, err) from None
 
+    def opened(self, name: str) -> Run:
+        """The cached `Run` for `name` (its tokenizers read once), for requests that need no model."""
+        entry = self._entry(name)
+        if entry.run is None and entry.opened is None:
+            entry.opened = self.open(name)
+        return entry.run or entry.opened
+
     # ---- running work ----
 
     def budget(self) -> Budget:
@@ -209,7 +223,31 @@ class RunRegistry:
 
     async def call(self, name: str, work: Callable[[Any, Budget], T], budget: Budget) -> T:
         """`work(run, budget)` in a worker thread holding run `name`'s lock; its errors as APIError."""
+        return await self._call_on(name, self._entry(name), work, budget)
+
+    async def engine(self, name: str, budget: Budget) -> tuple[Run, Engine]:
+        """Run `name` and the engine decoding its requests (the model loaded on first use)."""
         entry = self._entry(name)
+        if entry.engine is None:
+
+            def start(run: Run, budget: Budget) -> None:
+                from lmzoo.inference.engine import Engine
+
+                if entry.engine is None:
+                    lm = run.load("best", self.device)
+                    limits = self.limits
+                    entry.engine = Engine(lm, limits.slots, max_queue=limits.max_queue, background=True)
+
+            await self._call_on(name, entry, start, budget)
+        assert entry.engine is not None
+        return entry.run, entry.engine
+
+    def engines(self) -> dict[str, Engine]:
+        """The engines of the runs loaded now, by run name."""
+        with self._guard:
+            return {e.path.name: e.engine for e in self._cache.values() if e.engine is not None}
+
+    async def _call_on(self, name: str, entry: Entry, work: Callable[[Any, Budget], T], budget: Budget) -> T:
         future = self._executor.submit(self._locked, name, entry, work, budget)
         try:
             return await asyncio.wrap_future(future)
@@ -267,4 +305,6 @@ class RunRegistry:
         return APIError(500, f"the run {name!r} cannot be loaded: {err}", code="run_unusable")
 
     def close(self) -> None:
+        for engine in self.engines().values():
+            engine.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
