@@ -9,10 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ openai = pytest.importorskip("openai")
 
 import anyio  # noqa: E402
 import httpx2  # noqa: E402
-from serve_runs import serve_root  # noqa: E402
+from serve_runs import free_port, serve_root, serving  # noqa: E402
 
 from lmzoo.run import Run  # noqa: E402
 from lmzoo.serve import Limits, create_app  # noqa: E402
@@ -32,35 +30,9 @@ KEY = "test-key"
 TEXT = "the cat sat on the mat."
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return serve_root(tmp_path_factory)
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """uvicorn serving `app` in a thread on a free loopback port; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
