@@ -140,7 +140,7 @@ def _stream(client, **fields) -> tuple[list[dict], list[str]]:
 
 
 def test_streamed_chunks_concatenate_to_the_non_streamed_text(client):
-    fields = dict(model="lstm", prompt="the ", max_tokens=20, temperature=1.0, seed=3, n=2)
+    fields = dict(model="lstm", prompt="the ", max_tokens=20, temperature=1.0, seed=3, n=2, ignore_eos=True)
     whole = complete(client, **fields).json()["choices"]
     events, raw = _stream(client, **fields)
     assert raw[-1] == "[DONE]"

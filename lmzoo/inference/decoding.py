@@ -23,7 +23,7 @@ import torch
 from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import ConfigError
 from lmzoo.inference.loaded import LoadedModel
-from lmzoo.inference.sampling import SamplingOptions, next_token
+from lmzoo.inference.sampling import SamplingOptions, choose_tokens
 from lmzoo.inference.text import StopFilter, TextStream, encode_prompt, token_text
 
 CACHES = ("dynamic", "static", "compiled")
@@ -108,21 +108,15 @@ class SequenceDecoder:
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this step's scores (V,), under this sequence's options and RNG."""
-        scores = logits.float()[None]  # (1, V)
+        return choose_next([self], logits[None])[0]
+
+    def _seen(self, device: torch.device, vocab: int) -> torch.Tensor:
+        """(1, V) bool: the tokens of the text so far (kept only under a repetition penalty)."""
         if self.seen is None:
-            self.seen = torch.zeros_like(scores, dtype=torch.bool)
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
             if self.context:
-                self.seen[0, torch.tensor(self.context, device=scores.device)] = True
-        raw = scores.clone() if self.observe or self.top_logprobs is not None else scores
-        if self.banned:
-            scores[:, self.banned] = float("-inf")
-        token = int(next_token(scores, self.options, seen=self.seen, generator=self.generator))
-        self.seen[0, token] = True
-        if self.observe is not None:
-            self.observe(raw[0], token)
-        if self.top_logprobs is not None and self.tokenizer is not None:
-            self._probs = step_probs(raw[0], token, self.tokenizer, self.top_logprobs)
-        return token
+                self.seen[0, torch.tensor(self.context, device=device)] = True
+        return self.seen
 
     def accept(self, token: int) -> list[Step]:
         """Take the chosen token; the steps now safe to show (their text never holds a stop string)."""
@@ -145,6 +139,41 @@ class SequenceDecoder:
     @staticmethod
     def _released(items: list[tuple[str, Step]]) -> list[Step]:
         return [Step(text, step.id, step.probs) for text, step in items]
+
+
+def choose_next(sequences: Sequence[SequenceDecoder], logits: torch.Tensor) -> list[int]:
+    """Each sequence's next token from its row of this step's scores (n, V), under its own options and
+    RNG; what one sequence chooses does not depend on the others in the batch."""
+    scores = logits.float()  # (n, V)
+    watched = any(s.observe is not None or s.top_logprobs is not None for s in sequences)
+    raw = scores.clone() if watched else scores
+    banned = {tuple(s.banned) for s in sequences}
+    if len(banned) == 1:
+        (ids,) = banned
+        if ids:
+            scores[:, list(ids)] = float("-inf")
+    else:
+        for row, s in enumerate(sequences):
+            scores[row, s.banned] = float("-inf")
+    penalised = [s.options.repetition_penalty != 1.0 for s in sequences]
+    seen = None
+    if any(penalised):
+        vocab, device = scores.shape[-1], scores.device
+        blank = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+        seen = torch.cat(
+            [s._seen(device, vocab) if p else blank for s, p in zip(sequences, penalised, strict=True)]
+        )
+    tokens = choose_tokens(
+        scores, [s.options for s in sequences], seen=seen, generators=[s.generator for s in sequences]
+    ).tolist()
+    for row, (s, token) in enumerate(zip(sequences, tokens, strict=True)):
+        if s.seen is not None:
+            s.seen[0, token] = True
+        if s.observe is not None:
+            s.observe(raw[row], token)
+        if s.top_logprobs is not None and s.tokenizer is not None:
+            s._probs = step_probs(raw[row], token, s.tokenizer, s.top_logprobs)
+    return tokens
 
 
 class LMStepper:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from lmzoo.errors import LmzooError
-from lmzoo.inference.decoding import Prepared, Seq2SeqStepper, Step, prepare
+from lmzoo.inference.decoding import Prepared, Seq2SeqStepper, SequenceDecoder, Step, choose_next, prepare
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.models.base import DecodingSlots
@@ -75,6 +75,11 @@ class Generation:
         self._cancelled = False
         self._ready: Prepared | None = None
         self._next = 0  # the token the next step feeds
+
+    @property
+    def _sequence(self) -> SequenceDecoder:
+        assert self._ready is not None
+        return self._ready.sequence
 
     @property
     def text(self) -> str:
@@ -207,7 +212,9 @@ class Engine:
                     self._finish(generation, error=err)
                 self._rows, self._slots = [], None
                 return bool(self._queue)
-            finished = [row for row, g in enumerate(self._rows) if not self._advance(g, logits[row])]
+            chosen = choose_next([g._sequence for g in self._rows], logits)
+            ended = [not self._take(g, token) for g, token in zip(self._rows, chosen, strict=True)]
+            finished = [row for row, end in enumerate(ended) if end]
             for row in reversed(finished):
                 self._release(row)
             self.steps += 1
@@ -255,7 +262,7 @@ class Engine:
             except Exception as err:  # a prompt the model cannot read ends alone
                 self._finish(generation, error=err)
                 continue
-            if not self._advance(generation, logits):
+            if not self._take(generation, ready.sequence.choose(logits)):
                 continue
             if self._slots is None:
                 self._slots = self.lm.model.decoding_slots(self.capacity)
@@ -280,11 +287,9 @@ class Engine:
         generation._ready, generation.prompt_tokens = ready, ready.prompt_tokens
         return ready
 
-    def _advance(self, generation: Generation, logits: torch.Tensor) -> bool:
-        """Choose and take this step's token; False once the sequence has ended."""
-        assert generation._ready is not None
-        sequence = generation._ready.sequence
-        token = sequence.choose(logits)
+    def _take(self, generation: Generation, token: int) -> bool:
+        """Take this step's token; False once the sequence has ended."""
+        sequence = generation._sequence
         steps = sequence.accept(token)
         generation.steps += steps
         generation._next = token

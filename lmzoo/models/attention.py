@@ -103,17 +103,23 @@ class StaticKVCache:
         self.position = position
         self.slots = torch.arange(capacity, device=like.device)
         self.span: int | None = None
+        self.shared: tuple[torch.Tensor, torch.Tensor] | None = None  # one step's (write index, mask)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def rows(self, count: int, span: int | None = None) -> StaticKVCache:
+    def rows(self, count: int, span: int | None = None, like: StaticKVCache | None = None) -> StaticKVCache:
         """A view of the first `count` rows (buffers and positions shared: writes land here), attending
-        over the first `span` slots."""
+        over the first `span` slots, for a one-token step. `like`: a view of another layer's cache for
+        the same step, whose write index and mask this one reuses (every layer has the same)."""
         view = StaticKVCache.__new__(StaticKVCache)
         view.k, view.v, view.position = self.k[:count], self.v[:count], self.position[:count]
-        view.slots, view.span = self.slots, span
+        view.slots, view.span, view.shared = self.slots, span, None
+        if like is not None:
+            view.shared = like.shared
+        else:
+            view.shared = (self._write_index(view.position, 1, view.k), view.mask(1))
         return view
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +131,23 @@ class StaticKVCache:
             self.k.index_copy_(2, index, k.to(self.k.dtype))
             self.v.index_copy_(2, index, v.to(self.v.dtype))
         else:
-            index = self.position[:, None] + torch.arange(steps, device=k.device)  # (B, T)
-            index = index[:, None, :, None].expand_as(k)  # (B, H, T, d_k)
+            index = self.shared[0] if self.shared is not None else self._write_index(self.position, steps, k)
             self.k.scatter_(2, index, k.to(self.k.dtype))
             self.v.scatter_(2, index, v.to(self.v.dtype))
         if self.span is None:
             return self.k, self.v
         return self.k[:, :, : self.span], self.v[:, :, : self.span]
 
+    @staticmethod
+    def _write_index(position: torch.Tensor, steps: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, d_k) slot index of per-row positions, for scatter_ along the slot axis."""
+        index = position[:, None] + torch.arange(steps, device=position.device)  # (B, T)
+        return index[:, None, :, None].expand(like.shape[0], like.shape[1], steps, like.shape[3])
+
     def mask(self, steps: int) -> torch.Tensor:
         """(1 or B, 1, T, S) bool: the query at position + t sees the slots up to its own position."""
+        if self.shared is not None and steps == 1:
+            return self.shared[1]
         slots = self.slots if self.span is None else self.slots[: self.span]
         queries = self.position.view(-1, 1) + torch.arange(steps, device=self.slots.device)  # (1 or B, T)
         return (slots[None, None, :] <= queries[:, :, None])[:, None]

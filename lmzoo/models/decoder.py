@@ -294,7 +294,8 @@ class DecoderSlots(DecodingSlots):
             if self.lengths[row] + 1 > self.context:
                 self._slide(row)
         span = max(self.lengths[:count]) + 1
-        views = [cache.rows(count, span) for cache in self.caches]
+        first = self.caches[0].rows(count, span)
+        views = [first] + [cache.rows(count, span, like=first) for cache in self.caches[1:]]
         start = self.position[:count]  # (n,)
         h = self.model.features(tokens[:, None], start, views)  # (n, 1, C)
         self.ids[torch.arange(count, device=tokens.device), start] = tokens

@@ -186,13 +186,16 @@ class GroupedQueryAttention(RecordsAttention):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, KV, S, d_k), S = cached + T (static: the capacity)
         groups = self.n_heads // self.n_kv_heads
-        if groups > 1:  # query head h reads key/value head h // groups
+        explicit = self.explicit or self.recording
+        # decoding: the fused kernel reads the shared K/V heads itself (no copy of the whole cache)
+        kernel_groups = groups > 1 and cache is not None and not explicit
+        if groups > 1 and not kernel_groups:  # query head h reads key/value head h // groups
             k = k.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
             v = v.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
         dropout = self.dropout if self.training else 0.0
         # (1, 1, T, S) or None; a static cache's mask also hides the slots not written yet
         mask = cache.mask(steps) if static else causal_mask(steps, k.shape[2], x.device)
-        if self.explicit or self.recording:
+        if explicit:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
@@ -204,7 +207,13 @@ class GroupedQueryAttention(RecordsAttention):
         else:
             square = steps == k.shape[2] and not static  # no cache before: the plain causal triangle
             out = fused_attention(
-                q, k, v, attn_mask=None if square else mask, dropout_p=dropout, is_causal=square and steps > 1
+                q,
+                k,
+                v,
+                attn_mask=None if square else mask,
+                dropout_p=dropout,
+                is_causal=square and steps > 1,
+                enable_gqa=kernel_groups,
             )  # (B, H, T, d_k)
         out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * self.head_dim)  # (B, T, H * d_k)
         return self.o_proj(out)  # (B, T, C)

@@ -266,7 +266,8 @@ class TransformerSlots(DecodingSlots):
         cross, src_mask = self.sources.rows(count, dim=2)
         pairs = [(cross[i], cross[i + 1]) for i in range(0, len(cross), 2)]
         span = max(self.lengths[:count]) + 1
-        views = [cache.rows(count, span) for cache in self.caches]
+        first = self.caches[0].rows(count, span)
+        views = [first] + [cache.rows(count, span, like=first) for cache in self.caches[1:]]
         x = self.model._embed(self.model.tgt_embedding, tokens[:, None], self.position[:count])  # (n, 1, d)
         h = self.model.decoder_layers_over(x, pairs, src_mask, views)  # (n, 1, d)
         self.position[:count] += 1

@@ -190,7 +190,6 @@ async def _generate(
 ) -> Response:
     """Decode the request's choices on its run's engine; the whole response, or server-sent events."""
     registry = _registry(request)
-    registry.locate(body.model)  # an unknown or unsafe name is refused before any work
     meta = Meta(f"{shape.prefix}-{uuid.uuid4().hex}", int(time.time()), body.model)
     if body.stream:
         return await _stream(registry, body, plan_for, shape, meta)

@@ -135,6 +135,7 @@ class RunRegistry:
         self.limits, self.cache_size, self.device = limits, max(1, cache_size), device
         self.shutdown = Shutdown()
         self._cache: OrderedDict[str, Entry] = OrderedDict()
+        self._checked: dict[str, tuple[Entry, int | None]] = {}  # run name -> its running entry, marker
         self._guard = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="lmzoo-serve")
 
@@ -227,7 +228,7 @@ class RunRegistry:
 
     async def engine(self, name: str, budget: Budget) -> tuple[Run, Engine]:
         """Run `name` and the engine decoding its requests (the model loaded on first use)."""
-        entry = self._entry(name)
+        entry = self._running(name) or self._entry(name)
         if entry.engine is None:
 
             def start(run: Run, budget: Budget) -> None:
@@ -240,7 +241,34 @@ class RunRegistry:
 
             await self._call_on(name, entry, start, budget)
         assert entry.engine is not None
+        with self._guard:
+            self._checked[name] = (entry, self._checkpoints_marker(entry.path))
         return entry.run, entry.engine
+
+    def _running(self, name: str) -> Entry | None:
+        """The cached entry of run `name` with a running engine, if its checkpoints folder is unchanged
+        since the run was last found by `locate` (one stat instead of its checks: generation on a
+        loaded model reads nothing from disk). A run deleted or retrained since goes the long way."""
+        with self._guard:
+            known = self._checked.get(name)
+            if known is None or known[0].engine is None:
+                return None
+            entry, marker = known
+            if (
+                self._cache.get(str(entry.path)) is not entry
+                or self._checkpoints_marker(entry.path) != marker
+            ):
+                del self._checked[name]
+                return None
+            self._cache.move_to_end(str(entry.path))
+            return entry
+
+    @staticmethod
+    def _checkpoints_marker(path: Path) -> int | None:
+        try:
+            return (path / "checkpoints").stat().st_mtime_ns  # a checkpoint saved renames inside it
+        except OSError:
+            return None
 
     def engines(self) -> dict[str, Engine]:
         """The engines of the runs loaded now, by run name."""
