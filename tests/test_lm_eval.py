@@ -6,6 +6,7 @@ equal `lmzoo score` on the same texts, token for token (to 1e-4 per token); gene
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,34 @@ def test_lm_eval_against_lmzoo_serve_equals_lmzoo_score(root, in_process):
     run = Run.open(root / "runs" / "gpt")
     assert check_against_lmzoo_score(samples, run) == 8 * 4 + 8
     assert generations(samples) == generations(in_process["gpt"])
+
+
+def test_lmzoo_lm_eval_is_lm_evals_command_line_with_the_lmzoo_model(root, in_process, capsys):
+    from typer.testing import CliRunner
+
+    from lmzoo.cli import app
+
+    args = ["lm-eval", "run", "--model", "lmzoo", "--model_args", f"run={root / 'runs' / 'gpt'}"]
+    result = CliRunner().invoke(app, [*args, "--tasks", f"{TASK}_ppl", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = [line for line in result.stdout.splitlines() if "bits_per_byte" in line]
+    totals = [s["filtered_resps"][0] for s in in_process["gpt"][f"{TASK}_ppl"]]
+    texts = [s["doc"]["text"] for s in in_process["gpt"][f"{TASK}_ppl"]]
+    bits = -sum(totals) / sum(len(t.encode()) for t in texts) / math.log(2)  # lm-eval's bits_per_byte
+    assert len(table) == 1 and f"{bits:.4f}" in table[0]
+
+
+def test_lmzoo_lm_eval_without_lm_eval_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from lmzoo.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a)
+    )
+    result = CliRunner().invoke(app, ["lm-eval", "run", "--model", "lmzoo"])
+    assert result.exit_code == 2 and "pip install 'lmzoo[harness]'" in result.output
+    assert result.output.count("\n") == 1

@@ -17,6 +17,8 @@ pytest.importorskip("mcp")
 from serve_runs import copy_runs, serve_root  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
+from lmzoo.inference.engine import Request  # noqa: E402
+from lmzoo.inference.sampling import SamplingOptions  # noqa: E402
 from lmzoo.run import Run  # noqa: E402
 from lmzoo.serve import Limits, create_app  # noqa: E402
 
@@ -472,3 +474,81 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch):
     result = CliRunner().invoke(app, ["serve", "--runs", "."])
     assert result.exit_code == 2
     assert "pip install 'lmzoo[serve]'" in result.output and result.output.count("\n") == 1
+
+
+# ---- token-id prompts, echo + max_tokens 1, the remote tokenizer ---------------------------------
+
+
+def test_token_id_prompts_and_echo_with_one_generated_token(client, root):
+    """lm-evaluation-harness's loglikelihood request: prompts as token ids, echo + logprobs 1 +
+    max_tokens 1: the prompt's logprobs (`lmzoo score`'s), then the generated token's, whose map holds it."""
+    run = Run.open(root / "runs" / "gpt")
+    texts = ["the cat sat", "a bird sang in"]
+    ids = [run.tokenizer.encode(t) for t in texts]
+    body = complete(
+        client, model="gpt", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0
+    ).json()
+    for choice, text, prompt in zip(body["choices"], texts, ids, strict=True):
+        block = choice["logprobs"]
+        assert len(block["token_logprobs"]) == len(prompt) + 1 and choice["text"].startswith(text)
+        scored = run.score(text, device="cpu", top_k=1)
+        assert block["token_logprobs"][1:-1] == pytest.approx([t.logprob for t in scored.tokens], abs=1e-5)
+        generated, top = block["tokens"][-1], block["top_logprobs"][-1]
+        assert top[generated] == block["token_logprobs"][-1] == max(top.values())  # greedy
+    assert body["usage"]["prompt_tokens"] == sum(len(p) for p in ids)
+    one = complete(client, model="gpt", prompt=ids[0], max_tokens=4, temperature=0).json()["choices"][0]
+    assert one["text"] == "".join(
+        Run.open(root / "runs" / "gpt").generate(texts[0], greedy=True, max_new_tokens=4, device="cpu")
+    )
+    for bad in ([[]], [[0, 99999]], [[-1]]):
+        assert_openai_error(complete(client, model="gpt", prompt=bad), 400, "prompt")
+    assert_openai_error(complete(client, model="translate", prompt=[3, 4]), 400, "prompt")
+
+
+def test_the_remote_tokenizer_routes(client, root):
+    tokenizer = Run.open(root / "runs" / "gpt").tokenizer
+    info = client.get("/runs/gpt/tokenizer_info").json()
+    assert (
+        info["eos_token"] == "<eos>"
+        and info["bos_token"] == "\n"
+        and info["vocab_size"] == tokenizer.vocab_size
+    )
+    assert client.get("/tokenizer_info?model=lstm").json()["model"] == "lstm"
+    assert_openai_error(client.get("/tokenizer_info"), 400, "model")  # three runs: which one?
+    tokens = client.post(
+        "/runs/gpt/tokenize", json={"prompt": "the cat<eos>", "add_special_tokens": False}
+    ).json()
+    assert tokens["tokens"] == tokenizer.encode("the cat") + [tokenizer.eos_id] and tokens["count"] == 8
+    back = client.post("/detokenize", json={"tokens": tokenizer.encode("the mat"), "model": "gpt"}).json()
+    assert back == {"prompt": "the mat"}
+    assert_openai_error(client.post("/runs/gpt/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+    assert_openai_error(client.post("/runs/gpt/tokenize", json={"prompt": "x", "text": "x"}), 400, "text")
+    assert_openai_error(client.post("/runs/nope/tokenize", json={"prompt": "x"}), 404, "model")
+    # a run's own completions route: the body may leave the model out, and may not name another
+    routed = client.post("/runs/gpt/v1/completions", json={"prompt": "the", "max_tokens": 2}).json()
+    assert routed["model"] == "gpt" and routed["usage"]["completion_tokens"] == 2
+    assert_openai_error(
+        client.post("/runs/gpt/v1/completions", json={"model": "lstm", "prompt": "a"}), 400, "model"
+    )
+
+
+def test_a_full_queue_gets_429_and_status_shows_the_engine(root):
+    limits = Limits(slots=1, max_queue=1, max_tokens=100_000, timeout_s=30)
+    app = create_app(root / "runs", device="cpu", limits=limits)
+    with TestClient(app, base_url=LOCAL) as local:
+        assert complete(local, model="lstm", prompt="the", max_tokens=1).status_code == 200  # loaded
+        engine = app.state.registry.engines()["lstm"]
+        busy = engine.submit_all(  # the one slot and the one place in the queue taken
+            [Request("the", SamplingOptions(max_new_tokens=100_000, ignore_eos=True))] * 2
+        )
+        try:
+            error = assert_openai_error(complete(local, model="lstm", prompt="the", max_tokens=2), 429)
+            assert error["code"] == "queue_full" and "busy" in error["message"]
+            status = local.get("/status").json()["runs"]["lstm"]
+            assert status["slots"] == 1 and status["active"] + status["queued"] == 2
+        finally:
+            for generation in busy:
+                generation.cancel()
+        for generation in busy:
+            generation.result(timeout=30)
+        assert complete(local, model="lstm", prompt="the", max_tokens=2).status_code == 200

@@ -33,5 +33,8 @@ def lm_eval(ctx: typer.Context) -> None:
         args = list(ctx.args)
         if args and "--include_path" not in args and not {"-h", "--help"} & set(args):
             args += ["--include_path", str(TASKS)]
-        sys.argv = ["lm-eval", *args]
-        cli_evaluate()
+        argv, sys.argv = sys.argv, ["lm-eval", *args]
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = argv
