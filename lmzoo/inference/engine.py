@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,7 +36,7 @@ from lmzoo.errors import LmzooError
 from lmzoo.inference.decoding import Prepared, Seq2SeqStepper, SequenceDecoder, Step, choose_next, prepare
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions
-from lmzoo.models.base import DecodingSlots
+from lmzoo.models.base import DecodingSlots, ZooModel
 
 
 class EngineBusy(LmzooError):
@@ -122,6 +122,10 @@ class Engine:
         self._worker_alive = False
         self._closed = False
 
+    @property
+    def _model(self) -> ZooModel:
+        return cast(ZooModel, self.lm.model)
+
     # ---- what callers use ----
 
     @property
@@ -206,7 +210,7 @@ class Engine:
             tokens = torch.tensor([g._next for g in self._rows], device=self.lm.device)
             try:
                 assert self._slots is not None
-                logits = self.lm.model.head.logits(self._slots.step(tokens))  # (n, V)
+                logits = self._model.head.logits(self._slots.step(tokens))  # (n, V)
             except Exception as err:  # the model failed: every sequence of the batch ends with it
                 for generation in self._rows:
                     self._finish(generation, error=err)
@@ -265,7 +269,7 @@ class Engine:
             if not self._take(generation, ready.sequence.choose(logits)):
                 continue
             if self._slots is None:
-                self._slots = self.lm.model.decoding_slots(self.capacity)
+                self._slots = self._model.decoding_slots(self.capacity)
             stepper = ready.stepper
             single: Any = stepper.state
             if isinstance(stepper, Seq2SeqStepper):

@@ -42,6 +42,11 @@ class ZooModel(nn.Module):
         """Module types FSDP shards one by one (the repeated blocks); empty: shard the model whole."""
         return set()
 
+    def decoding_slots(self, capacity: int) -> DecodingSlots:
+        """A batched decoding state of `capacity` rows (`DecodingSlots`); LanguageModel and
+        Seq2SeqModel say what a row takes."""
+        raise NotImplementedError
+
     def adapter_sites(self) -> list[tuple[str, int]]:
         """(submodule name, output width) of every module a bottleneck adapter is inserted after."""
         return []

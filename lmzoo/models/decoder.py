@@ -272,7 +272,8 @@ class DecoderSlots(DecodingSlots):
         if single.caches is None or length == 0:
             self.position[row], self.lengths[row] = 0, 0
             return
-        for cache, source in zip(self.caches, single.caches, strict=True):
+        for index, cache in enumerate(self.caches):
+            source = single.caches[index]
             cache.k[row, :, :length] = source.k[0, :, :length]
             cache.v[row, :, :length] = source.v[0, :, :length]
         assert single.ids is not None
