@@ -24,7 +24,7 @@ from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import ConfigError
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions, choose_tokens
-from lmzoo.inference.text import StopFilter, TextStream, encode_prompt, token_text
+from lmzoo.inference.text import StopFilter, TextStream, encode_prompt, encode_source, token_text
 
 CACHES = ("dynamic", "static", "compiled")
 Observer = Callable[[torch.Tensor, int], None]
@@ -305,8 +305,6 @@ def prepare(
     banned = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id)
     stepper: LMStepper | Seq2SeqStepper
     if lm.kind == "seq2seq":
-        from lmzoo.inference.seq2seq import encode_source
-
         if cache != "dynamic":
             raise ConfigError(
                 f"cache {cache!r} is for decoder-only language models, not seq2seq runs", param="cache"
@@ -386,8 +384,6 @@ def next_distribution(
     target prefix, given `source`."""
     tokenizer = lm.output_tokenizer
     if lm.kind == "seq2seq":
-        from lmzoo.inference.seq2seq import encode_source
-
         if source is None:
             raise ConfigError(
                 "next tokens of a seq2seq model need the source sentence: pass source=", param="source"

@@ -19,7 +19,7 @@ import torch
 from lmzoo.data.examples import collate_pairs
 from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.inference.sampling import SamplingOptions, next_token
-from lmzoo.inference.text import encode_prompt
+from lmzoo.inference.text import encode_source
 from lmzoo.models.base import PAD_ID, eval_mode, select_rows
 
 
@@ -33,24 +33,6 @@ class Hypothesis:
 def _banned(scores: torch.Tensor, tokenizer_ids: tuple[int, ...]) -> torch.Tensor:
     scores[:, list(tokenizer_ids)] = float("-inf")
     return scores
-
-
-def encode_source(
-    model: torch.nn.Module, tokenizer: Tokenizer, text: str, warn: Callable[[str], None] | None = None
-) -> torch.Tensor:
-    """(1, S) source ids as training saw them: tokens + <eos>, cut to the positions the encoder has
-    (`model.max_source_len`, as translate_corpus does); unseen pieces and a cut are warned about."""
-    ids = encode_prompt(tokenizer, text, warn) if text else []
-    limit = model.max_source_len
-    if limit is not None and len(ids) + 1 > limit:
-        if warn is not None:
-            warn(
-                f"warning: the text is {len(ids) + 1} tokens long with <eos>, more than the model's "
-                f"{limit} source positions; translating its first {limit - 1} tokens"
-            )
-        ids = ids[: limit - 1]
-    device = next(model.parameters()).device
-    return torch.tensor([ids + [tokenizer.eos_id]], device=device)
 
 
 @torch.inference_mode()
