@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import torch
 
-from lmzoo.errors import LmzooError
+from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.inference.decoding import Prepared, Seq2SeqStepper, SequenceDecoder, Step, choose_next, prepare
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions
@@ -111,7 +111,7 @@ class Engine:
         background: bool = False,
     ) -> None:
         if slots < 1:
-            raise LmzooError(f"slots must be >= 1, got {slots}")
+            raise ConfigError(f"slots must be >= 1, got {slots}", param="slots")
         self.lm, self.capacity, self.max_queue, self.background = lm, slots, max_queue, background
         self.steps = 0  # decoding steps taken (each advances every active sequence by one token)
         self._queue: deque[Generation] = deque()
@@ -173,7 +173,7 @@ class Engine:
         per_prompt = [options] * len(prompts) if isinstance(options, SamplingOptions) else list(options)
         seeds = list(seeds) if seeds is not None else [None] * len(prompts)
         if not len(per_prompt) == len(seeds) == len(prompts):
-            raise LmzooError("generate needs one options and one seed per prompt")
+            raise ConfigError("generate needs one options and one seed per prompt", param="options")
         made = self.submit_all(
             [
                 Request(prompt, option, seed=seed, top_logprobs=top_logprobs)
