@@ -182,3 +182,18 @@ def test_a_background_engine_steps_in_its_own_thread(tokenizer):
     assert generation.result(timeout=30).completion_tokens == 12
     assert streamed.is_set() and "".join(seen) == generation.text
     assert engine.generate(["the"], options)[0].text == generation.text
+
+
+def test_a_family_without_batched_rows_decodes_row_by_row(tokenizer):
+    """The model contract's default rows (a family defining only hidden/init_state: tests/toy_family.py)
+    step one sequence after another, with the same tokens."""
+    import toy_family
+
+    toy_family.register()
+    try:
+        lm = loaded(toy_family.NAME, {}, tokenizer)
+        options = [SamplingOptions(max_new_tokens=n, greedy=True, ignore_eos=True) for n in LENGTHS]
+        expected = [one_at_a_time(lm, p, o) for p, o in zip(PROMPTS, options, strict=True)]
+        assert [ids_of(g) for g in Engine(lm, slots=3).generate(PROMPTS, options)] == expected
+    finally:
+        toy_family.unregister()

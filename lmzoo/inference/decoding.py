@@ -206,18 +206,22 @@ class LMStepper:
 
 
 class Seq2SeqStepper:
-    """A seq2seq model's side of decoding: the source encoded once, then the target from <bos>."""
+    """A seq2seq model's side of decoding: the source (1, S) encoded once (by `first`), then the target
+    from <bos>."""
 
     def __init__(self, model: torch.nn.Module, src: torch.Tensor, bos_id: int) -> None:
-        from lmzoo.models.base import PAD_ID
-
-        self.model, self.bos_id = model, bos_id
-        self.src_mask = src == PAD_ID
-        self.memory = model.encode(src, self.src_mask)
-        self.state = model.init_decode_state(self.memory, self.src_mask)
+        self.model, self.bos_id, self.src = model, bos_id, src
         self.device = src.device
+        self.memory: Any = None
+        self.src_mask: Any = None
+        self.state: Any = None
 
     def first(self) -> torch.Tensor:
+        from lmzoo.models.base import PAD_ID
+
+        self.src_mask = self.src == PAD_ID
+        self.memory = self.model.encode(self.src, self.src_mask)
+        self.state = self.model.init_decode_state(self.memory, self.src_mask)
         return self.next(self.bos_id)
 
     def next(self, token: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ Every sequence keeps its own `SequenceDecoder` (sampling options, seeded RNG, st
 detokenizer) exactly as one-at-a-time decoding (`lmzoo.inference.decoding.decode`) does; the model side
 is one batched state of `slots` rows (`model.decoding_slots`, lmzoo.models.base.DecodingSlots), each
 row at its own length. Continuous batching: between two steps finished sequences leave their rows and
-queued ones join; a joining prompt is prefilled on its own (the same `prepare` + first step as
-`decode`) and its state copied into a free row. Greedy output therefore equals one-at-a-time output
+queued ones join; the prompts joining in one step are read together (right-padded where the model
+allows: lmzoo.inference.prefill), apart from the rows decoding, and each one's state is copied into a
+free row. Greedy output therefore equals one-at-a-time output
 token for token; sampled output too, given the same seed (up to float rounding of batched matmuls).
 
 A request that is cancelled, or whose `check()` raises (a client gone, a timeout), leaves at the next
@@ -28,13 +29,22 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 
 from lmzoo.errors import ConfigError, LmzooError
-from lmzoo.inference.decoding import Prepared, Seq2SeqStepper, SequenceDecoder, Step, choose_next, prepare
+from lmzoo.inference.decoding import (
+    LMStepper,
+    Prepared,
+    Seq2SeqStepper,
+    SequenceDecoder,
+    Step,
+    choose_next,
+    prepare,
+)
 from lmzoo.inference.loaded import LoadedModel
+from lmzoo.inference.prefill import Prefilled, groups, prefill
 from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.models.base import DecodingSlots, ZooModel
 
@@ -80,6 +90,11 @@ class Generation:
     def _sequence(self) -> SequenceDecoder:
         assert self._ready is not None
         return self._ready.sequence
+
+    @property
+    def _stepper(self) -> LMStepper | Seq2SeqStepper:
+        assert self._ready is not None
+        return self._ready.stepper
 
     @property
     def text(self) -> str:
@@ -254,29 +269,40 @@ class Engine:
         return False
 
     def _admit(self) -> None:
-        """Prefill queued prompts, one at a time, into the free rows."""
-        while len(self._rows) < self.capacity:
-            with self._lock:
-                if not self._queue:
-                    return
-                generation = self._queue.popleft()
+        """Read the queued prompts that fit in the free rows, together where the model allows
+        (lmzoo.inference.prefill), and take each into a row."""
+        with self._lock:
+            count = min(self.capacity - len(self._rows), len(self._queue))
+            taken = [self._queue.popleft() for _ in range(count)]
+        ready = []
+        for generation in taken:
             try:
-                ready = self._prepare(generation)
-                logits = ready.stepper.first()
+                self._prepare(generation)
+                ready.append(generation)
             except Exception as err:  # a prompt the model cannot read ends alone
                 self._finish(generation, error=err)
-                continue
-            if not self._take(generation, ready.sequence.choose(logits)):
-                continue
-            if self._slots is None:
-                self._slots = self._model.decoding_slots(self.capacity)
-            stepper = ready.stepper
-            single: Any = stepper.state
-            if isinstance(stepper, Seq2SeqStepper):
-                single = (stepper.memory, stepper.src_mask, stepper.state)
-            row = self._slots.add(single)
-            assert row == len(self._rows)
-            self._rows.append(generation)
+        if not ready:
+            return
+        if self._slots is None:
+            self._slots = self._model.decoding_slots(self.capacity)
+        steppers = [g._stepper for g in ready]
+        for members in groups(steppers, self._slots.prefill):
+            for done in self._read(ready, members):
+                chosen = choose_next([ready[i]._sequence for i in done.members], done.logits)
+                for position, (i, token) in enumerate(zip(done.members, chosen, strict=True)):
+                    if self._take(ready[i], token):
+                        self._slots.add(done.state, position, done.lengths[position])
+                        self._rows.append(ready[i])
+
+    def _read(self, ready: list[Generation], members: list[int]) -> list[Prefilled]:
+        """One pass over the members' prompts; if it fails, each alone (a prompt that fails ends)."""
+        try:
+            return [prefill([g._stepper for g in ready], members)]
+        except Exception as err:
+            if len(members) == 1:
+                self._finish(ready[members[0]], error=err)
+                return []
+        return [done for member in members for done in self._read(ready, [member])]
 
     def _prepare(self, generation: Generation) -> Prepared:
         request = generation.request

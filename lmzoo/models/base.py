@@ -238,24 +238,28 @@ def select_rows(value: Any, indices: torch.Tensor) -> Any:
 class DecodingSlots:
     """A batched decoding state: `capacity` rows, each holding one sequence at its own length.
 
-    Rows [0, active) are in use. `add(single)` copies the state one sequence's prefill left (what the
-    model returned for the prompt alone) into the next free row; `free(row)` releases a row, moving the
-    last active row into it so the rows in use stay packed and a step reads one block; `step(tokens)`
-    feeds every active row its next token (n,) and returns the features the output head reads (n, C).
-    A family implements `put`, `move` and `step`; the decoding engine (lmzoo.inference.engine) drives it.
+    Rows [0, active) are in use. `add(state, index, length)` copies row `index` of the state a prefill
+    left (what the model returned for prompts read together, `length` tokens of this one) into the next
+    free row; `free(row)` releases a row, moving the last active row into it so the rows in use stay
+    packed and a step reads one block; `step(tokens)` feeds every active row its next token (n,) and
+    returns the features the output head reads (n, C). `prefill` says how prompts may be read together
+    (lmzoo.inference.prefill): "padded" (any lengths, right-padded), "equal" (one length per pass) or
+    "alone". A family implements `put`, `move` and `step`; the engine (lmzoo.inference.engine) drives it.
     """
+
+    prefill = "equal"
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity, self.active = capacity, 0
 
-    def add(self, single: Any) -> int:
-        """Take a single-sequence state into the next free row; return that row."""
+    def add(self, single: Any, index: int = 0, length: int = 0) -> int:
+        """Take row `index` of a prefill's state (`length` tokens read) into the next free row; return it."""
         if self.active >= self.capacity:
             raise ValueError(f"all {self.capacity} rows are in use")
         row = self.active
-        self.put(row, single)
+        self.put(row, single, index, length)
         self.active += 1
         return row
 
@@ -269,7 +273,7 @@ class DecodingSlots:
         self.move(self.active, row)
         return self.active
 
-    def put(self, row: int, single: Any) -> None:
+    def put(self, row: int, single: Any, index: int, length: int) -> None:
         raise NotImplementedError
 
     def move(self, source: int, target: int) -> None:
@@ -283,6 +287,8 @@ class RowByRowSlots(DecodingSlots):
     """Rows kept as separate single-sequence states and stepped one after another: `step_one(ids (1, 1),
     state) -> (features (1, 1, C), state)`. What a family without a batched state gets."""
 
+    prefill = "alone"  # a row keeps the state of its own prefill, whatever its shape
+
     def __init__(
         self, step_one: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]], capacity: int
     ) -> None:
@@ -290,7 +296,7 @@ class RowByRowSlots(DecodingSlots):
         self.step_one = step_one
         self.states: list[Any] = [None] * capacity
 
-    def put(self, row: int, single: Any) -> None:
+    def put(self, row: int, single: Any, index: int, length: int) -> None:
         self.states[row] = single
 
     def move(self, source: int, target: int) -> None:

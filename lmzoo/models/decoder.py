@@ -267,17 +267,18 @@ class DecoderSlots(DecodingSlots):
         self.ids = torch.zeros(capacity, config.context_length, dtype=torch.long, device=like.device)
         self.lengths = [0] * capacity  # the positions, without reading the device
 
-    def put(self, row: int, single: DecoderState) -> None:
-        length = single.length
+    prefill = "padded"  # causal attention: padding after a prompt changes nothing in it
+
+    def put(self, row: int, single: DecoderState, index: int, length: int) -> None:
         if single.caches is None or length == 0:
             self.position[row], self.lengths[row] = 0, 0
             return
-        for index, cache in enumerate(self.caches):
-            source = single.caches[index]
-            cache.k[row, :, :length] = source.k[0, :, :length]
-            cache.v[row, :, :length] = source.v[0, :, :length]
+        for layer, cache in enumerate(self.caches):
+            source = single.caches[layer]
+            cache.k[row, :, :length] = source.k[index, :, :length]
+            cache.v[row, :, :length] = source.v[index, :, :length]
         assert single.ids is not None
-        self.ids[row, :length] = single.ids[0]
+        self.ids[row, :length] = single.ids[index, :length]
         self.position[row], self.lengths[row] = length, length
 
     def move(self, source: int, target: int) -> None:
@@ -313,4 +314,4 @@ class DecoderSlots(DecodingSlots):
         if keep > 0:
             _, fresh = self.model.hidden(window[None].clone(), single)
             single = fresh if fresh is not None else single
-        self.put(row, single)
+        self.put(row, single, 0, single.length)

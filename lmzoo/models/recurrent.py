@@ -164,7 +164,7 @@ class RecurrentSlots(DecodingSlots):
         assert self.states is not None
         return map_tensors(lambda t: t.narrow(batch_dim(t), 0, count), self.states)
 
-    def put(self, row: int, single: list[Any]) -> None:
+    def put(self, row: int, single: list[Any], index: int, length: int) -> None:
         if self.states is None:
 
             def room(t: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,7 @@ class RecurrentSlots(DecodingSlots):
 
             self.states = map_tensors(room, single)
         for target, source in zip(_tensors(self.states), _tensors(single), strict=True):
-            target.select(batch_dim(target), row).copy_(source.select(batch_dim(source), 0))
+            target.select(batch_dim(target), row).copy_(source.select(batch_dim(source), index))
 
     def move(self, source: int, target: int) -> None:
         for t in _tensors(self.states):

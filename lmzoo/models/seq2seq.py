@@ -246,14 +246,17 @@ class RecurrentSeq2SeqSlots(DecodingSlots):
         self.model, self.sources = model, SourceRows(capacity)
         self.state: list[torch.Tensor] = []  # (L, R, H) each: h, and c for an LSTM
 
-    def put(self, row: int, single: Any) -> None:
+    prefill = "padded"  # the encoder packs a source's padding away; attention masks it
+
+    def put(self, row: int, single: Any, index: int, length: int) -> None:
         (outputs, keys, _), src_mask, state = single
-        self.sources.put(row, [outputs, keys], src_mask)
+        own = slice(index, index + 1)
+        self.sources.put(row, [outputs[own], keys[own]], src_mask[own])
         parts = list(state) if isinstance(state, tuple) else [state]
         if not self.state:
             self.state = [p.new_zeros(p.shape[0], self.capacity, *p.shape[2:]) for p in parts]
         for target, part in zip(self.state, parts, strict=True):
-            target[:, row] = part[:, 0]
+            target[:, row] = part[:, index]
 
     def move(self, source: int, target: int) -> None:
         self.sources.move(source, target)

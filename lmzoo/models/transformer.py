@@ -244,13 +244,15 @@ class TransformerSlots(DecodingSlots):
         self.caches = [StaticKVCache(*shape, like=like, position=self.position) for _ in model.decoder_layers]
         self.lengths = [0] * capacity
 
-    def put(self, row: int, single: Any) -> None:
+    prefill = "padded"  # the source's padding is masked in the encoder and in cross-attention
+
+    def put(self, row: int, single: Any, index: int, length: int) -> None:
         _, src_mask, state = single
-        self.sources.put(row, [t for pair in state.cross for t in pair], src_mask, dim=2)
-        length = state.length
+        own = slice(index, index + 1)
+        self.sources.put(row, [t[own] for pair in state.cross for t in pair], src_mask[own], dim=2)
         for cache, source in zip(self.caches, state.caches, strict=True):
-            cache.k[row, :, :length] = source.k[0, :, :length]
-            cache.v[row, :, :length] = source.v[0, :, :length]
+            cache.k[row, :, :length] = source.k[index, :, :length]
+            cache.v[row, :, :length] = source.v[index, :, :length]
         self.position[row], self.lengths[row] = length, length
 
     def move(self, source: int, target: int) -> None:
