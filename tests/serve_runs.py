@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import random
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from conftest import TINY_TEXT, base_config_dict, config_from_dict, deep_merge, tiny_model_section
 
@@ -76,3 +82,29 @@ def copy_runs(root: Path, target: Path) -> Path:
     """A private copy of the runs folder (for tests that delete or add runs)."""
     shutil.copytree(root / "runs", target, symlinks=True)
     return target
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """uvicorn serving `app` in a thread on a free loopback port; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=15)

@@ -162,6 +162,30 @@ def test_generate_with_seed_rng_is_reproducible(runner, trained_run):
     assert len(others | {first.stdout}) > 1
 
 
+def test_generate_num_samples_decode_together_as_each_alone(runner, trained_run):
+    """--num-samples N decodes the samples together in the batched engine; sample i is what one-at-a-time
+    decoding seeded --seed-rng + i writes."""
+    args = [
+        "generate",
+        "-r",
+        str(trained_run),
+        "-s",
+        "the ",
+        "--max-new-tokens",
+        "25",
+        "--temperature",
+        "1.0",
+    ]
+    result = runner.invoke(app, [*args, "--num-samples", "3", "--seed-rng", "9", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    run = Run.open(trained_run)
+    alone = [
+        "the " + "".join(run.generate("the ", seed=9 + i, max_new_tokens=25, temperature=1.0, device="cpu"))
+        for i in range(3)
+    ]
+    assert result.stdout == "\n---\n".join(alone) + "\n" and len(set(alone)) == 3
+
+
 def test_generate_stop_and_option_checks(runner, trained_run):
     base = ["generate", "--run", str(trained_run), "--seed", "the", "--greedy", "--device", "cpu"]
     full = runner.invoke(app, [*base, "--max-new-tokens", "40"]).stdout

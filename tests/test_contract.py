@@ -233,7 +233,7 @@ LAYERS = [
     {"lmzoo.inference"},
     {"lmzoo.run"},
     {"lmzoo.training"},
-    {"lmzoo.analysis", "lmzoo.retrieval", "lmzoo.interop", "lmzoo.stages"},
+    {"lmzoo.analysis", "lmzoo.retrieval", "lmzoo.interop", "lmzoo.stages", "lmzoo.evalharness"},
     {"lmzoo.serve"},
     {"lmzoo.cli", "lmzoo.train"},
     {"lmzoo.__main__"},

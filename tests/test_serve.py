@@ -17,6 +17,8 @@ pytest.importorskip("mcp")
 from serve_runs import copy_runs, serve_root  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
+from lmzoo.inference.engine import Request  # noqa: E402
+from lmzoo.inference.sampling import SamplingOptions  # noqa: E402
 from lmzoo.run import Run  # noqa: E402
 from lmzoo.serve import Limits, create_app  # noqa: E402
 
@@ -88,8 +90,10 @@ def test_echo_logprobs_total_equals_lmzoo_score(client, root, tmp_path, name, te
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     evaluated = run.evaluate(data=tmp_path / "text.txt", device="cpu")
     assert api_total == pytest.approx(-evaluated["loss"] * evaluated["tokens"], abs=1e-3)
-    for top, logprob in zip(block["top_logprobs"][1:], block["token_logprobs"][1:], strict=True):
-        assert len(top) == 3 and max(top.values()) >= logprob - 1e-6
+    entries = zip(block["tokens"][1:], block["top_logprobs"][1:], block["token_logprobs"][1:], strict=True)
+    for token, top, logprob in entries:  # the 3 most likely, and the token itself (as OpenAI's)
+        assert len(top) in (3, 4) and top[token] == logprob and max(top.values()) >= logprob
+        assert len(top) == 3 or min(top.values()) == logprob
 
 
 def test_echo_of_a_long_prompt_keeps_left_context(client, root):
@@ -138,7 +142,7 @@ def _stream(client, **fields) -> tuple[list[dict], list[str]]:
 
 
 def test_streamed_chunks_concatenate_to_the_non_streamed_text(client):
-    fields = dict(model="lstm", prompt="the ", max_tokens=20, temperature=1.0, seed=3, n=2)
+    fields = dict(model="lstm", prompt="the ", max_tokens=20, temperature=1.0, seed=3, n=2, ignore_eos=True)
     whole = complete(client, **fields).json()["choices"]
     events, raw = _stream(client, **fields)
     assert raw[-1] == "[DONE]"
@@ -215,7 +219,7 @@ BAD = {
     "unknown field": ({"model": "lstm", "prompt": "the", "beam_width": 2}, 400, "beam_width"),
     "empty prompt list": ({"model": "lstm", "prompt": []}, 400, "prompt"),
     "temperature out of range": ({"model": "lstm", "prompt": "the", "temperature": -1.0}, 400, "temperature"),
-    "too many stops": ({"model": "lstm", "prompt": "the", "stop": list("abcde")}, 400, "stop"),
+    "too many stops": ({"model": "lstm", "prompt": "the", "stop": list("abcdefghijklmnopq")}, 400, "stop"),
     "prompt too long": ({"model": "lstm", "prompt": "the " * 6000}, 400, "prompt"),
 }
 
@@ -280,7 +284,8 @@ def test_a_10_mb_body_is_refused_with_413(client):
 
 
 def test_unknown_routes_and_methods_are_openai_errors(client):
-    assert_openai_error(client.get("/v1/chat/completions"), 404)
+    assert_openai_error(client.get("/v1/embeddings"), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
     assert_openai_error(client.get("/v1/completions"), 405)
 
 
@@ -486,3 +491,81 @@ def test_finish_reason_says_what_ended_a_translation(root, tmp_path):
     with TestClient(create_app(root / "runs", device="cpu"), base_url=LOCAL) as local:
         short = complete(local, model="translate", prompt="the cat", max_tokens=2, temperature=0).json()
     assert short["choices"][0]["finish_reason"] == "length" and len(short["choices"][0]["text"]) == 2
+
+
+# ---- token-id prompts, echo + max_tokens 1, the remote tokenizer ---------------------------------
+
+
+def test_token_id_prompts_and_echo_with_one_generated_token(client, root):
+    """lm-evaluation-harness's loglikelihood request: prompts as token ids, echo + logprobs 1 +
+    max_tokens 1: the prompt's logprobs (`lmzoo score`'s), then the generated token's, whose map holds it."""
+    run = Run.open(root / "runs" / "gpt")
+    texts = ["the cat sat", "a bird sang in"]
+    ids = [run.tokenizer.encode(t) for t in texts]
+    body = complete(
+        client, model="gpt", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0
+    ).json()
+    for choice, text, prompt in zip(body["choices"], texts, ids, strict=True):
+        block = choice["logprobs"]
+        assert len(block["token_logprobs"]) == len(prompt) + 1 and choice["text"].startswith(text)
+        scored = run.score(text, device="cpu", top_k=1)
+        assert block["token_logprobs"][1:-1] == pytest.approx([t.logprob for t in scored.tokens], abs=1e-5)
+        generated, top = block["tokens"][-1], block["top_logprobs"][-1]
+        assert top[generated] == block["token_logprobs"][-1] == max(top.values())  # greedy
+    assert body["usage"]["prompt_tokens"] == sum(len(p) for p in ids)
+    one = complete(client, model="gpt", prompt=ids[0], max_tokens=4, temperature=0).json()["choices"][0]
+    assert one["text"] == "".join(
+        Run.open(root / "runs" / "gpt").generate(texts[0], greedy=True, max_new_tokens=4, device="cpu")
+    )
+    for bad in ([[]], [[0, 99999]], [[-1]]):
+        assert_openai_error(complete(client, model="gpt", prompt=bad), 400, "prompt")
+    assert_openai_error(complete(client, model="translate", prompt=[3, 4]), 400, "prompt")
+
+
+def test_the_remote_tokenizer_routes(client, root):
+    tokenizer = Run.open(root / "runs" / "gpt").tokenizer
+    info = client.get("/runs/gpt/tokenizer_info").json()
+    assert (
+        info["eos_token"] == "<eos>"
+        and info["bos_token"] == "\n"
+        and info["vocab_size"] == tokenizer.vocab_size
+    )
+    assert client.get("/tokenizer_info?model=lstm").json()["model"] == "lstm"
+    assert_openai_error(client.get("/tokenizer_info"), 400, "model")  # three runs: which one?
+    tokens = client.post(
+        "/runs/gpt/tokenize", json={"prompt": "the cat<eos>", "add_special_tokens": False}
+    ).json()
+    assert tokens["tokens"] == tokenizer.encode("the cat") + [tokenizer.eos_id] and tokens["count"] == 8
+    back = client.post("/detokenize", json={"tokens": tokenizer.encode("the mat"), "model": "gpt"}).json()
+    assert back == {"prompt": "the mat"}
+    assert_openai_error(client.post("/runs/gpt/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+    assert_openai_error(client.post("/runs/gpt/tokenize", json={"prompt": "x", "text": "x"}), 400, "text")
+    assert_openai_error(client.post("/runs/nope/tokenize", json={"prompt": "x"}), 404, "model")
+    # a run's own completions route: the body may leave the model out, and may not name another
+    routed = client.post("/runs/gpt/v1/completions", json={"prompt": "the", "max_tokens": 2}).json()
+    assert routed["model"] == "gpt" and routed["usage"]["completion_tokens"] == 2
+    assert_openai_error(
+        client.post("/runs/gpt/v1/completions", json={"model": "lstm", "prompt": "a"}), 400, "model"
+    )
+
+
+def test_a_full_queue_gets_429_and_status_shows_the_engine(root):
+    limits = Limits(slots=1, max_queue=1, max_tokens=100_000, timeout_s=30)
+    app = create_app(root / "runs", device="cpu", limits=limits)
+    with TestClient(app, base_url=LOCAL) as local:
+        assert complete(local, model="lstm", prompt="the", max_tokens=1).status_code == 200  # loaded
+        engine = app.state.registry.engines()["lstm"]
+        busy = engine.submit_all(  # the one slot and the one place in the queue taken
+            [Request("the", SamplingOptions(max_new_tokens=100_000, ignore_eos=True))] * 2
+        )
+        try:
+            error = assert_openai_error(complete(local, model="lstm", prompt="the", max_tokens=2), 429)
+            assert error["code"] == "queue_full" and "busy" in error["message"]
+            status = local.get("/status").json()["runs"]["lstm"]
+            assert status["slots"] == 1 and status["active"] + status["queued"] == 2
+        finally:
+            for generation in busy:
+                generation.cancel()
+        for generation in busy:
+            generation.result(timeout=30)
+        assert complete(local, model="lstm", prompt="the", max_tokens=2).status_code == 200

@@ -109,7 +109,8 @@ def _run_seq2seq(
     device: torch.device,
     warn: Callable[[str], None] | None,
 ) -> dict[str, tuple[list[str], list[str]]]:
-    from lmzoo.inference.seq2seq import decode_batch, encode_source
+    from lmzoo.inference.seq2seq import decode_batch
+    from lmzoo.inference.text import encode_source
     from lmzoo.models.base import PAD_ID
 
     source_tok, target_tok = run.tokenizer, run.target_tokenizer or run.tokenizer

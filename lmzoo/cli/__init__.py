@@ -8,6 +8,7 @@ from lmzoo.cli import (
     commands,  # noqa: F401  (train, generate, eval, merge, models)
     compare,  # noqa: F401  (compare, report)
     data,  # noqa: F401  (prepare)
+    harness,  # noqa: F401  (lm-eval: lm-evaluation-harness with the lmzoo model)
     inspect,  # noqa: F401  (score, attention, tokenize)
     retrieval,  # noqa: F401  (index, rag index)
     serve,  # noqa: F401  (serve: OpenAI-compatible HTTP API and MCP)

@@ -65,6 +65,22 @@ def warn(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def prompts(seed: str | None, verb: str, label: str = "seed> ") -> Iterator[str]:
+    """The seed text, or (without one) lines typed at an interactive prompt until 'exit' or Ctrl-D."""
+    if seed is not None:
+        yield seed
+        return
+    warn(f"lmzoo: {verb} (type a text; 'exit' or Ctrl-D quits)")
+    while True:
+        try:
+            prompt = input(label)
+        except EOFError:
+            return
+        if prompt.strip() == "exit":
+            return
+        yield prompt
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"lmzoo {__version__}")

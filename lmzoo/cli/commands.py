@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from lmzoo.cli.app import BASE_HELP, DEVICE_HELP, RUN_HELP, app, user_errors, warn
+from lmzoo.cli.app import BASE_HELP, DEVICE_HELP, RUN_HELP, app, prompts, user_errors, warn
 
 if TYPE_CHECKING:
     from lmzoo.run import Run
@@ -50,22 +49,6 @@ def train(
             typer.echo(f"done: {run_dir}  (sample it with: lmzoo generate --run {run_dir})", err=True)
 
 
-def _prompts(seed: str | None, verb: str) -> Iterator[str]:
-    """The seed text, or (without one) lines typed at an interactive prompt until 'exit' or Ctrl-D."""
-    if seed is not None:
-        yield seed
-        return
-    warn(f"lmzoo: {verb} (type a text; 'exit' or Ctrl-D quits)")
-    while True:
-        try:
-            prompt = input("seed> ")
-        except EOFError:
-            return
-        if prompt.strip() == "exit":
-            return
-        yield prompt
-
-
 @app.command()
 def generate(
     run: str | None = typer.Option(None, "--run", "-r", help=RUN_HELP),
@@ -82,10 +65,18 @@ def generate(
     ),
     greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token."),
     repetition_penalty: float | None = typer.Option(None, help="> 1 discourages tokens already in the text."),
-    num_samples: int = typer.Option(1, min=1, help="How many continuations to write."),
+    num_samples: int = typer.Option(
+        1, min=1, help="How many continuations to write (decoded together; sample i seeded --seed-rng + i)."
+    ),
     seed_rng: int | None = typer.Option(
         None, "--seed-rng", help="Random seed for sampling (reproducible output)."
     ),
+    chat: bool = typer.Option(
+        False,
+        "--chat",
+        help="Chat with the run on its chat template (--seed: one message, else interactive).",
+    ),
+    system: str | None = typer.Option(None, help="--chat: a system message put before the conversation."),
     stop: list[str] | None = typer.Option(None, help="Stop when this text appears (repeatable)."),
     beam: int = typer.Option(
         1, min=1, help="Seq2seq: beam search with this many beams (1 = greedy/sampling, streamed)."
@@ -133,10 +124,17 @@ def generate(
             stop=stop or None,
         )
         loaded.sampling(**sampling)  # a bad option fails before the model loads
+        if chat:
+            from lmzoo.cli.chat import chat_in_terminal
+
+            chat_in_terminal(
+                loaded, seed, system, sampling, seed=seed_rng, checkpoint=checkpoint, device=device
+            )
+            return
         options = (seed_rng, beam, n_best, length_penalty, checkpoint, device, cache, rag, passages)
         request = GenerateRequest(sampling, num_samples, *options, show_probs, top_logprobs, as_json)
         verb = "translating with" if loaded.kind == "seq2seq" else "sampling from"
-        for prompt in _prompts(seed, f"{verb} {loaded.path}"):
+        for prompt in prompts(seed, f"{verb} {loaded.path}"):
             _write_generation(loaded, prompt, request)
 
 
@@ -199,19 +197,21 @@ def _write_generation(loaded: Run, prompt: str, request: GenerateRequest) -> Non
             warn=warn,
             **where,
         )
+    elif request.num_samples > 1:  # decoded together, in the batched engine
+        engine = loaded.engine(request.checkpoint, request.device, slots=min(request.num_samples, 32))
+        seeds = [None if request.seed is None else request.seed + i for i in range(request.num_samples)]
+        done = engine.generate([text] * request.num_samples, loaded.sampling(**request.sampling), seeds=seeds)
+        for line in done[0].warnings:
+            warn(line)
+        head = "" if loaded.kind == "seq2seq" else prompt
+        typer.echo("\n---\n".join(head + generation.text for generation in done))
     else:
-        for index in range(request.num_samples):
-            typer.echo(("\n---\n" if index else "") + ("" if loaded.kind == "seq2seq" else prompt), nl=False)
-            for piece in loaded.generate(
-                text,
-                seed=request.seed,
-                cache=request.cache,
-                warn=warn if index == 0 else None,
-                **where,
-                **request.sampling,
-            ):
-                typer.echo(piece, nl=False)
-            typer.echo()
+        typer.echo("" if loaded.kind == "seq2seq" else prompt, nl=False)
+        for piece in loaded.generate(
+            text, seed=request.seed, cache=request.cache, warn=warn, **where, **request.sampling
+        ):
+            typer.echo(piece, nl=False)
+        typer.echo()
     if sources:  # after the text; on stderr when stdout carries JSON
         (warn if request.as_json else typer.echo)("sources: " + ", ".join(p.source for p in sources))
 

@@ -264,7 +264,7 @@ class SampleConfig(Section):
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     greedy: bool = False  # always take the most likely token (as temperature 0)
     stop: list[str] = []  # stop when one of these texts appears
-    ignore_eos: bool = False  # language models: go on after <eos> up to max_new_tokens (benchmarks)
+    ignore_eos: bool = False  # go on after <eos> up to max_new_tokens (benchmarks; seq2seq: data.max_len)
 
 
 class RunConfig(Section):

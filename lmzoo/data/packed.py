@@ -75,7 +75,7 @@ class PackedExamples(Sequence[Any]):
     def __len__(self) -> int:
         return len(self.tables[0])
 
-    def __getitem__(self, index: int | slice) -> Any:  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):  # a list of examples, as a list's slice would be
             return [self[i] for i in range(*index.indices(len(self)))]
         return self.shape(tuple(table[index] for table in self.tables))

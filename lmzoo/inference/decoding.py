@@ -23,8 +23,8 @@ import torch
 from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.errors import ConfigError
 from lmzoo.inference.loaded import LoadedModel
-from lmzoo.inference.sampling import SamplingOptions, next_token
-from lmzoo.inference.text import StopFilter, TextStream, encode_prompt, token_text
+from lmzoo.inference.sampling import SamplingOptions, choose_tokens
+from lmzoo.inference.text import StopFilter, TextStream, encode_prompt, encode_source, token_text
 from lmzoo.models.base import PAD_ID, LanguageModel, Seq2SeqModel
 
 CACHES = ("dynamic", "static", "compiled")
@@ -109,21 +109,15 @@ class SequenceDecoder:
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this step's scores (V,), under this sequence's options and RNG."""
-        scores = logits.float()[None]  # (1, V)
+        return choose_next([self], logits[None])[0]
+
+    def _seen(self, device: torch.device, vocab: int) -> torch.Tensor:
+        """(1, V) bool: the tokens of the text so far (kept only under a repetition penalty)."""
         if self.seen is None:
-            self.seen = torch.zeros_like(scores, dtype=torch.bool)
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
             if self.context:
-                self.seen[0, torch.tensor(self.context, device=scores.device)] = True
-        raw = scores.clone() if self.observe or self.top_logprobs is not None else scores
-        if self.banned:
-            scores[:, self.banned] = float("-inf")
-        token = int(next_token(scores, self.options, seen=self.seen, generator=self.generator))
-        self.seen[0, token] = True
-        if self.observe is not None:
-            self.observe(raw[0], token)
-        if self.top_logprobs is not None and self.tokenizer is not None:
-            self._probs = step_probs(raw[0], token, self.tokenizer, self.top_logprobs)
-        return token
+                self.seen[0, torch.tensor(self.context, device=device)] = True
+        return self.seen
 
     def accept(self, token: int) -> list[Step]:
         """Take the chosen token; the steps now safe to show (their text never holds a stop string)."""
@@ -146,6 +140,41 @@ class SequenceDecoder:
     @staticmethod
     def _released(items: list[tuple[str, Step]]) -> list[Step]:
         return [Step(text, step.id, step.probs) for text, step in items]
+
+
+def choose_next(sequences: Sequence[SequenceDecoder], logits: torch.Tensor) -> list[int]:
+    """Each sequence's next token from its row of this step's scores (n, V), under its own options and
+    RNG; what one sequence chooses does not depend on the others in the batch."""
+    scores = logits.float()  # (n, V)
+    watched = any(s.observe is not None or s.top_logprobs is not None for s in sequences)
+    raw = scores.clone() if watched else scores
+    banned = {tuple(s.banned) for s in sequences}
+    if len(banned) == 1:
+        (ids,) = banned
+        if ids:
+            scores[:, list(ids)] = float("-inf")
+    else:
+        for row, s in enumerate(sequences):
+            scores[row, s.banned] = float("-inf")
+    penalised = [s.options.repetition_penalty != 1.0 for s in sequences]
+    seen = None
+    if any(penalised):
+        vocab, device = scores.shape[-1], scores.device
+        blank = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+        seen = torch.cat(
+            [s._seen(device, vocab) if p else blank for s, p in zip(sequences, penalised, strict=True)]
+        )
+    tokens = choose_tokens(
+        scores, [s.options for s in sequences], seen=seen, generators=[s.generator for s in sequences]
+    ).tolist()
+    for row, (s, token) in enumerate(zip(sequences, tokens, strict=True)):
+        if s.seen is not None:
+            s.seen[0, token] = True
+        if s.observe is not None:
+            s.observe(raw[row], token)
+        if s.top_logprobs is not None and s.tokenizer is not None:
+            s._probs = step_probs(raw[row], token, s.tokenizer, s.top_logprobs)
+    return tokens
 
 
 class LMStepper:
@@ -178,16 +207,20 @@ class LMStepper:
 
 
 class Seq2SeqStepper:
-    """A seq2seq model's side of decoding: the source encoded once, then the target from <bos>."""
+    """A seq2seq model's side of decoding: the source (1, S) encoded once (by `first`), then the target
+    from <bos>."""
 
     def __init__(self, model: Seq2SeqModel, src: torch.Tensor, bos_id: int) -> None:
-        self.model, self.bos_id = model, bos_id
-        self.src_mask = src == PAD_ID
-        self.memory = model.encode(src, self.src_mask)
-        self.state = model.init_decode_state(self.memory, self.src_mask)
+        self.model, self.bos_id, self.src = model, bos_id, src
         self.device = src.device
+        self.memory: Any = None
+        self.src_mask: Any = None
+        self.state: Any = None
 
     def first(self) -> torch.Tensor:
+        self.src_mask = self.src == PAD_ID
+        self.memory = self.model.encode(self.src, self.src_mask)
+        self.state = self.model.init_decode_state(self.memory, self.src_mask)
         return self.next(self.bos_id)
 
     def next(self, token: int) -> torch.Tensor:
@@ -245,9 +278,19 @@ class Decoding:
         return "".join(step.text for step in self)
 
 
-def decode(
+@dataclass
+class Prepared:
+    """One sequence ready to decode: the model side (`stepper`), its `SequenceDecoder`, and how many
+    tokens the prompt (or source) has."""
+
+    stepper: LMStepper | Seq2SeqStepper
+    sequence: SequenceDecoder
+    prompt_tokens: int
+
+
+def prepare(
     lm: LoadedModel,
-    prompt: str,
+    prompt: str | Sequence[int],
     options: SamplingOptions,
     *,
     seed: int | None = None,
@@ -255,34 +298,32 @@ def decode(
     top_logprobs: int | None = None,
     warn: Callable[[str], None] | None = None,
     cache: str = "dynamic",
-) -> Decoding:
-    """Continue `prompt` (language models) or translate it (seq2seq), one `Step` per token.
-
-    `seed` (or an explicit `generator`) makes sampling reproducible; `top_logprobs` (0 or more) adds
-    each step's `StepProbs`
-    with that many alternatives. Seq2seq output ends at <eos> or the run's data.max_len.
-    """
+) -> Prepared:
+    """The stepper and sequence state of one prompt: what `decode` runs, and what the batched engine
+    (lmzoo.inference.engine) prefills and then steps with many others. `prompt` is text, or token ids
+    (a language model's prompt; a seq2seq model's source ids with their <eos>)."""
     tokenizer = lm.output_tokenizer
     if seed is not None:
         generator = torch.Generator(device=lm.device).manual_seed(seed)
     stepper: LMStepper | Seq2SeqStepper
     if lm.kind == "seq2seq":
-        from lmzoo.inference.seq2seq import encode_source
-
         if cache != "dynamic":
             raise ConfigError(
                 f"cache {cache!r} is for decoder-only language models, not seq2seq runs", param="cache"
             )
-        src = encode_source(lm.seq2seq_model, lm.tokenizer, prompt, warn)
+        if isinstance(prompt, str):
+            src = encode_source(lm.seq2seq_model, lm.tokenizer, prompt, warn)
+        else:
+            src = torch.tensor([list(prompt)], device=lm.device)
         stepper, context, prompt_tokens = (
             Seq2SeqStepper(lm.seq2seq_model, src, tokenizer.bos_id),
             [],
             src.shape[1],
         )
         options = replace(options, max_new_tokens=min(lm.max_target_len, options.max_new_tokens))
-        end_ids: tuple[int, ...] = (tokenizer.eos_id,)
+        end_ids: tuple[int, ...] = () if options.ignore_eos else (tokenizer.eos_id,)
     else:
-        context = encode_prompt(tokenizer, prompt, warn)
+        context = encode_prompt(tokenizer, prompt, warn) if isinstance(prompt, str) else list(prompt)
         stepper, prompt_tokens = LMStepper(lm.language_model, context, cache), len(context)
         end_ids = () if tokenizer.eos_is_text or options.ignore_eos else (tokenizer.eos_id,)
     sequence = SequenceDecoder(
@@ -294,7 +335,30 @@ def decode(
         banned_ids=tokenizer.never_generated,
         end_ids=end_ids,
     )
-    return Decoding(run_decoder(stepper, sequence), sequence, prompt_tokens)
+    return Prepared(stepper, sequence, prompt_tokens)
+
+
+def decode(
+    lm: LoadedModel,
+    prompt: str | Sequence[int],
+    options: SamplingOptions,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    top_logprobs: int | None = None,
+    warn: Callable[[str], None] | None = None,
+    cache: str = "dynamic",
+) -> Decoding:
+    """Continue `prompt` (language models) or translate it (seq2seq), one `Step` per token.
+
+    `seed` (or an explicit `generator`) makes sampling reproducible; `top_logprobs` (0 or more) adds
+    each step's `StepProbs` with that many alternatives. Seq2seq output ends at <eos> (unless
+    `ignore_eos`) or the run's data.max_len.
+    """
+    ready = prepare(
+        lm, prompt, options, seed=seed, generator=generator, top_logprobs=top_logprobs, warn=warn, cache=cache
+    )
+    return Decoding(run_decoder(ready.stepper, ready.sequence), ready.sequence, ready.prompt_tokens)
 
 
 def generate_ids(
@@ -326,8 +390,6 @@ def next_distribution(
     target prefix, given `source`."""
     tokenizer = lm.output_tokenizer
     if lm.kind == "seq2seq":
-        from lmzoo.inference.seq2seq import encode_source
-
         if source is None:
             raise ConfigError(
                 "next tokens of a seq2seq model need the source sentence: pass source=", param="source"

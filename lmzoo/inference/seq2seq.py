@@ -19,7 +19,7 @@ import torch
 from lmzoo.data.examples import collate_pairs
 from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.inference.sampling import SamplingOptions, next_token
-from lmzoo.inference.text import encode_prompt
+from lmzoo.inference.text import encode_source
 from lmzoo.models.base import PAD_ID, Seq2SeqModel, eval_mode, select_rows
 
 
@@ -33,24 +33,6 @@ class Hypothesis:
 def _banned(scores: torch.Tensor, tokenizer_ids: tuple[int, ...]) -> torch.Tensor:
     scores[:, list(tokenizer_ids)] = float("-inf")
     return scores
-
-
-def encode_source(
-    model: Seq2SeqModel, tokenizer: Tokenizer, text: str, warn: Callable[[str], None] | None = None
-) -> torch.Tensor:
-    """(1, S) source ids as training saw them: tokens + <eos>, cut to the positions the encoder has
-    (`model.max_source_len`, as translate_corpus does); unseen pieces and a cut are warned about."""
-    ids = encode_prompt(tokenizer, text, warn) if text else []
-    limit = model.max_source_len
-    if limit is not None and len(ids) + 1 > limit:
-        if warn is not None:
-            warn(
-                f"warning: the text is {len(ids) + 1} tokens long with <eos>, more than the model's "
-                f"{limit} source positions; translating its first {limit - 1} tokens"
-            )
-        ids = ids[: limit - 1]
-    device = next(model.parameters()).device
-    return torch.tensor([ids + [tokenizer.eos_id]], device=device)
 
 
 @torch.inference_mode()
@@ -229,10 +211,21 @@ def translate_corpus(
     batch_size: int = 64,
     device: torch.device,
 ) -> list[str]:
-    """Translate sentences in length-sorted batches (greedy for beam 1, else beam search), in input order."""
+    """Translate sentences (greedy for beam 1, decoded `batch_size` at a time by the batched engine; else
+    beam search in length-sorted batches), in input order."""
     tgt = target_tokenizer
     banned = tgt.never_generated
     encoded = [source_tokenizer.encode(s)[: max_len - 1] + [source_tokenizer.eos_id] for s in sources]
+    if beam == 1:
+        from lmzoo.inference.engine import Engine
+        from lmzoo.inference.loaded import LoadedModel
+
+        lm = LoadedModel(model, source_tokenizer, target_tokenizer, max_target_len=max_len)
+        with eval_mode(model):
+            done = Engine(lm, batch_size).generate(
+                encoded, SamplingOptions(max_new_tokens=max_len, greedy=True)
+            )
+        return [tgt.decode([step.id for step in generation.steps]) for generation in done]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(sources)
     with eval_mode(model):
@@ -242,22 +235,16 @@ def translate_corpus(
                 [(encoded[i], []) for i in chunk], bos_id=tgt.bos_id, eos_id=tgt.eos_id
             ).source
             src = src.to(device)
-            if beam == 1:
-                ids = decode_batch(
-                    model, src, bos_id=tgt.bos_id, eos_id=tgt.eos_id, max_len=max_len, banned_ids=banned
-                )
-            else:
-                hyps = beam_search(
-                    model,
-                    src,
-                    beam=beam,
-                    bos_id=tgt.bos_id,
-                    eos_id=tgt.eos_id,
-                    max_len=max_len,
-                    length_penalty=length_penalty,
-                    banned_ids=banned,
-                )
-                ids = [h[0].tokens for h in hyps]
-            for i, tokens in zip(chunk, ids, strict=True):
-                outputs[i] = tgt.decode(tokens)
+            hyps = beam_search(
+                model,
+                src,
+                beam=beam,
+                bos_id=tgt.bos_id,
+                eos_id=tgt.eos_id,
+                max_len=max_len,
+                length_penalty=length_penalty,
+                banned_ids=banned,
+            )
+            for i, found in zip(chunk, hyps, strict=True):
+                outputs[i] = tgt.decode(found[0].tokens)
     return outputs

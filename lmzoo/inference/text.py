@@ -3,7 +3,8 @@
 `TextStream` turns generated ids into text pieces as soon as they decode cleanly (whole characters,
 the right word spacing). `StopFilter` holds back any end of the text that could still grow into a stop
 string and cuts the text where the first stop string begins, so no caller ever sees part of a stop.
-It works on (piece, payload) items, so a token's probabilities travel with its text.
+It works on (piece, payload) items, so a token's probabilities travel with its text. A language
+model's prompt is read by `encode_prompt`, a seq2seq model's source by `encode_source`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+import torch
+
 from lmzoo.data.tokenizer import SPECIALS, Tokenizer
+from lmzoo.models.base import Seq2SeqModel
 
 T = TypeVar("T")
 
@@ -158,3 +162,21 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     if pieces:
         pieces[-1] += stream.flush()
     return pieces
+
+
+def encode_source(
+    model: Seq2SeqModel, tokenizer: Tokenizer, text: str, warn: Callable[[str], None] | None = None
+) -> torch.Tensor:
+    """(1, S) source ids as training saw them: tokens + <eos>, cut to the positions the encoder has
+    (`model.max_source_len`, as translate_corpus does); unseen pieces and a cut are warned about."""
+    ids = encode_prompt(tokenizer, text, warn) if text else []
+    limit = model.max_source_len
+    if limit is not None and len(ids) + 1 > limit:
+        if warn is not None:
+            warn(
+                f"warning: the text is {len(ids) + 1} tokens long with <eos>, more than the model's "
+                f"{limit} source positions; translating its first {limit - 1} tokens"
+            )
+        ids = ids[: limit - 1]
+    device = next(model.parameters()).device
+    return torch.tensor([ids + [tokenizer.eos_id]], device=device)

@@ -78,11 +78,15 @@ class KVCache:
 
 
 class StaticKVCache:
-    """A KV cache whose shapes never change, for a compiled (or CUDA-graph captured) decoding step.
+    """A KV cache whose shapes never change, for a compiled (or CUDA-graph captured) decoding step, and the
+    per-row cache of batched decoding.
 
-    Buffers (B, H, capacity, d_k) are written at `position`, a (1,) device tensor shared by every
-    layer and advanced by the model after each step, and queries attend over the whole capacity with a
-    mask hiding the slots not written yet: a one-token step has the same shapes at every position.
+    Buffers (B, H, capacity, d_k) are written at `position` and queries attend over the whole capacity
+    with a mask hiding the slots not written yet, so a one-token step has the same shapes at every
+    position. `position` is a (1,) device tensor shared by every layer and every row (advanced by the
+    model after each step), or a (B,) tensor, one position per row: rows of a batch decoding different
+    sequences, each at its own length (`lmzoo.models.decoder.DecoderSlots`). `span` (batched decoding)
+    limits what is attended over to the first `span` slots, the longest row's length.
     """
 
     def __init__(
@@ -99,22 +103,55 @@ class StaticKVCache:
         self.v = like.new_zeros(batch, heads, capacity, head_dim)
         self.position = position
         self.slots = torch.arange(capacity, device=like.device)
+        self.span: int | None = None
+        self.shared: tuple[torch.Tensor, torch.Tensor] | None = None  # one step's (write index, mask)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
 
+    def rows(self, count: int, span: int | None = None, like: StaticKVCache | None = None) -> StaticKVCache:
+        """A view of the first `count` rows (buffers and positions shared: writes land here), attending
+        over the first `span` slots, for a one-token step. `like`: a view of another layer's cache for
+        the same step, whose write index and mask this one reuses (every layer has the same)."""
+        view = StaticKVCache.__new__(StaticKVCache)
+        view.k, view.v, view.position = self.k[:count], self.v[:count], self.position[:count]
+        view.slots, view.span, view.shared = self.slots, span, None
+        if like is not None:
+            view.shared = like.shared
+        else:
+            view.shared = (self._write_index(view.position, 1, view.k), view.mask(1))
+        return view
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, H, T, d_k) keys/values at position .. position + T - 1; return the whole buffers."""
-        index = self.position + torch.arange(k.shape[2], device=k.device)
-        self.k.index_copy_(2, index, k.to(self.k.dtype))
-        self.v.index_copy_(2, index, v.to(self.v.dtype))
-        return self.k, self.v
+        """Write (B, H, T, d_k) keys/values at position .. position + T - 1 (each row at its own position
+        when positions are per row); return the buffers up to the span (the whole capacity without one)."""
+        steps = k.shape[2]
+        if self.position.numel() == 1:  # one position for every row
+            index = self.position + torch.arange(steps, device=k.device)
+            self.k.index_copy_(2, index, k.to(self.k.dtype))
+            self.v.index_copy_(2, index, v.to(self.v.dtype))
+        else:
+            index = self.shared[0] if self.shared is not None else self._write_index(self.position, steps, k)
+            self.k.scatter_(2, index, k.to(self.k.dtype))
+            self.v.scatter_(2, index, v.to(self.v.dtype))
+        if self.span is None:
+            return self.k, self.v
+        return self.k[:, :, : self.span], self.v[:, :, : self.span]
+
+    @staticmethod
+    def _write_index(position: torch.Tensor, steps: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, d_k) slot index of per-row positions, for scatter_ along the slot axis."""
+        index = position[:, None] + torch.arange(steps, device=position.device)  # (B, T)
+        return index[:, None, :, None].expand(like.shape[0], like.shape[1], steps, like.shape[3])
 
     def mask(self, steps: int) -> torch.Tensor:
-        """(1, 1, T, capacity) bool: the query at position + t sees the slots up to its own position."""
-        queries = self.position + torch.arange(steps, device=self.slots.device)
-        return (self.slots[None, :] <= queries[:, None])[None, None]
+        """(1 or B, 1, T, S) bool: the query at position + t sees the slots up to its own position."""
+        if self.shared is not None and steps == 1:
+            return self.shared[1]
+        slots = self.slots if self.span is None else self.slots[: self.span]
+        queries = self.position.view(-1, 1) + torch.arange(steps, device=self.slots.device)  # (1 or B, T)
+        return (slots[None, None, :] <= queries[:, :, None])[:, None]
 
 
 class RecordsAttention(nn.Module):

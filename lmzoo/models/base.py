@@ -42,6 +42,11 @@ class ZooModel(nn.Module):
         """Module types FSDP shards one by one (the repeated blocks); empty: shard the model whole."""
         return set()
 
+    def decoding_slots(self, capacity: int) -> DecodingSlots:
+        """A batched decoding state of `capacity` rows (`DecodingSlots`); LanguageModel and
+        Seq2SeqModel say what a row takes."""
+        raise NotImplementedError
+
     def adapter_sites(self) -> list[tuple[str, int]]:
         """(submodule name, output width) of every module a bottleneck adapter is inserted after."""
         return []
@@ -91,6 +96,12 @@ class LanguageModel(ZooModel):
         (`compile`; CUDA graphs on CUDA), giving the same tokens as `init_state`'s. None: the family has
         none, and generation uses `init_state`."""
         return None
+
+    def decoding_slots(self, capacity: int) -> DecodingSlots:
+        """A batched decoding state of `capacity` rows (see `DecodingSlots`); a row takes the state that
+        `forward(prompt (1, T), init_state(1))` left. Families override it with one batched step; this
+        default steps the rows one after another (correct for any family, not faster)."""
+        return RowByRowSlots(lambda ids, state: self.hidden(ids, state), capacity)
 
     def hidden(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """The state the output layer reads, per position (B, T, C), and the new decoding state.
@@ -177,6 +188,17 @@ class Seq2SeqModel(ZooModel):
     def reorder_state(self, state: Any, indices: torch.Tensor) -> Any:
         raise NotImplementedError
 
+    def decoding_slots(self, capacity: int) -> DecodingSlots:
+        """A batched decoding state of `capacity` rows; a row takes (memory, src_mask, state) of one
+        source after its first decoding step. This default steps the rows one after another."""
+
+        def step(tokens: torch.Tensor, single: Any) -> tuple[torch.Tensor, Any]:
+            memory, src_mask, state = single
+            h, state = self.decode_hidden(tokens, memory, src_mask, state)
+            return h, (memory, src_mask, state)
+
+        return RowByRowSlots(step, capacity)
+
     def decode(
         self, tgt: torch.Tensor, memory: Any, src_mask: torch.Tensor, state: Any = None
     ) -> tuple[torch.Tensor, Any]:
@@ -211,3 +233,78 @@ def select_rows(value: Any, indices: torch.Tensor) -> Any:
     if isinstance(value, dict):
         return {k: select_rows(v, indices) for k, v in value.items()}
     raise TypeError(f"cannot select rows of {type(value).__name__}")
+
+
+class DecodingSlots:
+    """A batched decoding state: `capacity` rows, each holding one sequence at its own length.
+
+    Rows [0, active) are in use. `add(state, index, length)` copies row `index` of the state a prefill
+    left (what the model returned for prompts read together, `length` tokens of this one) into the next
+    free row; `free(row)` releases a row, moving the last active row into it so the rows in use stay
+    packed and a step reads one block; `step(tokens)` feeds every active row its next token (n,) and
+    returns the features the output head reads (n, C). `prefill` says how prompts may be read together
+    (lmzoo.inference.prefill): "padded" (any lengths, right-padded), "equal" (one length per pass) or
+    "alone". A family implements `put`, `move` and `step`; the engine (lmzoo.inference.engine) drives it.
+    """
+
+    prefill = "equal"
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity, self.active = capacity, 0
+
+    def add(self, single: Any, index: int = 0, length: int = 0) -> int:
+        """Take row `index` of a prefill's state (`length` tokens read) into the next free row; return it."""
+        if self.active >= self.capacity:
+            raise ValueError(f"all {self.capacity} rows are in use")
+        row = self.active
+        self.put(row, single, index, length)
+        self.active += 1
+        return row
+
+    def free(self, row: int) -> int | None:
+        """Release `row`; the row whose sequence moved into it (the last active one), or None."""
+        if not 0 <= row < self.active:
+            raise ValueError(f"row {row} is not in use")
+        self.active -= 1
+        if row == self.active:
+            return None
+        self.move(self.active, row)
+        return self.active
+
+    def put(self, row: int, single: Any, index: int, length: int) -> None:
+        raise NotImplementedError
+
+    def move(self, source: int, target: int) -> None:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RowByRowSlots(DecodingSlots):
+    """Rows kept as separate single-sequence states and stepped one after another: `step_one(ids (1, 1),
+    state) -> (features (1, 1, C), state)`. What a family without a batched state gets."""
+
+    prefill = "alone"  # a row keeps the state of its own prefill, whatever its shape
+
+    def __init__(
+        self, step_one: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]], capacity: int
+    ) -> None:
+        super().__init__(capacity)
+        self.step_one = step_one
+        self.states: list[Any] = [None] * capacity
+
+    def put(self, row: int, single: Any, index: int, length: int) -> None:
+        self.states[row] = single
+
+    def move(self, source: int, target: int) -> None:
+        self.states[target], self.states[source] = self.states[source], None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        features = []
+        for row in range(len(tokens)):
+            h, self.states[row] = self.step_one(tokens[row : row + 1, None], self.states[row])
+            features.append(h[:, -1])  # (1, C)
+        return torch.cat(features)  # (n, C)

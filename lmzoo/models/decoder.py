@@ -36,7 +36,7 @@ from torch import nn
 
 from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
 from lmzoo.models.attention import KVCache, StaticKVCache
-from lmzoo.models.base import LanguageModel
+from lmzoo.models.base import DecodingSlots, LanguageModel
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.layers import dropout_layer, heads_divide_width
 
@@ -131,7 +131,8 @@ class DecoderLM(LanguageModel):
 
     def embed(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Features (B, T, C) entering the first block (before dropout) for `ids` (B, T) at positions
-        start, start + 1, ...; `start` is an int, or a (1,) device tensor in static decoding."""
+        start, start + 1, ...; `start` is an int, a (1,) device tensor in static decoding, or a (B,)
+        tensor in batched decoding (`positions_from`)."""
         return self.token_embedding(ids)  # (B, T, C)
 
     def block_inputs(self) -> tuple[Any, ...]:
@@ -167,6 +168,9 @@ class DecoderLM(LanguageModel):
 
     def init_state(self, batch_size: int) -> DecoderState:
         return DecoderState()
+
+    def decoding_slots(self, capacity: int) -> DecoderSlots:
+        return DecoderSlots(self, capacity)
 
     def static_state(self, batch_size: int, *, compile: bool = False) -> DecoderState:
         """A fixed-shape decoding state: the same tokens as `init_state`'s, but every one-token step has
@@ -242,3 +246,73 @@ class DecoderLM(LanguageModel):
         h = step(ids, state.position, state.caches)  # (B, T, C)
         state.position += ids.shape[1]
         return h
+
+
+class DecoderSlots(DecodingSlots):
+    """Batched decoding rows of a decoder-only LM: per layer a `StaticKVCache` of `capacity` rows whose
+    positions are per row, and each row's token ids (to rebuild its window when it slides).
+
+    A step feeds every active row one token at its own position: learned, sinusoidal or rotary
+    positions are taken per row and each row's mask hides the slots past its length. A row whose text
+    reaches the context slides alone, as a single sequence does: its newest tokens are read again from
+    position 0 (`DecoderLM._slide`'s window, less the token this step brings).
+    """
+
+    def __init__(self, model: DecoderLM, capacity: int) -> None:
+        super().__init__(capacity)
+        config, like = model.config, model.token_embedding.weight
+        self.model, self.context = model, config.context_length
+        self.position = torch.zeros(capacity, dtype=torch.long, device=like.device)  # (R,) next slot per row
+        shape = (capacity, config.kv_heads, config.context_length, config.head_dim)
+        self.caches = [StaticKVCache(*shape, like=like, position=self.position) for _ in model.blocks]
+        self.ids = torch.zeros(capacity, config.context_length, dtype=torch.long, device=like.device)
+        self.lengths = [0] * capacity  # the positions, without reading the device
+
+    prefill = "padded"  # causal attention: padding after a prompt changes nothing in it
+
+    def put(self, row: int, single: DecoderState, index: int, length: int) -> None:
+        if single.caches is None or length == 0:
+            self.position[row], self.lengths[row] = 0, 0
+            return
+        for layer, cache in enumerate(self.caches):
+            source = single.caches[layer]
+            cache.k[row, :, :length] = source.k[index, :, :length]
+            cache.v[row, :, :length] = source.v[index, :, :length]
+        assert single.ids is not None
+        self.ids[row, :length] = single.ids[index, :length]
+        self.position[row], self.lengths[row] = length, length
+
+    def move(self, source: int, target: int) -> None:
+        length = self.lengths[source]
+        for cache in self.caches:
+            cache.k[target, :, :length] = cache.k[source, :, :length]
+            cache.v[target, :, :length] = cache.v[source, :, :length]
+        self.ids[target, :length] = self.ids[source, :length]
+        self.position[target], self.lengths[target] = length, length
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Features (n, C) of each active row's next token (n,)."""
+        count = len(tokens)
+        for row in range(count):
+            if self.lengths[row] + 1 > self.context:
+                self._slide(row)
+        span = max(self.lengths[:count]) + 1
+        first = self.caches[0].rows(count, span)
+        views = [first] + [cache.rows(count, span, like=first) for cache in self.caches[1:]]
+        start = self.position[:count]  # (n,)
+        h = self.model.features(tokens[:, None], start, views)  # (n, 1, C)
+        self.ids[torch.arange(count, device=tokens.device), start] = tokens
+        self.position[:count] += 1
+        for row in range(count):
+            self.lengths[row] += 1
+        return h[:, 0]
+
+    def _slide(self, row: int) -> None:
+        """Read the row's newest tokens again from position 0, leaving room for this step's token."""
+        keep = min(self.context, max(1, int(self.context * self.model.keep_fraction))) - 1
+        window = self.ids[row, self.lengths[row] - keep : self.lengths[row]]
+        single = DecoderState()
+        if keep > 0:
+            _, fresh = self.model.hidden(window[None].clone(), single)
+            single = fresh if fresh is not None else single
+        self.put(row, single, 0, single.length)

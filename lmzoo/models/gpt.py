@@ -21,7 +21,7 @@ from torch import nn
 from lmzoo.config.schema import PositiveInt
 from lmzoo.models.attention import KVCache, MultiHeadAttention, StaticKVCache, sinusoidal_positions
 from lmzoo.models.decoder import DecoderConfig, DecoderLM
-from lmzoo.models.layers import FeedForward, dropout_layer
+from lmzoo.models.layers import FeedForward, dropout_layer, positions_from
 from lmzoo.models.registry import register_model
 
 
@@ -94,10 +94,10 @@ class GPT(DecoderLM):
     def embed(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Token embedding plus the positions start, start + 1, ... (the sinusoidal variant scales the
         embedding by sqrt(d) first, as in the paper, so the table does not drown it)."""
-        positions = torch.arange(ids.shape[1], device=ids.device) + start  # (T,)
+        positions = positions_from(start, ids.shape[1], ids.device)  # (T,), or (B, T) per row
         if self.config.positions == "learned":
-            pos = self.position_embedding(positions)  # (T, C)
+            pos = self.position_embedding(positions)  # (T, C) or (B, T, C)
         else:
-            pos = self.position_table[positions]  # (T, C)
+            pos = self.position_table[positions]  # (T, C) or (B, T, C)
         scale = math.sqrt(self.config.d_model) if self.config.positions == "sinusoidal" else 1.0
         return self.token_embedding(ids) * scale + pos  # (B, T, C)

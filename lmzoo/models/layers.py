@@ -32,3 +32,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(self.act(self.up(x))))
+
+
+def positions_from(start: int | torch.Tensor, steps: int, device: torch.device) -> torch.Tensor:
+    """Positions start, start + 1, ... of `steps` tokens: (T,) for an int or a (1,) tensor, (B, T) for
+    a (B,) tensor of per-row starts (batched decoding, each row at its own length)."""
+    offsets = torch.arange(steps, device=device)
+    if isinstance(start, torch.Tensor) and start.numel() > 1:
+        return start[:, None] + offsets  # (B, T)
+    return offsets + start  # (T,)

@@ -37,7 +37,7 @@ from torch import nn
 from lmzoo.config.schema import PositiveInt
 from lmzoo.models.attention import KVCache, RecordsAttention, StaticKVCache, fused_attention
 from lmzoo.models.decoder import DecoderConfig, DecoderLM
-from lmzoo.models.layers import dropout_layer
+from lmzoo.models.layers import dropout_layer, positions_from
 from lmzoo.models.registry import register_model
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -118,9 +118,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """x (B, H, T, d) at positions start .. start+T-1, rotated; same dtype as x. `start` is an int,
-        or a (1,) device tensor (a static cache's position), so a compiled step reads no Python int."""
-        positions = torch.arange(x.shape[-2], device=x.device) + start  # (T,)
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, d/2)
+        a (1,) device tensor (a static cache's position, so a compiled step reads no Python int), or a
+        (B,) tensor of per-row positions (batched decoding)."""
+        positions = positions_from(start, x.shape[-2], x.device)  # (T,), or (B, T) per row
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, d/2), or (B, T, d/2)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d/2): one rotation per row, every head
         pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, d/2, 2)
         even, odd = pairs[..., 0], pairs[..., 1]  # (B, H, T, d/2)
         rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (B, H, T, d/2, 2)
@@ -186,7 +189,10 @@ class GroupedQueryAttention(RecordsAttention):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, KV, S, d_k), S = cached + T (static: the capacity)
         groups = self.n_heads // self.n_kv_heads
-        if groups > 1:  # query head h reads key/value head h // groups
+        explicit = self.explicit or self.recording
+        # decoding: the fused kernel reads the shared K/V heads itself (no copy of the whole cache)
+        kernel_groups = groups > 1 and cache is not None and not explicit
+        if groups > 1 and not kernel_groups:  # query head h reads key/value head h // groups
             k = k.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
             v = v.repeat_interleave(groups, dim=1)  # (B, H, S, d_k)
         dropout = self.dropout if self.training else 0.0
@@ -196,7 +202,7 @@ class GroupedQueryAttention(RecordsAttention):
             if isinstance(cache, StaticKVCache)
             else causal_mask(steps, k.shape[2], x.device)
         )
-        if self.explicit or self.recording:
+        if explicit:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
@@ -208,7 +214,13 @@ class GroupedQueryAttention(RecordsAttention):
         else:
             square = steps == k.shape[2] and not static  # no cache before: the plain causal triangle
             out = fused_attention(
-                q, k, v, attn_mask=None if square else mask, dropout_p=dropout, is_causal=square and steps > 1
+                q,
+                k,
+                v,
+                attn_mask=None if square else mask,
+                dropout_p=dropout,
+                is_causal=square and steps > 1,
+                enable_gqa=kernel_groups,
             )  # (B, H, T, d_k)
         out = out.transpose(1, 2).reshape(batch, steps, self.n_heads * self.head_dim)  # (B, T, H * d_k)
         return self.o_proj(out)  # (B, T, C)

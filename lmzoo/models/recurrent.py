@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
-from lmzoo.models.base import LanguageModel
+from lmzoo.models.base import DecodingSlots, LanguageModel, map_tensors
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
 
@@ -131,6 +131,9 @@ class RecurrentLM(LanguageModel):
     def adapter_sites(self) -> list[tuple[str, int]]:
         return [(f"layers.{index}", self.config.hidden_size) for index in range(len(self.layers))]
 
+    def decoding_slots(self, capacity: int) -> RecurrentSlots:
+        return RecurrentSlots(self, capacity)
+
     def hidden(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, list[Any]]:
         x = self.dropout(self.embedding(ids))  # (B, T, E)
         new_state = []
@@ -139,6 +142,58 @@ class RecurrentLM(LanguageModel):
             new_state.append(layer_state)
             x = self.dropout(x)
         return self.mlp(x), new_state  # (B, T, C)
+
+
+def batch_dim(state: torch.Tensor) -> int:
+    """Where the batch is in a recurrent layer's state: (layers, B, H) for torch's LSTM/GRU, (B, H) for
+    the Elman layer."""
+    return 1 if state.dim() == 3 else 0
+
+
+class RecurrentSlots(DecodingSlots):
+    """Batched decoding rows of a recurrent LM: every layer's hidden state (and LSTM cell) with room for
+    `capacity` sequences; a step runs the active rows' block through the layers as one batch."""
+
+    def __init__(self, model: RecurrentLM, capacity: int) -> None:
+        super().__init__(capacity)
+        self.model = model
+        self.states: list[Any] | None = None  # shaped on the first sequence taken in
+
+    def _rows(self, count: int) -> list[Any]:
+        """Views of the first `count` rows of every layer's state (writes land in the buffers)."""
+        assert self.states is not None
+        return map_tensors(lambda t: t.narrow(batch_dim(t), 0, count), self.states)
+
+    def put(self, row: int, single: list[Any], index: int, length: int) -> None:
+        if self.states is None:
+
+            def room(t: torch.Tensor) -> torch.Tensor:
+                shape = list(t.shape)
+                shape[batch_dim(t)] = self.capacity
+                return t.new_zeros(shape)
+
+            self.states = map_tensors(room, single)
+        for target, source in zip(_tensors(self.states), _tensors(single), strict=True):
+            target.select(batch_dim(target), row).copy_(source.select(batch_dim(source), index))
+
+    def move(self, source: int, target: int) -> None:
+        for t in _tensors(self.states):
+            t.select(batch_dim(t), target).copy_(t.select(batch_dim(t), source))
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Features (n, C) of each active row's next token (n,)."""
+        views = self._rows(len(tokens))
+        h, new = self.model.hidden(tokens[:, None], views)  # (n, 1, C)
+        for view, value in zip(_tensors(views), _tensors(new), strict=True):
+            view.copy_(value)
+        return h[:, 0]
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested lists/tuples, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for item in value for t in _tensors(item)]
 
 
 @register_model(

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
 from lmzoo.models.attention import RecordsAttention
-from lmzoo.models.base import Seq2SeqModel, seq2seq_vocab_sizes
+from lmzoo.models.base import DecodingSlots, Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
 from lmzoo.models.registry import register_model
 
@@ -165,6 +165,9 @@ class RecurrentSeq2Seq(Seq2SeqModel):
         start = memory[2].transpose(0, 1).contiguous()  # (L, B, H)
         return (start, torch.zeros_like(start)) if self.config.cell == "lstm" else start
 
+    def decoding_slots(self, capacity: int) -> RecurrentSeq2SeqSlots:
+        return RecurrentSeq2SeqSlots(self, capacity)
+
     def reorder_state(self, state: Any, indices: torch.Tensor) -> Any:
         if isinstance(state, tuple):
             return tuple(s.index_select(1, indices) for s in state)
@@ -180,3 +183,93 @@ class RecurrentSeq2Seq(Seq2SeqModel):
         context = self.attention(h, keys, outputs, src_mask)  # (B, T, H_enc)
         attentional = torch.tanh(self.combine(torch.cat([h, context], dim=-1)))  # (B, T, H)
         return self.out_proj(self.dropout(attentional)), state
+
+
+class SourceRows:
+    """Per-row encoder output of batched seq2seq decoding: tensors (R, S, ...) padded to the longest
+    source taken in so far (grown when a longer one comes), and the source mask (R, S), True at padding."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.tensors: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None
+        self.lengths = [0] * capacity
+
+    def put(self, row: int, tensors: list[torch.Tensor], mask: torch.Tensor, dim: int = 1) -> None:
+        """Row `row` takes one source's tensors (1, S, ...) (their source axis at `dim`) and mask (1, S)."""
+        width = mask.shape[1]
+        if self.mask is None or width > self.mask.shape[1]:
+            self._grow(tensors, mask, dim)
+        assert self.mask is not None
+        for target, source in zip(self.tensors, tensors, strict=True):
+            target[row].narrow(dim - 1, 0, width).copy_(source[0])
+            target[row].narrow(dim - 1, width, target.shape[dim] - width).zero_()
+        self.mask[row] = True
+        self.mask[row, :width] = mask[0]
+        self.lengths[row] = width
+
+    def _grow(self, tensors: list[torch.Tensor], mask: torch.Tensor, dim: int) -> None:
+        width = mask.shape[1]
+        grown = []
+        for index, source in enumerate(tensors):
+            shape = [self.capacity, *source.shape[1:]]
+            fresh = source.new_zeros(shape)
+            if self.tensors:
+                old = self.tensors[index]
+                fresh.narrow(dim, 0, old.shape[dim]).copy_(old)
+            grown.append(fresh)
+        fresh_mask = mask.new_ones(self.capacity, width)
+        if self.mask is not None:
+            fresh_mask[:, : self.mask.shape[1]] = self.mask
+        self.tensors, self.mask = grown, fresh_mask
+
+    def move(self, source: int, target: int) -> None:
+        assert self.mask is not None
+        for t in self.tensors:
+            t[target] = t[source]
+        self.mask[target] = self.mask[source]
+        self.lengths[target] = self.lengths[source]
+
+    def rows(self, count: int, dim: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The first `count` rows, cut to the longest of their sources."""
+        assert self.mask is not None
+        span = max(self.lengths[:count])
+        return [t[:count].narrow(dim, 0, span) for t in self.tensors], self.mask[:count, :span]
+
+
+class RecurrentSeq2SeqSlots(DecodingSlots):
+    """Batched decoding rows of the RNN encoder-decoder: each row's encoder states and attention keys
+    (padded, masked), and the decoder's hidden state (and LSTM cell) of every row."""
+
+    def __init__(self, model: RecurrentSeq2Seq, capacity: int) -> None:
+        super().__init__(capacity)
+        self.model, self.sources = model, SourceRows(capacity)
+        self.state: list[torch.Tensor] = []  # (L, R, H) each: h, and c for an LSTM
+
+    prefill = "padded"  # the encoder packs a source's padding away; attention masks it
+
+    def put(self, row: int, single: Any, index: int, length: int) -> None:
+        (outputs, keys, _), src_mask, state = single
+        own = slice(index, index + 1)
+        self.sources.put(row, [outputs[own], keys[own]], src_mask[own])
+        parts = list(state) if isinstance(state, tuple) else [state]
+        if not self.state:
+            self.state = [p.new_zeros(p.shape[0], self.capacity, *p.shape[2:]) for p in parts]
+        for target, part in zip(self.state, parts, strict=True):
+            target[:, row] = part[:, index]
+
+    def move(self, source: int, target: int) -> None:
+        self.sources.move(source, target)
+        for part in self.state:
+            part[:, target] = part[:, source]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        count = len(tokens)
+        (outputs, keys), src_mask = self.sources.rows(count)
+        views = [part[:, :count] for part in self.state]  # (L, n, H)
+        given = [view.contiguous() for view in views]  # torch's RNNs take contiguous states
+        state = tuple(given) if len(given) == 2 else given[0]
+        h, new = self.model.decode_hidden(tokens[:, None], (outputs, keys, None), src_mask, state)
+        for view, value in zip(views, new if isinstance(new, tuple) else (new,), strict=True):
+            view.copy_(value)
+        return h[:, 0]  # (n, C)

@@ -19,10 +19,10 @@ from pydantic import ValidationInfo, field_validator
 from torch import nn
 
 from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
-from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
-from lmzoo.models.base import Seq2SeqModel, seq2seq_vocab_sizes
+from lmzoo.models.attention import KVCache, MultiHeadAttention, StaticKVCache, sinusoidal_positions
+from lmzoo.models.base import DecodingSlots, Seq2SeqModel, seq2seq_vocab_sizes
 from lmzoo.models.heads import OutputHead
-from lmzoo.models.layers import FeedForward, dropout_layer, heads_divide_width
+from lmzoo.models.layers import FeedForward, dropout_layer, heads_divide_width, positions_from
 from lmzoo.models.registry import register_model
 
 
@@ -93,7 +93,11 @@ class DecoderLayer(nn.Module):
         self.sub1, self.sub2, self.sub3 = (SublayerNorm(d, pre, config.dropout) for _ in range(3))
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        src_mask: torch.Tensor,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> torch.Tensor:
         x = self.sub1(x, lambda h: self.self_attn(h, causal=True, cache=cache))
         x = self.sub2(x, lambda h: self.cross_attn(h, memory, key_padding_mask=src_mask))
@@ -171,10 +175,12 @@ class EncoderDecoderTransformer(Seq2SeqModel):
         if config.tie_weights:
             self.head.tie_to(self.tgt_embedding)
 
-    def _embed(self, embedding: nn.Embedding, ids: torch.Tensor, start: int) -> torch.Tensor:
-        if start + ids.shape[1] > self.config.max_len:
+    def _embed(self, embedding: nn.Embedding, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Scaled embeddings plus the positions from `start` (an int, or (B,) per row in batched decoding)."""
+        last = int(start.max()) if isinstance(start, torch.Tensor) else start
+        if last + ids.shape[1] > self.config.max_len:
             raise ValueError(f"sequence longer than model.max_len {self.config.max_len}")
-        pos = self.position_table[start : start + ids.shape[1]]
+        pos = self.position_table[positions_from(start, ids.shape[1], ids.device)]  # (T, d) or (B, T, d)
         return self.dropout(embedding(ids) * math.sqrt(self.config.d_model) + pos)  # (B, T, d)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
@@ -193,6 +199,9 @@ class EncoderDecoderTransformer(Seq2SeqModel):
             cross=[cast(DecoderLayer, layer).cross_attn.project_kv(memory) for layer in self.decoder_layers],
         )
 
+    def decoding_slots(self, capacity: int) -> TransformerSlots:
+        return TransformerSlots(self, capacity)
+
     def reorder_state(self, state: EncoderDecoderState, indices: torch.Tensor) -> EncoderDecoderState:
         return EncoderDecoderState(
             caches=[cache.select(indices) for cache in state.caches],
@@ -208,11 +217,70 @@ class EncoderDecoderTransformer(Seq2SeqModel):
         state: EncoderDecoderState | None = None,
     ) -> tuple[torch.Tensor, EncoderDecoderState | None]:
         x = self._embed(self.tgt_embedding, tgt, state.length if state is not None else 0)  # (B, T, d)
+        if state is None:
+            return self.decoder_layers_over(x, [memory] * len(self.decoder_layers), src_mask), None
+        x = self.decoder_layers_over(x, state.cross, src_mask, state.caches)
+        state.length += tgt.shape[1]
+        return x, state
+
+    def decoder_layers_over(
+        self,
+        x: torch.Tensor,
+        memories: list[Any],
+        src_mask: torch.Tensor,
+        caches: list[KVCache] | list[StaticKVCache] | None = None,
+    ) -> torch.Tensor:
+        """Target features (B, T, d) through the decoder layers (each with its memory, or projected K/V,
+        and its self-attention cache) and the final norm."""
         for index, layer in enumerate(self.decoder_layers):
-            if state is None:
-                x = layer(x, memory, src_mask)
-            else:
-                x = layer(x, state.cross[index], src_mask, cache=state.caches[index])
-        if state is not None:
-            state.length += tgt.shape[1]
-        return self.decoder_norm(x), state
+            x = layer(x, memories[index], src_mask, cache=None if caches is None else caches[index])
+        return self.decoder_norm(x)  # (B, T, d)
+
+
+class TransformerSlots(DecodingSlots):
+    """Batched decoding rows of the encoder-decoder Transformer: per decoder layer a self-attention
+    `StaticKVCache` with per-row positions, and each row's projected encoder K/V and source mask."""
+
+    def __init__(self, model: EncoderDecoderTransformer, capacity: int) -> None:
+        from lmzoo.models.seq2seq import SourceRows
+
+        super().__init__(capacity)
+        config, like = model.config, model.tgt_embedding.weight
+        self.model, self.sources = model, SourceRows(capacity)
+        self.position = torch.zeros(capacity, dtype=torch.long, device=like.device)
+        shape = (capacity, config.n_heads, config.max_len, config.d_model // config.n_heads)
+        self.caches = [StaticKVCache(*shape, like=like, position=self.position) for _ in model.decoder_layers]
+        self.lengths = [0] * capacity
+
+    prefill = "padded"  # the source's padding is masked in the encoder and in cross-attention
+
+    def put(self, row: int, single: Any, index: int, length: int) -> None:
+        _, src_mask, state = single
+        own = slice(index, index + 1)
+        self.sources.put(row, [t[own] for pair in state.cross for t in pair], src_mask[own], dim=2)
+        for cache, source in zip(self.caches, state.caches, strict=True):
+            cache.k[row, :, :length] = source.k[index, :, :length]
+            cache.v[row, :, :length] = source.v[index, :, :length]
+        self.position[row], self.lengths[row] = length, length
+
+    def move(self, source: int, target: int) -> None:
+        self.sources.move(source, target)
+        length = self.lengths[source]
+        for cache in self.caches:
+            cache.k[target, :, :length] = cache.k[source, :, :length]
+            cache.v[target, :, :length] = cache.v[source, :, :length]
+        self.position[target], self.lengths[target] = length, length
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        count = len(tokens)
+        cross, src_mask = self.sources.rows(count, dim=2)
+        pairs = [(cross[i], cross[i + 1]) for i in range(0, len(cross), 2)]
+        span = max(self.lengths[:count]) + 1
+        first = self.caches[0].rows(count, span)
+        views = [first] + [cache.rows(count, span, like=first) for cache in self.caches[1:]]
+        x = self.model._embed(self.model.tgt_embedding, tokens[:, None], self.position[:count])  # (n, 1, d)
+        h = self.model.decoder_layers_over(x, pairs, src_mask, views)  # (n, 1, d)
+        self.position[:count] += 1
+        for row in range(count):
+            self.lengths[row] += 1
+        return h[:, 0]

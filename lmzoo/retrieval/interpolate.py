@@ -22,7 +22,7 @@ from torch import nn
 
 from lmzoo.errors import ConfigError
 from lmzoo.inference.loaded import LoadedModel
-from lmzoo.models.base import LanguageModel
+from lmzoo.models.base import DecodingSlots, LanguageModel
 from lmzoo.models.heads import OutputHead
 from lmzoo.retrieval.knn import Datastore
 from lmzoo.run import Run
@@ -139,6 +139,9 @@ class KnnLM(LanguageModel):
 
     def init_state(self, batch_size: int) -> Any:
         return self.model.init_state(batch_size)
+
+    def decoding_slots(self, capacity: int) -> DecodingSlots:
+        return self.model.decoding_slots(capacity)  # the same features; the head mixes in the store
 
     def hidden(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return self.model.hidden(ids, state)

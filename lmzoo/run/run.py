@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +46,8 @@ from lmzoo.run.metrics import History, read_history, read_metrics
 
 if TYPE_CHECKING:
     from lmzoo.data.prepare import PreparedCorpus
+    from lmzoo.inference.chat import ChatTemplate
+    from lmzoo.inference.engine import Engine
 
 TAGS = ("best", "last")
 
@@ -376,9 +378,37 @@ class Run:
         fields = merged.model_dump(exclude={"prompt"})
         return SamplingOptions(**{**fields, "stop": tuple(fields["stop"])})
 
+    def engine(self, checkpoint_tag: str = "best", device: str = "auto", *, slots: int = 32) -> Engine:
+        """A batched decoding engine on this run's model: `engine.generate(prompts, options)` decodes many
+        prompts together (lmzoo.inference.engine); options from `sampling(...)`."""
+        from lmzoo.inference.engine import Engine
+
+        return Engine(self.load(checkpoint_tag, device), slots)
+
+    def chat_template(self) -> ChatTemplate:
+        """How a conversation becomes this run's prompt: an instruction-tuned run's own data.template, the
+        template of the run a preference-tuned (DPO) run started from, else the default dialogue one."""
+        from lmzoo.inference.chat import DIALOGUE, ChatTemplate
+
+        if self.kind == "seq2seq":
+            raise ConfigError(
+                f"{self.name} is a seq2seq run: it translates and has no chat template; "
+                "send its text to /v1/completions (lmzoo generate) instead"
+            )
+        if self.config.data.format == "instruct":
+            return ChatTemplate.instruct(self.config.data.template)
+        if self.config.data.format == "preference":
+            try:
+                base = self.base
+            except CheckpointError:
+                base = None
+            if base is not None:
+                return base.chat_template()
+        return DIALOGUE
+
     def decode(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         checkpoint_tag: str = "best",
         device: str = "auto",
@@ -388,9 +418,9 @@ class Run:
         warn: Callable[[str], None] | None = None,
         **sampling: Any,
     ) -> Decoding:
-        """Continue `prompt` (seq2seq runs: translate it), one step per token: its text, id and, with
-        `top_logprobs`, its probabilities; `finish_reason` once consumed. `sampling` holds the
-        options of the run's `sample:` section (max_new_tokens, temperature, top_k, top_p, stop...)."""
+        """Continue `prompt` (text or token ids; seq2seq runs: translate it), one step per token: its
+        text, id and, with `top_logprobs`, its probabilities; `finish_reason` once consumed. `sampling`
+        holds the options of the run's `sample:` section (max_new_tokens, temperature, top_k, stop...)."""
         options = self.sampling(**sampling)
         lm = self.load(checkpoint_tag, device)
         return decode(lm, prompt, options, seed=seed, top_logprobs=top_logprobs, warn=warn, cache=cache)

@@ -1,9 +1,18 @@
-"""The Starlette app: OpenAI-compatible /v1 routes and the MCP endpoint at /mcp, behind one Guard.
+"""The Starlette app: OpenAI-compatible /v1 routes, the remote-tokenizer routes of lm-evaluation-harness
+and the MCP endpoint at /mcp, behind one Guard.
 
-GET  /v1/models             the runs under --runs that have a checkpoint
-GET  /v1/models/{model}     one of them
-POST /v1/completions        continue (or, seq2seq runs, translate) a prompt; stream, logprobs, echo
-POST /mcp                   MCP over streamable HTTP (the tools of lmzoo.serve.mcp)
+GET  /v1/models              the runs under --runs that have a checkpoint
+GET  /v1/models/{model}      one of them
+POST /v1/completions         continue (or, seq2seq runs, translate) a prompt; stream, logprobs, echo
+POST /v1/chat/completions    answer a conversation, rendered with the run's chat template
+GET  /tokenizer_info         a run's special tokens (lm-eval's remote tokenizer; lmzoo.serve.tokenize)
+POST /tokenize, /detokenize  text <-> a run's token ids
+GET  /status                 each loaded run's engine: slots, sequences decoding and waiting, steps
+POST /mcp                    MCP over streamable HTTP (the tools of lmzoo.serve.mcp)
+
+Every route but /mcp and /status is also served under /runs/{model}/ (e.g. /runs/gpt/v1/completions),
+where the body's `model` may be left out: a client that derives its other URLs from the completions
+URL (lm-eval's remote tokenizer does) then reaches that run's tokenizer.
 """
 
 from __future__ import annotations
@@ -16,9 +25,8 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,14 +35,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from lmzoo.serve.completions import chunk, complete, completion_body
-from lmzoo.serve.errors import APIError, Cancelled
+from lmzoo.serve.chat import ChatFormat, chat_plan
+from lmzoo.serve.completions import Choices, Completion, CompletionFormat, Meta, Plan, completion_plan
+from lmzoo.serve.errors import APIError, Cancelled, bad_request
 from lmzoo.serve.guard import Guard, is_loopback
 from lmzoo.serve.limits import Limits
-from lmzoo.serve.runs import Budget, RunRegistry
-from lmzoo.serve.schema import CompletionRequest, parse_request
+from lmzoo.serve.runs import RunRegistry
+from lmzoo.serve.schema import SamplingRequest, parse_chat_request, parse_request
+from lmzoo.serve.tokenize import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    parse,
+    tokenize,
+    tokenizer_info,
+)
 
 DONE = "data: [DONE]\n\n"
+Format = CompletionFormat | ChatFormat
+
+if TYPE_CHECKING:
+    from lmzoo.run import Run
 
 
 def create_app(
@@ -73,11 +94,20 @@ def create_app(
         finally:
             registry.close()
 
+    per_run = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/tokenizer_info", get_tokenizer_info, methods=["GET"]),
+        Route("/tokenize", post_tokenize, methods=["POST"]),
+        Route("/detokenize", post_detokenize, methods=["POST"]),
+    ]
     app = Starlette(
         routes=[
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model}", get_model, methods=["GET"]),
-            Route("/v1/completions", completions, methods=["POST"]),
+            *per_run,
+            *[Route("/runs/{model}" + r.path, r.endpoint, methods=r.methods) for r in per_run],
+            Route("/status", status, methods=["GET"]),
             *mcp_app.routes,
         ],
         middleware=[
@@ -140,28 +170,41 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_card(_registry(request), request.path_params["model"]))
 
 
-# ---- /v1/completions ----------------------------------------------------------------------------
+# ---- /v1/completions and /v1/chat/completions ------------------------------------------------------
 
 
 async def completions(request: Request) -> Response:
     registry = _registry(request)
-    body = parse_request(await request.body(), registry.limits)
+    body = parse_request(await request.body(), registry.limits, request.path_params.get("model"))
+    return await _generate(request, body, lambda run: completion_plan(run, body), CompletionFormat())
+
+
+async def chat_completions(request: Request) -> Response:
+    registry = _registry(request)
+    body = parse_chat_request(await request.body(), registry.limits, request.path_params.get("model"))
+    return await _generate(request, body, lambda run: chat_plan(run, body), ChatFormat(body.logprobs))
+
+
+async def _generate(
+    request: Request, body: SamplingRequest, plan_for: Callable[[Run], Plan], shape: Format
+) -> Response:
+    """Decode the request's choices on its run's engine; the whole response, or server-sent events."""
+    registry = _registry(request)
     registry.locate(body.model)  # an unknown or unsafe name is refused before any work
-    budget = registry.budget()
-    meta: dict[str, Any] = dict(cid=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model)
+    meta = Meta(f"{shape.prefix}-{uuid.uuid4().hex}", int(time.time()), body.model)
     if body.stream:
-        return await stream_completion(registry, body, budget, **meta)
-    work = partial(complete, request=body, device=registry.device)
-    task = asyncio.ensure_future(registry.call(body.model, work, budget))
+        return await _stream(registry, body, plan_for, shape, meta)
+    choices = Choices(registry, registry.budget(), body.model, plan_for)
+    task = asyncio.ensure_future(choices.run())
     try:
         finished = await _done_unless_client_leaves(request, task)
     finally:
         if not task.done():  # the client left (or this handler was cancelled)
-            budget.cancel()  # the worker stops at its next step and frees the run's lock
+            choices.cancel()  # the engine frees the slots at its next step
             task.cancel()
     if not finished:
         return Response(status_code=499)  # nobody reads it: the client closed the connection
-    return JSONResponse(completion_body(task.result(), **meta))
+    return JSONResponse(shape.body(task.result(), meta))
 
 
 async def _done_unless_client_leaves(request: Request, task: asyncio.Future[Any]) -> bool:
@@ -202,54 +245,101 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def stream_completion(
-    registry: RunRegistry, body: CompletionRequest, budget: Budget, *, cid: str, created: int, model: str
+async def _stream(
+    registry: RunRegistry, body: SamplingRequest, plan_for: Callable[[Run], Plan], shape: Format, meta: Meta
 ) -> Response:
     """Pieces as they decode; an error found before the first piece still gets its status code."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, str, Any] | None] = asyncio.Queue()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-    def on_piece(index: int, piece: str, logprobs: Any) -> None:  # in the worker thread
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (index, piece, logprobs))
-        except RuntimeError:  # the loop is closed: nobody is listening
-            raise Cancelled() from None
+    def on_piece(index: int, piece: str, step: Any, block: Any) -> None:  # on the event loop
+        event = shape.piece(meta, index, piece, step, block)
+        if event is not None:
+            queue.put_nowait(event)
 
-    work = partial(complete, request=body, device=registry.device, on_piece=on_piece)
-    task = asyncio.ensure_future(registry.call(body.model, work, budget))
+    choices = Choices(registry, registry.budget(), body.model, plan_for, on_piece)
+    try:
+        await choices.start()  # checked, loaded, submitted: errors so far are plain responses
+    except BaseException:
+        choices.cancel()
+        raise
+    assert choices.plan is not None
+    opening = shape.opening(choices.plan, meta)
+    task = asyncio.ensure_future(choices.finish())
     task.add_done_callback(lambda _: queue.put_nowait(None))
 
-    def cleanup() -> None:
-        budget.cancel()
-        task.cancel()
-
-    try:
-        first = await queue.get()
-        if first is None:  # failed before it started: a plain error response
-            task.result()
-            raise APIError(500, "the completion ended before it started")
-    except BaseException:
-        cleanup()
-        raise
-
     async def events() -> AsyncIterator[str]:
+        for event in opening:
+            yield _sse(event)
         while (item := await queue.get()) is not None:
-            index, piece, logprobs = item
-            if index >= 0 and (piece or logprobs):
-                yield _sse(chunk(cid, created, model, index, piece, None, logprobs))
+            yield _sse(item)
         try:
-            completion = task.result()
+            completion: Completion = task.result()
         except Cancelled:
             return
         except APIError as err:
             yield _sse(err.body())
             yield DONE
             return
-        for choice in completion.choices:
-            yield _sse(chunk(cid, created, model, choice.index, "", choice.finish_reason))
+        for event in shape.closing(completion, meta):
+            yield _sse(event)
         if body.stream_options is not None and body.stream_options.include_usage:
-            counts = completion_body(completion, cid=cid, created=created, model=model)["usage"]
-            yield _sse({**chunk(cid, created, model, 0, "", None), "choices": [], "usage": counts})
+            yield _sse(shape.usage(completion, meta))
         yield DONE
 
+    def cleanup() -> None:
+        choices.cancel()
+        task.cancel()
+
     return EventStream(events(), cleanup)
+
+
+# ---- the remote tokenizer, and the engines' state ---------------------------------------------------
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        raw = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise bad_request(f"the request body is not valid JSON: {err}", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    return raw
+
+
+def _run_named(request: Request, given: Any) -> Run:
+    """The run of the route (/runs/NAME/...), of the request's `model`, or the only run served."""
+    registry = _registry(request)
+    name = request.path_params.get("model") or given
+    if name is None:
+        names = registry.names()
+        if len(names) != 1:
+            raise bad_request(
+                f"name the run: this server serves {len(names)} runs; pass model (or ?model=NAME), or "
+                "use the run's own routes: /runs/NAME/tokenize",
+                "model",
+            )
+        name = names[0]
+    return registry.opened(name)
+
+
+async def get_tokenizer_info(request: Request) -> Response:
+    return JSONResponse(tokenizer_info(_run_named(request, request.query_params.get("model"))))
+
+
+async def post_tokenize(request: Request) -> Response:
+    body = parse(TokenizeRequest, await _json_body(request))
+    return JSONResponse(tokenize(_run_named(request, body.model), body))
+
+
+async def post_detokenize(request: Request) -> Response:
+    body = parse(DetokenizeRequest, await _json_body(request))
+    return JSONResponse(detokenize(_run_named(request, body.model), body))
+
+
+async def status(request: Request) -> Response:
+    engines = _registry(request).engines()
+    runs = {
+        name: {"slots": e.capacity, "active": e.active, "queued": e.queued, "steps": e.steps}
+        for name, e in engines.items()
+    }
+    return JSONResponse({"runs": runs})

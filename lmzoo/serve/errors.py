@@ -2,8 +2,9 @@
 
 Status codes: 400 a request that is malformed, of the wrong type or over a limit; 401 a missing or
 wrong API key; 404 an unknown run or route; 405 a wrong method; 413 a body over the size limit;
-421 a Host header that is not this server; 503 shutting down; 504 the request ran past its
-timeout; 500 only for a fault of the server itself, never for anything a request says.
+421 a Host header that is not this server; 429 the model's queue is full (try again shortly); 503
+shutting down; 504 the request ran past its timeout; 500 only for a fault of the server itself, never
+for anything a request says.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     421: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
     504: "timeout_error",

@@ -13,13 +13,17 @@ class Limits:
 
     max_body_bytes: int = 1_000_000  # the whole HTTP request body (MCP too)
     max_prompt_chars: int = 20_000  # each prompt (or text to score)
+    max_prompt_tokens: int = 20_000  # each prompt given as token ids
     max_prompts: int = 16  # prompts in one request (a list prompt)
     max_tokens: int = 1024  # tokens generated per choice
     max_n: int = 8  # choices per prompt
     max_logprobs: int = 20  # top alternatives per token
-    timeout_s: float = 60.0  # wall time of one request, waiting for its model included
+    max_stops: int = 16  # stop strings per request (lm-evaluation-harness tasks send several)
+    slots: int = 32  # sequences each loaded run decodes together (its batch)
+    max_queue: int = 256  # sequences waiting for a slot, per run; beyond it a request gets 429
+    timeout_s: float = 60.0  # wall time of one request, waiting for its model and a slot included
     shutdown_grace_s: float = 5.0  # on SIGINT/SIGTERM, in-flight requests get this long before they are cut
-    workers: int = 32  # threads that run models (each model still decodes one request at a time)
+    workers: int = 32  # threads for loading, scoring and the MCP tools (decoding runs in each run's engine)
 
     def describe(self) -> str:
         """One line of `name=value` pairs, as printed when the server starts."""

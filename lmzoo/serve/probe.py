@@ -4,6 +4,7 @@ Read-only; the summary comes from config and checkpoint metadata, so listing run
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lmzoo.inference.decoding import next_distribution
@@ -39,19 +40,35 @@ def next_tokens(
     return next_distribution(run.load("best", device), prefix, k, source=source)
 
 
-def prompt_logprobs(run: Run, text: str, k: int, *, device: str) -> list[Entry]:
-    """Each token of `text` scored given every token before it (the first: None), as evaluation harnesses
-    read `echo` + `logprobs`: the one scorer's numbers, equal to `lmzoo score` on the same text."""
+def prompt_logprobs(run: Run, prompt: str | Sequence[int], k: int, *, device: str) -> list[Entry]:
+    """Each token of `prompt` (text, or token ids) scored given every token before it (the first: None),
+    as evaluation harnesses read `echo` + `logprobs`: the one scorer's numbers, equal to `lmzoo score` on
+    the same text. Each map of alternatives holds the k most likely tokens and the token itself."""
     tokenizer = run.tokenizer
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         return []
     pieces = token_pieces(tokenizer, ids)
     [scores] = score_sequences(run.load("best", device), [ids], top_k=k)
     entries: list[Entry] = [(pieces[0], None, None)]
     for row in range(len(ids) - 1):
-        top: dict[str, float] = {}
-        for alt, value in zip(scores.top_ids[row].tolist(), scores.top_logprobs[row].tolist(), strict=True):
-            top.setdefault(token_text(tokenizer, alt), value)
-        entries.append((pieces[row + 1], float(scores.logprobs[row]), top))
+        alternatives = [
+            (token_text(tokenizer, alt), value)
+            for alt, value in zip(
+                scores.top_ids[row].tolist(), scores.top_logprobs[row].tolist(), strict=True
+            )
+        ]
+        logprob = float(scores.logprobs[row])
+        token = token_text(tokenizer, ids[row + 1])
+        entries.append((pieces[row + 1], logprob, top_map(alternatives, token, logprob)))
     return entries
+
+
+def top_map(alternatives: Iterable[tuple[str, float]], token: str, logprob: float) -> dict[str, float]:
+    """OpenAI's legacy `top_logprobs` entry: token text -> logprob of the alternatives, most likely
+    first, and of the token itself (as OpenAI's: up to k + 1 entries)."""
+    top: dict[str, float] = {}
+    for text, value in alternatives:
+        top.setdefault(text, value)
+    top.setdefault(token, logprob)
+    return top

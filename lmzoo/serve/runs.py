@@ -1,13 +1,16 @@
-"""The runs a server may load: safe name lookup under --runs, a small LRU of loaded runs, one lock each.
+"""The runs a server may load: safe name lookup under --runs, a small LRU of loaded runs, each with its
+decoding engine and a lock.
 
 A request names a run only by its directory name under the runs folder. A name that is a path, holds
 `..` or starts with a dot is refused; so is a run whose directory, or any symlink inside it, or the
 base run of a fine-tune, resolves outside the runs folder. Weights are safetensors and the config is
 YAML, so nothing a request reaches is unpickled or executed.
 
-Work on a run happens in a worker thread that holds the run's lock for the whole request, so two
-requests never share a decoding state, and the event loop stays free. Every step of the work checks
-a `Budget`: the client went away, the timeout passed, or the server is shutting down.
+Generation goes to the run's `Engine` (lmzoo.inference.engine), which decodes up to `limits.slots`
+sequences together in its own worker thread, each in its own state slot, with at most
+`limits.max_queue` waiting. Other work on a run (loading it, scoring, next tokens, beam search) happens
+in a worker thread that holds the run's lock, and the event loop stays free. Every step checks a
+`Budget`: the client went away, the timeout passed, or the server is shutting down.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lmzoo.serve.errors import APIError, Cancelled, bad_request, not_found, shut
 from lmzoo.serve.limits import Limits
 
 if TYPE_CHECKING:
+    from lmzoo.inference.engine import Engine
     from lmzoo.run import Run
 
 T = TypeVar("T")
@@ -108,12 +112,15 @@ class FairLock:
 
 @dataclass
 class Entry:
-    """A run directory at one checkpoint time: its lock, and the Run once opened (models cache inside)."""
+    """A run directory at one checkpoint time: its lock, the Run once opened (models cache inside), and
+    the engine that decodes its requests once one asked for generation."""
 
     path: Path
     stamp: float
     lock: FairLock = field(default_factory=FairLock)
     run: Any = None
+    engine: Engine | None = None
+    opened: Any = None  # the Run opened for metadata (tokenizers) before any model is loaded
 
 
 class RunRegistry:
@@ -128,6 +135,7 @@ class RunRegistry:
         self.limits, self.cache_size, self.device = limits, max(1, cache_size), device
         self.shutdown = Shutdown()
         self._cache: OrderedDict[str, Entry] = OrderedDict()
+        self._checked: dict[str, tuple[Entry, int | None]] = {}  # run name -> its running entry, marker
         self._guard = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="lmzoo-serve")
 
@@ -202,6 +210,13 @@ class RunRegistry:
         except (LmzooError, OSError) as err:
             raise self._unusable(name, path, err) from None
 
+    def opened(self, name: str) -> Run:
+        """The cached `Run` for `name` (its tokenizers read once), for requests that need no model."""
+        entry = self._entry(name)
+        if entry.run is None and entry.opened is None:
+            entry.opened = self.open(name)
+        return entry.run or entry.opened
+
     # ---- running work ----
 
     def budget(self) -> Budget:
@@ -209,7 +224,58 @@ class RunRegistry:
 
     async def call(self, name: str, work: Callable[[Any, Budget], T], budget: Budget) -> T:
         """`work(run, budget)` in a worker thread holding run `name`'s lock; its errors as APIError."""
-        entry = self._entry(name)
+        return await self._call_on(name, self._entry(name), work, budget)
+
+    async def engine(self, name: str, budget: Budget) -> tuple[Run, Engine]:
+        """Run `name` and the engine decoding its requests (the model loaded on first use)."""
+        entry = self._running(name) or self._entry(name)
+        if entry.engine is None:
+
+            def start(run: Run, budget: Budget) -> None:
+                from lmzoo.inference.engine import Engine
+
+                if entry.engine is None:
+                    lm = run.load("best", self.device)
+                    limits = self.limits
+                    entry.engine = Engine(lm, limits.slots, max_queue=limits.max_queue, background=True)
+
+            await self._call_on(name, entry, start, budget)
+        assert entry.engine is not None
+        with self._guard:
+            self._checked[name] = (entry, self._checkpoints_marker(entry.path))
+        return entry.run, entry.engine
+
+    def _running(self, name: str) -> Entry | None:
+        """The cached entry of run `name` with a running engine, if its checkpoints folder is unchanged
+        since the run was last found by `locate` (one stat instead of its checks: generation on a
+        loaded model reads nothing from disk). A run deleted or retrained since goes the long way."""
+        with self._guard:
+            known = self._checked.get(name)
+            if known is None or known[0].engine is None:
+                return None
+            entry, marker = known
+            if (
+                self._cache.get(str(entry.path)) is not entry
+                or self._checkpoints_marker(entry.path) != marker
+            ):
+                del self._checked[name]
+                return None
+            self._cache.move_to_end(str(entry.path))
+            return entry
+
+    @staticmethod
+    def _checkpoints_marker(path: Path) -> int | None:
+        try:
+            return (path / "checkpoints").stat().st_mtime_ns  # a checkpoint saved renames inside it
+        except OSError:
+            return None
+
+    def engines(self) -> dict[str, Engine]:
+        """The engines of the runs loaded now, by run name."""
+        with self._guard:
+            return {e.path.name: e.engine for e in self._cache.values() if e.engine is not None}
+
+    async def _call_on(self, name: str, entry: Entry, work: Callable[[Any, Budget], T], budget: Budget) -> T:
         future = self._executor.submit(self._locked, name, entry, work, budget)
         try:
             return await asyncio.wrap_future(future)
@@ -267,4 +333,6 @@ class RunRegistry:
         return APIError(500, f"the run {name!r} cannot be loaded: {err}", code="run_unusable")
 
     def close(self) -> None:
+        for engine in self.engines().values():
+            engine.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -36,7 +36,12 @@ def _banner(registry: Any, where: str, cache_size: int) -> None:
     shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
     _say(f"lmzoo serve: {len(names)} run(s) under {registry.root}: {shown or '(none yet)'}")
     _say(f"lmzoo serve: {where}")
-    _say(f"lmzoo serve: limits {registry.limits.describe()} cache_size={cache_size}")
+    limits = registry.limits
+    _say(
+        f"lmzoo serve: each run decodes up to {limits.slots} sequences together (slots), "
+        f"{limits.max_queue} more may wait (max_queue), at most {limits.max_tokens} tokens each (max_tokens)"
+    )
+    _say(f"lmzoo serve: limits {limits.describe()} cache_size={cache_size}")
 
 
 def serve_http(

@@ -1,7 +1,8 @@
 """The MCP tools: typed coroutines whose signatures become the tools' JSON schemas, over a RunRegistry.
 
-Each tool that touches a model runs under the run's lock in a worker thread, with the same limits
-and timeout as the HTTP API; list_runs and describe_run read only configs and checkpoint metadata.
+`generate` goes to the run's decoding engine like /v1/completions; the other tools that touch a model
+run under the run's lock in a worker thread, with the same limits and timeout as the HTTP API;
+list_runs and describe_run read only configs and checkpoint metadata.
 A request problem (an unknown run, a value over a limit) comes back as the tool's error message.
 """
 
@@ -156,7 +157,7 @@ class RunTools:
         stop: list[str] | None = None,
     ) -> Generated:
         """Sample a continuation of the prompt (or a translation, for seq2seq runs)."""
-        from lmzoo.serve.completions import complete
+        from lmzoo.serve.completions import Choices, completion_plan
         from lmzoo.serve.schema import CompletionRequest, check_limits, validation_error
 
         fields = dict(model=run, prompt=prompt, max_tokens=max_tokens, temperature=temperature)
@@ -164,12 +165,14 @@ class RunTools:
         try:
             request = CompletionRequest.model_validate(fields)
             check_limits(request, self.registry.limits)
+            choices = Choices(
+                self.registry, self.registry.budget(), run, lambda r: completion_plan(r, request)
+            )
+            done = await choices.run()
         except ValidationError as err:
             raise _tool_error(validation_error(err).message) from None
         except APIError as err:
             raise _tool_error(err.message) from None
-        device = self.registry.device
-        done = await self._on_run(run, lambda r, b: complete(r, b, request, device=device))
         return Generated(text=done.choices[0].text, finish_reason=done.choices[0].finish_reason)
 
     async def score(
