@@ -8,6 +8,7 @@ from lmzoo.cli import (
     commands,  # noqa: F401  (train, generate, eval, merge, models)
     compare,  # noqa: F401  (compare, report)
     inspect,  # noqa: F401  (score, attention, tokenize)
+    interop,  # noqa: F401  (import, export)
     retrieval,  # noqa: F401  (index, rag index)
     serve,  # noqa: F401  (serve: OpenAI-compatible HTTP API and MCP)
 )

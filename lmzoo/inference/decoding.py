@@ -266,7 +266,7 @@ def decode(
     tokenizer = lm.output_tokenizer
     if seed is not None:
         generator = torch.Generator(device=lm.device).manual_seed(seed)
-    banned = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id)
+    banned = tokenizer.banned_ids
     stepper: LMStepper | Seq2SeqStepper
     if lm.kind == "seq2seq":
         from lmzoo.inference.seq2seq import encode_source
@@ -282,7 +282,7 @@ def decode(
     else:
         context = encode_prompt(tokenizer, prompt, warn)
         stepper, prompt_tokens = LMStepper(lm.model, context, cache), len(context)
-        end_ids = () if tokenizer.eos_is_text or options.ignore_eos else (tokenizer.eos_id,)
+        end_ids = () if tokenizer.eos_is_text or options.ignore_eos else tokenizer.end_ids
     sequence = SequenceDecoder(
         options,
         tokenizer=tokenizer,

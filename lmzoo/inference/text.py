@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from lmzoo.data.tokenizer import SPECIALS, Tokenizer
+from lmzoo.data.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
@@ -148,7 +148,7 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     text = tokenizer.decode([token_id])
     if text and text != "\ufffd":
         return text
-    return SPECIALS[token_id] if token_id < len(SPECIALS) else text
+    return tokenizer.special_name(token_id) or text
 
 
 def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
