@@ -125,9 +125,10 @@ def _char_backend(tokenizer: CharTokenizer) -> Any:
 
     backend = Backend(WordLevel(dict(tokenizer.stoi), unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one per code point
+    # joined as they are (a decoder's pieces are concatenated; without one they would be space-separated);
     # as in lmzoo, <unk> shows as U+FFFD and the other specials as nothing
     steps: list[Any] = [decoders.Replace(UNK, "\ufffd")] + [decoders.Replace(t, "") for t in (PAD, BOS, EOS)]
-    backend.decoder = decoders.Sequence([*steps, decoders.Fuse()])
+    backend.decoder = decoders.Sequence(steps)
     return backend
 
 
