@@ -18,7 +18,7 @@ TEXT = (
     "Or to take arms against a sea of troubles\n"
 ) * 8
 VOCAB = 300  # embedding rows; the tokenizer uses fewer
-KINDS = ("gpt2", "llama", "qwen2", "qwen3")
+KINDS = ("gpt2", "llama", "qwen2", "qwen3", "llama3")  # llama3: Llama 3.1's RoPE scaling
 
 
 def byte_level_bpe(specials: list[str]):
@@ -58,9 +58,18 @@ def hf_model(kind: str, *, seed: int = 0, **config):
             bos_token_id=0,
             eos_token_id=1,
         )
-        settings.update({"qwen2": {"tie_word_embeddings": True}, "qwen3": {"head_dim": 12}}.get(kind, {}))
+        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        llama3.update(original_max_position_embeddings=64, rope_theta=1000.0)  # scales 2 of 4 frequencies
+        settings.update(
+            {
+                "qwen2": {"tie_word_embeddings": True},
+                "qwen3": {"head_dim": 12},
+                "llama3": {"rope_parameters": llama3},
+            }.get(kind, {})
+        )
         classes = {
             "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "llama3": (tf.LlamaConfig, tf.LlamaForCausalLM),
             "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
             "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         }

@@ -75,6 +75,18 @@ def test_greedy_generation_equals_transformers_over_64_tokens(kind, folders, imp
     assert ours == theirs
 
 
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_an_imported_model_exports_back_to_what_it_was(kind, folders, imported, tmp_path):
+    from lmzoo.interop import export_run
+
+    out = export_run(imported[kind], tmp_path / kind)
+    ids = torch.tensor([transformers.AutoTokenizer.from_pretrained(out)(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        again = reference(out)(ids).logits
+        torch.testing.assert_close(again, reference(folders[kind])(ids).logits, rtol=0, atol=1e-4)
+    assert reference(out).config.rope_parameters["rope_type"] == ("llama3" if kind == "llama3" else "default")
+
+
 def test_the_imported_tokenizer_keeps_its_special_tokens(imported):
     gpt2, llama = imported["gpt2"].tokenizer, imported["llama"].tokenizer
     end = gpt2.backend.token_to_id("<|endoftext|>") + 1

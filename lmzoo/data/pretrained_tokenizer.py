@@ -100,4 +100,7 @@ class PretrainedTokenizer(Tokenizer):
         return sorted({text[a:b] for i, (a, b) in zip(found.ids, found.offsets, strict=True) if i == unk})
 
     def special_name(self, token_id: int) -> str:
-        return (self.backend.id_to_token(token_id - OFFSET) or "") if token_id >= OFFSET else PAD
+        if token_id < OFFSET:
+            return PAD
+        found = self.backend.get_added_tokens_decoder().get(token_id - OFFSET)
+        return found.content if found is not None and found.special else ""

@@ -42,21 +42,24 @@ QK_NORM = (
 )
 
 
-def rope_settings(config: dict[str, Any]) -> tuple[float, str]:
-    """(rope base, rope type) from config.json, in the transformers 5 spelling or the older one."""
-    parameters = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
+def rope_settings(config: dict[str, Any]) -> tuple[float, list[Any] | None]:
+    """(rope base, Llama 3.1 scaling or None) from config.json, in the transformers 5 spelling or the older
+    one; other kinds of scaling are refused."""
+    parameters = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     base = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
-    kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(base), str(kind)
+    kind = parameters.get("rope_type") or parameters.get("type") or "default"
+    if kind == "default":
+        return float(base), None
+    if kind != "llama3":
+        raise refuse("config.json", "rope scaling", kind, "lmzoo scales RoPE as Llama 3.1 does (llama3) only")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return float(base), [parameters[key] for key in keys]
 
 
 def model_section(config: dict[str, Any]) -> dict[str, Any]:
     """The modern `model:` section equal to a Llama, Mistral, Qwen2 or Qwen3 config.json."""
     where, model_type = "config.json", config.get("model_type")
-    base, kind = rope_settings(config)
-    if kind != "default":
-        raise refuse(where, "rope scaling", kind, "lmzoo's RoPE has no scaling")
+    base, llama3 = rope_settings(config)
     checks = (
         ("hidden_act", "silu", "lmzoo's modern feed-forward is SwiGLU"),
         ("attention_bias", False, "lmzoo has biases on q/k/v only, not on the attention output"),
@@ -84,6 +87,7 @@ def model_section(config: dict[str, Any]) -> dict[str, Any]:
         "tie_weights": bool(config.get("tie_word_embeddings", False)),
         "rope_base": base,
         "rope_pairs": "halves",
+        "rope_llama3": llama3,
         "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
         "qk_norm": model_type == "qwen3",
         "qkv_bias": model_type == "qwen2",
@@ -144,6 +148,12 @@ def hf_config(model: Any, vocab_size: int, specials: Specials) -> dict[str, Any]
         "pad_token_id": specials.pad,
         "use_cache": True,
     }
+    if model.rope_llama3 is not None:
+        factor, low, high, original = model.rope_llama3
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high}
+        scaling["original_max_position_embeddings"] = original
+        config["rope_scaling"] = scaling
+        config["rope_parameters"] = {**scaling, "rope_theta": model.rope_base}
     if model_type != "llama":
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=model.n_layers)
     else:

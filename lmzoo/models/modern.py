@@ -61,6 +61,9 @@ class ModernConfig(DecoderConfig):
     # which coordinates RoPE rotates together: (x_2i, x_2i+1) as in RoFormer and Meta's LLaMA code, or
     # (x_i, x_i+d/2) as in Hugging Face's Llama, Mistral and Qwen (the same model up to a permutation)
     rope_pairs: Literal["interleaved", "halves"] = "interleaved"
+    # Llama 3.1's stretched RoPE frequencies for long contexts: (factor, low_freq_factor, high_freq_factor,
+    # original context), e.g. (32, 1, 4, 8192) for Llama 3.2; None: plain RoPE
+    rope_llama3: tuple[PositiveFloat, PositiveFloat, PositiveFloat, PositiveInt] | None = None
     norm_eps: PositiveFloat = 1e-5  # RMSNorm epsilon
     qk_norm: bool = False  # RMSNorm on each head's query and key before RoPE (Qwen3)
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
@@ -127,11 +130,18 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(
-        self, head_dim: int, max_len: int, base: float = 10000.0, pairs: str = "interleaved"
+        self,
+        head_dim: int,
+        max_len: int,
+        base: float = 10000.0,
+        pairs: str = "interleaved",
+        llama3: tuple[float, float, float, int] | None = None,
     ) -> None:
         super().__init__()
         self.halves = pairs == "halves"
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (d/2,)
+        if llama3 is not None:
+            inv_freq = llama3_frequencies(inv_freq, *llama3)
         angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (L, d/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
@@ -149,6 +159,18 @@ class RotaryEmbedding(nn.Module):
         even, odd = pairs[..., 0], pairs[..., 1]  # (B, H, T, d/2)
         rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (B, H, T, d/2, 2)
         return rotated.flatten(-2).type_as(x)  # (B, H, T, d)
+
+
+def llama3_frequencies(
+    inv_freq: torch.Tensor, factor: float, low: float, high: float, original: int
+) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths longer than original / low are stretched by `factor`, those
+    shorter than original / high kept, the ones between interpolated smoothly."""
+    wavelength = 2 * math.pi / inv_freq  # (d/2,)
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
 class SwiGLU(nn.Module):
@@ -288,7 +310,7 @@ class ModernDecoder(DecoderLM):
         """RoPE's cos/sin tables for the context (buffers, not saved); no position is added to the input."""
         config = self.config
         self.rope = RotaryEmbedding(
-            config.head_dim, config.context_length, config.rope_base, config.rope_pairs
+            config.head_dim, config.context_length, config.rope_base, config.rope_pairs, config.rope_llama3
         )
 
     def make_final_norm(self) -> nn.Module:
