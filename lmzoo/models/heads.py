@@ -78,6 +78,22 @@ class OutputHead(nn.Module):
             flat_h, flat_t = flat_h[keep], flat_t[keep]
         return self.adaptive_softmax(flat_h.float(), flat_t).loss
 
+    def sequence_logprobs(self, h: torch.Tensor, targets: torch.Tensor, *, ignore_index: int) -> torch.Tensor:
+        """Each row's summed log p(target) over the positions whose target is not `ignore_index`: (B,), fp32.
+
+        Only those positions go through the output layer: a DPO pair's prompt and padding never do, which
+        saves most of the vocabulary projection and its (positions, V) scores.
+        """
+        keep = targets != ignore_index  # (B, T)
+        rows = keep.nonzero()[:, 0]  # (N,) the row of each kept position
+        chosen, wanted = h[keep], targets[keep]  # (N, C), (N,)
+        if self.adaptive:
+            scores = self.adaptive_softmax.log_prob(chosen.float())  # (N, V) log-probabilities
+            picked = scores.gather(-1, wanted[:, None])[:, 0]
+        else:
+            picked = -F.cross_entropy(self._project(chosen).float(), wanted, reduction="none")  # (N,)
+        return picked.new_zeros(targets.shape[0]).index_add(0, rows, picked)  # (B,)
+
     def flops_per_token(self, targets: torch.Tensor | None = None) -> float:
         """Matmul FLOPs per token: the projection, or an adaptive softmax's head plus each tail cluster
         for the share of `targets` that reaches it (none without targets)."""
