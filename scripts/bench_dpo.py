@@ -15,16 +15,18 @@ attention's Q/K/V and output projections), batch, maximum length, beta, AdamW (c
 no weight decay, betas 0.9/0.999, gradient clipping at 1), steps and precision. Dropout is off on both
 sides (TRL's default). Neither side evaluates during the timed steps.
 
-`ratio` times every step of both jobs in alternation (lmzoo, TRL, lmzoo, ...) so drift on a shared
-machine hits both, then scores the held-out pairs with each trained policy and its reference (LoRA
-switched off) in fp32, by one function: the reward accuracy is the share of pairs whose chosen
-response gains more log-probability over the reference than the rejected one. `rss` runs one job alone
-(its peak resident memory, the libraries it imports included) and prints its own seconds per pair.
+`ratio` runs TRL's own trainer.train() with one lmzoo step after each of its steps (a callback), timing
+each step of each, so drift on a shared machine hits both. It scores the held-out pairs with each
+policy and its reference (LoRA switched off) in fp32, by one function, after an early step and at the
+end: the reward accuracy is the share of pairs whose chosen response gains more log-probability over
+the reference than the rejected one. `rss` runs one job alone (its peak resident memory, the libraries
+it imports included).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import resource
@@ -32,6 +34,7 @@ import statistics
 import string
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "threads": torch.get_num_threads(),
         "seed": 0,
+        "early": args.early,
     }
 
 
@@ -189,8 +193,7 @@ class LmzooJob:
         from lmzoo.models.peft import adapters_disabled
 
         switch = adapters_disabled(self.model) if reference else contextlib.nullcontext()
-        with torch.no_grad(), switch:
-            self.model.eval()
+        with torch.no_grad(), switch, evaluating(self.model):
             # lmzoo ids: the checkpoint's + 1 (the <pad> slot in front); its logits over them
             return response_logprobs(lambda ids: self.model(ids + 1)[0][..., 1:], pairs)
 
@@ -276,9 +279,19 @@ class TrlJob:
         import contextlib
 
         switch = self.model.disable_adapter() if reference else contextlib.nullcontext()
-        with torch.no_grad(), switch:
-            self.model.eval()
+        with torch.no_grad(), switch, evaluating(self.model):
             return response_logprobs(lambda ids: self.model(input_ids=ids).logits, pairs)
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off (there is none here) and back to the model's previous mode."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def response_logprobs(
@@ -328,14 +341,22 @@ def check_same_tokens(lmzoo: LmzooJob, trl: TrlJob, records: list[dict[str, str]
             raise SystemExit(f"the two sides tokenize a pair differently: {record}")
 
 
-def reward_accuracy(job: LmzooJob | TrlJob, pairs: list[tuple[list[int], list[int], list[int]]]) -> dict:
-    chosen = [(p, c) for p, c, _ in pairs]
-    rejected = [(p, r) for p, _, r in pairs]
-    margin = (job.logprobs(chosen, False) - job.logprobs(chosen, True)) - (
-        job.logprobs(rejected, False) - job.logprobs(rejected, True)
-    )
-    accuracy = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
-    return {"heldout_reward_accuracy": accuracy, "heldout_margin": float(margin.mean())}
+class HeldOut:
+    """Held-out reward accuracy of one job's policy: the share of pairs whose chosen response gains more
+    log-probability over the reference (LoRA off) than the rejected one (ties count half)."""
+
+    def __init__(self, job: LmzooJob | TrlJob, pairs: list[tuple[list[int], list[int], list[int]]]) -> None:
+        self.job = job
+        self.chosen = [(p, c) for p, c, _ in pairs]
+        self.rejected = [(p, r) for p, _, r in pairs]
+        self.reference = job.logprobs(self.chosen, True) - job.logprobs(self.rejected, True)
+
+    def __call__(self) -> dict[str, float]:
+        margin = (
+            self.job.logprobs(self.chosen, False) - self.job.logprobs(self.rejected, False) - self.reference
+        )
+        accuracy = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+        return {"accuracy": accuracy, "margin": float(margin.mean())}
 
 
 def peak_rss_mb() -> float:
@@ -343,38 +364,46 @@ def peak_rss_mb() -> float:
 
 
 def ratio(work: Path, s: dict[str, Any]) -> dict[str, Any]:
-    """Both jobs in this process, one lmzoo step after each TRL step; then held-out accuracy by one function."""
+    """Both jobs in this process, one lmzoo step after each TRL step; held-out accuracy by one function after
+    step `early` and at the end (outside the timed steps)."""
     torch.manual_seed(s["seed"])
     lmzoo, trl = LmzooJob(work, s), TrlJob(work, s)
     check_same_tokens(lmzoo, trl, read_pairs(work / "train.jsonl")[:200])
+    heldout = tokenized_pairs(lmzoo, read_pairs(work / "heldout.jsonl"))
+    scorers = {"lmzoo": HeldOut(lmzoo, heldout), "trl": HeldOut(trl, heldout)}
+    accuracy: dict[str, dict[str, Any]] = {"lmzoo": {}, "trl": {}}
     lmzoo_times: list[float] = []
 
     def lmzoo_step() -> None:
         start = time.perf_counter()
         lmzoo.step()
         lmzoo_times.append(time.perf_counter() - start)
+        if len(lmzoo_times) == s["early"]:
+            for name, score in scorers.items():
+                accuracy[name][f"after_step_{s['early']}"] = score()
 
     times = {"trl": trl.train(between_steps=lmzoo_step), "lmzoo": lmzoo_times}
+    for name, score in scorers.items():
+        accuracy[name][f"after_step_{s['steps']}"] = score()
     losses = {"lmzoo": lmzoo.losses, "trl": [r["loss"] for r in trl.trainer.state.log_history if "loss" in r]}
-    heldout = tokenized_pairs(lmzoo, read_pairs(work / "heldout.jsonl"))
     result: dict[str, Any] = {"settings": s, "date": time.strftime("%Y-%m-%d")}
-    for job in (lmzoo, trl):
-        steady = times[job.name][1:]  # the first step warms caches and allocators up
-        result[job.name] = {
-            "steps": len(times[job.name]),
+    for name in ("lmzoo", "trl"):
+        steady = times[name][1:]  # the first step warms caches and allocators up
+        result[name] = {
+            "steps": len(times[name]),
             "seconds_per_pair": statistics.median(steady) / s["batch"],
             "seconds_per_pair_mean": statistics.fmean(steady) / s["batch"],
-            "first_step_s": times[job.name][0],
-            "step_seconds": [round(t, 3) for t in times[job.name]],
-            "losses": [round(x, 4) for x in losses[job.name]],
-            **reward_accuracy(job, heldout),
+            "first_step_s": times[name][0],
+            "heldout": accuracy[name],
+            "step_seconds": [round(t, 3) for t in times[name]],
+            "losses": [round(x, 4) for x in losses[name]],
         }
     result["speedup"] = result["trl"]["seconds_per_pair"] / result["lmzoo"]["seconds_per_pair"]
     return result
 
 
 def rss(work: Path, s: dict[str, Any], name: str) -> dict[str, Any]:
-    """One whole job alone in this process (lmzoo's train loop, or trainer.train()): its peak RSS."""
+    """One whole job alone in this process (lmzoo's task and steps, or TRL's trainer.train()): its peak RSS."""
     before = peak_rss_mb()
     start = time.perf_counter()
     if name == "lmzoo":
@@ -399,10 +428,13 @@ def main() -> None:
     parser.add_argument("--job", choices=["lmzoo", "trl"], default="lmzoo")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--early", type=int, default=2, help="ratio: also score the held-out pairs after this step"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
