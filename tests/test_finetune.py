@@ -563,8 +563,18 @@ def test_dpo_loss_matches_a_hand_computation():
     policy_param = logits.clone().requires_grad_(True)
     seen = {}
 
-    def forward(inputs):
-        return policy_param * 1.0, None
+    class ChosenLogits(LanguageModel):
+        """A policy whose hidden states are the chosen logits and whose output layer is the identity."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = OutputHead(3, 3, bias=False)
+            self.head.proj.weight.data = torch.eye(3)
+
+        def hidden(self, ids, state=None):
+            return policy_param * 1.0, None
+
+    forward = ChosenLogits()
 
     def reference(inputs, targets):
         seen["grad_enabled"] = torch.is_grad_enabled()
@@ -597,9 +607,12 @@ def test_dpo_loss_matches_a_hand_computation():
     assert torch.count_nonzero(policy_param.grad[:, 0][[0, 1, 3]]) == 0  # masked positions get no gradient
 
 
-def test_sequence_logprobs_sum_the_response_token_log_probabilities():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sequence_logprobs_sum_the_response_token_log_probabilities(adaptive):
     torch.manual_seed(0)
     model = BigramLM(7).eval()
+    if adaptive:  # scored through an adaptive softmax's clusters: logits are its log-probabilities
+        model.head = OutputHead(6, 7, adaptive_cutoffs=[3])
     inputs = torch.tensor([[3, 4, 5, 6], [6, 5, 4, 0]])
     targets = torch.tensor([[PAD_ID, 5, 6, 2], [PAD_ID, PAD_ID, 3, PAD_ID]])
     with torch.no_grad():

@@ -10,6 +10,7 @@ from lmzoo.cli import (
     data,  # noqa: F401  (prepare)
     harness,  # noqa: F401  (lm-eval: lm-evaluation-harness with the lmzoo model)
     inspect,  # noqa: F401  (score, attention, tokenize)
+    interop,  # noqa: F401  (import, export)
     retrieval,  # noqa: F401  (index, rag index)
     serve,  # noqa: F401  (serve: OpenAI-compatible HTTP API and MCP)
 )

@@ -38,6 +38,7 @@ def train(
 ) -> None:
     """Train a model as the config describes; writes runs/<name>/ (config, tokenizer, checkpoints, logs)."""
     with user_errors():
+        import lmzoo.interop  # noqa: F401  (init_from: hf:DIR)
         from lmzoo.run import load_config
         from lmzoo.training.loop import train as run_training
 

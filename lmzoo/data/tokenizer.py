@@ -2,8 +2,9 @@
 
 Tokenizers are registered like models: each kind with its own config class (the YAML
 `tokenizer:` section is validated against it) and its tokenizer class (`fit`, `from_dict`).
-Every tokenizer reserves the same four special ids at the front of its vocabulary:
-<pad>=0 (ignored by losses), <unk>=1, <bos>=2, <eos>=3.
+Every tokenizer lmzoo fits reserves the same four special ids at the front of its vocabulary:
+<pad>=0 (ignored by losses), <unk>=1, <bos>=2, <eos>=3. A pretrained model's tokenizer (kind hf,
+lmzoo.data.pretrained_tokenizer) keeps its own ids, shifted by one so that id 0 is <pad> there too.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Tokenizer:
 
     kind = "base"
     pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+    fits = True  # built from training text by `fit` (a pretrained model's tokenizer comes with the model)
 
     @property
     def vocab_size(self) -> int:
@@ -99,6 +101,15 @@ class Tokenizer:
     def unknown_pieces(self, text: str) -> list[str]:
         """Pieces of `text` this tokenizer cannot represent (they would become <unk>)."""
         return []
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Ids that end a generated text: <eos> (a pretrained chat model may have more than one)."""
+        return (self.eos_id,)
+
+    def special_name(self, token_id: int) -> str:
+        """The name of a special token that decodes to no text ("<eos>"); "" for other ids."""
+        return SPECIALS[token_id] if token_id < len(SPECIALS) else ""
 
     @property
     def eos_is_text(self) -> bool:

@@ -325,7 +325,7 @@ def prepare(
     else:
         context = encode_prompt(tokenizer, prompt, warn) if isinstance(prompt, str) else list(prompt)
         stepper, prompt_tokens = LMStepper(lm.language_model, context, cache), len(context)
-        end_ids = () if tokenizer.eos_is_text or options.ignore_eos else (tokenizer.eos_id,)
+        end_ids = () if tokenizer.eos_is_text or options.ignore_eos else tokenizer.end_ids
     sequence = SequenceDecoder(
         options,
         tokenizer=tokenizer,

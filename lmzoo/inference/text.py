@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from lmzoo.data.tokenizer import SPECIALS, Tokenizer
+from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.models.base import Seq2SeqModel
 
 T = TypeVar("T")
@@ -152,7 +152,7 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     text = tokenizer.decode([token_id])
     if text and text != "\ufffd":
         return text
-    return SPECIALS[token_id] if token_id < len(SPECIALS) else text
+    return tokenizer.special_name(token_id) or text
 
 
 def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:

@@ -116,11 +116,16 @@ class LanguageModel(ZooModel):
         state: Any = None,
         targets: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        per_sequence: bool = False,
     ) -> tuple[torch.Tensor, Any]:
-        """(logits (B, T, V), state), or (mean loss over targets != pad, state) when targets are given."""
+        """(logits (B, T, V), state), or (mean loss over targets != pad, state) when targets are given, or
+        with `per_sequence` (each row's summed log-probability of its targets (B,), state): log pi(y|x)
+        for preference tuning, the output layer run on the target positions only."""
         h, state = self.hidden(ids, state)  # (B, T, C)
         if targets is None:
             return self.head.logits(h), state
+        if per_sequence:
+            return self.head.sequence_logprobs(h, targets, ignore_index=PAD_ID), state
         return self.head.loss(h, targets, ignore_index=PAD_ID, label_smoothing=label_smoothing), state
 
 

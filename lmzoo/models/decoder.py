@@ -34,7 +34,7 @@ import torch
 from pydantic import ValidationInfo, field_validator
 from torch import nn
 
-from lmzoo.config.schema import ModelConfig, PositiveInt, Probability, RunConfig
+from lmzoo.config.schema import ModelConfig, NonNegInt, PositiveInt, Probability, RunConfig
 from lmzoo.models.attention import KVCache, StaticKVCache
 from lmzoo.models.base import DecodingSlots, LanguageModel
 from lmzoo.models.heads import OutputHead
@@ -51,6 +51,9 @@ class DecoderConfig(ModelConfig):
     dropout: Probability = 0.0
     tie_weights: bool = True
     attention: Literal["sdpa", "explicit"] = "sdpa"  # explicit = the formula step by step (teaching, tests)
+    # leading vocabulary ids the model never predicts (their logits are the lowest value): the <pad> slot
+    # an imported model's vocabulary gets in front of its own tokens
+    reserved_ids: NonNegInt = 0
 
     @field_validator("n_heads")
     @classmethod
@@ -115,7 +118,7 @@ class DecoderLM(LanguageModel):
         self.dropout = dropout_layer(config.dropout)
         self.blocks = nn.ModuleList(self.block_type(config) for _ in range(config.n_layers))
         self.final_norm = self.make_final_norm()
-        self.head = OutputHead(config.d_model, vocab_size, bias=False)
+        self.head = OutputHead(config.d_model, vocab_size, bias=False, reserved=config.reserved_ids)
         self._init_weights()
         if config.tie_weights:
             self.head.tie_to(self.token_embedding)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmzoo.config.schema import PositiveInt
+from lmzoo.config.schema import PositiveFloat, PositiveInt
 from lmzoo.models.attention import KVCache, MultiHeadAttention, StaticKVCache, sinusoidal_positions
 from lmzoo.models.decoder import DecoderConfig, DecoderLM
 from lmzoo.models.layers import FeedForward, dropout_layer, positions_from
@@ -30,8 +30,9 @@ class GPTConfig(DecoderConfig):
     d_ff: PositiveInt | None = None  # feed-forward width; None = 4 * d_model
     positions: Literal["learned", "sinusoidal"] = "learned"
     norm: Literal["pre", "post"] = "pre"
-    activation: Literal["gelu", "relu"] = "gelu"
-    bias: bool = True
+    activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"  # gelu_tanh: GPT-2's tanh approximation
+    bias: bool = True  # biases in attention, feed-forward and LayerNorms (GPT-2 has them)
+    norm_eps: PositiveFloat = 1e-5  # LayerNorm epsilon
 
 
 class DecoderBlock(nn.Module):
@@ -41,7 +42,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         d = config.d_model
         self.pre_norm = config.norm == "pre"
-        self.norm1 = nn.LayerNorm(d, bias=config.bias)
+        self.norm1 = nn.LayerNorm(d, eps=config.norm_eps, bias=config.bias)
         self.attn = MultiHeadAttention(
             d,
             config.n_heads,
@@ -50,7 +51,7 @@ class DecoderBlock(nn.Module):
             explicit=config.attention == "explicit",
         )
         self.attn_dropout = dropout_layer(config.dropout)
-        self.norm2 = nn.LayerNorm(d, bias=config.bias)
+        self.norm2 = nn.LayerNorm(d, eps=config.norm_eps, bias=config.bias)
         self.ff = FeedForward(d, config.d_ff or 4 * d, config.activation, config.bias, config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
@@ -89,7 +90,8 @@ class GPT(DecoderLM):
     def make_final_norm(self) -> nn.Module:
         # Post-LN blocks already end in a LayerNorm; pre-LN needs one before the output layer.
         pre = self.config.norm == "pre"
-        return nn.LayerNorm(self.config.d_model, bias=self.config.bias) if pre else nn.Identity()
+        config = self.config
+        return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias) if pre else nn.Identity()
 
     def embed(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Token embedding plus the positions start, start + 1, ... (the sinusoidal variant scales the

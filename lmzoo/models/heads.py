@@ -24,9 +24,11 @@ class OutputHead(nn.Module):
         adaptive_cutoffs: list[int] | None = None,
         div_value: float = 4.0,
         bias: bool = True,
+        reserved: int = 0,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.reserved = reserved  # ids 0 .. reserved-1 are never predicted: their logit is the lowest value
         self.adaptive = bool(adaptive_cutoffs)
         if self.adaptive:
             cutoffs = sorted(adaptive_cutoffs or [])
@@ -44,9 +46,15 @@ class OutputHead(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Unnormalised scores (log-probabilities for the adaptive softmax), shape (..., V)."""
         if not self.adaptive:
-            return self.proj(h)
+            return self._project(h)
         flat = h.reshape(-1, h.shape[-1]).float()
         return self.adaptive_softmax.log_prob(flat).view(*h.shape[:-1], self.vocab_size)
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(h)  # (..., V)
+        if self.reserved:  # in place: a linear layer's backward does not read its output
+            logits[..., : self.reserved] = torch.finfo(logits.dtype).min
+        return logits
 
     def loss(
         self,
@@ -59,7 +67,7 @@ class OutputHead(nn.Module):
         """Mean negative log-likelihood of `targets` (…,) given features `h` (…, C)."""
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         if not self.adaptive:
-            logits = self.proj(flat_h).float()
+            logits = self._project(flat_h).float()
             return F.cross_entropy(logits, flat_t, ignore_index=ignore_index, label_smoothing=label_smoothing)
         if label_smoothing:
             raise ValueError(
@@ -69,6 +77,22 @@ class OutputHead(nn.Module):
         if not bool(keep.all()):
             flat_h, flat_t = flat_h[keep], flat_t[keep]
         return self.adaptive_softmax(flat_h.float(), flat_t).loss
+
+    def sequence_logprobs(self, h: torch.Tensor, targets: torch.Tensor, *, ignore_index: int) -> torch.Tensor:
+        """Each row's summed log p(target) over the positions whose target is not `ignore_index`: (B,), fp32.
+
+        Only those positions go through the output layer: a DPO pair's prompt and padding never do, which
+        saves most of the vocabulary projection and its (positions, V) scores.
+        """
+        keep = targets != ignore_index  # (B, T)
+        rows = keep.nonzero()[:, 0]  # (N,) the row of each kept position
+        chosen, wanted = h[keep], targets[keep]  # (N, C), (N,)
+        if self.adaptive:
+            scores = self.adaptive_softmax.log_prob(chosen.float())  # (N, V) log-probabilities
+            picked = scores.gather(-1, wanted[:, None])[:, 0]
+        else:
+            picked = -F.cross_entropy(self._project(chosen).float(), wanted, reduction="none")  # (N,)
+        return picked.new_zeros(targets.shape[0]).index_add(0, rows, picked)  # (B,)
 
     def flops_per_token(self, targets: torch.Tensor | None = None) -> float:
         """Matmul FLOPs per token: the projection, or an adaptive softmax's head plus each tail cluster

@@ -1,5 +1,5 @@
 """Transformer building blocks shared by the gpt, modern and transformer families: the position-wise
-feed-forward network, dropout that vanishes at p = 0, and the heads-divide-width check."""
+feed-forward network and its activations, dropout that vanishes at p = 0, and the heads-divide-width check."""
 
 from __future__ import annotations
 
@@ -20,13 +20,20 @@ def dropout_layer(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+def activation_layer(name: str) -> nn.Module:
+    """gelu (exact), gelu_tanh (GPT-2's tanh approximation of GELU) or relu."""
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    return nn.GELU() if name == "gelu" else nn.ReLU()
+
+
 class FeedForward(nn.Module):
     """Position-wise feed-forward network: Linear -> activation -> Linear."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool, dropout: float) -> None:
         super().__init__()
         self.up = nn.Linear(d_model, d_ff, bias=bias)
-        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = activation_layer(activation)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = dropout_layer(dropout)
 

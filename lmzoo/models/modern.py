@@ -15,7 +15,12 @@ It is GPT with the components that replaced the 2018 ones:
   n_kv_heads = 1 multi-query attention.
 - Optional QK-norm: RMSNorm on each head's query and key before the rotation, which keeps
   attention logits bounded at high learning rates.
-- No biases anywhere; output layer tied to the embedding by default.
+- No biases by default (Qwen2's query/key/value biases are a switch); output layer tied to the embedding
+  by default.
+
+The switches that make it Llama, Mistral, Qwen2 or Qwen3 (`rope_pairs`, `qkv_bias`, `qk_norm`,
+`head_width`, `norm_eps`, `rope_base`, `tie_weights`) are what lmzoo.interop maps a Hugging Face
+checkpoint onto.
 
 Positions enter inside attention only: the shell hands every block the rotary embedding
 (`block_inputs`), and attention rotates q and k at its cache's position, an int for the dynamic cache
@@ -27,20 +32,18 @@ GPT's, and the static cache with its compiled one-token step works the same way.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import ValidationInfo, field_validator
 from torch import nn
 
-from lmzoo.config.schema import PositiveInt
+from lmzoo.config.schema import PositiveFloat, PositiveInt
 from lmzoo.models.attention import KVCache, RecordsAttention, StaticKVCache, fused_attention
 from lmzoo.models.decoder import DecoderConfig, DecoderLM
 from lmzoo.models.layers import dropout_layer, positions_from
 from lmzoo.models.registry import register_model
-
-PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 def swiglu_hidden_size(d_model: int, multiple_of: int) -> int:
@@ -55,8 +58,23 @@ class ModernConfig(DecoderConfig):
     d_ff: PositiveInt | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to ff_multiple_of
     ff_multiple_of: PositiveInt = 32
     rope_base: PositiveFloat = 10000.0
-    norm_eps: PositiveFloat = 1e-5
-    qk_norm: bool = False
+    # which coordinates RoPE rotates together: (x_2i, x_2i+1) as in RoFormer and Meta's LLaMA code, or
+    # (x_i, x_i+d/2) as in Hugging Face's Llama, Mistral and Qwen (the same model up to a permutation)
+    rope_pairs: Literal["interleaved", "halves"] = "interleaved"
+    # Llama 3.1's stretched RoPE frequencies for long contexts: (factor, low_freq_factor, high_freq_factor,
+    # original context), e.g. (32, 1, 4, 8192) for Llama 3.2; None: plain RoPE
+    rope_llama3: tuple[PositiveFloat, PositiveFloat, PositiveFloat, PositiveInt] | None = None
+    norm_eps: PositiveFloat = 1e-5  # RMSNorm epsilon
+    qk_norm: bool = False  # RMSNorm on each head's query and key before RoPE (Qwen3)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    head_width: PositiveInt | None = None  # width of one attention head; None = d_model / n_heads
+
+    @field_validator("head_width")
+    @classmethod
+    def _head_width_even(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
+            raise ValueError(f"{value} must be even (RoPE rotates pairs)")
+        return value
 
     @field_validator("n_heads")
     @classmethod
@@ -79,6 +97,10 @@ class ModernConfig(DecoderConfig):
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_width or self.d_model // self.n_heads
 
     @property
     def ff_hidden(self) -> int:
@@ -104,14 +126,25 @@ class RotaryEmbedding(nn.Module):
 
     A rotation by angle a(m) of q and a(n) of k leaves q . k depending on m - n only, so attention
     sees relative positions without a position table. cos/sin are precomputed for the context.
+    `pairs="halves"` pairs x_i with x_i+d/2 instead (Hugging Face's layout of the same rotation).
     """
 
     cos: torch.Tensor  # (context, d/2) buffers
     sin: torch.Tensor
 
-    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        max_len: int,
+        base: float = 10000.0,
+        pairs: str = "interleaved",
+        llama3: tuple[float, float, float, int] | None = None,
+    ) -> None:
         super().__init__()
+        self.halves = pairs == "halves"
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (d/2,)
+        if llama3 is not None:
+            inv_freq = llama3_frequencies(inv_freq, *llama3)
         angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (L, d/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
@@ -124,10 +157,26 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos[positions], self.sin[positions]  # (T, d/2), or (B, T, d/2)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d/2): one rotation per row, every head
+        if self.halves:
+            first, second = x.float().chunk(2, dim=-1)  # (B, H, T, d/2) each
+            halves = [first * cos - second * sin, second * cos + first * sin]
+            return torch.cat(halves, dim=-1).type_as(x)  # (B, H, T, d)
         pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, d/2, 2)
         even, odd = pairs[..., 0], pairs[..., 1]  # (B, H, T, d/2)
         rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (B, H, T, d/2, 2)
         return rotated.flatten(-2).type_as(x)  # (B, H, T, d)
+
+
+def llama3_frequencies(
+    inv_freq: torch.Tensor, factor: float, low: float, high: float, original: int
+) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths longer than original / low are stretched by `factor`, those
+    shorter than original / high kept, the ones between interpolated smoothly."""
+    wavelength = 2 * math.pi / inv_freq  # (d/2,)
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
 class SwiGLU(nn.Module):
@@ -157,10 +206,10 @@ class GroupedQueryAttention(RecordsAttention):
     def __init__(self, config: ModernConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
-        self.head_dim = config.d_model // config.n_heads
-        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim, bias = config.head_dim, config.qkv_bias
+        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
@@ -279,7 +328,9 @@ class ModernDecoder(DecoderLM):
     def add_positions(self) -> None:
         """RoPE's cos/sin tables for the context (buffers, not saved); no position is added to the input."""
         config = self.config
-        self.rope = RotaryEmbedding(config.head_dim, config.context_length, config.rope_base)
+        self.rope = RotaryEmbedding(
+            config.head_dim, config.context_length, config.rope_base, config.rope_pairs, config.rope_llama3
+        )
 
     def make_final_norm(self) -> nn.Module:
         return RMSNorm(self.config.d_model, self.config.norm_eps)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from lmzoo.models.registry import MODEL_REGISTRY
 from lmzoo.run.layout import CONFIG_FILE
 
 FREE_WHEN_FINE_TUNING = {"dropout"}  # model keys a fine-tune may change; every other key must match
+# `init_from: SCHEME:LOCATION` forms a higher package turns into a run directory (scheme -> function of the
+# location and the raw config): lmzoo.interop registers "hf", a Hugging Face model folder it imports.
+INIT_FROM_SCHEMES: dict[str, Callable[[str, dict], str]] = {}
 
 
 def parse_config(raw: Any, *, source: str = "config", check_files: bool = True) -> RunConfig:
@@ -170,8 +173,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def resolve_config(raw: Any, *, source: str = "config") -> RunConfig:
     """Validate a raw config; with `init_from`, the model and tokenizer sections come from that run."""
     if isinstance(raw, dict) and raw.get("init_from"):
-        raw = _inherit_from_base(raw, Path(str(raw["init_from"])), source)
+        raw = {**raw, "init_from": _init_from_run(str(raw["init_from"]), raw, source)}
+        raw = _inherit_from_base(raw, Path(raw["init_from"]), source)
     return parse_config(raw, source=source)
+
+
+def _init_from_run(value: str, raw: dict, source: str) -> str:
+    """The run directory `init_from` names: a path, or a registered SCHEME:LOCATION resolved to one."""
+    scheme, sep, location = value.partition(":")
+    if sep and scheme in INIT_FROM_SCHEMES:
+        return INIT_FROM_SCHEMES[scheme](location, raw)
+    if sep and scheme == "hf":
+        raise ConfigError(f"{source}: init_from: hf: folders are imported by lmzoo.interop; import it first")
+    return value
 
 
 def _inherit_from_base(raw: dict, base_dir: Path, source: str) -> dict:

@@ -65,11 +65,10 @@ class Seq2SeqObjective:
 
 
 def sequence_logprobs(forward: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log pi(response | prompt) per row: the sum of token log-probabilities where targets != PAD."""
-    logits, _ = forward(inputs)  # (B, T, V)
-    logprobs = logits.float().log_softmax(-1)
-    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (picked * (targets != PAD_ID)).sum(-1)  # (B,)
+    """log pi(response | prompt) per row (B,): the sum of token log-probabilities where targets != PAD, the
+    model's output layer run on those positions only (LanguageModel.forward's `per_sequence`)."""
+    logprobs, _ = forward(inputs, targets=targets, per_sequence=True)
+    return logprobs.float()
 
 
 class DPOObjective:
