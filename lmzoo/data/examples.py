@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lmzoo.config.schema import DataConfig
-from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch
+from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch, RewardPairBatch
 from lmzoo.data.corpus import carve_splits, read_text_file
 from lmzoo.errors import DataError
 
@@ -151,8 +151,12 @@ def pair_batches(
 # ---- records: instruction tuning (SFT) and preference pairs (DPO) ---------------------------------
 
 
-def read_records(path: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
-    """JSON array or JSONL records holding string `fields`; a bad line or record is named by its number."""
+def read_records(
+    path: str, fields: tuple[str, ...], optional: tuple[str, ...] = (), *, nonempty: tuple[str, ...] = ()
+) -> list[dict[str, str]]:
+    """JSON array or JSONL records holding string `fields` (and, if present, string `optional` fields,
+    "" when absent; `nonempty` ones must hold more than whitespace); a bad line or record is named by
+    its number."""
     import json
 
     text = read_text_file(path)
@@ -177,22 +181,43 @@ def read_records(path: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
         number, record = item if where == "line" else (index, item)
         if not isinstance(record, dict):
             raise DataError(f"{path} {where} {number}: expected an object with {', '.join(fields)}")
-        for field in fields:
-            value = record.get(field, "" if field == "input" else None)
+        for field in fields + optional:
+            value = record.get(field, "" if field == "input" or field in optional else None)
             if not isinstance(value, str):
                 raise DataError(f"{path} {where} {number}: field {field!r} is missing or not a string")
-        checked.append({field: record.get(field, "") for field in fields})
+        for field in nonempty:
+            if not record[field].strip():
+                raise DataError(f"{path} {where} {number}: field {field!r} is empty")
+        checked.append({field: record.get(field, "") for field in fields + optional})
     if not checked:
         raise DataError(f"{path}: no records")
     return checked
 
 
-def read_record_splits(config: DataConfig, fields: tuple[str, ...]) -> dict[str, list[dict[str, str]]]:
+def read_record_splits(
+    config: DataConfig,
+    fields: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    *,
+    nonempty: tuple[str, ...] = (),
+) -> dict[str, list[dict[str, str]]]:
     """Records of the train file; the validation records come from data.val or are split off train."""
-    records = read_records(config.train_files[0], fields)
+    if config.tasks is not None and "task" not in fields + optional:
+        optional = optional + ("task",)
+
+    def read(path: str) -> list[dict[str, str]]:
+        records = read_records(path, fields, optional, nonempty=nonempty)
+        if config.tasks is None:
+            return records
+        kept = [r for r in records if r["task"] in config.tasks]
+        if not kept:
+            raise DataError(f"{path}: no records of data.tasks {config.tasks}")
+        return kept
+
+    records = read(config.train_files[0])
     parts = carve_splits(records, config.split, {"val": bool(config.val), "test": bool(config.test)})
     if config.val:
-        parts["val"] = read_records(config.val, fields)
+        parts["val"] = read(config.val)
     if not parts.get("val"):
         raise DataError("no validation records: give data.val or raise the validation fraction in data.split")
     return parts
@@ -319,3 +344,24 @@ def preference_batch(
     inputs, targets = collate_sequences([chosen for chosen, _ in rows] + [rejected for _, rejected in rows])
     half = len(rows)
     return PreferenceBatch(inputs[:half], targets[:half], inputs[half:], targets[half:])
+
+
+def scored_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """prompt + response + <eos>: what a reward model reads (it scores the state at the <eos>)."""
+    return (tokenizer.encode(prompt) or [tokenizer.bos_id]) + tokenizer.encode(response) + [tokenizer.eos_id]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into (B, T) with their lengths (B,)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row)
+    return ids, torch.tensor([len(row) for row in rows])
+
+
+def reward_pair_batch(rows: list[tuple[list[int], list[int]]]) -> RewardPairBatch:
+    """Chosen and rejected sequences padded to one width, so one forward pass scores both."""
+    ids, lengths = pad_rows([chosen for chosen, _ in rows] + [rejected for _, rejected in rows])
+    half = len(rows)
+    return RewardPairBatch(ids[:half], lengths[:half], ids[half:], lengths[half:])

@@ -27,6 +27,7 @@ class OutputHead(nn.Module):
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.in_features = in_features  # the width of the hidden state it reads
         self.adaptive = bool(adaptive_cutoffs)
         if self.adaptive:
             cutoffs = sorted(adaptive_cutoffs or [])
