@@ -13,6 +13,7 @@ from lmzoo.cli import (
     interop,  # noqa: F401  (import, export)
     retrieval,  # noqa: F401  (index, rag index)
     serve,  # noqa: F401  (serve: OpenAI-compatible HTTP API and MCP)
+    stages,  # noqa: F401  (suite: the instruction suite of the training stages)
 )
 from lmzoo.cli.app import app
 

@@ -45,9 +45,14 @@ def train(
         items = list(overrides or []) + ([f"train.device={device}"] if device else [])
         hint = " ".join(["lmzoo train", str(config), *(overrides or []), "--resume"])
         show = sys.stderr.isatty() if progress is None else progress
-        run_dir = run_training(load_config(config, items), resume=resume, progress=show, resume_hint=hint)
+        resolved = load_config(config, items)
+        run_dir = run_training(resolved, resume=resume, progress=show, resume_hint=hint)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
-            typer.echo(f"done: {run_dir}  (sample it with: lmzoo generate --run {run_dir})", err=True)
+            if resolved.train.objective == "reward":
+                next_step = f"score pairs with: lmzoo eval --run {run_dir} --pairs FILE"
+            else:
+                next_step = f"sample it with: lmzoo generate --run {run_dir}"
+            typer.echo(f"done: {run_dir}  ({next_step})", err=True)
 
 
 @app.command()
@@ -243,13 +248,34 @@ def evaluate(
         None, help="Loss with BM25 passages vs random and none (lmzoo rag index)."
     ),
     passages: int = typer.Option(1, min=1, help="--rag: passages per chunk."),
+    instructions: Path | None = typer.Option(
+        None,
+        help="Instruct records (JSONL: instruction, input, output, optional task): greedy exact match per "
+        "task and overall, and the style rate (answers ending with a full stop).",
+    ),
+    max_new_tokens: int = typer.Option(32, min=1, help="--instructions: longest answer, in tokens."),
+    reference: Path | None = typer.Option(
+        None, help="--instructions: also the KL divergence from this run (e.g. the SFT run), per answer."
+    ),
+    pairs: Path | None = typer.Option(
+        None, help="Reward model runs: preference pairs (JSONL: prompt, chosen, rejected) to score."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="--instructions, --pairs: the scores as one JSON object."
+    ),
 ) -> None:
-    """Print loss and perplexity on held-out text; for seq2seq runs also corpus BLEU, greedy and beam."""
+    """Print loss and perplexity on held-out text; for seq2seq runs also corpus BLEU, greedy and beam;
+    with --instructions, exact match on instructions."""
     with user_errors():
         from lmzoo.cli.retrieval import evaluate_with_retrieval
         from lmzoo.run import Run
 
         loaded = Run.open(run, base=base)
+        if pairs is not None or instructions is not None:
+            _evaluate_answers(
+                loaded, pairs, instructions, checkpoint, device, max_new_tokens, reference, as_json=as_json
+            )
+            return
         if knn is not None or rag is not None:
             lines = evaluate_with_retrieval(
                 loaded, knn, rag, data, split, checkpoint, device,
@@ -267,6 +293,76 @@ def evaluate(
             f"{loaded.path} ({checkpoint}) on {source}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}"
             f"{bleu}  ({int(metrics['tokens']):,} tokens)"
         )
+
+
+def _evaluate_answers(
+    run: Run,
+    pairs: Path | None,
+    instructions: Path | None,
+    checkpoint: str,
+    device: str,
+    max_new_tokens: int,
+    reference: Path | None,
+    *,
+    as_json: bool,
+) -> None:
+    """`lmzoo eval --pairs` (a reward model on preference pairs) or `--instructions` (exact match)."""
+    if pairs is not None:
+        metrics = run.evaluate_preferences(pairs, checkpoint_tag=checkpoint, device=device)
+        _print_pair_scores(run, pairs, metrics, as_json)
+        return
+    assert instructions is not None
+    scores = run.evaluate_instructions(
+        instructions,
+        max_new_tokens=max_new_tokens,
+        reference=reference,
+        checkpoint_tag=checkpoint,
+        device=device,
+    )
+    _print_instruction_scores(run, instructions, checkpoint, scores, reference, as_json)
+
+
+def _print_pair_scores(run: Run, path: Path, metrics: dict[str, float], as_json: bool) -> None:
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"run": str(run.path), "file": str(path), **metrics}, indent=2))
+        return
+    kinds = "".join(
+        f"  {key.split('/', 1)[1]} {value:.1%}"
+        for key, value in metrics.items()
+        if key.startswith("reward_accuracy/")
+    )
+    typer.echo(
+        f"{run.path} on {path}: pair accuracy {metrics['reward_accuracy']:.1%}{kinds}  margin "
+        f"{metrics['reward_margin']:.3f}  loss {metrics['loss']:.4f}  ({int(metrics['pairs'])} pairs)"
+    )
+
+
+def _print_instruction_scores(
+    run: Run, path: Path, checkpoint: str, scores: Any, reference: Path | None, as_json: bool
+) -> None:
+    """The table of `lmzoo eval --instructions` (or its JSON)."""
+    if as_json:
+        import json
+
+        payload = {"run": str(run.path), "checkpoint": checkpoint, "file": str(path), **scores.as_dict()}
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    overall = scores.overall.as_dict()
+    typer.echo(
+        f"{run.path} ({checkpoint}) on {path}: exact match {overall['exact_match']:.1%}  style "
+        f"{overall['style_rate']:.1%}  ({overall['count']} prompts, {scores.response_tokens:.1f} tokens per answer)"
+    )
+    width = max([len("task")] + [len(name) for name in scores.tasks])
+    typer.echo(f"{'task':<{width}}  prompts  exact match   style")
+    for name, score in sorted(scores.tasks.items()):
+        row = score.as_dict()
+        typer.echo(
+            f"{name:<{width}}  {row['count']:>7}  {row['exact_match']:>11.1%}  {row['style_rate']:>6.1%}"
+        )
+    if scores.kl is not None:
+        typer.echo(f"KL from {reference}: {scores.kl:.3f} nats per answer (answers sampled at temperature 1)")
 
 
 @app.command()

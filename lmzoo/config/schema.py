@@ -77,6 +77,8 @@ class DataConfig(Section):
     max_len: PositiveInt = 100  # seq2seq: training pairs with a longer source or target are skipped
     # instruct: the prompt built from each {instruction, input, output} record; the loss covers only `output`
     template: str = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
+    # instruct and preference records: keep only those whose `task` field is one of these (None: all)
+    tasks: list[str] | None = None
     seq_len: PositiveInt | None = None  # None: the model's context length, or 128 for recurrent models
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt | None = None  # None: same as batch_size
@@ -218,6 +220,10 @@ class TrainConfig(Section):
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     nan_policy: Literal["stop", "skip"] = "stop"
     dpo_beta: Annotated[float, Field(gt=0)] = 0.1  # DPO: strength of the pull towards the reference model
+    # what the run optimises. auto: by data.format (text: language modelling, parallel/tsv: translation,
+    # instruct: SFT, preference: DPO); reward: a reward model on preference pairs (a scalar head on the
+    # hidden state, Bradley-Terry loss); ppo / grpo: reinforcement learning on instruct prompts (section rl)
+    objective: Literal["auto", "reward", "ppo", "grpo"] = "auto"
     # torch.compile the model's forward and backward (falls back to eager with a warning); a mode name picks
     # torch.compile's mode: reduce-overhead adds CUDA graphs, max-autotune-no-cudagraphs tunes matmuls
     compile: bool | CompileMode = False
@@ -254,6 +260,37 @@ class FinetuneConfig(Section):
     sites: list[str] | None = None
 
 
+class RLConfig(Section):
+    """Reinforcement learning (train.objective ppo or grpo): rollouts from the policy, their rewards, and the
+    KL divergence that keeps the policy near the init_from model it starts from (the reference)."""
+
+    # model: the score of the reward model in reward_run; exact_match: 1 when the response equals the
+    # record's output (ignoring one final full stop), else 0, a verifiable reward; style: 1 when the
+    # response ends with a full stop, else 0
+    reward: str = "model"
+    reward_run: str | None = None  # reward model: a run trained with train.objective reward
+    prompts_per_rollout: PositiveInt = 16  # training prompts drawn for each rollout
+    samples_per_prompt: PositiveInt = 1  # responses sampled per prompt; GRPO's group size (at least 2)
+    epochs: PositiveInt = 2  # passes over each rollout, in minibatches of data.batch_size responses
+    max_new_tokens: PositiveInt = 16  # longest response, in tokens
+    temperature: Annotated[float, Field(gt=0)] = 1.0  # sampling temperature of the rollouts
+    top_k: PositiveInt | None = None  # rollouts sample among the k most likely tokens (None: all)
+    clip: Annotated[float, Field(gt=0, lt=1)] = 0.2  # the probability ratio is clipped to 1 +- clip
+    # beta: PPO subtracts beta * (log pi - log pi_ref) from each token's reward; GRPO adds beta * KL to the loss
+    kl_coef: Annotated[float, Field(ge=0)] = 0.05
+    # PPO: adapt beta so the KL per response approaches this (nats; Ziegler et al., 2019); None: beta fixed
+    target_kl: Annotated[float, Field(gt=0)] | None = None
+    kl_horizon: PositiveInt = 10000  # PPO adaptive KL: responses over which beta moves by up to 20%
+    value_coef: Annotated[float, Field(ge=0)] = 0.1  # PPO: weight of the value head's loss
+    value_clip: Annotated[float, Field(gt=0)] = 0.2  # PPO: new values stay within this of the rollout's
+    gamma: Probability = 1.0  # PPO: discount per token
+    lam: Probability = 0.95  # PPO: GAE lambda
+    entropy_coef: Annotated[float, Field(ge=0)] = 0.0  # weight of an entropy bonus (0: none)
+    eval_prompts: PositiveInt = (
+        200  # validation prompts answered at each evaluation (exact match, reward, KL)
+    )
+
+
 class SampleConfig(Section):
     """Defaults for sampling: used by `lmzoo generate` and for the text logged at each eval."""
 
@@ -283,6 +320,7 @@ class RunConfig(Section):
     sample: SampleConfig = SampleConfig()
     init_from: str | None = None  # a run directory: start from its weights, model config and tokenizer
     finetune: FinetuneConfig | None = None  # with init_from: full (default), lora or adapter
+    rl: RLConfig = RLConfig()  # train.objective ppo / grpo: rollouts, rewards, KL
 
     @property
     def seq_len(self) -> int:
@@ -308,6 +346,7 @@ class RunConfig(Section):
         """Checks across sections (raise ValueError): a seq2seq model needs sentence pairs, and so on."""
         paired = self.data.format in ("parallel", "tsv")
         name = self.model.name
+        self._check_objective()
         if self.kind == "seq2seq" and not paired:
             raise ValueError(
                 f"data.format: model {name!r} translates sentence pairs; set data.format to parallel or tsv"
@@ -316,7 +355,7 @@ class RunConfig(Section):
             raise ValueError(
                 f"data.format: model {name!r} is a language model; use format text, instruct or preference"
             )
-        if self.data.format == "preference" and not self.init_from:
+        if self.data.format == "preference" and not self.init_from and self.train.objective != "reward":
             raise ValueError(
                 "data.format: preference tuning (DPO) needs init_from: the model it starts from is its reference"
             )
@@ -336,3 +375,23 @@ class RunConfig(Section):
         if self.train.best_metric == "bleu" and (self.kind != "seq2seq" or not self.train.bleu_sentences):
             raise ValueError("train.best_metric: bleu needs a seq2seq model and train.bleu_sentences > 0")
         self.model.check_run(self)
+
+    def _check_objective(self) -> None:
+        objective = self.train.objective
+        if objective == "auto":
+            return
+        if self.kind == "seq2seq":
+            raise ValueError(
+                f"train.objective: {objective} scores a language model's responses; model "
+                f"{self.model.name!r} is a seq2seq model"
+            )
+        wanted = "preference" if objective == "reward" else "instruct"
+        if self.data.format != wanted:
+            raise ValueError(f"data.format: train.objective {objective} reads {wanted} records")
+        if objective in ("ppo", "grpo"):
+            if not self.init_from:
+                raise ValueError(f"init_from: {objective} starts from a trained policy (its reference model)")
+            if objective == "grpo" and self.rl.samples_per_prompt < 2:
+                raise ValueError("rl.samples_per_prompt: GRPO compares a group of responses; use 2 or more")
+            if self.rl.reward == "model" and not self.rl.reward_run:
+                raise ValueError("rl.reward_run: rl.reward model needs the reward model's run directory")

@@ -31,3 +31,12 @@ class PreferenceBatch(NamedTuple):
     chosen_targets: torch.Tensor  # (B, T): PAD except on the response tokens
     rejected_inputs: torch.Tensor
     rejected_targets: torch.Tensor
+
+
+class RewardPairBatch(NamedTuple):
+    """Preference pairs as a reward model reads them: prompt + response + <eos>, right-padded."""
+
+    chosen: torch.Tensor  # (B, T)
+    chosen_lengths: torch.Tensor  # (B,) tokens before the padding
+    rejected: torch.Tensor  # (B, T)
+    rejected_lengths: torch.Tensor  # (B,)

@@ -83,9 +83,12 @@ def read_pair_file(config: DataConfig, path: str) -> list[Pair]:
 # ---- records ----------------------------------------------------------------------------------------
 
 
-def iter_records(path: str, fields: tuple[str, ...]) -> Iterator[dict[str, str]]:
-    """Records of a JSONL file (line by line) or a JSON array holding string `fields`; a bad line or
-    record is named by its number; `input` may be left out (it reads as "")."""
+def iter_records(
+    path: str, fields: tuple[str, ...], optional: tuple[str, ...] = (), *, nonempty: tuple[str, ...] = ()
+) -> Iterator[dict[str, str]]:
+    """Records of a JSONL file (line by line) or a JSON array holding string `fields` (and, if present,
+    string `optional` fields, "" when absent; `nonempty` ones must hold more than whitespace); a bad
+    line or record is named by its number; `input` may be left out (it reads as "")."""
     where, items = "line", _jsonl(path)
     first = next((line for line in file_lines(path) if line.strip()), "")  # a blank file fails here
     if first.lstrip().startswith("["):
@@ -98,11 +101,14 @@ def iter_records(path: str, fields: tuple[str, ...]) -> Iterator[dict[str, str]]
     for number, record in items:
         if not isinstance(record, dict):
             raise DataError(f"{path} {where} {number}: expected an object with {', '.join(fields)}")
-        for field in fields:
-            value = record.get(field, "" if field == "input" else None)
+        for field in fields + optional:
+            value = record.get(field, "" if field == "input" or field in optional else None)
             if not isinstance(value, str):
                 raise DataError(f"{path} {where} {number}: field {field!r} is missing or not a string")
-        yield {field: record.get(field, "") for field in fields}
+        for field in nonempty:
+            if not record[field].strip():
+                raise DataError(f"{path} {where} {number}: field {field!r} is empty")
+        yield {field: record.get(field, "") for field in fields + optional}
 
 
 def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
@@ -115,8 +121,10 @@ def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path} line {number}: invalid JSON ({err.msg})") from None
 
 
-def read_records(path: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
-    records = list(iter_records(path, fields))
+def read_records(
+    path: str, fields: tuple[str, ...], optional: tuple[str, ...] = (), *, nonempty: tuple[str, ...] = ()
+) -> list[dict[str, str]]:
+    records = list(iter_records(path, fields, optional, nonempty=nonempty))
     if not records:
         raise DataError(f"{path}: no records")
     return records
@@ -130,14 +138,25 @@ class ExampleSplits:
     training file is counted once and carved in order by data.split; a split with a file of its own
     (data.val, data.test) reads that file."""
 
-    def __init__(self, config: DataConfig, fields: tuple[str, ...] | None = None) -> None:
-        self.config, self.fields = config, fields
+    def __init__(
+        self,
+        config: DataConfig,
+        fields: tuple[str, ...] | None = None,
+        optional: tuple[str, ...] = (),
+        *,
+        nonempty: tuple[str, ...] = (),
+    ) -> None:
+        self.config, self.fields, self.nonempty = config, fields, nonempty
+        if fields is not None and config.tasks is not None and "task" not in fields + optional:
+            optional = optional + ("task",)  # data.tasks keeps the records of those tasks
+        self.optional = optional
         self.given = {"val": bool(config.val), "test": bool(config.test)}
         self.what = "sentence pairs" if fields is None else "records"
         total = sum(1 for _ in self._read(config.train_files[0]))
         self.counts = split_counts(total, config.split, self.given)
         if not self.counts.get("train"):
-            raise DataError(f"the training split has no {self.what}")
+            among = f" of data.tasks {config.tasks}" if fields is not None and config.tasks else ""
+            raise DataError(f"the training split has no {self.what}{among}")
         if not self.given["val"] and not self.counts.get("val"):
             self._no_validation()
 
@@ -149,7 +168,9 @@ class ExampleSplits:
     def _read(self, path: str) -> Iterator[Any]:
         if self.fields is None:
             return iter_pairs(self.config, path)
-        return iter_records(path, self.fields)
+        records = iter_records(path, self.fields, self.optional, nonempty=self.nonempty)
+        tasks = self.config.tasks
+        return records if tasks is None else (r for r in records if r["task"] in tasks)
 
     def stream(self, split: str) -> Iterator[Any]:
         """The examples of one split, in file order."""
@@ -183,3 +204,15 @@ class ExampleSplits:
 
         names = self.config.files_of(path) if self.fields is None else [path]
         return [str(resolve_data_path(name)) for name in names]
+
+
+def read_record_splits(
+    config: DataConfig,
+    fields: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    *,
+    nonempty: tuple[str, ...] = (),
+) -> dict[str, list[dict[str, str]]]:
+    """The records of every split as lists (small record files: reward pairs, RL prompts)."""
+    splits = ExampleSplits(config, fields, optional, nonempty=nonempty)
+    return {name: splits.split(name) for name in SPLITS if name in splits.counts or splits.given.get(name)}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch
+from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch, RewardPairBatch
 from lmzoo.data.example_files import Pair
 from lmzoo.data.packed import field_lengths
 from lmzoo.data.tokenizer import Tokenizer
@@ -219,3 +219,24 @@ def preference_batch(
     inputs, targets = collate_sequences([chosen for chosen, _ in rows] + [rejected for _, rejected in rows])
     half = len(rows)
     return PreferenceBatch(inputs[:half], targets[:half], inputs[half:], targets[half:])
+
+
+def scored_ids(tokenizer: Tokenizer, prompt: str, response: str) -> list[int]:
+    """prompt + response + <eos>: what a reward model reads (it scores the state at the <eos>)."""
+    return (tokenizer.encode(prompt) or [tokenizer.bos_id]) + tokenizer.encode(response) + [tokenizer.eos_id]
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into (B, T) with their lengths (B,)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row)
+    return ids, torch.tensor([len(row) for row in rows])
+
+
+def reward_pair_batch(rows: list[tuple[list[int], list[int]]]) -> RewardPairBatch:
+    """Chosen and rejected sequences padded to one width, so one forward pass scores both."""
+    ids, lengths = pad_rows([chosen for chosen, _ in rows] + [rejected for _, rejected in rows])
+    half = len(rows)
+    return RewardPairBatch(ids[:half], lengths[:half], ids[half:], lengths[half:])

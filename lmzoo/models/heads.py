@@ -29,6 +29,7 @@ class OutputHead(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.reserved = reserved  # ids 0 .. reserved-1 are never predicted: their logit is the lowest value
+        self.in_features = in_features  # the width of the hidden state it reads
         self.adaptive = bool(adaptive_cutoffs)
         if self.adaptive:
             cutoffs = sorted(adaptive_cutoffs or [])

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from pydantic import ValidationError
@@ -32,13 +32,15 @@ from lmzoo.data.tokenizer import Tokenizer, load_tokenizer
 from lmzoo.device import pick_device, pick_precision
 from lmzoo.errors import CheckpointError, ConfigError, DataError
 from lmzoo.inference.decoding import Decoding, decode
+from lmzoo.inference.instructions import InstructionScores
 from lmzoo.inference.loaded import LoadedModel
 from lmzoo.inference.sampling import SamplingOptions
 from lmzoo.inference.scoring import Scored
 from lmzoo.io import atomic_write_text
 from lmzoo.models import build_model
-from lmzoo.models.base import ZooModel
+from lmzoo.models.base import LanguageModel, ZooModel
 from lmzoo.models.peft import apply_finetune
+from lmzoo.models.reward import RewardModel
 from lmzoo.run import checkpoint
 from lmzoo.run.config import config_to_yaml, parse_config, read_yaml
 from lmzoo.run.layout import BASE_FILE, CONFIG_FILE, METRICS_FILE, TARGET_TOKENIZER_FILE, TOKENIZER_FILE
@@ -330,25 +332,57 @@ class Run:
         model.to(device)
         if self.config.finetune is not None:
             apply_finetune(model, self.config.finetune)
-        return model
+        return self._with_head(model)
+
+    @property
+    def is_reward_model(self) -> bool:
+        """A reward model run (train.objective reward): a language model with a scalar head."""
+        return self.config.train.objective == "reward"
+
+    def _with_head(self, model: ZooModel) -> ZooModel:
+        """The run's network around a built model: a reward model wraps it with its scalar head (typed as
+        the model it wraps: the verbs that read a reward model's scalar go through `reward_model`)."""
+        if not self.is_reward_model:
+            return model
+        head = RewardModel(cast(LanguageModel, model)).to(next(model.parameters()).device)
+        return cast(ZooModel, head)
 
     def trained_model(self, tag: str = "best", device: torch.device | str = "cpu") -> ZooModel:
         """A new copy of the model with checkpoint `tag` loaded, in eval mode (not cached)."""
         ckpt = self.checkpoint(tag)
         # A LoRA/adapter checkpoint holds only its own tensors: the frozen base comes from the base run.
         adapter_only = (ckpt / checkpoint.ADAPTER).is_file()
-        model = self.fresh_model(device) if adapter_only else build_model(self.config.model, self.vocab_size)
+        if adapter_only:
+            model = self.fresh_model(device)
+        else:
+            model = self._with_head(build_model(self.config.model, self.vocab_size))
         checkpoint.load_checkpoint_weights(model, ckpt)
         return model.to(device).eval()
 
     def load(self, checkpoint_tag: str = "best", device: torch.device | str = "auto") -> LoadedModel:
         """The model of checkpoint `checkpoint_tag` on `device` ("auto": cuda > mps > cpu) with what the
         inference core needs to read text with it; loaded once and cached."""
+        if self.is_reward_model:
+            raise ConfigError(
+                f"{self.path} is a reward model: it scores responses (Run.reward_model); it does not "
+                "write or score text"
+            )
         where = pick_device(device) if isinstance(device, str) else device
         key = (checkpoint_tag, str(where))
         if key not in self._loaded:
             self._loaded[key] = self._loaded_model(self.trained_model(checkpoint_tag, where), where)
         return self._loaded[key]
+
+    def reward_model(self, checkpoint_tag: str = "best", device: torch.device | str = "cpu") -> RewardModel:
+        """The reward model of a run trained with train.objective reward, in eval mode."""
+        if not self.is_reward_model:
+            raise ConfigError(
+                f"{self.path} is not a reward model (train.objective is {self.config.train.objective}); "
+                "train one with train.objective: reward"
+            )
+        model = self.trained_model(checkpoint_tag, pick_device(device) if isinstance(device, str) else device)
+        assert isinstance(model, RewardModel)
+        return model
 
     def _loaded_model(self, model: ZooModel, device: torch.device) -> LoadedModel:
         data = self.config.data
@@ -520,6 +554,63 @@ class Run:
         if not pairs:
             raise DataError(f"the run's {split} split has no sentence pairs; pass data=FILE", param="data")
         return evaluate_pairs(self.load(checkpoint_tag, device), pairs, beam=beam)
+
+    def evaluate_instructions(
+        self,
+        path: str | Path,
+        *,
+        max_new_tokens: int = 32,
+        reference: str | Path | None = None,
+        checkpoint_tag: str = "best",
+        device: str = "auto",
+    ) -> InstructionScores:
+        """Greedy exact match and style rate on instruct records (JSON/JSONL {instruction, input, output},
+        optionally `task`), prompts rendered with the run's data.template; with `reference` (a run with
+        the same tokenizer), also the KL divergence from it per response."""
+        from lmzoo.data.example_files import read_records
+        from lmzoo.inference.instructions import INSTRUCTION_FIELDS, evaluate_instructions
+
+        if self.kind == "seq2seq":
+            raise ConfigError(f"{self.path} is a seq2seq model; instructions are answered by language models")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", param="max_new_tokens")
+        records = read_records(str(path), INSTRUCTION_FIELDS, ("task",))
+        reference_lm = None
+        if reference is not None:
+            other = Run.open(reference)
+            if other.kind != "lm" or other.tokenizer.to_dict() != self.tokenizer.to_dict():
+                raise ConfigError(
+                    f"{other.path} cannot be the reference: it is not a language model with this run's "
+                    "tokenizer",
+                    param="reference",
+                )
+            reference_lm = other.load(checkpoint_tag, device)
+        return evaluate_instructions(
+            self.load(checkpoint_tag, device),
+            records,
+            self.config.data.template,
+            max_new_tokens=max_new_tokens,
+            reference=reference_lm,
+            where=str(path),
+        )
+
+    def evaluate_preferences(
+        self, path: str | Path, *, checkpoint_tag: str = "best", device: str = "auto"
+    ) -> dict[str, float]:
+        """A reward model run on preference pairs (JSONL {prompt, chosen, rejected}, optionally `kind`): the
+        Bradley-Terry loss, pair accuracy (ties count half), margins, and the accuracy of each kind."""
+        from lmzoo.data.example_files import read_records
+        from lmzoo.inference.preferences import PAIR_FIELDS, encode_pairs, pair_metrics, pair_rewards
+
+        records = read_records(str(path), PAIR_FIELDS, ("kind",), nonempty=("chosen", "rejected"))
+        where = pick_device(device)
+        model = self.reward_model(checkpoint_tag, where)
+        pairs = encode_pairs(self.tokenizer, records, self.config.model.context_len, str(path))
+        precision = pick_precision(where, self.config.train.precision)
+        chosen, rejected = pair_rewards(
+            model, pairs, batch_size=self.config.data.eval_rows, precision=precision
+        )
+        return {**pair_metrics(chosen, rejected, [r["kind"] for r in records]), "pairs": len(pairs)}
 
     def score(
         self,

@@ -12,8 +12,11 @@ from typing import Any
 
 import torch
 
-from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch
+from lmzoo.data.batch import LMBatch, PairBatch, PreferenceBatch, RewardPairBatch
+from lmzoo.inference.preferences import preference_metrics
 from lmzoo.models.base import PAD_ID, detach_state
+
+__all__ = ["DPOObjective", "LMObjective", "RewardObjective", "Seq2SeqObjective", "preference_metrics"]
 
 
 class LMObjective:
@@ -107,12 +110,28 @@ class DPOObjective:
         pass
 
 
-def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    """Reward accuracy (ties count half), mean margin, mean chosen and rejected rewards."""
-    accuracy = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-    return {
-        "reward_accuracy": float(accuracy.mean()),
-        "reward_margin": float((chosen - rejected).mean()),
-        "reward_chosen": float(chosen.mean()),
-        "reward_rejected": float(rejected.mean()),
-    }
+class RewardObjective:
+    """A reward model's Bradley-Terry loss (Bradley & Terry, 1952; Ouyang et al., 2022):
+
+        loss = -log sigmoid(r(x, y_c) - r(x, y_r))
+
+    the negative log-likelihood that the chosen response beats the rejected one when P(c > r) is the
+    sigmoid of their reward difference. `metrics` holds the last batch's accuracy and margins.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def __call__(self, forward: Any, batch: RewardPairBatch) -> tuple[torch.Tensor, int]:
+        ids = torch.cat([batch.chosen, batch.rejected])  # (2B, T)
+        lengths = torch.cat([batch.chosen_lengths, batch.rejected_lengths])  # (2B,)
+        chosen, rejected = forward(ids, lengths).float().chunk(2)  # (B,), (B,)
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        self.metrics = preference_metrics(chosen.detach(), rejected.detach())
+        return loss, int(lengths.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -78,9 +78,9 @@ def setup_training(
         task.batches = ShardedBatches(task.batches, dist)
         seed_everything(config.seed + dist.rank)  # same initial weights, different dropout per rank
     forward = wrap_model(task.model, dist, device, config.train.strategy)
-    optimizer = make_optimizer(task.model, config.train, device)
+    optimizer = make_optimizer(task.trained, config.train, device)
     stepper = TrainStep(
-        task.model,
+        task.trained,
         optimizer,
         task.batches,
         task.objective,

@@ -73,6 +73,16 @@ class Task:
     tokens_per_epoch: int
     evaluate: Callable[[], Metrics]
     sample: Callable[[int], str]  # a short text for TensorBoard at a step
+    # trained beside the model but not part of its weights (PPO's value head): optimised with it; the
+    # objective saves it with its state
+    auxiliary: torch.nn.Module | None = None
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """What the optimiser updates: the model, with the auxiliary module when there is one."""
+        if self.auxiliary is None:
+            return self.model
+        return torch.nn.ModuleList([self.model, self.auxiliary])
 
 
 @dataclass
@@ -128,6 +138,10 @@ class TaskContext:
         return LoadedModel(
             model, tokenizer, precision=self.precision, window=window, batch_size=self.eval_batch_size
         )
+
+    def autocast(self) -> Any:
+        """The training precision's autocast context on the run's device."""
+        return autocast(self.device, self.precision)
 
     def in_eval_mode(self, model: torch.nn.Module, make: Callable[[], Any]) -> Any:
         with eval_mode(model), autocast(self.device, self.precision):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 
 import torch
@@ -18,8 +17,8 @@ from lmzoo.errors import DataError
 from lmzoo.inference.evaluate import token_weighted_loss
 from lmzoo.inference.scoring import evaluate_stream
 from lmzoo.models.base import eval_mode
-from lmzoo.models.peft import adapters_disabled, has_adapters
 from lmzoo.training.objectives import DPOObjective, LMObjective, preference_metrics, sequence_logprobs
+from lmzoo.training.reference import frozen_reference
 from lmzoo.training.tasks.base import Metrics, Task, TaskContext
 
 
@@ -132,16 +131,9 @@ def dpo_task(context: TaskContext) -> Task:
 
 
 def _reference(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """DPO's frozen reference: the same weights with LoRA/adapters off (no second copy), else a frozen copy."""
-    if has_adapters(model):
-
-        def frozen(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            with adapters_disabled(model), eval_mode(model):
-                return sequence_logprobs(model, inputs, targets)
-
-        return frozen
-    reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-    return lambda inputs, targets: sequence_logprobs(reference_model, inputs, targets)
+    """DPO's frozen reference log-probabilities: the init_from model (lmzoo.training.reference)."""
+    reference = frozen_reference(model)
+    return lambda inputs, targets: sequence_logprobs(reference, inputs, targets)
 
 
 def _base_validation_stream(context: TaskContext, tokenizer: Tokenizer) -> torch.Tensor | None:
