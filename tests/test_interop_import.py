@@ -94,7 +94,7 @@ def test_the_imported_tokenizer_keeps_its_special_tokens(imported):
     assert (llama.bos_id, llama.eos_id) == (1, 2)  # <s>=0 and </s>=1 in the folder, shifted by one
     assert gpt2.decode(gpt2.encode(TEXT)) == TEXT
     assert gpt2.encode("<|endoftext|>") == [end]  # a special token in text is that token, as in transformers
-    assert gpt2.special_name(end) == "<|endoftext|>" and gpt2.banned_ids == (0,)
+    assert gpt2.special_name(end) == "<|endoftext|>" and gpt2.never_generated == (0,)
 
 
 def test_every_verb_works_on_an_imported_run(imported, tmp_path):

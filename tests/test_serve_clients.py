@@ -100,12 +100,13 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
             return http.get(f"{server}/status").json()["runs"]["lstm"]["active"]
 
         with http.stream("POST", f"{server}/v1/completions", json=body) as response:
-            events = 0
-            for line in response.iter_lines():
+            lines, events = response.iter_lines(), 0  # held: a dropped line iterator closes the connection
+            for line in lines:
                 events += line.startswith("data: ")
                 if events == 2:
                     break
             assert active() == 1  # decoding while the client reads
+        # leaving the block closes the connection: the client is gone
         start = time.monotonic()
         while active():
             assert time.monotonic() - start < 1, "the abandoned stream still holds its slot"

@@ -130,6 +130,7 @@ class Engine:
         self.steps = 0  # decoding steps taken (each advances every active sequence by one token)
         self._queue: deque[Generation] = deque()
         self._rows: list[Generation] = []  # the generation in each active row
+        self._admitting = 0  # taken from the queue, not yet in a row: they count as active
         self._slots: DecodingSlots | None = None
         self._lock = threading.Lock()  # the queue and the worker flag
         self._stepping = threading.Lock()  # one step at a time
@@ -144,8 +145,8 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Sequences decoding now (rows in use)."""
-        return len(self._rows)
+        """Sequences decoding now (rows in use, and those being taken into rows)."""
+        return len(self._rows) + self._admitting
 
     @property
     def queued(self) -> int:
@@ -160,7 +161,7 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineBusy("the engine is closed")
-            waiting = len(self._queue) + max(0, len(self._rows) + len(requests) - self.capacity)
+            waiting = len(self._queue) + max(0, self.active + len(requests) - self.capacity)
             if self.max_queue is not None and waiting > self.max_queue:
                 raise EngineBusy(
                     f"{self.active} sequences are decoding and {len(self._queue)} waiting (at most "
@@ -273,6 +274,14 @@ class Engine:
         with self._lock:
             count = min(self.capacity - len(self._rows), len(self._queue))
             taken = [self._queue.popleft() for _ in range(count)]
+            self._admitting = count
+        try:
+            self._take_into_rows(taken)
+        finally:
+            with self._lock:
+                self._admitting = 0
+
+    def _take_into_rows(self, taken: list[Generation]) -> None:
         ready = []
         for generation in taken:
             try:
@@ -280,6 +289,7 @@ class Engine:
                 ready.append(generation)
             except Exception as err:  # a prompt the model cannot read ends alone
                 self._finish(generation, error=err)
+                self._admitted(None)
         if not ready:
             return
         if self._slots is None:
@@ -289,9 +299,17 @@ class Engine:
             for done in self._read(ready, members):
                 chosen = choose_next([ready[i]._sequence for i in done.members], done.logits)
                 for position, (i, token) in enumerate(zip(done.members, chosen, strict=True)):
-                    if self._take(ready[i], token):
+                    kept = self._take(ready[i], token)
+                    if kept:
                         self._slots.add(done.state, position, done.lengths[position])
-                        self._rows.append(ready[i])
+                    self._admitted(ready[i] if kept else None)
+
+    def _admitted(self, generation: Generation | None) -> None:
+        """One sequence taken from the queue is in its row now (or ended before it got one)."""
+        with self._lock:
+            if generation is not None:
+                self._rows.append(generation)
+            self._admitting -= 1
 
     def _read(self, ready: list[Generation], members: list[int]) -> list[Prefilled]:
         """One pass over the members' prompts; if it fails, each alone (a prompt that fails ends)."""
