@@ -97,7 +97,7 @@ def test_the_suite_is_deterministic_and_its_held_out_prompts_are_unseen(tmp_path
 
 def test_data_tasks_keeps_the_records_of_the_tasks_named(tmp_path):
     from lmzoo.config.schema import DataConfig
-    from lmzoo.data.examples import read_record_splits
+    from lmzoo.data.example_files import read_record_splits
     from lmzoo.errors import DataError
 
     files = write_suite(tmp_path, 0, SMALL)

@@ -23,9 +23,10 @@ class AdaptersOff(nn.Module):
         super().__init__()
         self.inner = model
 
-    def forward(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+    def forward(self, ids: torch.Tensor, state: Any = None, **options: Any) -> Any:
+        """The base model's forward (options such as DPO's `targets` pass through)."""
         with adapters_disabled(self.inner), eval_mode(self.inner):
-            return self.inner(ids, state)
+            return self.inner(ids, state, **options)
 
 
 def frozen_reference(model: nn.Module) -> nn.Module:
