@@ -115,6 +115,23 @@ def test_data_tasks_keeps_the_records_of_the_tasks_named(tmp_path):
         read_record_splits(data.model_copy(update={"tasks": ["nope"]}), ("instruction", "input", "output"))
 
 
+def test_data_kinds_keeps_the_preference_pairs_of_the_kinds_named(tmp_path):
+    from lmzoo.config.schema import DataConfig
+    from lmzoo.data.example_files import read_record_splits
+    from lmzoo.errors import DataError
+
+    files = write_suite(tmp_path, 0, SMALL)
+    data = DataConfig(format="preference", train=str(files["pairs_train"]), kinds=["style"], split=(1, 0, 0))
+    data = data.model_copy(update={"val": str(files["pairs_val"])})
+    fields = ("prompt", "chosen", "rejected")
+    everything = read_record_splits(data.model_copy(update={"kinds": None}), fields, ("kind",))
+    parts = read_record_splits(data, fields)
+    assert {p["kind"] for split in parts.values() for p in split} == {"style"}
+    assert len(parts["train"]) == sum(p["kind"] == "style" for p in everything["train"]) > 0
+    with pytest.raises(DataError, match="no records of data.kinds"):
+        read_record_splits(data.model_copy(update={"kinds": ["nope"]}), fields)
+
+
 def test_preference_pairs_set_correct_against_wrong_and_style_against_none():
     suite = make_suite(0, SMALL)
     pairs = [p for split in suite.pairs.values() for p in split]

@@ -79,6 +79,8 @@ class DataConfig(Section):
     template: str = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
     # instruct and preference records: keep only those whose `task` field is one of these (None: all)
     tasks: list[str] | None = None
+    # preference records: keep only those whose `kind` field is one of these (None: all), e.g. [style]
+    kinds: list[str] | None = None
     seq_len: PositiveInt | None = None  # None: the model's context length, or 128 for recurrent models
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt | None = None  # None: same as batch_size

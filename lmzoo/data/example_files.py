@@ -147,15 +147,20 @@ class ExampleSplits:
         nonempty: tuple[str, ...] = (),
     ) -> None:
         self.config, self.fields, self.nonempty = config, fields, nonempty
-        if fields is not None and config.tasks is not None and "task" not in fields + optional:
-            optional = optional + ("task",)  # data.tasks keeps the records of those tasks
+        for field, keep in (("task", config.tasks), ("kind", config.kinds)):
+            if fields is not None and keep is not None and field not in fields + optional:
+                optional = optional + (field,)  # data.tasks / data.kinds keep the records named
         self.optional = optional
         self.given = {"val": bool(config.val), "test": bool(config.test)}
         self.what = "sentence pairs" if fields is None else "records"
         total = sum(1 for _ in self._read(config.train_files[0]))
         self.counts = split_counts(total, config.split, self.given)
         if not self.counts.get("train"):
-            among = f" of data.tasks {config.tasks}" if fields is not None and config.tasks else ""
+            among = "".join(
+                f" of data.{name} {keep}"
+                for name, keep in (("tasks", config.tasks), ("kinds", config.kinds))
+                if fields is not None and keep
+            )
             raise DataError(f"the training split has no {self.what}{among}")
         if not self.given["val"] and not self.counts.get("val"):
             self._no_validation()
@@ -169,8 +174,12 @@ class ExampleSplits:
         if self.fields is None:
             return iter_pairs(self.config, path)
         records = iter_records(path, self.fields, self.optional, nonempty=self.nonempty)
-        tasks = self.config.tasks
-        return records if tasks is None else (r for r in records if r["task"] in tasks)
+        tasks, kinds = self.config.tasks, self.config.kinds
+        return (
+            r
+            for r in records
+            if (tasks is None or r.get("task") in tasks) and (kinds is None or r.get("kind") in kinds)
+        )
 
     def stream(self, split: str) -> Iterator[Any]:
         """The examples of one split, in file order."""
