@@ -548,7 +548,8 @@ def test_sft_end_to_end_scores_only_responses(base_gpt, tmp_path):
 # ---- 5. DPO --------------------------------------------------------------------------------------------
 
 
-def test_dpo_loss_matches_a_hand_computation():
+@pytest.mark.parametrize("nll", [0.0, 0.7])
+def test_dpo_loss_matches_a_hand_computation(nll):
     """Two pairs over a 3-token vocabulary; a fake policy whose logits we choose, fixed reference log-probs."""
     ln2 = math.log(2.0)
     # rows: chosen 0, chosen 1, rejected 0, rejected 1; targets: PAD (0) or tokens 1/2
@@ -582,7 +583,7 @@ def test_dpo_loss_matches_a_hand_computation():
         return torch.tensor([-1.0, -0.5, -2.0, -1.5])
 
     beta = 0.5
-    objective = DPOObjective(beta, reference)
+    objective = DPOObjective(beta, reference, nll)
     inputs = torch.ones(4, 2, dtype=torch.long)
     batch = PreferenceBatch(inputs[:2], targets[:2], inputs[2:], targets[2:])
     loss, tokens = objective(forward, batch)
@@ -592,6 +593,7 @@ def test_dpo_loss_matches_a_hand_computation():
     rewards = [beta * (p - r) for p, r in zip(policy, ref, strict=True)]
     margins = [rewards[0] - rewards[2], rewards[1] - rewards[3]]
     expected = sum(math.log1p(math.exp(-m)) for m in margins) / 2  # -log sigmoid(m)
+    expected -= nll * (policy[0] + policy[1]) / 2  # RPO: the chosen responses' NLL over their 2 tokens
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert tokens == 5
     assert seen == {"grad_enabled": False, "shape": (4, 2)}
@@ -603,7 +605,8 @@ def test_dpo_loss_matches_a_hand_computation():
     loss.backward()
     sig = 1 / (1 + math.exp(margins[0]))
     # log pi(1 | row 0, t 1) = l1 - logsumexp: d/dl1 = 1 - p(1) = 1/2
-    assert float(policy_param.grad[0, 1, 1]) == pytest.approx(-beta * sig / 2 * 0.5, rel=1e-5)
+    # the NLL term adds -nll / 2 (its tokens) * d log pi / d l1
+    assert float(policy_param.grad[0, 1, 1]) == pytest.approx((-beta * sig / 2 - nll / 2) * 0.5, rel=1e-5)
     assert torch.count_nonzero(policy_param.grad[:, 0][[0, 1, 3]]) == 0  # masked positions get no gradient
 
 

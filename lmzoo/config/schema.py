@@ -222,6 +222,8 @@ class TrainConfig(Section):
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     nan_policy: Literal["stop", "skip"] = "stop"
     dpo_beta: Annotated[float, Field(gt=0)] = 0.1  # DPO: strength of the pull towards the reference model
+    # DPO: weight of the chosen responses' negative log-likelihood per token added to the loss (RPO); 0: none
+    dpo_nll: Annotated[float, Field(ge=0)] = 0.0
     # what the run optimises. auto: by data.format (text: language modelling, parallel/tsv: translation,
     # instruct: SFT, preference: DPO); reward: a reward model on preference pairs (a scalar head on the
     # hidden state, Bradley-Terry loss); ppo / grpo: reinforcement learning on instruct prompts (section rl)

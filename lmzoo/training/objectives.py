@@ -80,12 +80,15 @@ class DPOObjective:
         loss = -log sigmoid(beta * [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
 
     over response tokens only. `reference` scores the frozen reference model: with LoRA or adapters
-    it is the same model with them switched off, otherwise a frozen copy. `metrics` holds the last
-    batch's reward accuracy (ties count half), margin, and chosen/rejected rewards.
+    it is the same model with them switched off, otherwise a frozen copy. `nll` > 0 adds that weight
+    times the chosen responses' negative log-likelihood per token (RPO, Pang et al., 2024): DPO alone
+    may lower both responses' likelihood as long as the rejected one falls faster, which can unlearn
+    what the reference wrote well. `metrics` holds the last batch's reward accuracy (ties count half),
+    margin, and chosen/rejected rewards.
     """
 
-    def __init__(self, beta: float, reference: Any) -> None:
-        self.beta = beta
+    def __init__(self, beta: float, reference: Any, nll: float = 0.0) -> None:
+        self.beta, self.nll = beta, nll
         self.reference = reference  # callable(inputs, targets) -> reference log-probs (B,)
         self.metrics: dict[str, float] = {}
         self.last_rewards: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -99,6 +102,9 @@ class DPOObjective:
         rewards = self.beta * (policy - reference)
         chosen, rejected = rewards.chunk(2)
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        if self.nll:
+            chosen_tokens = (batch.chosen_targets != PAD_ID).sum().clamp(min=1)
+            loss = loss - self.nll * policy[: len(chosen)].sum() / chosen_tokens
         self.last_rewards = (chosen.detach().float(), rejected.detach().float())
         self.metrics = preference_metrics(*self.last_rewards)
         return loss, int((targets != PAD_ID).sum())

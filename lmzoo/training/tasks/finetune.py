@@ -102,7 +102,7 @@ def dpo_task(context: TaskContext) -> Task:
         encode("val"), context.eval_batch_size, seed=0, collate=preference_batch, shuffle=False
     )
     model = context.make_model(tokenizer.vocab_size)
-    objective = DPOObjective(config.train.dpo_beta, _reference(model))
+    objective = DPOObjective(config.train.dpo_beta, _reference(model), config.train.dpo_nll)
     pretrain_val = _base_validation_stream(context, tokenizer)
     window = context.base_config.seq_len if context.base_config is not None else config.seq_len
     readable = context.loaded(model, tokenizer, window)
