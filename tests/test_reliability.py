@@ -337,7 +337,7 @@ def test_bad_data_fails_before_a_model_is_built(tmp_path, monkeypatch):
         built.append(args)
         raise AssertionError("a model was built for bad data")
 
-    monkeypatch.setattr("lmzoo.run.run.build_model", trap)  # every model of a run is built through here
+    monkeypatch.setattr("lmzoo.run.directory.build_model", trap)  # every model of a run is built through here
     monkeypatch.chdir(tmp_path)
     cases = bad_data_cases(tmp_path)
 
