@@ -107,24 +107,21 @@ def summary(stage: str, scores: dict) -> str:
 
 
 def table(paths: list[Path], plot: Path | None) -> None:
-    """The markdown table of every seed's results (one column per seed), and the plot."""
+    """The markdown table of every seed's results (each cell: the seeds' values in seed order, joined by
+    " / "), and the plot."""
     seeds = {int(p.parent.name.removeprefix("stages-seed")): json.loads(p.read_text()) for p in paths}
     order = sorted(seeds)
-    head = "| stage | " + " | ".join(
-        f"{name} (seed {s})"
-        for name in ("exact match", "arithmetic", "style", "KL to SFT", "wall time")
-        for s in order
-    )
-    print(head + " |")
-    print("|---" * (1 + 5 * len(order)) + "|")
+    names = ("exact match", "arithmetic", "style", "KL to SFT", "wall time")
+    print(f"Seeds {' / '.join(map(str, order))}.\n")
+    print("| stage | " + " | ".join(names) + " |")
+    print("|---" + "|---:" * len(names) + "|")
     for stage in STAGES:
         if not any(stage in seeds[s] for s in order):
             continue
-        cells = []
-        for metric in ("exact_match", "arithmetic", "style_rate", "kl", "wall"):
-            for s in order:
-                result = seeds[s].get(stage)
-                cells.append(_cell(stage, metric, result))
+        cells = [
+            " / ".join(_cell(stage, metric, seeds[s].get(stage)) or "–" for s in order)
+            for metric in ("exact_match", "arithmetic", "style_rate", "kl", "wall")
+        ]
         print(f"| {stage} | " + " | ".join(cells) + " |")
     if plot is not None:
         _plot(seeds, plot)

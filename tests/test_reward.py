@@ -44,6 +44,22 @@ def test_the_reward_loss_is_the_bradley_terry_formula():
     ] == pytest.approx(1.0)
 
 
+def test_pair_accuracy_is_reported_per_kind_and_per_task_and_kind():
+    from lmzoo.inference.preferences import pair_metrics
+
+    chosen = torch.tensor([1.0, 1.0, 0.0, 2.0, 0.0])
+    rejected = torch.tensor([0.0, 2.0, 0.0, 1.0, 1.0])  # right, wrong, tie (half), right, wrong
+    kinds = ["style", "correct", "correct", "correct", "style"]
+    tasks = ["add", "add", "add", "copy", "copy"]
+    got = pair_metrics(chosen, rejected, kinds, tasks)
+    assert got["reward_accuracy"] == pytest.approx(2.5 / 5)
+    assert got["reward_accuracy/correct"] == pytest.approx(1.5 / 3) and got["reward_accuracy/style"] == 0.5
+    assert got["reward_accuracy/add/correct"] == pytest.approx(0.25)  # one wrong, one tie
+    assert got["reward_accuracy/add/style"] == 1.0 and got["reward_accuracy/copy/style"] == 0.0
+    assert got["reward_accuracy/copy/correct"] == 1.0
+    assert not any(k.count("/") == 2 for k in pair_metrics(chosen, rejected, kinds))  # no tasks: per kind
+
+
 @pytest.mark.parametrize("family", ["lstm", "gpt", "modern"])
 def test_a_reward_model_reads_the_last_token_and_ignores_the_padding_after_it(family):
     torch.manual_seed(0)

@@ -328,15 +328,17 @@ def _print_pair_scores(run: Run, path: Path, metrics: dict[str, float], as_json:
 
         typer.echo(json.dumps({"run": str(run.path), "file": str(path), **metrics}, indent=2))
         return
-    kinds = "".join(
-        f"  {key.split('/', 1)[1]} {value:.1%}"
-        for key, value in metrics.items()
-        if key.startswith("reward_accuracy/")
-    )
+    groups = {
+        key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith("reward_accuracy/")
+    }
+    kinds = "".join(f"  {group} {value:.1%}" for group, value in groups.items() if "/" not in group)
     typer.echo(
         f"{run.path} on {path}: pair accuracy {metrics['reward_accuracy']:.1%}{kinds}  margin "
         f"{metrics['reward_margin']:.3f}  loss {metrics['loss']:.4f}  ({int(metrics['pairs'])} pairs)"
     )
+    by_task = "  ".join(f"{group} {value:.1%}" for group, value in groups.items() if "/" in group)
+    if by_task:
+        typer.echo(f"by task: {by_task}")
 
 
 def _print_instruction_scores(

@@ -70,18 +70,25 @@ def pair_rewards(
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, kinds: Sequence[str] = ()) -> dict[str, float]:
-    """The Bradley-Terry loss, `preference_metrics`, and `reward_accuracy/<kind>` for each named kind."""
+def pair_metrics(
+    chosen: torch.Tensor, rejected: torch.Tensor, kinds: Sequence[str] = (), tasks: Sequence[str] = ()
+) -> dict[str, float]:
+    """The Bradley-Terry loss, `preference_metrics`, `reward_accuracy/<kind>` for each named kind and,
+    with `tasks`, `reward_accuracy/<task>/<kind>` for each task and kind (what a reward model has not
+    learned shows up per task)."""
     values = {
         "loss": float(-torch.nn.functional.logsigmoid(chosen - rejected).mean()),
         **preference_metrics(chosen, rejected),
     }
-    by_kind: dict[str, list[int]] = defaultdict(list)
+    groups: dict[str, list[int]] = defaultdict(list)
     for index, kind in enumerate(kinds):
         if kind:
-            by_kind[kind].append(index)
-    for kind, rows in sorted(by_kind.items()):
-        values[f"reward_accuracy/{kind}"] = preference_metrics(chosen[rows], rejected[rows])[
+            groups[kind].append(index)
+    for index, (task, kind) in enumerate(zip(tasks, kinds, strict=False)):
+        if task and kind:
+            groups[f"{task}/{kind}"].append(index)
+    for group, rows in sorted(groups.items(), key=lambda item: (item[0].count("/"), item[0])):
+        values[f"reward_accuracy/{group}"] = preference_metrics(chosen[rows], rejected[rows])[
             "reward_accuracy"
         ]
     return values

@@ -241,11 +241,12 @@ class Run(RunDirectory):
         self, path: str | Path, *, checkpoint_tag: str = "best", device: str = "auto"
     ) -> dict[str, float]:
         """A reward model run on preference pairs (JSONL {prompt, chosen, rejected}, optionally `kind`): the
-        Bradley-Terry loss, pair accuracy (ties count half), margins, and the accuracy of each kind."""
+        Bradley-Terry loss, pair accuracy (ties count half), margins, and the accuracy of each kind and,
+        with a `task` field, of each task and kind."""
         from lmzoo.data.example_files import read_records
         from lmzoo.inference.preferences import PAIR_FIELDS, encode_pairs, pair_metrics, pair_rewards
 
-        records = read_records(str(path), PAIR_FIELDS, ("kind",), nonempty=("chosen", "rejected"))
+        records = read_records(str(path), PAIR_FIELDS, ("kind", "task"), nonempty=("chosen", "rejected"))
         where = pick_device(device)
         model = self.reward_model(checkpoint_tag, where)
         pairs = encode_pairs(self.tokenizer, records, self.config.model.context_len, str(path))
@@ -253,7 +254,8 @@ class Run(RunDirectory):
         chosen, rejected = pair_rewards(
             model, pairs, batch_size=self.config.data.eval_rows, precision=precision
         )
-        return {**pair_metrics(chosen, rejected, [r["kind"] for r in records]), "pairs": len(pairs)}
+        kinds, tasks = [r["kind"] for r in records], [r["task"] for r in records]
+        return {**pair_metrics(chosen, rejected, kinds, tasks), "pairs": len(pairs)}
 
     def score(
         self,
