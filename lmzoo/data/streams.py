@@ -21,6 +21,7 @@ a resumed run reads exactly the batches an uninterrupted run would have read.
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 
@@ -51,11 +52,13 @@ class Rows:
     array (a prepared split) with one positioned read each, else gathered from the array."""
 
     def __init__(self, stream: Stream) -> None:
-        self.array = as_array(stream)
-        self.file = None
-        mapped = isinstance(self.array, np.memmap) and isinstance(self.array.base, mmap.mmap)
-        if mapped and self.array.filename and hasattr(os, "preadv"):  # the whole mapping, not a view of it
-            self.file = open(self.array.filename, "rb", buffering=0)  # noqa: SIM115 (kept for the run)
+        self.array = array = as_array(stream)
+        self.file: io.FileIO | None = None
+        self.offset = 0
+        # the whole mapping (its base is the mmap), not a view of it: positions are the file's
+        if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and hasattr(os, "preadv"):
+            self.file = open(array.filename, "rb", buffering=0)  # noqa: SIM115 (kept for the run)
+            self.offset = array.offset
 
     def __len__(self) -> int:
         return len(self.array)
@@ -64,10 +67,10 @@ class Rows:
         if self.file is None:
             return self.array[starts[:, None] + np.arange(length)]
         rows = np.empty((len(starts), length), dtype=self.array.dtype)
-        fd, itemsize, offset = self.file.fileno(), self.array.itemsize, self.array.offset
+        fd, itemsize = self.file.fileno(), self.array.itemsize
         for row, start in zip(rows, starts.tolist(), strict=True):
-            if os.preadv(fd, [row], offset + start * itemsize) != row.nbytes:
-                raise DataError(f"{self.array.filename}: the token file is shorter than its manifest says")
+            if os.preadv(fd, [row], self.offset + start * itemsize) != row.nbytes:
+                raise DataError(f"{self.file.name}: the token file is shorter than its manifest says")
         return rows
 
     def __del__(self) -> None:
