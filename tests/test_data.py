@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_TEXT
@@ -11,6 +12,7 @@ from conftest import TINY_TEXT
 from lmzoo.config import DataConfig
 from lmzoo.data.corpus import read_text_file
 from lmzoo.data.prepare import prepare_corpus, split_text
+from lmzoo.data.sources import find_sources, text_chunks
 from lmzoo.data.streams import RandomWindows, SequentialBatches, make_batches
 from lmzoo.data.tokenizer import CharTokenizerConfig
 from lmzoo.errors import DataError
@@ -216,3 +218,26 @@ def test_random_windows_are_reproducible_from_state_dict():
 def test_random_windows_need_one_window():
     with pytest.raises(DataError, match="fewer than one window"):
         RandomWindows(torch.arange(8), 2, 8, seed=0)
+
+
+def test_batches_of_a_memory_mapped_split_are_read_from_its_file(tmp_path):
+    """A memory-mapped split is read with positioned reads: the same batches as the array in memory."""
+    values = np.random.default_rng(0).integers(0, 60000, 5000).astype(np.uint16)
+    path = tmp_path / "train.bin"
+    values.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint16, mode="c", shape=(len(values),))
+    assert RandomWindows(mapped, 4, 9, seed=0).rows.file is not None
+    for make in (lambda s: RandomWindows(s, 4, 9, seed=5), lambda s: SequentialBatches(s, 3, 11)):
+        from_file, in_memory = make(mapped), make(torch.from_numpy(values.astype(np.int64)))
+        for _ in range(50):
+            a, b = from_file.next(), in_memory.next()
+            assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+            assert a.starts_epoch == b.starts_epoch
+
+
+@pytest.mark.parametrize("size", range(1, 12))
+def test_windows_line_ends_become_newlines_at_any_chunk_boundary(tmp_path, size):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"ab\r\ncd\r\n" * 10 + b"x\xc3\xa9\r\n")
+    source = find_sources(str(path)).sources[0]
+    assert "".join(text_chunks(source, size)) == "ab\ncd\n" * 10 + "x\u00e9\n"

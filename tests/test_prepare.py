@@ -24,8 +24,10 @@ from lmzoo.cli import app
 from lmzoo.config.schema import DataConfig
 from lmzoo.data import prepare as prepare_module
 from lmzoo.data.encoders import encoder_for, safe_pieces
+from lmzoo.data.fit import _characters
 from lmzoo.data.packed import PackedExamples
 from lmzoo.data.prepare import prepare_corpus, split_text
+from lmzoo.data.sources import Piece
 from lmzoo.data.streams import RandomWindows, SequentialBatches
 from lmzoo.data.tokenizer import (
     BpeTokenizerConfig,
@@ -438,3 +440,14 @@ def test_sentence_pairs_train_from_compact_tables_with_the_batches_of_lists(tmp_
     for _ in range(2 * len(reference) + 1):
         a, b = task.batches.next(), reference.next()
         assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab \n\x00é’\uffff\u00ff😀\U0010ffffz")), max_size=80))
+def test_the_char_encoder_and_vocabulary_pass_match_the_tokenizer(text):
+    """ASCII, Basic Multilingual Plane and astral text, with characters outside the vocabulary (z)."""
+    tokenizer = fit_tokenizer(CharTokenizerConfig(), "ab \né’\uffff😀\x00")
+    for dtype in (np.uint16, np.uint32):
+        [fast] = encoder_for(tokenizer, dtype)([text])
+        assert fast.dtype == dtype and fast.tolist() == tokenizer.encode(text)
+    assert _characters(iter([Piece(text, True), Piece(text[::-1], False)])) == set(text)

@@ -1,6 +1,7 @@
 """Encoding large texts fast, to exactly the ids `Tokenizer.encode` gives the same text.
 
-* char: vectorised lookups (a byte translation table for ASCII text, a code-point table otherwise);
+* char: vectorised lookups (a byte translation table for ASCII text, a table of the 65,536 UTF-16 code
+  units for text within the Basic Multilingual Plane, a code-point table otherwise);
 * BPE: ASCII text pre-tokenized by Python's regex engine with a cache of encoded pre-tokens, other text
   by the `tokenizers` library's batch encoding; in worker processes, one per core;
 * word (and any other registered tokenizer): `Tokenizer.encode` in worker processes, one per core.
@@ -92,10 +93,16 @@ class CharEncoder:
             self.table[code] = index
         ascii_ids = [codes.get(c, unk) for c in range(128)]
         self.ascii = bytes(ascii_ids) + bytes(128) if max(ascii_ids) < 256 else None
+        self.bmp = np.full(1 << 16, unk, dtype=dtype)  # indexed by UTF-16 code units: no clipping needed
+        within = min(len(self.table) - 1, 1 << 16)
+        self.bmp[:within] = self.table[:within]
 
     def encode(self, text: str) -> np.ndarray:
-        if self.ascii is not None and text.isascii():
+        if self.ascii is not None and text.isascii():  # isascii is O(1) on str
             return np.frombuffer(text.encode("ascii").translate(self.ascii), np.uint8).astype(self.dtype)
+        units = text.encode("utf-16-le")
+        if len(units) == 2 * len(text):  # no character beyond U+FFFF: one unit per character
+            return self.bmp[np.frombuffer(units, np.uint16)]
         codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
         return self.table[np.minimum(codes, len(self.table) - 1)]
 

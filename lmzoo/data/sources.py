@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lmzoo.config.schema import resolve_data_path
 from lmzoo.errors import DataError
@@ -237,18 +237,17 @@ def text_chunks(source: Source, size: int = CHUNK) -> Iterator[str]:
     """The source's text, decoded and with "\\r\\n" made "\\n", in chunks that end at a line end (unless a
     line is longer than a few chunks, or the file's last line has no end). Undecodable bytes name the
     line and the byte offset."""
-    pending, carry, offset, lines = b"", "", 0, 0
+    pending, carry, offset = b"", "", 0
     for block in raw_blocks(source, size=size):
         data = pending + block
         cut = _utf8_cut(data)
         try:
             decoded = data[:cut].decode("utf-8")
         except UnicodeDecodeError as err:
-            _undecodable(source, data, err.start, offset, lines, err.reason)
+            _undecodable(source, offset + err.start, err.reason)
         pending, offset = data[cut:], offset + cut
-        lines += decoded.count("\n")
         text = carry + decoded
-        if "\r" in decoded:
+        if carry.endswith("\r") or data.find(b"\r", 0, cut) != -1:  # a "\r\n" may span carry and block
             text = text.replace("\r\n", "\n")
         hold = 1 if text.endswith("\r") else 0  # maybe the first half of a "\r\n"
         end = text.rfind("\n", 0, len(text) - hold) + 1
@@ -260,14 +259,20 @@ def text_chunks(source: Source, size: int = CHUNK) -> Iterator[str]:
         carry = text[end:]
         yield text[:end]
     if pending:
-        _undecodable(source, pending, 0, offset, lines, "unexpected end of data")
+        _undecodable(source, offset, "unexpected end of data")
     if carry:
         yield carry
 
 
-def _undecodable(source: Source, data: bytes, start: int, offset: int, lines: int, reason: str) -> None:
-    line = lines + data[:start].count(b"\n") + 1
-    raise DataError(f"{source.path}: not UTF-8 text (byte {offset + start}, line {line}: {reason})")
+def _undecodable(source: Source, position: int, reason: str) -> NoReturn:
+    """The DataError for the byte at `position`; its line is counted here, as reading needs no count."""
+    lines = seen = 0
+    for block in raw_blocks(source):
+        lines += block[: max(0, position - seen)].count(b"\n")
+        seen += len(block)
+        if seen >= position:
+            break
+    raise DataError(f"{source.path}: not UTF-8 text (byte {position}, line {lines + 1}: {reason})")
 
 
 def read_pieces(source: Source, text_field: str = "text", size: int = CHUNK) -> Iterator[Piece]:

@@ -229,7 +229,11 @@ class WordTokenizer(VocabTokenizer):
         probe = cls(
             [], lowercase=config.lowercase, filters=config.filters, newline_token=config.newline_token
         )
-        counts = Counter(w for w in probe.words(text) if w != EOS)
+        marked = probe._marked_words(text)
+        counts = Counter(probe.words(text) if marked is None else marked)
+        counts.pop(EOS, None)
+        if marked is not None:
+            counts.pop(MARK, None)  # the line ends
         ranked = sorted((w for w, c in counts.items() if c >= config.min_freq), key=lambda w: (-counts[w], w))
         if config.max_vocab is not None:
             ranked = ranked[: max(0, config.max_vocab - len(SPECIALS))]
@@ -247,11 +251,17 @@ class WordTokenizer(VocabTokenizer):
         )
 
     def encode(self, text: str) -> list[int]:
-        if MARK in text or MARK in self.filters:
+        marked = self._marked_words(text)
+        if marked is None:
             get, unk = self.stoi.get, self.unk_id
             return [get(w, unk) for w in self.words(text)]
-        # The same ids as words() gives, in a few passes over the whole text instead of one per line:
-        # each line end becomes a MARK word (the text has none), filtered characters become spaces.
+        return list(map(self._lookup.__getitem__, marked))
+
+    def _marked_words(self, text: str) -> list[str] | None:
+        """words(text), line ends as MARK, in a few passes over the whole text instead of one per line
+        (None when the text or the filters hold MARK: only words() tells those apart)."""
+        if MARK in text or MARK in self.filters:
+            return None
         if self.lowercase:
             text = text.lower()
         if self.newline_token:
@@ -260,7 +270,7 @@ class WordTokenizer(VocabTokenizer):
             text = text.encode("utf-8").translate(self._bytes_table).decode("utf-8")  # char has ASCII bytes)
         elif self._pattern is not None:
             text = self._pattern.sub(" ", text)
-        return list(map(self._lookup.__getitem__, text.split()))
+        return text.split()
 
     def decode(self, ids: Iterable[int]) -> str:
         pieces: list[str] = []
