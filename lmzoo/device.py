@@ -6,7 +6,6 @@ import contextlib
 import functools
 import random
 import sys
-import time
 from typing import Any
 
 import torch
@@ -46,10 +45,9 @@ def _mps_available() -> bool:
 def pick_precision(device: torch.device, request: str = "auto") -> str:
     """Resolve `auto` to the fastest precision that trains stably on this device.
 
-    CUDA: bf16 where the card supports it, else fp16 (with a GradScaler). CPU: bf16 only when a
-    quick probe shows bf16 matmuls are faster than fp32 (true on CPUs with AVX512-BF16/AMX; on
-    others bf16 is emulated and much slower). MPS: fp32, since autocast support there varies by
-    macOS and PyTorch version.
+    CUDA: bf16 where the card supports it, else fp16 (with a GradScaler). CPU: bf16 only on CPUs
+    with AVX512-BF16 or AMX (on others bf16 is emulated and much slower). MPS: fp32, since autocast
+    support there varies by macOS and PyTorch version.
     """
     if request != "auto":
         if request == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -64,21 +62,12 @@ def pick_precision(device: torch.device, request: str = "auto") -> str:
 
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_is_faster() -> bool:
-    """Time a 256^3 matmul in bf16 and fp32 (a few ms) and say whether bf16 wins by 20%."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 trains faster than fp32;
+    elsewhere bf16 is emulated and much slower. Read from the CPU's features, not timed, so every run and
+    evaluation on a machine picks the same precision however busy the machine is."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
-
-    def best_time(dtype: torch.dtype) -> float:
-        a = torch.randn(256, 256).to(dtype)
-        a @ a
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ a
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best_time(torch.bfloat16) < 0.8 * best_time(torch.float32)
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import types
 from pathlib import Path
 
 import pytest
@@ -206,18 +205,20 @@ def test_cpu_auto_precision_follows_the_bf16_probe(make_config, monkeypatch, fas
     assert setup_training(make_config({"train": {"precision": "auto"}})).precision == expected
 
 
-@pytest.mark.parametrize(("bf16_s", "fp32_s", "expected"), [(0.5, 1.0, True), (0.9, 1.0, False)])
-def test_the_bf16_probe_wants_bf16_a_fifth_faster(monkeypatch, bf16_s, fp32_s, expected):
-    ticks, now = [], 0.0
-    for seconds in [bf16_s] * 5 + [fp32_s] * 5:  # five timed matmuls in bf16, then five in fp32
-        ticks += [now, now + seconds]
-        now += seconds + 1.0
-    clock = iter(ticks)
-    monkeypatch.setattr(lmzoo.device, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+@pytest.mark.parametrize(
+    ("kernels", "avx512_bf16", "amx", "expected"),
+    [
+        (True, True, False, True),
+        (True, False, True, True),
+        (True, False, False, False),
+        (False, True, True, False),
+    ],
+)
+def test_cpu_bf16_follows_the_cpu_features_not_a_timing(monkeypatch, kernels, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: kernels)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert lmzoo.device.cpu_bf16_is_faster.__wrapped__() is expected
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert lmzoo.device.cpu_bf16_is_faster.__wrapped__() is False  # no bf16 kernels: no timing at all
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------------
