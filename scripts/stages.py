@@ -3,6 +3,7 @@
     lmzoo suite --out data/suite                         # the instruction suite (once)
     python scripts/stages.py run --seed 1                # every stage of seed 1, in order
     python scripts/stages.py run --seed 1 --stages ppo   # one stage (the ones before it must exist)
+    python scripts/stages.py run --seed 1 --stages reward --eval-only   # evaluate a trained stage again
     python scripts/stages.py table                       # docs/stages.md's table and docs/stages.png
 
 Each stage is `lmzoo train configs/stages/<stage>.yaml` with out_dir, seed and init_from set for the
@@ -73,16 +74,20 @@ def evaluate(stage: str, out: Path, suite: Path) -> dict:
     return json.loads(done.stdout)
 
 
-def run_stages(seed: int, stages: list[str], suite: Path) -> None:
+def run_stages(seed: int, stages: list[str], suite: Path, *, train: bool = True) -> None:
+    """Train (unless `train` is False: evaluate the trained runs again) and evaluate each stage."""
     out = Path("runs") / f"stages-seed{seed}"
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for stage in stages:
         command = train_command(stage, seed, out)
-        print("$", " ".join(command), file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        wall = time.perf_counter() - start
+        if train:
+            print("$", " ".join(command), file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            subprocess.run(command, check=True)
+            wall = time.perf_counter() - start
+        else:
+            wall = results[stage]["wall_s"]
         scores = evaluate(stage, out, suite)
         results[stage] = {"seed": seed, "wall_s": wall, "command": " ".join(command[:3]), "eval": scores}
         out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +183,7 @@ def main() -> None:
     run.add_argument("--seed", type=int, default=1)
     run.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in order")
     run.add_argument("--suite", type=Path, default=SUITE)
+    run.add_argument("--eval-only", action="store_true", help="evaluate the stages' trained runs again")
     show = sub.add_parser("table", help="the stages table (markdown) and plot from runs/stages-seed*/")
     show.add_argument("--plot", type=Path, default=ROOT / "docs" / "stages.png")
     args = parser.parse_args()
@@ -186,7 +192,7 @@ def main() -> None:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             parser.error(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-        run_stages(args.seed, stages, args.suite)
+        run_stages(args.seed, stages, args.suite, train=not args.eval_only)
     else:
         table(sorted(Path("runs").glob("stages-seed*/results.json")), args.plot)
 
