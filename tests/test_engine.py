@@ -171,6 +171,25 @@ def test_the_queue_is_bounded(tokenizer):
     assert len(engine.submit_all([Request("a", options)] * 3)) == 3
 
 
+def test_a_sequence_is_out_of_its_row_before_its_caller_hears_it_ended(tokenizer):
+    """A client that gets its answer and sends the next request at once must find the slot free."""
+    lm = loaded("lstm", {}, tokenizer)
+    engine = Engine(lm, slots=1, max_queue=0)
+    seen: list[tuple[int, int]] = []
+    for prompt, options in [
+        ("a", SamplingOptions(max_new_tokens=2, greedy=True, ignore_eos=True)),  # ends at its length
+        ("a", SamplingOptions(max_new_tokens=10_000, greedy=True, ignore_eos=True)),  # cancelled
+        ([], SamplingOptions(max_new_tokens=2, greedy=True)),  # fails while taken into its row
+    ]:
+        generation = engine.submit(Request(prompt, options))
+        generation.future.add_done_callback(lambda _: seen.append((engine.active, engine.queued)))
+        engine.step()
+        generation.cancel()
+        engine.run()
+        assert generation.done
+    assert seen == [(0, 0)] * 3
+
+
 def test_a_background_engine_steps_in_its_own_thread(tokenizer):
     lm = loaded("gpt", {}, tokenizer)
     options = SamplingOptions(max_new_tokens=12, greedy=True, ignore_eos=True)

@@ -82,6 +82,7 @@ class Generation:
         self.warnings: list[str] = []
         self.future: Future[Generation] = Future()  # done when the sequence ends (asyncio: wrap_future)
         self._cancelled = False
+        self._ended = False  # the engine has ended it; its future is resolved at the end of the step
         self._ready: Prepared | None = None
         self._next = 0  # the token the next step feeds
 
@@ -131,6 +132,7 @@ class Engine:
         self._queue: deque[Generation] = deque()
         self._rows: list[Generation] = []  # the generation in each active row
         self._admitting = 0  # taken from the queue, not yet in a row: they count as active
+        self._ending: list[Generation] = []  # ended during this step: resolved once their rows are free
         self._slots: DecodingSlots | None = None
         self._lock = threading.Lock()  # the queue and the worker flag
         self._stepping = threading.Lock()  # one step at a time
@@ -218,26 +220,29 @@ class Engine:
         """Drop stopped sequences, admit queued ones into free rows, advance every active row by one
         token. Returns whether work remains."""
         with self._stepping:
-            self._drop_stopped()
-            self._admit()
-            if not self._rows:
-                return bool(self._queue)
-            tokens = torch.tensor([g._next for g in self._rows], device=self.lm.device)
             try:
-                assert self._slots is not None
-                logits = self._model.head.logits(self._slots.step(tokens))  # (n, V)
-            except Exception as err:  # the model failed: every sequence of the batch ends with it
-                for generation in self._rows:
-                    self._finish(generation, error=err)
-                self._rows, self._slots = [], None
-                return bool(self._queue)
-            chosen = choose_next([g._sequence for g in self._rows], logits)
-            ended = [not self._take(g, token) for g, token in zip(self._rows, chosen, strict=True)]
-            finished = [row for row, end in enumerate(ended) if end]
-            for row in reversed(finished):
-                self._release(row)
-            self.steps += 1
-            return True
+                self._drop_stopped()
+                self._admit()
+                if not self._rows:
+                    return bool(self._queue)
+                tokens = torch.tensor([g._next for g in self._rows], device=self.lm.device)
+                try:
+                    assert self._slots is not None
+                    logits = self._model.head.logits(self._slots.step(tokens))  # (n, V)
+                except Exception as err:  # the model failed: every sequence of the batch ends with it
+                    for generation in self._rows:
+                        self._finish(generation, error=err)
+                    self._rows, self._slots = [], None
+                    return bool(self._queue)
+                chosen = choose_next([g._sequence for g in self._rows], logits)
+                ended = [not self._take(g, token) for g, token in zip(self._rows, chosen, strict=True)]
+                finished = [row for row, end in enumerate(ended) if end]
+                for row in reversed(finished):
+                    self._release(row)
+                self.steps += 1
+                return True
+            finally:
+                self._resolve_ended()
 
     def _work(self) -> None:
         while True:
@@ -363,12 +368,20 @@ class Engine:
     def _finish(
         self, generation: Generation, *, reason: str | None = None, error: BaseException | None = None
     ) -> None:
-        if generation.future.done():
+        if generation._ended:
             return
+        generation._ended = True
         if generation._ready is not None:
             generation.completion_tokens = generation._ready.sequence.produced
         generation.finish_reason, generation.error = reason, error
-        if error is not None:
-            generation.future.set_exception(error)
-        else:
-            generation.future.set_result(generation)
+        self._ending.append(generation)
+
+    def _resolve_ended(self) -> None:
+        """Resolve the futures of the sequences that ended this step, after their rows are freed: a
+        client that gets its answer and sends the next request at once finds the slot free."""
+        ended, self._ending = self._ending, []
+        for generation in ended:
+            if generation.error is not None:
+                generation.future.set_exception(generation.error)
+            else:
+                generation.future.set_result(generation)
