@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import torch
@@ -368,7 +368,7 @@ class Engine:
     def _finish(
         self, generation: Generation, *, reason: str | None = None, error: BaseException | None = None
     ) -> None:
-        if generation._ended:
+        if generation._ended or generation.future.done():  # done: its caller cancelled the future
             return
         generation._ended = True
         if generation._ready is not None:
@@ -381,7 +381,10 @@ class Engine:
         client that gets its answer and sends the next request at once finds the slot free."""
         ended, self._ending = self._ending, []
         for generation in ended:
-            if generation.error is not None:
-                generation.future.set_exception(generation.error)
-            else:
-                generation.future.set_result(generation)
+            try:
+                if generation.error is not None:
+                    generation.future.set_exception(generation.error)
+                else:
+                    generation.future.set_result(generation)
+            except InvalidStateError:  # its caller cancelled the future meanwhile: nobody waits
+                pass
