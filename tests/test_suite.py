@@ -115,6 +115,34 @@ def test_data_tasks_keeps_the_records_of_the_tasks_named(tmp_path):
         read_record_splits(data.model_copy(update={"tasks": ["nope"]}), ("instruction", "input", "output"))
 
 
+def test_data_task_weights_repeat_the_training_records_of_the_tasks_named(tmp_path):
+    from collections import Counter
+
+    from lmzoo.config.schema import DataConfig
+    from lmzoo.data.example_files import ExampleSplits
+    from lmzoo.errors import DataError
+
+    files = write_suite(tmp_path, 0, SMALL)
+    data = DataConfig(
+        format="instruct",
+        train=str(files["train"]),
+        val=str(files["val"]),
+        task_weights={"add": 3, "copy": 2},
+        split=(1, 0, 0),
+    )
+    splits = ExampleSplits(data, ("instruction", "input", "output"))
+    plain, weighted = list(splits.stream("train")), list(splits.weighted("train"))
+    counts = Counter(r["task"] for r in weighted)
+    assert counts["add"] == 3 * SMALL.train and counts["copy"] == 2 * SMALL.train
+    assert counts["reverse"] == SMALL.train and len(weighted) == len(plain) + 3 * SMALL.train
+    assert Counter(map(json.dumps, weighted)) == Counter(
+        json.dumps(r) for r in plain for _ in range({"add": 3, "copy": 2}.get(r["task"], 1))
+    )
+    typo = ExampleSplits(data.model_copy(update={"task_weights": {"ad": 3}}), ("instruction", "input", "output"))
+    with pytest.raises(DataError, match="data.task_weights names task 'ad'"):
+        list(typo.weighted("train"))
+
+
 def test_data_kinds_keeps_the_preference_pairs_of_the_kinds_named(tmp_path):
     from lmzoo.config.schema import DataConfig
     from lmzoo.data.example_files import read_record_splits

@@ -81,6 +81,9 @@ class DataConfig(Section):
     tasks: list[str] | None = None
     # preference records: keep only those whose `kind` field is one of these (None: all), e.g. [style]
     kinds: list[str] | None = None
+    # instruct records: each training record of a task named here is seen this many times per epoch (the
+    # others once), e.g. {add: 4, subtract: 4} to spend more of the steps on tasks that are learned slowly
+    task_weights: dict[str, PositiveInt] | None = None
     seq_len: PositiveInt | None = None  # None: the model's context length, or 128 for recurrent models
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt | None = None  # None: same as batch_size

@@ -147,9 +147,9 @@ class ExampleSplits:
         nonempty: tuple[str, ...] = (),
     ) -> None:
         self.config, self.fields, self.nonempty = config, fields, nonempty
-        for field, keep in (("task", config.tasks), ("kind", config.kinds)):
+        for field, keep in (("task", config.tasks or config.task_weights), ("kind", config.kinds)):
             if fields is not None and keep is not None and field not in fields + optional:
-                optional = optional + (field,)  # data.tasks / data.kinds keep the records named
+                optional = optional + (field,)  # data.tasks / data.kinds / data.task_weights read it
         self.optional = optional
         self.given = {"val": bool(config.val), "test": bool(config.test)}
         self.what = "sentence pairs" if fields is None else "records"
@@ -190,6 +190,18 @@ class ExampleSplits:
             yield from itertools.islice(
                 self._read(self.config.train_files[0]), start, start + self.counts[split]
             )
+
+    def weighted(self, split: str) -> Iterator[Any]:
+        """The examples of `split` with each record of a task in data.task_weights repeated that many times."""
+        weights, seen = self.config.task_weights or {}, set()
+        for example in self.stream(split):
+            task = example.get("task") if self.fields is not None else None
+            seen.add(task)
+            for _ in range(weights.get(task, 1) if task is not None else 1):
+                yield example
+        unknown = sorted(set(weights) - seen)
+        if unknown:
+            raise DataError(f"data.task_weights names task {unknown[0]!r}, which no {split} record has")
 
     def split(self, name: str) -> list[Any]:
         """One split as a list (the held-out ones: BLEU, samples); the validation split must not be empty."""

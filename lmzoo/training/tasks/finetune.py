@@ -27,17 +27,17 @@ def sft_task(context: TaskContext) -> Task:
     config = context.config
     splits = ExampleSplits(config.data, ("instruction", "input", "output"))
 
-    def prompts(split: str) -> Iterator[tuple[str, str]]:
-        for r in splits.stream(split):
+    def prompts(records: Iterator[dict[str, str]]) -> Iterator[tuple[str, str]]:
+        for r in records:
             yield config.data.template.format(instruction=r["instruction"], input=r["input"]), r["output"]
 
-    tokenizer = context.tokenizer(lambda: "\n".join(p + r for p, r in prompts("train")))
+    tokenizer = context.tokenizer(lambda: "\n".join(p + r for p, r in prompts(splits.stream("train"))))
     context_len, dtype = config.model.context_len, id_dtype(tokenizer.vocab_size)
     encoded = {  # streamed into compact tables: a few bytes per token
         name: PackedExamples.of(
-            (prompt_response_ids(tokenizer, p, r, context_len) for p, r in prompts(name)), 2, dtype=dtype
+            (prompt_response_ids(tokenizer, p, r, context_len) for p, r in prompts(records)), 2, dtype=dtype
         )
-        for name in ("train", "val")
+        for name, records in (("train", splits.weighted("train")), ("val", splits.stream("val")))
     }
     if not len(encoded["val"]):
         splits.split("val")  # the one-line error for an empty validation split
@@ -64,7 +64,7 @@ def sft_task(context: TaskContext) -> Task:
         objective=LMObjective(carry=False, label_smoothing=config.train.label_smoothing),
         tokens_per_epoch=int(encoded["train"].lengths(1).sum()),
         evaluate=evaluate,
-        sample=context.sampler(model, tokenizer, next(prompts("val"))[0], stop=("\n\n",)),
+        sample=context.sampler(model, tokenizer, next(prompts(splits.stream("val")))[0], stop=("\n\n",)),
     )
 
 
