@@ -138,7 +138,9 @@ def test_data_task_weights_repeat_the_training_records_of_the_tasks_named(tmp_pa
     assert Counter(map(json.dumps, weighted)) == Counter(
         json.dumps(r) for r in plain for _ in range({"add": 3, "copy": 2}.get(r["task"], 1))
     )
-    typo = ExampleSplits(data.model_copy(update={"task_weights": {"ad": 3}}), ("instruction", "input", "output"))
+    typo = ExampleSplits(
+        data.model_copy(update={"task_weights": {"ad": 3}}), ("instruction", "input", "output")
+    )
     with pytest.raises(DataError, match="data.task_weights names task 'ad'"):
         list(typo.weighted("train"))
 
