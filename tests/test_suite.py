@@ -95,19 +95,21 @@ def test_the_suite_is_deterministic_and_its_held_out_prompts_are_unseen(tmp_path
     assert unlabeled.count("### Response:\n\n") == len(train)
 
 
-def test_data_tasks_keeps_the_records_of_the_tasks_named(tmp_path):
+def suite_records(tmp_path, **fields):
+    """A DataConfig of instruct records on a small suite's train and val files, with `fields` set."""
     from lmzoo.config.schema import DataConfig
+
+    files = write_suite(tmp_path, 0, SMALL)
+    return DataConfig(
+        format="instruct", train=str(files["train"]), val=str(files["val"]), split=(1, 0, 0), **fields
+    )
+
+
+def test_data_tasks_keeps_the_records_of_the_tasks_named(tmp_path):
     from lmzoo.data.example_files import read_record_splits
     from lmzoo.errors import DataError
 
-    files = write_suite(tmp_path, 0, SMALL)
-    data = DataConfig(
-        format="instruct",
-        train=str(files["train"]),
-        val=str(files["val"]),
-        tasks=["add", "subtract"],
-        split=(1, 0, 0),
-    )
+    data = suite_records(tmp_path, tasks=["add", "subtract"])
     parts = read_record_splits(data, ("instruction", "input", "output"))
     assert len(parts["train"]) == 2 * SMALL.train and len(parts["val"]) == 2 * SMALL.val
     assert {r["task"] for split in parts.values() for r in split} == {"add", "subtract"}
@@ -118,18 +120,10 @@ def test_data_tasks_keeps_the_records_of_the_tasks_named(tmp_path):
 def test_data_task_weights_repeat_the_training_records_of_the_tasks_named(tmp_path):
     from collections import Counter
 
-    from lmzoo.config.schema import DataConfig
     from lmzoo.data.example_files import ExampleSplits
     from lmzoo.errors import DataError
 
-    files = write_suite(tmp_path, 0, SMALL)
-    data = DataConfig(
-        format="instruct",
-        train=str(files["train"]),
-        val=str(files["val"]),
-        task_weights={"add": 3, "copy": 2},
-        split=(1, 0, 0),
-    )
+    data = suite_records(tmp_path, task_weights={"add": 3, "copy": 2})
     splits = ExampleSplits(data, ("instruction", "input", "output"))
     plain, weighted = list(splits.stream("train")), list(splits.weighted("train"))
     counts = Counter(r["task"] for r in weighted)
