@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,7 +142,7 @@ def test_sgd_with_momentum_and_weight_decay_on_matrices():
     optimizer = make_optimizer(
         model, TrainConfig(optimizer="sgd", lr=lr, momentum=momentum, weight_decay=wd), CPU
     )
-    assert type(optimizer) is torch.optim.SGD
+    assert isinstance(optimizer, torch.optim.SGD)
     p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     g1 = with_gradients(model, 1)
     optimizer.step()
@@ -159,7 +162,7 @@ def test_adam_couples_weight_decay_to_the_gradient_and_adamw_decouples_it(name):
     model, wd, lr, eps = small_module(), 0.5, 0.1, 1e-8
     cfg = TrainConfig(optimizer=name, lr=lr, weight_decay=wd, betas=(0.9, 0.99), eps=eps)
     optimizer = make_optimizer(model, cfg, CPU)
-    assert type(optimizer) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    assert isinstance(optimizer, {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name])
     p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = with_gradients(model, 3)
     optimizer.step()
@@ -207,3 +210,62 @@ def test_grad_clip_scales_the_gradient_down_to_the_limit():
         assert applied_norm == pytest.approx(norm * scale, rel=1e-4)
         for name, delta in applied.items():
             assert torch.allclose(delta, grads[name] * scale, atol=1e-6), name
+
+
+# ---- the optimisers' methods without torch.compile's wrappers -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reference"),
+    [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)],
+)
+def test_optimisers_update_bit_for_bit_like_torchs_through_a_state_dict_round_trip(name, reference):
+    cfg = TrainConfig(optimizer=name, lr=0.05, weight_decay=0.1, momentum=0.9, betas=(0.9, 0.99))
+    ours_model, torch_model = small_module(), small_module()
+    ours = make_optimizer(ours_model, cfg, CPU)
+    groups = [{"params": [p for p in torch_model.parameters() if p.dim() >= 2], "weight_decay": 0.1}]
+    groups.append({"params": [p for p in torch_model.parameters() if p.dim() < 2], "weight_decay": 0.0})
+    extra = {"momentum": 0.9} if name == "sgd" else {"betas": (0.9, 0.99), "eps": cfg.eps, "fused": True}
+    theirs = reference(groups, lr=0.05, **extra)
+    for step in range(5):
+        if step == 3:  # resume both from their state dicts into fresh optimisers
+            ours_state, their_state = ours.state_dict(), theirs.state_dict()
+            assert repr(ours_state) == repr(their_state)
+            ours, theirs = make_optimizer(ours_model, cfg, CPU), reference(groups, lr=0.05, **extra)
+            ours.load_state_dict(ours_state)
+            theirs.load_state_dict(their_state)
+        for model in (ours_model, torch_model):
+            with_gradients(model, seed=step)
+        ours.step()
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+        assert all(p.grad is None for p in ours_model.parameters())
+    for mine, their in zip(ours_model.parameters(), torch_model.parameters(), strict=True):
+        assert torch.equal(mine, their)
+
+
+def test_training_and_resuming_do_not_import_torch_dynamo(tmp_path, corpus_file):
+    """torch.compile's machinery (torch._dynamo, sympy) costs a training start 1.5 to 2 s to import."""
+    from conftest import base_config_dict
+
+    raw = base_config_dict(tmp_path / "runs", corpus_file)
+    raw["model"] = tiny_model_section("gpt")
+    raw["train"].update(max_steps=2, eval_every=1, checkpoint_every=1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(raw))
+    script = (
+        "import sys\n"
+        "from lmzoo.cli import main\n"
+        "for extra in ([], ['train.max_steps=3', '--resume']):\n"
+        f"    sys.argv = ['lmzoo', 'train', {str(config)!r}, '--no-progress', *extra]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as stop:\n"
+        "        assert not stop.code, stop.code\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy', 'torch.distributed.fsdp') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resum" in result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

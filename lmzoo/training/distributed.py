@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -205,12 +206,10 @@ def wrap_model(
 @contextlib.contextmanager
 def unsharded(model: torch.nn.Module) -> Iterator[None]:
     """FSDP: gather every shard for calls that bypass the forward hooks (evaluation, sampling)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2: nothing can be sharded
-        yield
-        return
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # a sharded model has imported FSDP already; importing it here would cost every start half a second
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)  # None: torch without FSDP2, nothing is sharded
+    sharded = [m for m in model.modules() if module_type is not None and isinstance(m, module_type)]
     for module in sharded:
         module.unshard()
     try:

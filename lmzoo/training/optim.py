@@ -7,8 +7,9 @@ exactly the step that trains.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,50 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def _undecorated(method: Callable[..., Any]) -> Callable[..., Any]:
+    return inspect.unwrap(getattr(method, "__func__", method))
+
+
+class _Eager(torch.optim.Optimizer):
+    """An optimiser whose methods skip torch's torch.compile wrappers.
+
+    torch's optimisers wrap `add_param_group`, `step`, `zero_grad` and `(load_)state_dict` so that they
+    behave under torch.compile; the wrappers import torch._dynamo (and sympy) on their first call, which
+    costs 1.5 to 2 s of every training start on a CPU. lmzoo never compiles an optimiser step, and in eager
+    mode the wrappers do nothing else, so these call the methods underneath: the same arithmetic,
+    bit for bit, without the import.
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _undecorated(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _undecorated(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return _undecorated(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _undecorated(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        # what torch's wrapper does in eager mode: no autograd through the update unless differentiable
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            return _undecorated(super().step)(self, closure)
+
+
+class AdamW(_Eager, torch.optim.AdamW):
+    """torch.optim.AdamW without the torch.compile wrappers (see `_Eager`)."""
+
+
+class Adam(_Eager, torch.optim.Adam):
+    """torch.optim.Adam without the torch.compile wrappers (see `_Eager`)."""
+
+
+class SGD(_Eager, torch.optim.SGD):
+    """torch.optim.SGD without the torch.compile wrappers (see `_Eager`)."""
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW/Adam/SGD; weight decay on matrices only; the fused kernel where the build has it."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
@@ -48,8 +93,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    cls: type[AdamW] | type[Adam] = AdamW if cfg.optimizer == "adamw" else Adam
     if device.type in ("cuda", "cpu", "mps"):
         try:
             return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
