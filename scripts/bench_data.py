@@ -339,6 +339,9 @@ def main() -> None:
     emit(args.out, {"part": "machine", **machine()})
     cache = args.dir / "cache"
     if args.baseline and "train" in args.parts:
+        if args.before is not None:
+            before = bench_train("lmzoo:tinyshakespeare.txt", args.steps, cache, args.before)
+            emit(args.out, {**before, "size": "1.1M"})
         emit(args.out, {**bench_train("lmzoo:tinyshakespeare.txt", args.steps, cache), "size": "1.1M"})
     for label in args.sizes:
         corpus = make_corpus(args.dir / f"corpus-{label}.txt", size_of(label))
