@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,9 @@ from typer.testing import CliRunner
 
 from lmzoo.cli import app
 from lmzoo.config.schema import DataConfig
+from lmzoo.data import fit as fit_module
 from lmzoo.data import prepare as prepare_module
-from lmzoo.data.encoders import encoder_for, safe_pieces
+from lmzoo.data.encoders import encoder_for, in_workers, safe_pieces
 from lmzoo.data.fit import _characters
 from lmzoo.data.packed import PackedExamples
 from lmzoo.data.prepare import prepare_corpus, split_text
@@ -84,6 +86,32 @@ def test_prepared_batches_equal_the_batches_of_the_text_in_memory(tmp_path, conf
             a, b = mapped.next(), memory.next()
             assert a.inputs.dtype == torch.long and torch.equal(a.inputs, b.inputs)
             assert torch.equal(a.targets, b.targets) and a.starts_epoch == b.starts_epoch
+
+
+def test_a_word_vocabulary_counted_in_worker_processes_is_the_one_fitted_in_one(tmp_path, monkeypatch):
+    """Large corpora count their words in every core's process, in jobs cut at whitespace."""
+    tricky = ["ΟΔΟΣ Σ <eos> a\tb\x00c \x00", "well, well; WELL.", "x" * 90, "the barn\n\nthe owl"]
+    texts = [line for line in TEXT.splitlines() if line.strip()] + tricky * 3
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    jobs = []
+
+    def spy(function, items, *args):
+        counted = ((tag, jobs.append(len(text)) or text) for tag, text in items)
+        return in_workers(function, counted, *args)
+
+    monkeypatch.setattr(fit_module, "JOB_CHARS", 64)  # many jobs
+    monkeypatch.setattr(fit_module, "in_workers", spy)
+    for config in (WordTokenizerConfig(), WordTokenizerConfig(lowercase=False, filters="", min_freq=2)):
+        found = []
+        for workers in (1, 2):
+            cache = str(tmp_path / f"cache-{workers}")
+            data = DataConfig(train=str(path), split=(0.9, 0.1, 0.0), split_by="documents", cache_dir=cache)
+            found.append(prepared(data, config, workers=workers))
+        assert found[1].tokenizer.payload() == found[0].tokenizer.payload()
+        assert found[0].tokenizer.vocab_size > 20
+        assert torch.equal(found[1].tensor("train"), found[0].tensor("train"))
+    assert len(jobs) > 10
 
 
 @settings(max_examples=200, deadline=None)
@@ -451,3 +479,27 @@ def test_the_char_encoder_and_vocabulary_pass_match_the_tokenizer(text):
         [fast] = encoder_for(tokenizer, dtype)([text])
         assert fast.dtype == dtype and fast.tolist() == tokenizer.encode(text)
     assert _characters(iter([Piece(text, True), Piece(text[::-1], False)])) == set(text)
+
+
+SEPARATORS = [chr(c) for c in range(0x3001) if chr(c).isspace()]  # every character str.split splits at
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["ab", "Σ", "ΟΔΟΣ", "Éa", "<eos>", "!", ".", "\x00", "’", "é", *SEPARATORS]),
+        max_size=30,
+    ),
+    st.sampled_from([{}, {"lowercase": False, "filters": ""}, {"filters": "é!"}, {"newline_token": False}]),
+)
+def test_the_word_tokenizers_one_pass_encoding_and_counting_find_the_words_of_words(pieces, options):
+    """Encoding and counting split the whole text at once (line ends marked); they find the words that
+    `words()` finds line by line, at every separator str.split knows."""
+    text = "".join(pieces)
+    config = WordTokenizerConfig(**options)
+    tokenizer = fit_tokenizer(config, "ab σ οδος éa ! ’\nab")
+    words = tokenizer.words(text)
+    assert tokenizer.encode(text) == [tokenizer.stoi.get(w, tokenizer.unk_id) for w in words]
+    expected = Counter(words)
+    expected.pop("<eos>", None)
+    assert tokenizer.count_words(text) == expected

@@ -27,6 +27,8 @@ from lmzoo.data.tokenizer import BpeTokenizer, CharTokenizer, Tokenizer, tokeniz
 from lmzoo.errors import DataError
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 ASCII_RUN = 80  # mixed text is cut into pieces of about this many characters, ASCII ones go the fast way
 KNOWN_PIECES = 1 << 21  # distinct pre-tokens a BPE encoder remembers
 _SPACE = " \t\n\x0b\x0c\r"  # \s of the pre-tokenizer's regex, on ASCII
@@ -208,16 +210,27 @@ def encode_all(
         for tag, texts in items:
             yield tag, encode(texts)
         return
-    payload = tokenizer.payload()
+    setup = (tokenizer.payload(), np.dtype(dtype).str)
+    yield from in_workers(_encode_in_worker, items, workers, _start_worker, setup)
+
+
+def in_workers(
+    function: Callable[[A], R],
+    items: Iterable[tuple[T, A]],
+    workers: int,
+    initializer: Callable[..., None],
+    initargs: tuple[Any, ...],
+) -> Iterator[tuple[T, R]]:
+    """(tag, function(argument)) for each (tag, argument) of `items`, in order, computed by `workers`
+    processes (each set up by `initializer(*initargs)`) while this one reads ahead at most 2 items per
+    worker."""
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    pending: deque[tuple[T, Future[list[np.ndarray]]]] = deque()
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(payload, np.dtype(dtype).str)
-    ) as pool:
+    pending: deque[tuple[T, Future[R]]] = deque()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
         try:
-            for tag, texts in items:
-                pending.append((tag, pool.submit(_encode_in_worker, texts)))
+            for tag, argument in items:
+                pending.append((tag, pool.submit(function, argument)))
                 while len(pending) > 2 * workers:
                     done_tag, future = pending.popleft()
                     yield done_tag, _result(future)
@@ -229,7 +242,7 @@ def encode_all(
                 future.cancel()
 
 
-def _result(future: Future[list[np.ndarray]]) -> list[np.ndarray]:
+def _result(future: Future[R]) -> R:
     try:
         return future.result()
     except (BrokenExecutor, OSError) as err:

@@ -288,8 +288,9 @@ def prepare_corpus(
     with locked(plan.root):
         remove_leftovers(plan.root)
         corpus = scanned(plan, verify=verify, progress=progress, say=say, whole=whole)
+        jobs = workers or _workers(corpus)
         if isinstance(tokenizer, TokenizerConfig):
-            tokenizer = fitted_tokenizer(corpus, tokenizer, say=say)
+            tokenizer = fitted_tokenizer(corpus, tokenizer, say=say, workers=jobs)
         tokenizer_id = digest(tokenizer.payload())
         directory = plan.root / f"tok-{tokenizer_id[:16]}"
         manifest = None if force else _usable(directory, corpus.id, tokenizer_id)
@@ -299,12 +300,17 @@ def prepare_corpus(
                 raise DataError(
                     f"the prepared corpus {directory} is missing; the process preparing it failed"
                 )
-            manifest = _prepare(corpus, tokenizer, directory, workers, progress, say)
+            manifest = _prepare(corpus, tokenizer, directory, jobs, progress, say)
     return PreparedCorpus(directory, manifest, tokenizer, fresh)
 
 
+def _workers(corpus: Scanned) -> int:
+    """data.workers, else every core for a corpus large enough to pay for starting them."""
+    return corpus.plan.data.workers or (cores() if corpus.size > PARALLEL_BYTES else 1)
+
+
 def _prepare(
-    corpus: Scanned, tokenizer: Tokenizer, directory: Path, workers: int | None, progress: bool, say: Say
+    corpus: Scanned, tokenizer: Tokenizer, directory: Path, workers: int, progress: bool, say: Say
 ) -> dict[str, Any]:
     plan, size = corpus.plan, corpus.size
     if size >= NOTICE_BYTES or progress:
@@ -312,9 +318,8 @@ def _prepare(
     itemsize = np.dtype(id_dtype(tokenizer.vocab_size)).itemsize
     check_room(plan.root, size * itemsize // (1 if tokenizer.kind == "char" else 3))
     started = time.perf_counter()
-    jobs = workers or plan.data.workers or (cores() if size > PARALLEL_BYTES else 1)
     with staged(directory) as tmp:
-        stats = encode_corpus(corpus, tokenizer, tmp, workers=jobs, progress=progress)
+        stats = encode_corpus(corpus, tokenizer, tmp, workers=workers, progress=progress)
         tokenizer.save(tmp / "tokenizer.json")
         seconds = time.perf_counter() - started
         manifest = _manifest(corpus, tokenizer, stats, seconds)
@@ -352,7 +357,7 @@ def fit_on_corpus(data: DataConfig, config: TokenizerConfig, *, progress: bool =
     plan = plan_corpus(data)
     with locked(plan.root):
         corpus = scanned(plan, verify=False, progress=progress, say=to_stderr)
-        return fitted_tokenizer(corpus, config, say=to_stderr)
+        return fitted_tokenizer(corpus, config, say=to_stderr, workers=_workers(corpus))
 
 
 def split_text(data: DataConfig, split: str, limit: int) -> str:

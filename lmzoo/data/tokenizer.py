@@ -226,14 +226,26 @@ class WordTokenizer(VocabTokenizer):
 
     @classmethod
     def fit(cls, text: str, config: Any) -> WordTokenizer:
-        probe = cls(
-            [], lowercase=config.lowercase, filters=config.filters, newline_token=config.newline_token
-        )
-        marked = probe._marked_words(text)
-        counts = Counter(probe.words(text) if marked is None else marked)
+        return cls.from_counts(cls.splitter(config).count_words(text), config)
+
+    @classmethod
+    def splitter(cls, config: Any) -> WordTokenizer:
+        """A tokenizer without a vocabulary that splits text into words as `config` says."""
+        return cls([], lowercase=config.lowercase, filters=config.filters, newline_token=config.newline_token)
+
+    def count_words(self, text: str) -> Counter[str]:
+        """How often each word occurs in `text` (line ends not counted). Counts of texts cut at whitespace
+        add up to the counts of the whole text."""
+        marked = self._marked_words(text)
+        counts = Counter(self.words(text) if marked is None else marked)
         counts.pop(EOS, None)
         if marked is not None:
             counts.pop(MARK, None)  # the line ends
+        return counts
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], config: Any) -> WordTokenizer:
+        """The vocabulary of `config` from word counts: the most frequent first, ties in string order."""
         ranked = sorted((w for w, c in counts.items() if c >= config.min_freq), key=lambda w: (-counts[w], w))
         if config.max_vocab is not None:
             ranked = ranked[: max(0, config.max_vocab - len(SPECIALS))]
