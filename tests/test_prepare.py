@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import json
 import os
 import signal
@@ -25,10 +26,12 @@ from lmzoo.cli import app
 from lmzoo.config.schema import DataConfig
 from lmzoo.data import fit as fit_module
 from lmzoo.data import prepare as prepare_module
+from lmzoo.data.corpus import plan_corpus
 from lmzoo.data.encoders import encoder_for, in_workers, safe_pieces
-from lmzoo.data.fit import _characters
+from lmzoo.data.fit import _characters, _fitted_pieces, _plain_text, _raw_characters
 from lmzoo.data.packed import PackedExamples
 from lmzoo.data.prepare import prepare_corpus, split_text
+from lmzoo.data.scan import scanned
 from lmzoo.data.sources import Piece
 from lmzoo.data.streams import RandomWindows, SequentialBatches
 from lmzoo.data.tokenizer import (
@@ -287,22 +290,24 @@ def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_trusted(tmp_p
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT * 3, encoding="utf-8")
     data = DataConfig(train=str(path), cache_dir=str(tmp_path / "cache"))
-    real_write = prepare_module._write
-    calls = []
+    writes = []
 
-    def fill_up(handle, *args):
-        calls.append(1)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(handle, *args)
+    class FillingUp(io.FileIO):
+        """A token file on a disk that is full after its first write (written by the writing thread)."""
 
-    monkeypatch.setattr(prepare_module, "_write", fill_up)
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(prepare_module, "open", FillingUp, raising=False)
     monkeypatch.setattr(prepare_module, "BATCH_CHARS", 500)  # several jobs: the disk fills after the first
     message = one_line_error(lambda: prepared(data))
     assert message.startswith("no space left for the prepared corpus") and "data.cache_dir" in message
     leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_dir()]
     assert len(leftovers) == 1 and not any(p.name.startswith("tok-") for p in (tmp_path / "cache").rglob("*"))
-    monkeypatch.setattr(prepare_module, "_write", real_write)
+    monkeypatch.delattr(prepare_module, "open")
     assert prepared(data).fresh  # the next prepare starts clean and succeeds
 
 
@@ -479,6 +484,55 @@ def test_the_char_encoder_and_vocabulary_pass_match_the_tokenizer(text):
         [fast] = encoder_for(tokenizer, dtype)([text])
         assert fast.dtype == dtype and fast.tolist() == tokenizer.encode(text)
     assert _characters(iter([Piece(text, True), Piece(text[::-1], False)])) == set(text)
+
+
+CHAR_CORPORA = {
+    # two files carved by lines: the split falls in the second; "Ω" and "ß" only in validation text
+    "lines": ({"a.txt": "ab é’\nx😀y\n", "b.txt": "cd\nΩ and ß\nlast"}, {"split": (0.6, 0.4, 0.0)}, "train"),
+    "line ends in one block": ({"a.txt": "é\n\n\n\nΩ\n"}, {"split": (0.5, 0.5, 0.0)}, "train"),
+    "all splits": ({"a.txt": "ab é\nΩ\n"}, {"val": "v.txt", "split": (0.9, 0.0, 0.1)}, "all"),
+    "documents": (
+        {"d/1.txt": "é’ a\n", "d/2.txt": "😀 b", "d/3.txt": "Ω c\n"},
+        {"split": (0.6, 0.4, 0.0)},
+        "train",
+    ),
+    "token tail": ({"a.txt": "ab é\nΩ\n"}, {"split_by": "tokens", "split": (0.5, 0.5, 0.0)}, "train"),
+}
+
+
+@pytest.mark.parametrize("case", CHAR_CORPORA, ids=str)
+def test_the_char_vocabulary_read_from_bytes_is_the_one_read_from_text(tmp_path, case):
+    """Plain text files give their characters from their bytes, without decoding the ASCII ones; the
+    characters are those of the fitted splits' text, in blocks that cut multi-byte characters."""
+    files, options, fit_on = CHAR_CORPORA[case]
+    for name, text in {**files, "v.txt": "vΣ\n"}.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    train = str(tmp_path / "d") if case == "documents" else [str(tmp_path / n) for n in files]
+    val = str(tmp_path / options.pop("val")) if "val" in options else None
+    data = DataConfig(train=train, val=val, cache_dir=str(tmp_path / "cache"), **options)
+    corpus = scanned(plan_corpus(data), verify=False, progress=False, say=quiet)
+    config = CharTokenizerConfig(fit_on=fit_on)
+    exact = _characters(piece for _, piece in _fitted_pieces(corpus, config))
+    plain = _plain_text(corpus, config)
+    assert plain is not None
+    for size in (1, 2, 3, 5, 1 << 16):
+        assert _raw_characters(*plain, size=size) == exact
+    assert ("Ω" in exact) == (fit_on == "all" or case == "token tail")
+
+
+def test_the_char_vocabulary_is_read_from_text_where_bytes_are_not_the_text(tmp_path):
+    crlf, jsonl = tmp_path / "crlf.txt", tmp_path / "c.jsonl"
+    crlf.write_bytes("ab\r\né\r\n".encode())
+    jsonl.write_text('{"text": "caf\\u00e9"}\n{"text": "x"}\n', encoding="utf-8")
+    for path, unit, expected in ((crlf, "lines", "ab\n"), (jsonl, "documents", "café")):
+        data = DataConfig(
+            train=str(path), split=(0.5, 0.5, 0.0), split_by=unit, cache_dir=str(tmp_path / "c")
+        )
+        corpus = scanned(plan_corpus(data), verify=False, progress=False, say=quiet)
+        plain = _plain_text(corpus, CharTokenizerConfig())
+        assert plain is None or _raw_characters(*plain) is None
+        assert set(prepared(data).tokenizer.stoi) - {"<unk>", "<eos>", "<pad>", "<bos>"} == set(expected)
 
 
 SEPARATORS = [chr(c) for c in range(0x3001) if chr(c).isspace()]  # every character str.split splits at

@@ -18,7 +18,7 @@ import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -104,9 +104,9 @@ class CharEncoder:
             return np.frombuffer(text.encode("ascii").translate(self.ascii), np.uint8).astype(self.dtype)
         units = text.encode("utf-16-le")
         if len(units) == 2 * len(text):  # no character beyond U+FFFF: one unit per character
-            return self.bmp[np.frombuffer(units, np.uint16)]
+            return np.take(self.bmp, np.frombuffer(units, np.uint16))
         codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-        return self.table[np.minimum(codes, len(self.table) - 1)]
+        return np.take(self.table, np.minimum(codes, len(self.table) - 1))
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(text) for text in texts]
@@ -214,6 +214,15 @@ def encode_all(
     yield from in_workers(_encode_in_worker, items, workers, _start_worker, setup)
 
 
+def in_threads(
+    function: Callable[[A], R], items: Iterable[tuple[T, A]], workers: int
+) -> Iterator[tuple[T, R]]:
+    """(tag, function(argument)) for each (tag, argument) of `items`, in order, computed by `workers`
+    threads while this one reads ahead: for functions that spend most of their time outside the GIL."""
+    with ThreadPoolExecutor(workers) as pool:
+        yield from _ahead(pool, function, items, workers)
+
+
 def in_workers(
     function: Callable[[A], R],
     items: Iterable[tuple[T, A]],
@@ -226,20 +235,27 @@ def in_workers(
     worker."""
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    pending: deque[tuple[T, Future[R]]] = deque()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
-        try:
-            for tag, argument in items:
-                pending.append((tag, pool.submit(function, argument)))
-                while len(pending) > 2 * workers:
-                    done_tag, future = pending.popleft()
-                    yield done_tag, _result(future)
-            while pending:
+        yield from _ahead(pool, function, items, workers)
+
+
+def _ahead(
+    pool: Executor, function: Callable[[A], R], items: Iterable[tuple[T, A]], workers: int
+) -> Iterator[tuple[T, R]]:
+    """The results of `function` on `items` from `pool`, in order, with at most 2 items per worker ahead."""
+    pending: deque[tuple[T, Future[R]]] = deque()
+    try:
+        for tag, argument in items:
+            pending.append((tag, pool.submit(function, argument)))
+            while len(pending) > 2 * workers:
                 done_tag, future = pending.popleft()
                 yield done_tag, _result(future)
-        finally:
-            for _, future in pending:
-                future.cancel()
+        while pending:
+            done_tag, future = pending.popleft()
+            yield done_tag, _result(future)
+    finally:
+        for _, future in pending:
+            future.cancel()
 
 
 def _result(future: Future[R]) -> R:

@@ -9,6 +9,7 @@ scan it saw.
 
 from __future__ import annotations
 
+import codecs
 import math
 import time
 from collections import Counter
@@ -19,9 +20,9 @@ import numpy as np
 from lmzoo.config.schema import TokenizerConfig
 from lmzoo.data.cache import digest, read_json, write_json
 from lmzoo.data.corpus import SPLITS
-from lmzoo.data.encoders import in_workers
+from lmzoo.data.encoders import in_threads, in_workers
 from lmzoo.data.scan import Say, Scanned
-from lmzoo.data.sources import Piece
+from lmzoo.data.sources import CHUNK, Piece, Source, raw_blocks
 from lmzoo.data.tokenizer import EOS, Tokenizer, WordTokenizer, fit_tokenizer, tokenizer_from_dict
 from lmzoo.errors import DataError
 
@@ -29,12 +30,15 @@ SAMPLE_BLOCK = 1 << 16  # the fit sample is made of blocks of about this many ch
 JOB_CHARS = 1 << 22  # characters of the sample per word-counting job
 
 
-def _fit_text(corpus: Scanned, config: TokenizerConfig) -> str:
+def _fit_text(corpus: Scanned, config: TokenizerConfig, workers: int) -> str:
     """The text a tokenizer of `config` is fitted on: for char, every character of the fitted splits (one
-    full pass); otherwise the sample of `_fit_sample`."""
+    full pass, on `workers` threads); otherwise the sample of `_fit_sample`."""
     if config.kind == "char":
-        separator = _separator(corpus)
-        return "".join(sorted(_characters(p for _, p in _fitted_pieces(corpus, config)) | set(separator)))
+        plain = _plain_text(corpus, config)
+        found = _raw_characters(*plain) if plain is not None else None
+        if found is None:
+            found = _characters((piece for _, piece in _fitted_pieces(corpus, config)), workers)
+        return "".join(sorted(found | set(_separator(corpus))))
     return "".join(_fit_sample(corpus, config))
 
 
@@ -106,23 +110,98 @@ def _count_in_worker(text: str) -> Counter[str]:
     return _SPLITTER.count_words(text)
 
 
-def _characters(pieces: Iterator[Piece]) -> set[str]:
+def _characters(pieces: Iterator[Piece], workers: int = 1) -> set[str]:
+    """Every character of the pieces, looked for in jobs of about JOB_CHARS characters by `workers` threads
+    (numpy's histograms release the GIL while this thread reads on)."""
+    finder = _CharacterFinder()
+    jobs = ((None, text) for text in _joined((piece.text for piece in pieces), JOB_CHARS))
     found: set[str] = set()
-    known = b""  # the ASCII characters found so far, deleted from each ASCII chunk before looking
-    for piece in pieces:
-        text = piece.text
-        if text.isascii():
-            rest = text.encode("ascii").translate(None, known)
-            if rest:
-                found |= set(rest.decode("ascii"))
-                known = bytes(sorted(ord(c) for c in found if ord(c) < 128))
-            continue
-        units = text.encode("utf-16-le")
-        if len(units) == 2 * len(text):  # within U+FFFF: a histogram of code units, far faster than set()
-            found.update(map(chr, np.flatnonzero(np.bincount(np.frombuffer(units, np.uint16)))))
-        else:
-            found |= set(text)
+    results = in_threads(finder, jobs, workers) if workers > 1 else ((None, finder(text)) for _, text in jobs)
+    for _, characters in results:
+        if not characters <= found:
+            found |= characters
+            finder.known = bytes(sorted(ord(c) for c in found if ord(c) < 128))
     return found
+
+
+class _CharacterFinder:
+    """The set of characters of a text, fast: ASCII text has the characters already found deleted first,
+    other text within U+FFFF gets a histogram of its UTF-16 code units (far faster than set())."""
+
+    def __init__(self) -> None:
+        self.known = b""  # the ASCII characters found so far
+
+    def __call__(self, text: str) -> set[str]:
+        if text.isascii():
+            return set(text.encode("ascii").translate(None, self.known).decode("ascii"))
+        units = text.encode("utf-16-le")
+        if len(units) == 2 * len(text):  # no character beyond U+FFFF: one unit per character
+            return set(map(chr, np.flatnonzero(np.bincount(np.frombuffer(units, np.uint16)))))
+        return set(text)
+
+
+def _plain_text(corpus: Scanned, config: TokenizerConfig) -> tuple[list[Source], int | None] | None:
+    """Where the fitted splits' text lies when it is all in plain text files: the files, in order, and how
+    many line ends of them to read (None: all); None when some of it is in JSONL or tables."""
+    sources = corpus.sources()
+    roles = list(sources) if config.fit_on == "all" else ["train"]
+    fitted = [source for role in roles for source in sources[role]]
+    if not all(source.kind == "text" for source in fitted):
+        return None
+    if config.fit_on == "all" or corpus.plan.unit == "tokens":  # the token tail is carved after encoding
+        return fitted, None
+    if corpus.plan.unit == "documents":  # a text file is one document
+        return fitted[: corpus.counts["train"]], None
+    return fitted, corpus.counts["train"]
+
+
+def _raw_characters(sources: list[Source], line_ends: int | None, size: int = CHUNK) -> set[str] | None:
+    """The characters of the sources' text up to their `line_ends`-th line end (None: all of it), read from
+    their bytes without decoding most of them: the ASCII bytes already found are deleted and only the rest
+    is decoded (deleting ASCII bytes keeps multi-byte characters whole). None where the bytes are not the
+    text: a "\r" (line ends are made "\n") or bytes that are not UTF-8 (the encoding pass names them)."""
+    finder, found, left = _CharacterFinder(), set[str](), line_ends
+    for source in sources:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            for block in raw_blocks(source, size=size):
+                if left is not None:
+                    ends = block.count(b"\n")
+                    if ends >= left:
+                        block = block[: _after_line_end(block, left)] if left else b""
+                    left -= min(ends, left)
+                if b"\r" in block:
+                    return None
+                rest = block.translate(None, finder.known)
+                if rest:
+                    found |= finder(decoder.decode(rest))
+                    finder.known = bytes(sorted(ord(c) for c in found if ord(c) < 128))
+                if left == 0:
+                    return found
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return None
+    return found
+
+
+def _after_line_end(data: bytes, count: int) -> int:
+    """The position right after the `count`-th b"\n" of `data` (count >= 1)."""
+    parts = data.split(b"\n", count)
+    return len(data) - len(parts[-1])
+
+
+def _joined(texts: Iterator[str], size: int) -> Iterator[str]:
+    """The texts joined into strings of about `size` characters."""
+    parts: list[str] = []
+    length = 0
+    for text in texts:
+        parts.append(text)
+        length += len(text)
+        if length >= size:
+            yield "".join(parts)
+            parts, length = [], 0
+    if parts:
+        yield "".join(parts)
 
 
 def _blocks(text: str) -> Iterator[str]:
@@ -156,7 +235,7 @@ def fitted_tokenizer(corpus: Scanned, config: TokenizerConfig, *, say: Say, work
             raise DataError("cannot fit a tokenizer on empty text")
         tokenizer: Tokenizer = WordTokenizer.from_counts(counts, config)
     else:
-        tokenizer = fit_tokenizer(config, _fit_text(corpus, config))
+        tokenizer = fit_tokenizer(config, _fit_text(corpus, config, workers))
     seconds = time.perf_counter() - started
     if seconds > 2:
         say(f"lmzoo: fitted the {config.kind} tokenizer ({tokenizer.vocab_size:,} tokens) in {seconds:.1f} s")

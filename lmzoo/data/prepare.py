@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     import torch
 
 BATCH_CHARS = 1 << 22  # characters of text per encoding job
+WRITES_AHEAD = 2  # writes the encoding may be ahead of the disk
 NOTICE_BYTES = 16 << 20  # preparing a smaller corpus takes about a second: it is done without a word
 
 
@@ -94,18 +97,28 @@ def encode_corpus(
     stats = {name: SplitStats() for name in SPLITS}
     hashes = {name: hashlib.sha256() for name in ("val", "test")}
     outputs = {name: open(directory / f"{name}.bin", "wb") for name in SPLITS}  # noqa: SIM115
+    writer = BackgroundWriter()
     try:
         with progress_bar(corpus.size, "tokenizing", progress) as bar:
             jobs = _jobs(_hashed(corpus.route(), hashes))
             for tags, arrays in encode_all(tokenizer, dtype, jobs, workers):
                 for (split, ends, chars), ids in zip(tags, arrays, strict=True):
-                    _write(outputs[split], stats[split], ids, separator, len(separator) // dtype().itemsize)
+                    _write(
+                        writer,
+                        outputs[split],
+                        stats[split],
+                        ids,
+                        separator,
+                        len(separator) // dtype().itemsize,
+                    )
                     stats[split].characters = (stats[split].characters or 0) + chars
                     if ends:
                         stats[split].separate = stats[split].separate or stats[split].started
                         stats[split].started = False
                     bar.update(chars)
+        writer.finish()
     finally:
+        writer.stop()
         for handle in outputs.values():
             handle.close()
     for name, hasher in hashes.items():
@@ -123,14 +136,44 @@ def _hashed(pieces: Iterator[tuple[str, Piece]], hashes: dict[str, Any]) -> Iter
         yield split, piece
 
 
-def _write(handle: Any, stats: SplitStats, ids: np.ndarray, separator: bytes, separator_tokens: int) -> None:
+class BackgroundWriter:
+    """Writes to files in a thread of its own, in order, at most WRITES_AHEAD writes behind: writing
+    releases the GIL, so the kernel's copying overlaps with the encoding."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: deque[Future[int]] = deque()
+
+    def write(self, handle: BinaryIO, data: bytes | memoryview) -> None:
+        self.pending.append(self.pool.submit(handle.write, data))
+        while len(self.pending) > WRITES_AHEAD:
+            self.pending.popleft().result()  # a failed write (a full disk) is raised here
+
+    def finish(self) -> None:
+        """Wait for every write; raise the first that failed."""
+        while self.pending:
+            self.pending.popleft().result()
+
+    def stop(self) -> None:
+        """Drop what is not written yet (after a failure) and end the thread."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write(
+    writer: BackgroundWriter,
+    handle: BinaryIO,
+    stats: SplitStats,
+    ids: np.ndarray,
+    separator: bytes,
+    separator_tokens: int,
+) -> None:
     if not len(ids):
         return
     if stats.separate:
-        handle.write(separator)
+        writer.write(handle, separator)
         stats.tokens += separator_tokens
         stats.separate = False
-    handle.write(ids.tobytes())
+    writer.write(handle, ids.data.cast("B"))  # no copy: the array is kept until written
     stats.tokens += len(ids)
     stats.documents += not stats.started  # documents with text in this split (one may span two splits)
     stats.started = True
