@@ -2,8 +2,8 @@
 
 * char: vectorised lookups (a byte translation table for ASCII text, a table of the 65,536 UTF-16 code
   units for text within the Basic Multilingual Plane, a code-point table otherwise);
-* BPE: ASCII text pre-tokenized by Python's regex engine with a cache of encoded pre-tokens, other text
-  by the `tokenizers` library's batch encoding; in worker processes, one per core;
+* BPE: text pre-tokenized in Python (lmzoo.data.pretokens) with a cache of encoded pre-tokens; in worker
+  processes, one per core;
 * word (and any other registered tokenizer): `Tokenizer.encode` in worker processes, one per core.
 
 Texts are cut into pieces only where every tokenizer encodes the pieces as it encodes the whole
@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -23,18 +22,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from lmzoo.data.pretokens import pretokens
 from lmzoo.data.tokenizer import BpeTokenizer, CharTokenizer, Tokenizer, tokenizer_from_dict
 from lmzoo.errors import DataError
 
 T = TypeVar("T")
 A = TypeVar("A")
 R = TypeVar("R")
-ASCII_RUN = 80  # mixed text is cut into pieces of about this many characters, ASCII ones go the fast way
+ASCII_RUN = 80  # text the pre-tokenizing cannot place is cut into pieces of about this many characters
 KNOWN_PIECES = 1 << 21  # distinct pre-tokens a BPE encoder remembers
-_SPACE = " \t\n\x0b\x0c\r"  # \s of the pre-tokenizer's regex, on ASCII
-ASCII_PRETOKENS = re.compile(
-    rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9]+|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+"
-)
 SEARCH = 64  # cut candidates tried before giving up on a region
 PARALLEL_BYTES = 16 << 20  # smaller corpora are encoded in this process: starting workers costs more
 
@@ -113,38 +109,64 @@ class CharEncoder:
 
 
 class BpeEncoder:
-    """BpeTokenizer.encode, faster on ASCII text: it is cut into pre-tokens by Python's regex engine (the
-    byte-level pre-tokenizer's own GPT-2 pattern, whose classes are plain sets on ASCII) and each distinct
-    pre-token is encoded once and remembered; other text goes to the library's batch encoding."""
+    """BpeTokenizer.encode, faster: text is cut into pre-tokens in Python (lmzoo.data.pretokens) and each
+    distinct pre-token is encoded by the library once and remembered. Text with a character the
+    pre-tokenizing cannot place is cut where any tokenizer may cut it, and the pieces with such characters
+    go to the library whole."""
 
     def __init__(self, tokenizer: BpeTokenizer, dtype: type[np.unsignedinteger]) -> None:
         self.backend, self.dtype = tokenizer.backend, dtype
-        self.known: dict[str, list[int]] = {}
+        self._forget()
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(text) for text in texts]
 
     def encode(self, text: str) -> np.ndarray:
-        parts = [text] if text.isascii() else safe_pieces(text, ASCII_RUN)
-        runs = [(plain, "".join(group)) for plain, group in itertools.groupby(parts, key=str.isascii)]
-        other = iter(
-            self.backend.encode_batch_fast([t for plain, t in runs if not plain], add_special_tokens=False)
-        )
-        ids: list[int] = []
-        for plain, run in runs:
-            ids.extend(self._ascii(run) if plain else next(other).ids)
-        return np.asarray(ids, dtype=self.dtype)
+        found = pretokens(text)
+        if found is not None:
+            return self._ids(found)
+        parts: list[np.ndarray] = []
+        for placed, group in itertools.groupby(safe_pieces(text, ASCII_RUN), key=_placed):
+            run = "".join(group)
+            found = pretokens(run) if placed else None
+            parts.append(self._ids(found) if found is not None else self._library(run))
+        return np.concatenate(parts)
 
-    def _ascii(self, text: str) -> Iterator[int]:
-        pieces = ASCII_PRETOKENS.findall(text)
-        missing = list(set(pieces).difference(self.known))
+    def _library(self, text: str) -> np.ndarray:
+        return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
+
+    def _forget(self) -> None:
+        """The remembered pre-tokens: the ids of the i-th are flat[starts[i] : starts[i] + counts[i]]."""
+        self.index: dict[str, int] = {}
+        self.flat = np.zeros(0, dtype=self.dtype)
+        self.starts = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def _ids(self, pieces: list[str]) -> np.ndarray:
+        missing = list(set(pieces).difference(self.index))
         if missing:
-            if len(self.known) > KNOWN_PIECES:
-                self.known.clear()
-            encodings = self.backend.encode_batch_fast(missing, add_special_tokens=False)
-            for piece, encoding in zip(missing, encodings, strict=True):
-                self.known[piece] = encoding.ids
-        return itertools.chain.from_iterable(map(self.known.__getitem__, pieces))
+            if len(self.index) + len(missing) > KNOWN_PIECES:
+                self._forget()
+                missing = list(set(pieces))
+            self._remember(missing)
+        which = np.fromiter(map(self.index.__getitem__, pieces), dtype=np.int64, count=len(pieces))
+        counts, starts = self.counts[which], self.starts[which]
+        # The ids of the k-th piece go to positions first[k] ... first[k] + counts[k] - 1 of the result.
+        first = np.cumsum(counts) - counts
+        return self.flat[np.repeat(starts - first, counts) + np.arange(int(counts.sum()))]
+
+    def _remember(self, pieces: list[str]) -> None:
+        encoded = [e.ids for e in self.backend.encode_batch_fast(pieces, add_special_tokens=False)]
+        counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        self.index.update(zip(pieces, range(len(self.index), len(self.index) + len(pieces)), strict=True))
+        self.starts = np.concatenate([self.starts, len(self.flat) + np.cumsum(counts) - counts])
+        self.counts = np.concatenate([self.counts, counts])
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=int(counts.sum()))
+        self.flat = np.concatenate([self.flat, flat])
+
+
+def _placed(piece: str) -> bool:
+    return pretokens(piece) is not None
 
 
 class PlainEncoder:
