@@ -26,6 +26,7 @@ from lmzoo.cli import app
 from lmzoo.config.schema import DataConfig
 from lmzoo.data import fit as fit_module
 from lmzoo.data import prepare as prepare_module
+from lmzoo.data import token_files, word_pass
 from lmzoo.data.corpus import plan_corpus
 from lmzoo.data.encoders import encoder_for, in_workers, safe_pieces
 from lmzoo.data.fit import _characters, _fitted_pieces, _plain_text, _raw_characters
@@ -105,6 +106,7 @@ def test_a_word_vocabulary_counted_in_worker_processes_is_the_one_fitted_in_one(
 
     monkeypatch.setattr(fit_module, "JOB_CHARS", 64)  # many jobs
     monkeypatch.setattr(fit_module, "in_workers", spy)
+    monkeypatch.setattr(prepare_module, "whole_sample", lambda *_: False)  # fitted first, then encoded
     for config in (WordTokenizerConfig(), WordTokenizerConfig(lowercase=False, filters="", min_freq=2)):
         found = []
         for workers in (1, 2):
@@ -115,6 +117,91 @@ def test_a_word_vocabulary_counted_in_worker_processes_is_the_one_fitted_in_one(
         assert found[0].tokenizer.vocab_size > 20
         assert torch.equal(found[1].tensor("train"), found[0].tensor("train"))
     assert len(jobs) > 10
+
+
+WORD_CORPORA = {
+    "lines": ({"a.txt": TEXT + "ΟΔΟΣ <eos> <pad> the\n" + "only in validation\n" * 5}, {}, {}),
+    "line ends marked by <eos>": ({"a.txt": "a\x00b the\nowl a\n" * 30}, {}, {"min_freq": 2}),
+    "documents": (
+        {"c.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in TEXT.splitlines() if t.strip())},
+        {"split_by": "documents", "document_end": "the end\n"},
+        {"max_vocab": 30, "lowercase": False},
+    ),
+    "token tail, all splits": ({"a.txt": TEXT}, {"split_by": "tokens"}, {"fit_on": "all", "filters": ""}),
+    "a validation file": (
+        {"a.txt": TEXT, "v.txt": "barn owl unseen\n"},
+        {"val": "v.txt", "split": (0.8, 0, 0.2)},
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", WORD_CORPORA, ids=str)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_word_vocabulary_fitted_while_encoding_gives_the_files_of_fitting_first(
+    tmp_path, monkeypatch, case, workers
+):
+    """Corpora within tokenizer.fit_bytes are split into words once: the tokenizer and the token files
+    equal those of fitting first and encoding after."""
+    files, options, tokenizer_options = WORD_CORPORA[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    train = [str(tmp_path / n) for n in files if n != "v.txt"]
+    options = {**options, "val": str(tmp_path / options["val"])} if "val" in options else options
+    config = WordTokenizerConfig(**tokenizer_options)
+    passes = []
+    real = prepare_module.encode_in_one_pass
+    monkeypatch.setattr(
+        prepare_module, "encode_in_one_pass", lambda *a, **k: passes.append(1) or real(*a, **k)
+    )
+    found = []
+    for one_pass in (True, False):
+        monkeypatch.setattr(prepare_module, "whole_sample", lambda *_, keep=one_pass: keep)
+        data = DataConfig(
+            train=train, cache_dir=str(tmp_path / f"cache-{one_pass}"), workers=workers, **options
+        )
+        found.append(prepared(data, config))
+    assert passes == [1]
+    one, two = found
+    assert one.tokenizer.payload() == two.tokenizer.payload() and one.tokenizer.vocab_size > 6
+    assert one.manifest["splits"] == two.manifest["splits"] and one.manifest["dtype"] == two.manifest["dtype"]
+    for split in ("train", "val", "test"):
+        assert np.array_equal(one.tokens(split), two.tokens(split))
+    assert not list((tmp_path / "cache-True").rglob("*.words"))  # the provisional files are gone
+    again = prepared(
+        DataConfig(train=train, cache_dir=str(tmp_path / "cache-True"), workers=workers, **options), config
+    )
+    assert not again.fresh and passes == [1]
+
+
+def test_text_cut_inside_a_line_is_fitted_first_and_encoded_after(tmp_path, monkeypatch):
+    fitted = word_pass._Fitted(WordTokenizerConfig())
+    jobs = iter([([("train", False, 3), ("train", True, 3)], ["ab\n", "cd"])])
+    assert list(fitted.flag(jobs))[0][1][1] == [True, True]
+    with pytest.raises(word_pass.NotInOnePass):
+        list(fitted.flag(iter([([("train", False, 2)], ["ab"])])))
+
+    def cut(*args, **kwargs):
+        raise word_pass.NotInOnePass
+
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    monkeypatch.setattr(prepare_module, "encode_in_one_pass", cut)
+    corpus = prepared(DataConfig(train=str(path), cache_dir=str(tmp_path / "c")), WordTokenizerConfig())
+    reference = fit_tokenizer(WordTokenizerConfig(), "".join(TEXT.splitlines(keepends=True)[:45]))
+    assert corpus.tokenizer.payload() == reference.payload()
+
+
+def test_a_word_vocabulary_of_blank_text_is_one_line_in_one_pass(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text('{"text": "  "}\n{"text": "\\n"}\n{"text": "a b"}\n', encoding="utf-8")
+    data = DataConfig(
+        train=str(path), split=(0.6, 0.4, 0.0), split_by="documents", cache_dir=str(tmp_path / "c")
+    )
+    assert (
+        one_line_error(lambda: prepared(data, WordTokenizerConfig()))
+        == "cannot fit a tokenizer on empty text"
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -301,13 +388,13 @@ def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_trusted(tmp_p
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(data)
 
-    monkeypatch.setattr(prepare_module, "open", FillingUp, raising=False)
-    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 500)  # several jobs: the disk fills after the first
+    monkeypatch.setattr(token_files, "open", FillingUp, raising=False)
+    monkeypatch.setattr(token_files, "BATCH_CHARS", 500)  # several jobs: the disk fills after the first
     message = one_line_error(lambda: prepared(data))
     assert message.startswith("no space left for the prepared corpus") and "data.cache_dir" in message
     leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_dir()]
     assert len(leftovers) == 1 and not any(p.name.startswith("tok-") for p in (tmp_path / "cache").rglob("*"))
-    monkeypatch.delattr(prepare_module, "open")
+    monkeypatch.delattr(token_files, "open")
     assert prepared(data).fresh  # the next prepare starts clean and succeeds
 
 

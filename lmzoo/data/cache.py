@@ -125,17 +125,34 @@ def staged(final: Path) -> Iterator[Path]:
         fsync_dir(final.parent)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in DISK_FULL:
-            raise DataError(
-                f"no space left for the prepared corpus in {final.parent} ({err.strerror}); free some space "
-                "or point data.cache_dir at a disk with room. Nothing half-written was kept"
-            ) from None
-        raise DataError(
-            f"cannot write the prepared corpus in {final.parent}: {err.strerror or err}"
-        ) from None
+        raise _write_error(err, final.parent) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch(root: Path) -> Iterator[Path]:
+    """A temporary directory in `root` for files a prepare needs on the way, removed after the block
+    (and by `remove_leftovers` after a prepare that died). A full disk ends in a one-line DataError."""
+    path = root / f"scratch{TMP}{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        path.mkdir(parents=True)
+        yield path
+    except OSError as err:
+        raise _write_error(err, root) from None
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_error(err: OSError, where: Path) -> DataError:
+    if err.errno in DISK_FULL:
+        return DataError(
+            f"no space left for the prepared corpus in {where} ({err.strerror}); free some space "
+            "or point data.cache_dir at a disk with room. Nothing half-written was kept"
+        )
+    return DataError(f"cannot write the prepared corpus in {where}: {err.strerror or err}")
 
 
 def check_room(directory: Path, needed: int) -> None:

@@ -14,6 +14,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -38,20 +39,20 @@ def _fit_text(corpus: Scanned, config: TokenizerConfig, workers: int) -> str:
         found = _raw_characters(*plain) if plain is not None else None
         if found is None:
             found = _characters((piece for _, piece in _fitted_pieces(corpus, config)), workers)
-        return "".join(sorted(found | set(_separator(corpus))))
+        return "".join(sorted(found | set(separator_text(corpus))))
     return "".join(_fit_sample(corpus, config))
 
 
-def _fitted_splits(config: TokenizerConfig) -> set[str]:
+def fitted_splits(config: TokenizerConfig) -> set[str]:
     return {"train"} if config.fit_on == "train" else set(SPLITS)
 
 
 def _fitted_pieces(corpus: Scanned, config: TokenizerConfig) -> Iterator[tuple[str, Piece]]:
-    wanted = _fitted_splits(config)
+    wanted = fitted_splits(config)
     return ((split, piece) for split, piece in corpus.route() if split in wanted)
 
 
-def _separator(corpus: Scanned) -> str:
+def separator_text(corpus: Scanned) -> str:
     """The text between two documents ("" for <eos>, which is not text)."""
     document_end = corpus.plan.data.document_end
     return "" if document_end == EOS else document_end
@@ -61,8 +62,7 @@ def _fit_sample(corpus: Scanned, config: TokenizerConfig) -> Iterator[str]:
     """The sample a word or BPE tokenizer is fitted on, in parts: at most `fit_bytes` characters, all of the
     fitted splits when they are smaller, else every k-th block of about SAMPLE_BLOCK characters; then the
     document separator."""
-    limit = config.fit_bytes
-    stride = max(1, math.ceil(_fit_bytes_estimate(corpus, _fitted_splits(config)) / limit))
+    limit, stride = config.fit_bytes, _stride(corpus, config)
     size = index = 0
     for _, piece in _fitted_pieces(corpus, config):
         text = piece.text if not piece.ends_document or piece.text.endswith("\n") else piece.text + "\n"
@@ -73,7 +73,7 @@ def _fit_sample(corpus: Scanned, config: TokenizerConfig) -> Iterator[str]:
             index += 1
         if size >= limit:
             break
-    yield _separator(corpus)
+    yield separator_text(corpus)
 
 
 def _word_counts(corpus: Scanned, config: TokenizerConfig, workers: int) -> Counter[str]:
@@ -221,13 +221,38 @@ def _fit_bytes_estimate(corpus: Scanned, wanted: set[str]) -> float:
     return train_role + sum(size for role, size in sizes.items() if role != "train" and role in wanted)
 
 
+def whole_sample(corpus: Scanned, config: TokenizerConfig) -> bool:
+    """Whether the fit sample is all of the fitted splits' text (they are within `fit_bytes`)."""
+    return _stride(corpus, config) == 1
+
+
+def _stride(corpus: Scanned, config: TokenizerConfig) -> int:
+    return max(1, math.ceil(_fit_bytes_estimate(corpus, fitted_splits(config)) / config.fit_bytes))
+
+
+def _fit_path(corpus: Scanned, config: TokenizerConfig) -> Path:
+    return corpus.plan.root / f"fit-{digest({'tokenizer': config.model_dump(mode='json')})[:16]}.json"
+
+
+def saved_fit(corpus: Scanned, config: TokenizerConfig) -> Tokenizer | None:
+    """The tokenizer `config` describes as fitted on this corpus before (None: not fitted since the scan)."""
+    saved = read_json(_fit_path(corpus, config))
+    if saved is not None and saved.get("scan") == corpus.id:
+        return tokenizer_from_dict(saved["tokenizer"])
+    return None
+
+
+def keep_fit(corpus: Scanned, config: TokenizerConfig, tokenizer: Tokenizer) -> None:
+    """Keep `tokenizer` in the corpus's cache as `config` fitted on it (with the scan it saw)."""
+    write_json(_fit_path(corpus, config), {"scan": corpus.id, "tokenizer": tokenizer.payload()})
+
+
 def fitted_tokenizer(corpus: Scanned, config: TokenizerConfig, *, say: Say, workers: int = 1) -> Tokenizer:
     """The tokenizer `config` describes, fitted on this corpus (kept in the cache with the scan it saw);
     a word vocabulary is counted by `workers` processes."""
-    path = corpus.plan.root / f"fit-{digest({'tokenizer': config.model_dump(mode='json')})[:16]}.json"
-    saved = read_json(path)
-    if saved is not None and saved.get("scan") == corpus.id:
-        return tokenizer_from_dict(saved["tokenizer"])
+    saved = saved_fit(corpus, config)
+    if saved is not None:
+        return saved
     started = time.perf_counter()
     if config.kind == "word" and workers > 1:
         counts = _word_counts(corpus, config, workers)
@@ -239,5 +264,5 @@ def fitted_tokenizer(corpus: Scanned, config: TokenizerConfig, *, say: Say, work
     seconds = time.perf_counter() - started
     if seconds > 2:
         say(f"lmzoo: fitted the {config.kind} tokenizer ({tokenizer.vocab_size:,} tokens) in {seconds:.1f} s")
-    write_json(path, {"scan": corpus.id, "tokenizer": tokenizer.payload()})
+    keep_fit(corpus, config, tokenizer)
     return tokenizer

@@ -5,7 +5,9 @@ Three streaming passes, none of which holds the corpus in memory:
 1. scan (lmzoo.data.scan): each source's size, mtime, sha256, lines and documents;
 2. fit (lmzoo.data.fit): the tokenizer, on a bounded deterministic sample of the training split;
 3. encode (here): text routed to its split (lmzoo.data.corpus), encoded on every core
-   (lmzoo.data.encoders), appended to <split>.bin; documents are separated by `data.document_end`.
+   (lmzoo.data.encoders), appended to <split>.bin (lmzoo.data.token_files); documents are separated by
+   `data.document_end`. A word vocabulary fitted on all of the text is fitted while it is encoded, in
+   one pass (lmzoo.data.word_pass).
 
 Prepared corpora live in a cache keyed by corpus and tokenizer (lmzoo.data.cache), shared by every run
 that uses them; one process prepares while the others wait, and a prepare that fails leaves nothing
@@ -14,14 +16,11 @@ behind that a later run trusts.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,171 +34,41 @@ from lmzoo.data.cache import (
     locked,
     read_json,
     remove_leftovers,
+    scratch,
     staged,
     write_json,
 )
-from lmzoo.data.corpus import SPLITS, CorpusPlan, check_counts, plan_corpus, split_counts
+from lmzoo.data.corpus import plan_corpus
 from lmzoo.data.encoders import PARALLEL_BYTES, cores, encode_all, id_dtype
-from lmzoo.data.fit import fitted_tokenizer
-from lmzoo.data.scan import Say, Scanned, progress_bar, scanned, to_stderr
-from lmzoo.data.sources import Piece
-from lmzoo.data.tokenizer import EOS, Tokenizer
+from lmzoo.data.fit import fitted_tokenizer, keep_fit, saved_fit, whole_sample
+from lmzoo.data.scan import Say, Scanned, scanned, to_stderr
+from lmzoo.data.token_files import SplitStats, carve_token_tail, separator_ids, write_splits
+from lmzoo.data.tokenizer import Tokenizer
+from lmzoo.data.word_pass import NotInOnePass, encode_in_one_pass, write_token_files
 from lmzoo.errors import DataError
 
 if TYPE_CHECKING:
     import torch
 
-BATCH_CHARS = 1 << 22  # characters of text per encoding job
-WRITES_AHEAD = 2  # writes the encoding may be ahead of the disk
 NOTICE_BYTES = 16 << 20  # preparing a smaller corpus takes about a second: it is done without a word
-
-
-@dataclass
-class SplitStats:
-    tokens: int = 0
-    documents: int = 0
-    characters: int | None = 0
-    text_sha256: str | None = None  # held-out splits: sha256 of their text
-    started: bool = False  # the current document has written tokens
-    separate: bool = False  # a document ended: the next tokens start with the separator
-
-
-def separator_ids(tokenizer: Tokenizer, document_end: str) -> list[int]:
-    """The ids between two documents: <eos>, nothing (""), or the encoded text."""
-    if document_end == EOS:
-        return [tokenizer.eos_id]
-    return tokenizer.encode(document_end) if document_end else []
-
-
-def _jobs(pieces: Iterator[tuple[str, Piece]]) -> Iterator[tuple[list[tuple[str, bool, int]], list[str]]]:
-    """Consecutive pieces grouped into jobs of about BATCH_CHARS characters: (tags, texts)."""
-    tags: list[tuple[str, bool, int]] = []
-    texts: list[str] = []
-    size = 0
-    for split, piece in pieces:
-        tags.append((split, piece.ends_document, len(piece.text)))
-        texts.append(piece.text)
-        size += len(piece.text)
-        if size >= BATCH_CHARS:
-            yield tags, texts
-            tags, texts, size = [], [], 0
-    if texts:
-        yield tags, texts
 
 
 def encode_corpus(
     corpus: Scanned, tokenizer: Tokenizer, directory: Path, *, workers: int, progress: bool
 ) -> dict[str, SplitStats]:
     """Write <split>.bin for every split into `directory`; return what each holds."""
-    plan = corpus.plan
     dtype = id_dtype(tokenizer.vocab_size)
-    separator = np.asarray(separator_ids(tokenizer, plan.data.document_end), dtype=dtype).tobytes()
-    stats = {name: SplitStats() for name in SPLITS}
-    hashes = {name: hashlib.sha256() for name in ("val", "test")}
-    outputs = {name: open(directory / f"{name}.bin", "wb") for name in SPLITS}  # noqa: SIM115
-    writer = BackgroundWriter()
-    try:
-        with progress_bar(corpus.size, "tokenizing", progress) as bar:
-            jobs = _jobs(_hashed(corpus.route(), hashes))
-            for tags, arrays in encode_all(tokenizer, dtype, jobs, workers):
-                for (split, ends, chars), ids in zip(tags, arrays, strict=True):
-                    _write(
-                        writer,
-                        outputs[split],
-                        stats[split],
-                        ids,
-                        separator,
-                        len(separator) // dtype().itemsize,
-                    )
-                    stats[split].characters = (stats[split].characters or 0) + chars
-                    if ends:
-                        stats[split].separate = stats[split].separate or stats[split].started
-                        stats[split].started = False
-                    bar.update(chars)
-        writer.finish()
-    finally:
-        writer.stop()
-        for handle in outputs.values():
-            handle.close()
-    for name, hasher in hashes.items():
-        stats[name].text_sha256 = hasher.hexdigest()
-    if plan.unit == "tokens":
-        _carve_token_tail(plan, directory, stats, dtype().itemsize)
+    separator = np.asarray(separator_ids(tokenizer, corpus.plan.data.document_end), dtype=dtype)
+    stats = write_splits(
+        corpus,
+        directory,
+        lambda jobs: encode_all(tokenizer, dtype, jobs, workers),
+        separator,
+        progress=progress,
+    )
+    if corpus.plan.unit == "tokens":
+        carve_token_tail(corpus.plan, directory, stats, dtype().itemsize)
     return stats
-
-
-def _hashed(pieces: Iterator[tuple[str, Piece]], hashes: dict[str, Any]) -> Iterator[tuple[str, Piece]]:
-    """The pieces, hashing the text of the held-out splits on the way (what `lmzoo compare` checks)."""
-    for split, piece in pieces:
-        if split in hashes:
-            hashes[split].update(piece.text.encode("utf-8"))
-        yield split, piece
-
-
-class BackgroundWriter:
-    """Writes to files in a thread of its own, in order, at most WRITES_AHEAD writes behind: writing
-    releases the GIL, so the kernel's copying overlaps with the encoding."""
-
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(1)
-        self.pending: deque[Future[int]] = deque()
-
-    def write(self, handle: BinaryIO, data: bytes | memoryview) -> None:
-        self.pending.append(self.pool.submit(handle.write, data))
-        while len(self.pending) > WRITES_AHEAD:
-            self.pending.popleft().result()  # a failed write (a full disk) is raised here
-
-    def finish(self) -> None:
-        """Wait for every write; raise the first that failed."""
-        while self.pending:
-            self.pending.popleft().result()
-
-    def stop(self) -> None:
-        """Drop what is not written yet (after a failure) and end the thread."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _write(
-    writer: BackgroundWriter,
-    handle: BinaryIO,
-    stats: SplitStats,
-    ids: np.ndarray,
-    separator: bytes,
-    separator_tokens: int,
-) -> None:
-    if not len(ids):
-        return
-    if stats.separate:
-        writer.write(handle, separator)
-        stats.tokens += separator_tokens
-        stats.separate = False
-    writer.write(handle, ids.data.cast("B"))  # no copy: the array is kept until written
-    stats.tokens += len(ids)
-    stats.documents += not stats.started  # documents with text in this split (one may span two splits)
-    stats.started = True
-
-
-def _carve_token_tail(plan: CorpusPlan, directory: Path, stats: dict[str, SplitStats], itemsize: int) -> None:
-    """Move the validation/test tail of train.bin into their files (the token-tail split rule)."""
-    total = stats["train"].tokens
-    counts = split_counts(total, plan.data.split, plan.given)
-    check_counts(counts, "tokens", total, plan.given)
-    start = counts["train"]
-    with open(directory / "train.bin", "r+b") as train:
-        for name in ("val", "test"):
-            if name not in counts:
-                continue
-            train.seek(start * itemsize)
-            with open(directory / f"{name}.bin", "wb") as out:
-                remaining = counts[name] * itemsize
-                while remaining:
-                    block = train.read(min(remaining, 1 << 24))
-                    out.write(block)
-                    remaining -= len(block)
-            stats[name] = SplitStats(tokens=counts[name], documents=0, characters=None)
-            start += counts[name]
-        train.truncate(counts["train"] * itemsize)
-    stats["train"].tokens, stats["train"].characters = counts["train"], None
 
 
 # ---- the prepared corpus --------------------------------------------------------------------------
@@ -333,7 +202,12 @@ def prepare_corpus(
         corpus = scanned(plan, verify=verify, progress=progress, say=say, whole=whole)
         jobs = workers or _workers(corpus)
         if isinstance(tokenizer, TokenizerConfig):
-            tokenizer = fitted_tokenizer(corpus, tokenizer, say=say, workers=jobs)
+            config, fitted = tokenizer, saved_fit(corpus, tokenizer)
+            if fitted is None and not reuse_only and config.kind == "word" and whole_sample(corpus, config):
+                prepared = _prepare_in_one_pass(corpus, config, jobs, progress, say)
+                if prepared is not None:
+                    return prepared
+            tokenizer = fitted or fitted_tokenizer(corpus, config, say=say, workers=jobs)
         tokenizer_id = digest(tokenizer.payload())
         directory = plan.root / f"tok-{tokenizer_id[:16]}"
         manifest = None if force else _usable(directory, corpus.id, tokenizer_id)
@@ -353,16 +227,29 @@ def _workers(corpus: Scanned) -> int:
 
 
 def _prepare(
-    corpus: Scanned, tokenizer: Tokenizer, directory: Path, workers: int, progress: bool, say: Say
+    corpus: Scanned,
+    tokenizer: Tokenizer,
+    directory: Path,
+    workers: int,
+    progress: bool,
+    say: Say,
+    *,
+    write: Callable[[Path], dict[str, SplitStats]] | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
+    """Write the prepared corpus to `directory`: its token files (by `write`, default `encode_corpus`),
+    tokenizer and manifest. `started`: when a prepare that already said so began."""
     plan, size = corpus.plan, corpus.size
-    if size >= NOTICE_BYTES or progress:
+    if started is None and (size >= NOTICE_BYTES or progress):
         say(f"lmzoo: preparing {plan.describe()} with the {tokenizer.kind} tokenizer -> {directory}")
     itemsize = np.dtype(id_dtype(tokenizer.vocab_size)).itemsize
     check_room(plan.root, size * itemsize // (1 if tokenizer.kind == "char" else 3))
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     with staged(directory) as tmp:
-        stats = encode_corpus(corpus, tokenizer, tmp, workers=workers, progress=progress)
+        if write is None:
+            stats = encode_corpus(corpus, tokenizer, tmp, workers=workers, progress=progress)
+        else:
+            stats = write(tmp)
         tokenizer.save(tmp / "tokenizer.json")
         seconds = time.perf_counter() - started
         manifest = _manifest(corpus, tokenizer, stats, seconds)
@@ -374,6 +261,35 @@ def _prepare(
             f"({size / 1e6 / max(seconds, 1e-9):,.1f} MB/s)"
         )
     return manifest
+
+
+def _prepare_in_one_pass(
+    corpus: Scanned, config: TokenizerConfig, workers: int, progress: bool, say: Say
+) -> PreparedCorpus | None:
+    """Prepare with a word vocabulary fitted while the text is encoded (lmzoo.data.word_pass); None when
+    the text needs two passes."""
+    plan = corpus.plan
+    if corpus.size >= NOTICE_BYTES or progress:
+        say(f"lmzoo: preparing {plan.describe()} with the word tokenizer, fitted while it encodes")
+    check_room(plan.root, corpus.size)  # the provisional files, 4 bytes a word
+    started = time.perf_counter()
+    with scratch(plan.root) as folder:
+        try:
+            tokenizer, vocabulary, stats = encode_in_one_pass(
+                corpus, config, folder, workers=workers, progress=progress
+            )
+        except NotInOnePass:
+            return None
+        keep_fit(corpus, config, tokenizer)
+        directory = plan.root / f"tok-{digest(tokenizer.payload())[:16]}"
+
+        def write(tmp: Path) -> dict[str, SplitStats]:
+            return write_token_files(folder, tmp, tokenizer, vocabulary, stats, plan)
+
+        manifest = _prepare(
+            corpus, tokenizer, directory, workers, progress, say, write=write, started=started
+        )
+    return PreparedCorpus(directory, manifest, tokenizer, fresh=True)
 
 
 def prepare_text(
