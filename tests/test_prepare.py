@@ -373,7 +373,9 @@ def test_a_changed_source_is_noticed_and_prepared_again(tmp_path):
     assert "p" in verified.tokenizer.stoi
 
 
-def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_trusted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [CharTokenizerConfig(), WordTokenizerConfig()], ids=lambda c: c.kind)
+def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_trusted(tmp_path, monkeypatch, config):
+    """char writes its token files; word (fitted in one pass) its provisional files first."""
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT * 3, encoding="utf-8")
     data = DataConfig(train=str(path), cache_dir=str(tmp_path / "cache"))
@@ -390,12 +392,13 @@ def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_trusted(tmp_p
 
     monkeypatch.setattr(token_files, "open", FillingUp, raising=False)
     monkeypatch.setattr(token_files, "BATCH_CHARS", 500)  # several jobs: the disk fills after the first
-    message = one_line_error(lambda: prepared(data))
+    message = one_line_error(lambda: prepared(data, config))
     assert message.startswith("no space left for the prepared corpus") and "data.cache_dir" in message
     leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_dir()]
     assert len(leftovers) == 1 and not any(p.name.startswith("tok-") for p in (tmp_path / "cache").rglob("*"))
+    assert not list((tmp_path / "cache").rglob("*.words"))
     monkeypatch.delattr(token_files, "open")
-    assert prepared(data).fresh  # the next prepare starts clean and succeeds
+    assert prepared(data, config).fresh  # the next prepare starts clean and succeeds
 
 
 def test_two_processes_preparing_at_once_prepare_it_once(tmp_path):
