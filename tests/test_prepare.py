@@ -38,6 +38,7 @@ from lmzoo.data.streams import RandomWindows, SequentialBatches
 from lmzoo.data.tokenizer import (
     BpeTokenizerConfig,
     CharTokenizerConfig,
+    WordTokenizer,
     WordTokenizerConfig,
     fit_tokenizer,
 )
@@ -121,7 +122,7 @@ def test_a_word_vocabulary_counted_in_worker_processes_is_the_one_fitted_in_one(
 
 WORD_CORPORA = {
     "lines": ({"a.txt": TEXT + "ΟΔΟΣ <eos> <pad> the\n" + "only in validation\n" * 5}, {}, {}),
-    "line ends marked by <eos>": ({"a.txt": "a\x00b the\nowl a\n" * 30}, {}, {"min_freq": 2}),
+    "line ends marked by <eos>": ({"a.txt": "a\x00b the\nowl \x00 a\n" * 30}, {}, {"min_freq": 2}),
     "documents": (
         {"c.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in TEXT.splitlines() if t.strip())},
         {"split_by": "documents", "document_end": "the end\n"},
@@ -573,7 +574,8 @@ def test_the_char_encoder_and_vocabulary_pass_match_the_tokenizer(text):
     for dtype in (np.uint16, np.uint32):
         [fast] = encoder_for(tokenizer, dtype)([text])
         assert fast.dtype == dtype and fast.tolist() == tokenizer.encode(text)
-    assert _characters(iter([Piece(text, True), Piece(text[::-1], False)])) == set(text)
+    for workers in (1, 2):  # in this thread, and in threads of their own
+        assert _characters(iter([Piece(text, True), Piece(text[::-1], False)]), workers) == set(text)
 
 
 CHAR_CORPORA = {
@@ -647,3 +649,30 @@ def test_the_word_tokenizers_one_pass_encoding_and_counting_find_the_words_of_wo
     expected = Counter(words)
     expected.pop("<eos>", None)
     assert tokenizer.count_words(text) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(["ab", " ", "\n", "\x00", " \x00 ", "<eos>", "The", "é!", "\t"]), max_size=12
+        ).map("".join),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_words_numbered_in_one_pass_are_the_words_encoding_looks_up_and_fitting_counts(texts, counted):
+    """A line end is 0 (MARK, or <eos> in a text that holds MARK, where MARK is a word like any other)."""
+    config = WordTokenizerConfig()
+    tokenizer = fit_tokenizer(config, "ab the \x00 é\nab")
+    distinct, arrays, counts = word_pass.number_words(
+        WordTokenizer.splitter(config), texts, counted[: len(texts)]
+    )
+    for text, ids in zip(texts, arrays, strict=True):
+        looked_up = [
+            tokenizer.eos_id if n == 0 else tokenizer.stoi.get(distinct[n - 1], tokenizer.unk_id) for n in ids
+        ]
+        assert looked_up == tokenizer.encode(text)
+    expected = sum((tokenizer.count_words(t) for t, c in zip(texts, counted, strict=False) if c), Counter())
+    assert {distinct[i - 1]: int(c) for i, c in enumerate(counts) if c} == dict(expected)

@@ -2,9 +2,10 @@
 
 Word and BPE vocabularies are fitted on at most `tokenizer.fit_bytes` characters: the whole split when it
 is smaller (so small corpora get exactly the tokenizer they always got), else every k-th block of about
-SAMPLE_BLOCK characters, evenly spread over the split. Word counts come from every core's process. A char
-vocabulary comes from one cheap full pass. The fitted tokenizer is kept in the corpus's cache with the
-scan it saw.
+SAMPLE_BLOCK characters, evenly spread over the split. Word counts come from every core's process (or,
+when the sample is the whole split, from encoding itself: lmzoo.data.word_pass). A char vocabulary comes
+from one cheap full pass (over the bytes, for plain text files). The fitted tokenizer is kept in the
+corpus's cache with the scan it saw.
 """
 
 from __future__ import annotations

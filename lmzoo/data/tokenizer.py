@@ -269,6 +269,12 @@ class WordTokenizer(VocabTokenizer):
             return [get(w, unk) for w in self.words(text)]
         return list(map(self._lookup.__getitem__, marked))
 
+    def lookup_words(self, text: str) -> tuple[list[str], str]:
+        """The words `encode` looks up, in order, and the word that stands for a line end in them: MARK, or
+        <eos> where the text or the filters hold MARK (then MARK may be a word like any other)."""
+        marked = self._marked_words(text)
+        return (self.words(text), EOS) if marked is None else (marked, MARK)
+
     def _marked_words(self, text: str) -> list[str] | None:
         """words(text), line ends as MARK, in a few passes over the whole text instead of one per line
         (None when the text or the filters hold MARK: only words() tells those apart)."""

@@ -46,21 +46,22 @@ Numbered = tuple[list[str], list[np.ndarray], np.ndarray]  # distinct words, num
 def number_words(splitter: WordTokenizer, texts: list[str], counted: list[bool]) -> Numbered:
     """Each text's words as numbers: 0 for a line end, else 1 + the word's place among the distinct words
     of all `texts`; with how often each number occurs in the counted texts."""
-    split = [_words(splitter, text) for text in texts]
-    distinct = [w for w in dict.fromkeys(itertools.chain.from_iterable(split)) if w not in (MARK, EOS)]
+    looked_up = [splitter.lookup_words(text) for text in texts]
+    mark_is_word = any(end == EOS and MARK in words for words, end in looked_up)  # texts that hold MARK
+    line_ends = {EOS} if mark_is_word else {EOS, MARK}
+    chained = itertools.chain.from_iterable(words for words, _ in looked_up)
+    distinct = [w for w in dict.fromkeys(chained) if w not in line_ends]
     numbers = dict(zip(distinct, range(1, len(distinct) + 1), strict=True))
-    numbers[MARK] = numbers[EOS] = LINE_END
-    arrays = [np.fromiter(map(numbers.__getitem__, words), np.uint32, len(words)) for words in split]
+    numbers.update(dict.fromkeys(line_ends, LINE_END))
+    marked = {**numbers, MARK: LINE_END} if mark_is_word else numbers
+    arrays = [
+        np.fromiter(map((marked if end == MARK else numbers).__getitem__, words), np.uint32, len(words))
+        for words, end in looked_up
+    ]
     fitted = [ids for ids, count in zip(arrays, counted, strict=True) if count]
     counts = np.bincount(np.concatenate(fitted), minlength=len(distinct) + 1) if fitted else np.zeros(1, int)
     counts[LINE_END] = 0
     return distinct, arrays, counts
-
-
-def _words(splitter: WordTokenizer, text: str) -> list[str]:
-    """The words `WordTokenizer.encode` looks up (line ends as MARK, or as <eos> where the text holds MARK)."""
-    marked = splitter._marked_words(text)
-    return splitter.words(text) if marked is None else marked
 
 
 _SPLITTER: WordTokenizer | None = None
