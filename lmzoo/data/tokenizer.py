@@ -236,7 +236,7 @@ class WordTokenizer(VocabTokenizer):
     def count_words(self, text: str) -> Counter[str]:
         """How often each word occurs in `text` (line ends not counted). Counts of texts cut at whitespace
         add up to the counts of the whole text."""
-        marked = self._marked_words(text)
+        marked = self.marked_words(text)
         counts = Counter(self.words(text) if marked is None else marked)
         counts.pop(EOS, None)
         if marked is not None:
@@ -263,19 +263,13 @@ class WordTokenizer(VocabTokenizer):
         )
 
     def encode(self, text: str) -> list[int]:
-        marked = self._marked_words(text)
+        marked = self.marked_words(text)
         if marked is None:
             get, unk = self.stoi.get, self.unk_id
             return [get(w, unk) for w in self.words(text)]
         return list(map(self._lookup.__getitem__, marked))
 
-    def lookup_words(self, text: str) -> tuple[list[str], str]:
-        """The words `encode` looks up, in order, and the word that stands for a line end in them: MARK, or
-        <eos> where the text or the filters hold MARK (then MARK may be a word like any other)."""
-        marked = self._marked_words(text)
-        return (self.words(text), EOS) if marked is None else (marked, MARK)
-
-    def _marked_words(self, text: str) -> list[str] | None:
+    def marked_words(self, text: str) -> list[str] | None:
         """words(text), line ends as MARK, in a few passes over the whole text instead of one per line
         (None when the text or the filters hold MARK: only words() tells those apart)."""
         if MARK in text or MARK in self.filters:

@@ -46,7 +46,7 @@ Numbered = tuple[list[str], list[np.ndarray], np.ndarray]  # distinct words, num
 def number_words(splitter: WordTokenizer, texts: list[str], counted: list[bool]) -> Numbered:
     """Each text's words as numbers: 0 for a line end, else 1 + the word's place among the distinct words
     of all `texts`; with how often each number occurs in the counted texts."""
-    looked_up = [splitter.lookup_words(text) for text in texts]
+    looked_up = [_looked_up(splitter, text) for text in texts]
     mark_is_word = any(end == EOS and MARK in words for words, end in looked_up)  # texts that hold MARK
     line_ends = {EOS} if mark_is_word else {EOS, MARK}
     chained = itertools.chain.from_iterable(words for words, _ in looked_up)
@@ -62,6 +62,13 @@ def number_words(splitter: WordTokenizer, texts: list[str], counted: list[bool])
     counts = np.bincount(np.concatenate(fitted), minlength=len(distinct) + 1) if fitted else np.zeros(1, int)
     counts[LINE_END] = 0
     return distinct, arrays, counts
+
+
+def _looked_up(splitter: WordTokenizer, text: str) -> tuple[list[str], str]:
+    """The words `WordTokenizer.encode` looks up, in order, and the word that stands for a line end in
+    them: MARK, or <eos> where the text or the filters hold MARK (then MARK may be a word like any other)."""
+    marked = splitter.marked_words(text)
+    return (splitter.words(text), EOS) if marked is None else (marked, MARK)
 
 
 _SPLITTER: WordTokenizer | None = None
