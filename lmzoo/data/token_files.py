@@ -23,6 +23,10 @@ from lmzoo.data.tokenizer import EOS, Tokenizer
 BATCH_CHARS = 1 << 22  # characters of text per encoding job
 WRITES_AHEAD = 2  # writes the encoding may be ahead of the disk
 
+Tag = tuple[str, bool, int]  # a piece's split, whether it ends a document, its characters
+Jobs = Iterator[tuple[list[Tag], list[str]]]
+Encoded = Iterator[tuple[list[Tag], list[np.ndarray]]]
+
 
 @dataclass
 class SplitStats:
@@ -41,9 +45,9 @@ def separator_ids(tokenizer: Tokenizer, document_end: str) -> list[int]:
     return tokenizer.encode(document_end) if document_end else []
 
 
-def _jobs(pieces: Iterator[tuple[str, Piece]]) -> Iterator[tuple[list[tuple[str, bool, int]], list[str]]]:
+def _jobs(pieces: Iterator[tuple[str, Piece]]) -> Jobs:
     """Consecutive pieces grouped into jobs of about BATCH_CHARS characters: (tags, texts)."""
-    tags: list[tuple[str, bool, int]] = []
+    tags: list[Tag] = []
     texts: list[str] = []
     size = 0
     for split, piece in pieces:
@@ -55,11 +59,6 @@ def _jobs(pieces: Iterator[tuple[str, Piece]]) -> Iterator[tuple[list[tuple[str,
             tags, texts, size = [], [], 0
     if texts:
         yield tags, texts
-
-
-Tag = tuple[str, bool, int]  # a piece's split, whether it ends a document, its characters
-Jobs = Iterator[tuple[list[Tag], list[str]]]
-Encoded = Iterator[tuple[list[Tag], list[np.ndarray]]]
 
 
 def write_splits(
