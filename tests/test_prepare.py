@@ -107,7 +107,7 @@ def test_a_word_vocabulary_counted_in_worker_processes_is_the_one_fitted_in_one(
 
     monkeypatch.setattr(fit_module, "JOB_CHARS", 64)  # many jobs
     monkeypatch.setattr(fit_module, "in_workers", spy)
-    monkeypatch.setattr(prepare_module, "whole_sample", lambda *_: False)  # fitted first, then encoded
+    monkeypatch.setattr(prepare_module, "encode_in_one_pass", in_two_passes)  # fitted first, then encoded
     for config in (WordTokenizerConfig(), WordTokenizerConfig(lowercase=False, filters="", min_freq=2)):
         found = []
         for workers in (1, 2):
@@ -120,6 +120,7 @@ def test_a_word_vocabulary_counted_in_worker_processes_is_the_one_fitted_in_one(
     assert len(jobs) > 10
 
 
+LINES = TEXT.splitlines()
 WORD_CORPORA = {
     "lines": ({"a.txt": TEXT + "ΟΔΟΣ <eos> <pad> the\n" + "only in validation\n" * 5}, {}, {}),
     "line ends marked by <eos>": ({"a.txt": "a\x00b the\nowl \x00 a\n" * 30}, {}, {"min_freq": 2}),
@@ -134,7 +135,35 @@ WORD_CORPORA = {
         {"val": "v.txt", "split": (0.8, 0, 0.2)},
         {},
     ),
+    # larger than tokenizer.fit_bytes: every k-th block of the text, until fit_bytes characters are taken
+    # the first half of the files is most of the text: the sample reaches fit_bytes before its end
+    "a sample of files": (
+        {
+            f"d/{i:02}.txt": (" ".join(f"w{i}x{j}" for j in range(50)) + "\n" if i < 10 else "v\n")
+            for i in range(20)
+        },
+        {"split": (0.5, 0.5, 0.0)},
+        {"fit_bytes": 600},
+    ),
+    "a sample of lines": (
+        {"a.txt": TEXT * 12 + "".join(f"w{i}\n" for i in range(300))},
+        {},
+        {"fit_bytes": 4000},
+    ),
+    "a sample of documents": (
+        {
+            "c.jsonl": "".join(
+                json.dumps({"text": f"{t} d{i % 50}"}) + "\n" for i, t in enumerate(TEXT.splitlines() * 4)
+            )
+        },
+        {"split_by": "documents"},
+        {"fit_bytes": 1800},
+    ),
 }
+
+
+def in_two_passes(*args, **kwargs):
+    raise word_pass.NotInOnePass
 
 
 @pytest.mark.parametrize("case", WORD_CORPORA, ids=str)
@@ -142,25 +171,29 @@ WORD_CORPORA = {
 def test_a_word_vocabulary_fitted_while_encoding_gives_the_files_of_fitting_first(
     tmp_path, monkeypatch, case, workers
 ):
-    """Corpora within tokenizer.fit_bytes are split into words once: the tokenizer and the token files
-    equal those of fitting first and encoding after."""
+    """A corpus is split into words once: the tokenizer (on all of the text or on the fit sample) and the
+    token files equal those of fitting first and encoding after."""
     files, options, tokenizer_options = WORD_CORPORA[case]
     for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text, encoding="utf-8")
-    train = [str(tmp_path / n) for n in files if n != "v.txt"]
+    train = (
+        [str(tmp_path / "d")] if "d/00.txt" in files else [str(tmp_path / n) for n in files if n != "v.txt"]
+    )
     options = {**options, "val": str(tmp_path / options["val"])} if "val" in options else options
     config = WordTokenizerConfig(**tokenizer_options)
+    monkeypatch.setattr(fit_module, "SAMPLE_BLOCK", 64)  # many sample blocks in a small corpus
     passes = []
     real = prepare_module.encode_in_one_pass
-    monkeypatch.setattr(
-        prepare_module, "encode_in_one_pass", lambda *a, **k: passes.append(1) or real(*a, **k)
-    )
+
+    def one_pass(*args, **kwargs):
+        passes.append(1)
+        return real(*args, **kwargs)
+
     found = []
-    for one_pass in (True, False):
-        monkeypatch.setattr(prepare_module, "whole_sample", lambda *_, keep=one_pass: keep)
-        data = DataConfig(
-            train=train, cache_dir=str(tmp_path / f"cache-{one_pass}"), workers=workers, **options
-        )
+    for name, encode in (("one", one_pass), ("two", in_two_passes)):
+        monkeypatch.setattr(prepare_module, "encode_in_one_pass", encode)
+        data = DataConfig(train=train, cache_dir=str(tmp_path / name), workers=workers, **options)
         found.append(prepared(data, config))
     assert passes == [1]
     one, two = found
@@ -168,29 +201,47 @@ def test_a_word_vocabulary_fitted_while_encoding_gives_the_files_of_fitting_firs
     assert one.manifest["splits"] == two.manifest["splits"] and one.manifest["dtype"] == two.manifest["dtype"]
     for split in ("train", "val", "test"):
         assert np.array_equal(one.tokens(split), two.tokens(split))
-    assert not list((tmp_path / "cache-True").rglob("*.words"))  # the provisional files are gone
-    again = prepared(
-        DataConfig(train=train, cache_dir=str(tmp_path / "cache-True"), workers=workers, **options), config
-    )
-    assert not again.fresh and passes == [1]
+    assert not list((tmp_path / "one").rglob("*.words"))  # the provisional files are gone
+    monkeypatch.setattr(prepare_module, "encode_in_one_pass", one_pass)
+    data = DataConfig(train=train, cache_dir=str(tmp_path / "one"), workers=workers, **options)
+    assert not prepared(data, config).fresh and passes == [1]  # the fitted tokenizer was kept
 
 
 def test_text_cut_inside_a_line_is_fitted_first_and_encoded_after(tmp_path, monkeypatch):
-    fitted = word_pass._Fitted(WordTokenizerConfig())
-    jobs = iter([([("train", False, 3), ("train", True, 3)], ["ab\n", "cd"])])
-    assert list(fitted.flag(jobs))[0][1][1] == [True, True]
-    with pytest.raises(word_pass.NotInOnePass):
-        list(fitted.flag(iter([([("train", False, 2)], ["ab"])])))
-
-    def cut(*args, **kwargs):
-        raise word_pass.NotInOnePass
-
     path = tmp_path / "a.txt"
     path.write_text(TEXT, encoding="utf-8")
-    monkeypatch.setattr(prepare_module, "encode_in_one_pass", cut)
-    corpus = prepared(DataConfig(train=str(path), cache_dir=str(tmp_path / "c")), WordTokenizerConfig())
+    data = DataConfig(train=str(path), cache_dir=str(tmp_path / "c"))
+    fitted = word_pass._Fitted(
+        scanned(plan_corpus(data), verify=False, progress=False, say=quiet), WordTokenizerConfig()
+    )
+    jobs = iter([([("train", False, 3), ("train", True, 2), ("val", True, 2)], ["ab\n", "cd", "ef"])])
+    assert list(fitted.flag(jobs))[0][1][1] == [[(0, 3)], [(0, 2)], []]
+    with pytest.raises(word_pass.NotInOnePass):
+        list(fitted.flag(iter([([("train", False, 2)], ["ab"])])))
+    monkeypatch.setattr(prepare_module, "encode_in_one_pass", in_two_passes)
+    corpus = prepared(data, WordTokenizerConfig())
     reference = fit_tokenizer(WordTokenizerConfig(), "".join(TEXT.splitlines(keepends=True)[:45]))
     assert corpus.tokenizer.payload() == reference.payload()
+
+
+def test_a_corpus_of_too_many_words_or_a_thin_sample_is_fitted_first(tmp_path, monkeypatch):
+    """The one pass holds every distinct word of the corpus: past MOST_WORDS it gives way to two passes
+    (memory stays bounded), as it does where the fit sample is a small share of the text."""
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    reference = fit_tokenizer(WordTokenizerConfig(), "".join(TEXT.splitlines(keepends=True)[:45]))
+    monkeypatch.setattr(word_pass, "MOST_WORDS", 8)
+    fits, fit_first = [], prepare_module.fitted_tokenizer
+    monkeypatch.setattr(
+        prepare_module, "fitted_tokenizer", lambda *a, **k: fits.append(1) or fit_first(*a, **k)
+    )
+    corpus = prepared(DataConfig(train=str(path), cache_dir=str(tmp_path / "c")), WordTokenizerConfig())
+    assert fits == [1]
+    assert corpus.tokenizer.payload() == reference.payload() and reference.vocab_size > 8
+    assert not list((tmp_path / "c").rglob("*.words")) and not list((tmp_path / "c").rglob("scratch*"))
+    scan = scanned(plan_corpus(DataConfig(train=str(path))), verify=False, progress=False, say=quiet)
+    assert word_pass.in_one_pass(scan, WordTokenizerConfig())
+    assert not word_pass.in_one_pass(scan, WordTokenizerConfig(fit_bytes=len(TEXT) // 5))
 
 
 def test_a_word_vocabulary_of_blank_text_is_one_line_in_one_pass(tmp_path):
@@ -663,12 +714,16 @@ def test_the_word_tokenizers_one_pass_encoding_and_counting_find_the_words_of_wo
     st.lists(st.booleans(), min_size=4, max_size=4),
 )
 def test_words_numbered_in_one_pass_are_the_words_encoding_looks_up_and_fitting_counts(texts, counted):
-    """A line end is 0 (MARK, or <eos> in a text that holds MARK, where MARK is a word like any other)."""
+    """A line end is 0 (MARK, or <eos> in a text that holds MARK, where MARK is a word like any other).
+    Counted texts are counted whole or in two parts cut after their first line end (as sample blocks)."""
     config = WordTokenizerConfig()
     tokenizer = fit_tokenizer(config, "ab the \x00 é\nab")
-    distinct, arrays, counts = word_pass.number_words(
-        WordTokenizer.splitter(config), texts, counted[: len(texts)]
-    )
+    parts = []
+    for text, count in zip(texts, counted, strict=False):
+        cut = text.find("\n") + 1
+        whole = [(0, len(text))] if text else []
+        parts.append(([(0, cut), (cut, len(text))] if 0 < cut < len(text) else whole) if count else [])
+    distinct, arrays, counts = word_pass.number_words(WordTokenizer.splitter(config), texts, parts)
     for text, ids in zip(texts, arrays, strict=True):
         looked_up = [
             tokenizer.eos_id if n == 0 else tokenizer.stoi.get(distinct[n - 1], tokenizer.unk_id) for n in ids

@@ -2,8 +2,8 @@
 
 Word and BPE vocabularies are fitted on at most `tokenizer.fit_bytes` characters: the whole split when it
 is smaller (so small corpora get exactly the tokenizer they always got), else every k-th block of about
-SAMPLE_BLOCK characters, evenly spread over the split. Word counts come from every core's process (or,
-when the sample is the whole split, from encoding itself: lmzoo.data.word_pass). A char vocabulary comes
+SAMPLE_BLOCK characters, evenly spread over the split. Word counts come from every core's process (or
+from encoding itself: lmzoo.data.word_pass). A char vocabulary comes
 from one cheap full pass (over the bytes, for plain text files). The fitted tokenizer is kept in the
 corpus's cache with the scan it saw.
 """
@@ -63,7 +63,7 @@ def _fit_sample(corpus: Scanned, config: TokenizerConfig) -> Iterator[str]:
     """The sample a word or BPE tokenizer is fitted on, in parts: at most `fit_bytes` characters, all of the
     fitted splits when they are smaller, else every k-th block of about SAMPLE_BLOCK characters; then the
     document separator."""
-    limit, stride = config.fit_bytes, _stride(corpus, config)
+    limit, stride = config.fit_bytes, sample_stride(corpus, config)
     size = index = 0
     for _, piece in _fitted_pieces(corpus, config):
         text = piece.text if not piece.ends_document or piece.text.endswith("\n") else piece.text + "\n"
@@ -206,11 +206,17 @@ def _joined(texts: Iterator[str], size: int) -> Iterator[str]:
 
 
 def _blocks(text: str) -> Iterator[str]:
+    return (text[start:end] for start, end in sample_blocks(text))
+
+
+def sample_blocks(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of the blocks the fit sample is drawn from: about SAMPLE_BLOCK characters, ending at a
+    line end."""
     start = 0
     while start < len(text):
         end = text.find("\n", start + SAMPLE_BLOCK)
         end = len(text) if end == -1 else end + 1
-        yield text[start:end]
+        yield start, end
         start = end
 
 
@@ -222,12 +228,8 @@ def _fit_bytes_estimate(corpus: Scanned, wanted: set[str]) -> float:
     return train_role + sum(size for role, size in sizes.items() if role != "train" and role in wanted)
 
 
-def whole_sample(corpus: Scanned, config: TokenizerConfig) -> bool:
-    """Whether the fit sample is all of the fitted splits' text (they are within `fit_bytes`)."""
-    return _stride(corpus, config) == 1
-
-
-def _stride(corpus: Scanned, config: TokenizerConfig) -> int:
+def sample_stride(corpus: Scanned, config: TokenizerConfig) -> int:
+    """The fit sample takes every k-th block of the fitted splits' text: this k (1: all of it)."""
     return max(1, math.ceil(_fit_bytes_estimate(corpus, fitted_splits(config)) / config.fit_bytes))
 
 

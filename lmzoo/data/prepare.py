@@ -6,8 +6,8 @@ Three streaming passes, none of which holds the corpus in memory:
 2. fit (lmzoo.data.fit): the tokenizer, on a bounded deterministic sample of the training split;
 3. encode (here): text routed to its split (lmzoo.data.corpus), encoded on every core
    (lmzoo.data.encoders), appended to <split>.bin (lmzoo.data.token_files); documents are separated by
-   `data.document_end`. A word vocabulary fitted on all of the text is fitted while it is encoded, in
-   one pass (lmzoo.data.word_pass).
+   `data.document_end`. A word vocabulary is mostly fitted while the text is encoded, in one pass
+   (lmzoo.data.word_pass).
 
 Prepared corpora live in a cache keyed by corpus and tokenizer (lmzoo.data.cache), shared by every run
 that uses them; one process prepares while the others wait, and a prepare that fails leaves nothing
@@ -40,11 +40,11 @@ from lmzoo.data.cache import (
 )
 from lmzoo.data.corpus import plan_corpus
 from lmzoo.data.encoders import PARALLEL_BYTES, cores, encode_all, id_dtype
-from lmzoo.data.fit import fitted_tokenizer, keep_fit, saved_fit, whole_sample
+from lmzoo.data.fit import fitted_tokenizer, keep_fit, saved_fit
 from lmzoo.data.scan import Say, Scanned, scanned, to_stderr
 from lmzoo.data.token_files import SplitStats, carve_token_tail, separator_ids, write_splits
 from lmzoo.data.tokenizer import Tokenizer
-from lmzoo.data.word_pass import NotInOnePass, encode_in_one_pass, write_token_files
+from lmzoo.data.word_pass import NotInOnePass, encode_in_one_pass, in_one_pass, write_token_files
 from lmzoo.errors import DataError
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def prepare_corpus(
         jobs = workers or _workers(corpus)
         if isinstance(tokenizer, TokenizerConfig):
             config, fitted = tokenizer, saved_fit(corpus, tokenizer)
-            if fitted is None and not reuse_only and config.kind == "word" and whole_sample(corpus, config):
+            if fitted is None and not reuse_only and in_one_pass(corpus, config):
                 prepared = _prepare_in_one_pass(corpus, config, jobs, progress, say)
                 if prepared is not None:
                     return prepared

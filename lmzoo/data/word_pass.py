@@ -1,16 +1,17 @@
 """A word vocabulary fitted while the corpus is encoded: one pass over the text instead of two.
 
-When the fit sample is all of the fitted text (corpora within `tokenizer.fit_bytes`), fitting a word
-vocabulary and encoding split the same text into the same words. Here each job's texts are split once, in
-the worker processes: each word is numbered by its place among the job's distinct words, and the words of
-fitted text are counted. This process gives every distinct word of the corpus a number, adds up the
-counts and writes the numbers (uint32) to provisional files. The vocabulary is then made from the counts
-as `WordTokenizer.from_counts` makes it from the fit's, and one read of the provisional files writes the
-token files: the same tokenizer and files as fitting first and encoding after (a test compares them).
+Fitting a word vocabulary and encoding split the same text into the same words. Here each job's texts are
+split once, in the worker processes: each word is numbered by its place among the job's distinct words,
+and the words the fit sample takes (all of the fitted splits' text, or its every k-th block) are counted.
+This process gives every distinct word of the corpus a number, adds up the counts and writes the numbers
+(uint32) to provisional files. The vocabulary is then made from the counts as `WordTokenizer.from_counts`
+makes it from the fit's, and one read of the provisional files writes the token files: the same tokenizer
+and files as fitting first and encoding after (tests compare them).
 
-Counting text piece by piece counts what the fit counts when every piece ends at whitespace or at the
-end of a document; a piece cut inside a line (a line of more than 16 MB) raises `NotInOnePass`, and the
-corpus is prepared in two passes.
+The corpus is left to two passes (`NotInOnePass`) where the fit sample is a small share of the text
+(every MOST_STRIDE-th block or less: the fit is then a small share of the time too), where the corpus has
+more than MOST_WORDS distinct words (this process holds them all), and where a piece of text is cut
+inside a line (a line of more than 16 MB), which the fit counts differently.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from lmzoo.config.schema import TokenizerConfig
 from lmzoo.data.corpus import SPLITS, CorpusPlan
 from lmzoo.data.encoders import id_dtype, in_workers
-from lmzoo.data.fit import fitted_splits, separator_text
+from lmzoo.data.fit import fitted_splits, sample_blocks, sample_stride, separator_text
 from lmzoo.data.scan import Scanned
 from lmzoo.data.token_files import Jobs, SplitStats, Tag, carve_token_tail, write_splits
 from lmzoo.data.tokenizer import EOS, MARK, WordTokenizer
@@ -34,6 +35,8 @@ from lmzoo.errors import DataError
 LINE_END = 0  # a line end's number (it becomes <eos>; line ends are not counted)
 PROVISIONAL = ".words"  # the provisional files' suffix
 REMAP_BLOCK = 1 << 22  # numbers read at a time when writing the token files
+MOST_WORDS = 1 << 22  # distinct words this process numbers before leaving the corpus to two passes
+MOST_STRIDE = 4  # one pass while the fit sample is at least every 4th block: beyond, the fit is a small share
 
 
 class NotInOnePass(Exception):
@@ -43,9 +46,12 @@ class NotInOnePass(Exception):
 Numbered = tuple[list[str], list[np.ndarray], np.ndarray]  # distinct words, numbers per text, counts
 
 
-def number_words(splitter: WordTokenizer, texts: list[str], counted: list[bool]) -> Numbered:
+Ranges = list[tuple[int, int]]  # (start, end) of the parts of a text the fit counts
+
+
+def number_words(splitter: WordTokenizer, texts: list[str], counted: list[Ranges]) -> Numbered:
     """Each text's words as numbers: 0 for a line end, else 1 + the word's place among the distinct words
-    of all `texts`; with how often each number occurs in the counted texts."""
+    of all `texts`; with how often each number occurs in the counted parts of the texts."""
     looked_up = [_looked_up(splitter, text) for text in texts]
     mark_is_word = any(end == EOS and MARK in words for words, end in looked_up)  # texts that hold MARK
     line_ends = {EOS} if mark_is_word else {EOS, MARK}
@@ -58,7 +64,15 @@ def number_words(splitter: WordTokenizer, texts: list[str], counted: list[bool])
         np.fromiter(map((marked if end == MARK else numbers).__getitem__, words), np.uint32, len(words))
         for words, end in looked_up
     ]
-    fitted = [ids for ids, count in zip(arrays, counted, strict=True) if count]
+    fitted = []
+    for text, ids, ranges in zip(texts, arrays, counted, strict=True):
+        if ranges == [(0, len(text))]:
+            fitted.append(ids)
+            continue
+        for start, end in ranges:  # blocks of the fit sample: they end at line ends, so words stay whole
+            words, line_end = _looked_up(splitter, text[start:end])
+            table = marked if line_end == MARK else numbers
+            fitted.append(np.fromiter(map(table.__getitem__, words), np.uint32, len(words)))
     counts = np.bincount(np.concatenate(fitted), minlength=len(distinct) + 1) if fitted else np.zeros(1, int)
     counts[LINE_END] = 0
     return distinct, arrays, counts
@@ -79,7 +93,7 @@ def _start_worker(config: TokenizerConfig) -> None:
     _SPLITTER = WordTokenizer.splitter(config)
 
 
-def _number_in_worker(job: tuple[list[str], list[bool]]) -> Numbered:
+def _number_in_worker(job: tuple[list[str], list[Ranges]]) -> Numbered:
     assert _SPLITTER is not None
     return number_words(_SPLITTER, *job)
 
@@ -95,6 +109,8 @@ class Vocabulary:
     def add(self, distinct: list[str], counts: np.ndarray) -> np.ndarray:
         """Take in a job's distinct words and counts; return its numbers -> corpus numbers."""
         new = [w for w in distinct if w not in self.numbers]
+        if len(self.words) + len(new) > MOST_WORDS:  # memory grows with the corpus's distinct words
+            raise NotInOnePass
         self.numbers.update(zip(new, range(len(self.words), len(self.words) + len(new)), strict=True))
         self.words.extend(new)
         self.counts = np.concatenate([self.counts, np.zeros(len(new), dtype=np.int64)])
@@ -108,14 +124,21 @@ class Vocabulary:
         return WordTokenizer.from_counts(counts, config)
 
 
+def in_one_pass(corpus: Scanned, config: TokenizerConfig) -> bool:
+    """Whether a tokenizer of `config` is fitted while `corpus` is encoded: a word vocabulary whose fit
+    sample is a large share of the text (at least every MOST_STRIDE-th block)."""
+    return config.kind == "word" and sample_stride(corpus, config) <= MOST_STRIDE
+
+
 def encode_in_one_pass(
     corpus: Scanned, config: TokenizerConfig, scratch: Path, *, workers: int, progress: bool
 ) -> tuple[WordTokenizer, Vocabulary, dict[str, SplitStats]]:
     """Write every split's words as corpus numbers to <split>.words in `scratch`; return the tokenizer
     fitted on the way, the numbering and what each split holds."""
-    splitter, vocabulary, fitted = WordTokenizer.splitter(config), Vocabulary(), _Fitted(config)
+    splitter, vocabulary, fitted = WordTokenizer.splitter(config), Vocabulary(), _Fitted(corpus, config)
     # The fit sample ends with the separator's text: its words are counted once.
-    distinct, [ids], counts = number_words(splitter, [separator_text(corpus)], [True])
+    separator = separator_text(corpus)
+    distinct, [ids], counts = number_words(splitter, [separator], [[(0, len(separator))]])
     table = vocabulary.add(distinct, counts)
     document_end = corpus.plan.data.document_end
     between = np.asarray([LINE_END], dtype=np.uint32) if document_end == EOS else np.take(table, ids)
@@ -132,31 +155,47 @@ def encode_in_one_pass(
             yield tags, [np.take(table, ids) for ids in arrays]
 
     stats = write_splits(corpus, scratch, encode, between, progress=progress, suffix=PROVISIONAL)
-    if not fitted.text and not separator_text(corpus).strip():
+    if not fitted.text and not separator.strip():
         raise DataError("cannot fit a tokenizer on empty text")
     return vocabulary.tokenizer(config), vocabulary, stats
 
 
 class _Fitted:
-    """Which texts the fit counts: those of the fitted splits, until `fit_bytes` characters are taken (as
-    the fit sample takes them)."""
+    """Which parts of which texts the fit counts, as the fit sample takes them: the fitted splits' text,
+    every k-th block of it when it is larger than `fit_bytes`, until `fit_bytes` characters are taken."""
 
-    def __init__(self, config: TokenizerConfig) -> None:
+    def __init__(self, corpus: Scanned, config: TokenizerConfig) -> None:
         self.splits, self.limit = fitted_splits(config), config.fit_bytes
-        self.size, self.text = 0, False  # characters taken; whether any is not whitespace
+        self.stride = sample_stride(corpus, config)
+        self.size = self.index = 0  # characters taken; blocks passed
+        self.text = False  # whether any taken text is not whitespace
 
-    def flag(self, jobs: Jobs) -> Iterator[tuple[list[Tag], tuple[list[str], list[bool]]]]:
+    def flag(self, jobs: Jobs) -> Iterator[tuple[list[Tag], tuple[list[str], list[Ranges]]]]:
         for tags, texts in jobs:
-            counted = []
-            for (split, ends, _), text in zip(tags, texts, strict=True):
-                count = split in self.splits and self.size < self.limit
-                if count:
-                    if not ends and not text[-1:].isspace():
-                        raise NotInOnePass
-                    self.size += len(text) + (ends and not text.endswith("\n"))
-                    self.text = self.text or (bool(text) and not text.isspace())
-                counted.append(count)
+            counted = [
+                self._parts(split, ends, text) for (split, ends, _), text in zip(tags, texts, strict=True)
+            ]
             yield tags, (texts, counted)
+
+    def _parts(self, split: str, ends: bool, text: str) -> Ranges:
+        if split not in self.splits or self.size >= self.limit:
+            return []
+        if not ends and not text[-1:].isspace():
+            raise NotInOnePass
+        sampled = text if not ends or text.endswith("\n") else text + "\n"  # as the fit sample has it
+        if self.stride == 1:
+            self.size += len(sampled)
+            parts = [(0, len(text))]
+        else:
+            parts = []
+            for start, end in sample_blocks(sampled):
+                if self.index % self.stride == 0:
+                    parts.append((start, min(end, len(text))))
+                    self.size += end - start
+                self.index += 1
+        parts = [(start, end) for start, end in parts if end > start]
+        self.text = self.text or any(not text[start:end].isspace() for start, end in parts)
+        return parts
 
 
 def write_token_files(
