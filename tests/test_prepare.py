@@ -215,7 +215,7 @@ def test_text_cut_inside_a_line_is_fitted_first_and_encoded_after(tmp_path, monk
         scanned(plan_corpus(data), verify=False, progress=False, say=quiet), WordTokenizerConfig()
     )
     jobs = iter([([("train", False, 3), ("train", True, 2), ("val", True, 2)], ["ab\n", "cd", "ef"])])
-    assert list(fitted.flag(jobs))[0][1][1] == [[(0, 3)], [(0, 2)], []]
+    assert list(fitted.flag(jobs))[0][1][1] == [[(0, 3, True)], [(0, 2, True)], [(0, 2, False)]]
     with pytest.raises(word_pass.NotInOnePass):
         list(fitted.flag(iter([([("train", False, 2)], ["ab"])])))
     monkeypatch.setattr(prepare_module, "encode_in_one_pass", in_two_passes)
@@ -715,19 +715,24 @@ def test_the_word_tokenizers_one_pass_encoding_and_counting_find_the_words_of_wo
 )
 def test_words_numbered_in_one_pass_are_the_words_encoding_looks_up_and_fitting_counts(texts, counted):
     """A line end is 0 (MARK, or <eos> in a text that holds MARK, where MARK is a word like any other).
-    Counted texts are counted whole or in two parts cut after their first line end (as sample blocks)."""
+    A counted text is cut after its first line end (as blocks of the fit sample), and only its first part
+    counted."""
     config = WordTokenizerConfig()
     tokenizer = fit_tokenizer(config, "ab the \x00 é\nab")
-    parts = []
+    parts, counted_text = [], []
     for text, count in zip(texts, counted, strict=False):
         cut = text.find("\n") + 1
-        whole = [(0, len(text))] if text else []
-        parts.append(([(0, cut), (cut, len(text))] if 0 < cut < len(text) else whole) if count else [])
+        if count and 0 < cut < len(text):
+            parts.append([(0, cut, True), (cut, len(text), False)])
+            counted_text.append(text[:cut])
+        else:
+            parts.append([(0, len(text), count)])
+            counted_text.append(text if count else "")
     distinct, arrays, counts = word_pass.number_words(WordTokenizer.splitter(config), texts, parts)
     for text, ids in zip(texts, arrays, strict=True):
         looked_up = [
             tokenizer.eos_id if n == 0 else tokenizer.stoi.get(distinct[n - 1], tokenizer.unk_id) for n in ids
         ]
         assert looked_up == tokenizer.encode(text)
-    expected = sum((tokenizer.count_words(t) for t, c in zip(texts, counted, strict=False) if c), Counter())
+    expected = sum((tokenizer.count_words(t) for t in counted_text), Counter())
     assert {distinct[i - 1]: int(c) for i, c in enumerate(counts) if c} == dict(expected)

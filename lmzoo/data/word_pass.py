@@ -46,33 +46,34 @@ class NotInOnePass(Exception):
 Numbered = tuple[list[str], list[np.ndarray], np.ndarray]  # distinct words, numbers per text, counts
 
 
-Ranges = list[tuple[int, int]]  # (start, end) of the parts of a text the fit counts
+Parts = list[tuple[int, int, bool]]  # a text cut in parts: (start, end, whether the fit counts it)
 
 
-def number_words(splitter: WordTokenizer, texts: list[str], counted: list[Ranges]) -> Numbered:
+def number_words(splitter: WordTokenizer, texts: list[str], parts: list[Parts]) -> Numbered:
     """Each text's words as numbers: 0 for a line end, else 1 + the word's place among the distinct words
-    of all `texts`; with how often each number occurs in the counted parts of the texts."""
-    looked_up = [_looked_up(splitter, text) for text in texts]
-    mark_is_word = any(end == EOS and MARK in words for words, end in looked_up)  # texts that hold MARK
+    of all `texts`; with how often each number occurs in the counted parts. Parts end at line ends (blocks
+    of the fit sample), so splitting them one by one splits the text as a whole."""
+    pieces = [
+        (*_looked_up(splitter, text if len(cuts) == 1 else text[start:end]), counted)
+        for text, cuts in zip(texts, parts, strict=True)
+        for start, end, counted in cuts
+    ]
+    mark_is_word = any(end == EOS and MARK in words for words, end, _ in pieces)  # texts that hold MARK
     line_ends = {EOS} if mark_is_word else {EOS, MARK}
-    chained = itertools.chain.from_iterable(words for words, _ in looked_up)
+    chained = itertools.chain.from_iterable(words for words, _, _ in pieces)
     distinct = [w for w in dict.fromkeys(chained) if w not in line_ends]
     numbers = dict(zip(distinct, range(1, len(distinct) + 1), strict=True))
     numbers.update(dict.fromkeys(line_ends, LINE_END))
     marked = {**numbers, MARK: LINE_END} if mark_is_word else numbers
-    arrays = [
+    ids = [
         np.fromiter(map((marked if end == MARK else numbers).__getitem__, words), np.uint32, len(words))
-        for words, end in looked_up
+        for words, end, _ in pieces
     ]
-    fitted = []
-    for text, ids, ranges in zip(texts, arrays, counted, strict=True):
-        if ranges == [(0, len(text))]:
-            fitted.append(ids)
-            continue
-        for start, end in ranges:  # blocks of the fit sample: they end at line ends, so words stay whole
-            words, line_end = _looked_up(splitter, text[start:end])
-            table = marked if line_end == MARK else numbers
-            fitted.append(np.fromiter(map(table.__getitem__, words), np.uint32, len(words)))
+    arrays, first = [], 0
+    for cuts in parts:
+        arrays.append(ids[first] if len(cuts) == 1 else np.concatenate(ids[first : first + len(cuts)]))
+        first += len(cuts)
+    fitted = [numbered for numbered, (_, _, counted) in zip(ids, pieces, strict=True) if counted]
     counts = np.bincount(np.concatenate(fitted), minlength=len(distinct) + 1) if fitted else np.zeros(1, int)
     counts[LINE_END] = 0
     return distinct, arrays, counts
@@ -93,7 +94,7 @@ def _start_worker(config: TokenizerConfig) -> None:
     _SPLITTER = WordTokenizer.splitter(config)
 
 
-def _number_in_worker(job: tuple[list[str], list[Ranges]]) -> Numbered:
+def _number_in_worker(job: tuple[list[str], list[Parts]]) -> Numbered:
     assert _SPLITTER is not None
     return number_words(_SPLITTER, *job)
 
@@ -138,7 +139,7 @@ def encode_in_one_pass(
     splitter, vocabulary, fitted = WordTokenizer.splitter(config), Vocabulary(), _Fitted(corpus, config)
     # The fit sample ends with the separator's text: its words are counted once.
     separator = separator_text(corpus)
-    distinct, [ids], counts = number_words(splitter, [separator], [[(0, len(separator))]])
+    distinct, [ids], counts = number_words(splitter, [separator], [[(0, len(separator), True)]])
     table = vocabulary.add(distinct, counts)
     document_end = corpus.plan.data.document_end
     between = np.asarray([LINE_END], dtype=np.uint32) if document_end == EOS else np.take(table, ids)
@@ -170,32 +171,32 @@ class _Fitted:
         self.size = self.index = 0  # characters taken; blocks passed
         self.text = False  # whether any taken text is not whitespace
 
-    def flag(self, jobs: Jobs) -> Iterator[tuple[list[Tag], tuple[list[str], list[Ranges]]]]:
+    def flag(self, jobs: Jobs) -> Iterator[tuple[list[Tag], tuple[list[str], list[Parts]]]]:
         for tags, texts in jobs:
-            counted = [
+            parts = [
                 self._parts(split, ends, text) for (split, ends, _), text in zip(tags, texts, strict=True)
             ]
-            yield tags, (texts, counted)
+            yield tags, (texts, parts)
 
-    def _parts(self, split: str, ends: bool, text: str) -> Ranges:
+    def _parts(self, split: str, ends: bool, text: str) -> Parts:
         if split not in self.splits or self.size >= self.limit:
-            return []
+            return [(0, len(text), False)]
         if not ends and not text[-1:].isspace():
             raise NotInOnePass
         sampled = text if not ends or text.endswith("\n") else text + "\n"  # as the fit sample has it
         if self.stride == 1:
             self.size += len(sampled)
-            parts = [(0, len(text))]
+            parts = [(0, len(text), True)]
         else:
             parts = []
             for start, end in sample_blocks(sampled):
-                if self.index % self.stride == 0:
-                    parts.append((start, min(end, len(text))))
-                    self.size += end - start
+                taken = self.index % self.stride == 0
+                self.size += (end - start) * taken
                 self.index += 1
-        parts = [(start, end) for start, end in parts if end > start]
-        self.text = self.text or any(not text[start:end].isspace() for start, end in parts)
-        return parts
+                if start < len(text):  # (not the line end the sample adds)
+                    parts.append((start, min(end, len(text)), taken))
+        self.text = self.text or any(taken and b > a and not text[a:b].isspace() for a, b, taken in parts)
+        return parts or [(0, len(text), False)]
 
 
 def write_token_files(
