@@ -116,13 +116,10 @@ def _characters(pieces: Iterator[Piece], workers: int = 1) -> set[str]:
     (numpy's histograms release the GIL while this thread reads on)."""
     finder = _CharacterFinder()
     jobs = ((None, text) for text in _joined((piece.text for piece in pieces), JOB_CHARS))
-    found: set[str] = set()
     results = in_threads(finder, jobs, workers) if workers > 1 else ((None, finder(text)) for _, text in jobs)
     for _, characters in results:
-        if not characters <= found:
-            found |= characters
-            finder.known = bytes(sorted(ord(c) for c in found if ord(c) < 128))
-    return found
+        finder.add(characters)
+    return finder.found
 
 
 class _CharacterFinder:
@@ -130,7 +127,13 @@ class _CharacterFinder:
     other text within U+FFFF gets a histogram of its UTF-16 code units (far faster than set())."""
 
     def __init__(self) -> None:
-        self.known = b""  # the ASCII characters found so far
+        self.found: set[str] = set()
+        self.known = b""  # the ASCII characters of `found`, deleted from ASCII text before looking
+
+    def add(self, characters: set[str]) -> None:
+        if not characters <= self.found:
+            self.found |= characters
+            self.known = bytes(sorted(ord(c) for c in self.found if ord(c) < 128))
 
     def __call__(self, text: str) -> set[str]:
         if text.isascii():
@@ -161,7 +164,7 @@ def _raw_characters(sources: list[Source], line_ends: int | None, size: int = CH
     their bytes without decoding most of them: the ASCII bytes already found are deleted and only the rest
     is decoded (deleting ASCII bytes keeps multi-byte characters whole). None where the bytes are not the
     text: a "\r" (line ends are made "\n") or bytes that are not UTF-8 (the encoding pass names them)."""
-    finder, found, left = _CharacterFinder(), set[str](), line_ends
+    finder, left = _CharacterFinder(), line_ends
     for source in sources:
         decoder = codecs.getincrementaldecoder("utf-8")()
         try:
@@ -175,14 +178,13 @@ def _raw_characters(sources: list[Source], line_ends: int | None, size: int = CH
                     return None
                 rest = block.translate(None, finder.known)
                 if rest:
-                    found |= finder(decoder.decode(rest))
-                    finder.known = bytes(sorted(ord(c) for c in found if ord(c) < 128))
+                    finder.add(finder(decoder.decode(rest)))
                 if left == 0:
-                    return found
+                    return finder.found
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             return None
-    return found
+    return finder.found
 
 
 def _after_line_end(data: bytes, count: int) -> int:

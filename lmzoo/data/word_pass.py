@@ -28,7 +28,7 @@ from lmzoo.data.corpus import SPLITS, CorpusPlan
 from lmzoo.data.encoders import id_dtype, in_workers
 from lmzoo.data.fit import fitted_splits, sample_blocks, sample_stride, separator_text
 from lmzoo.data.scan import Scanned
-from lmzoo.data.token_files import Jobs, SplitStats, Tag, carve_token_tail, write_splits
+from lmzoo.data.token_files import Encoded, Jobs, SplitStats, Tag, carve_token_tail, write_splits
 from lmzoo.data.tokenizer import EOS, MARK, WordTokenizer
 from lmzoo.errors import DataError
 
@@ -144,7 +144,7 @@ def encode_in_one_pass(
     document_end = corpus.plan.data.document_end
     between = np.asarray([LINE_END], dtype=np.uint32) if document_end == EOS else np.take(table, ids)
 
-    def encode(jobs: Jobs) -> Iterator[tuple[list[Tag], list[np.ndarray]]]:
+    def encode(jobs: Jobs) -> Encoded:
         flagged = fitted.flag(jobs)
         results = (
             in_workers(_number_in_worker, flagged, workers, _start_worker, (config,))
