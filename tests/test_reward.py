@@ -25,7 +25,8 @@ from lmzoo.training.objectives import RewardObjective
 def test_the_reward_loss_is_the_bradley_terry_formula():
     scores = {1: 2.0, 2: -1.0, 3: 0.5, 4: 1.5}  # reward of each sequence, by its first token
 
-    def forward(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(ids: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        assert starts.tolist() == [1, 1, 1, 1]  # each pair's prompt length, for chosen and rejected
         return torch.tensor([scores[int(row[0])] for row in ids])
 
     batch = RewardPairBatch(
@@ -33,6 +34,7 @@ def test_the_reward_loss_is_the_bradley_terry_formula():
         torch.tensor([2, 2]),
         torch.tensor([[2, 5], [4, 0]]),
         torch.tensor([2, 1]),
+        torch.tensor([1, 1]),
     )
     objective = RewardObjective()
     loss, tokens = objective(forward, batch)
@@ -66,13 +68,43 @@ def test_a_reward_model_reads_the_last_token_and_ignores_the_padding_after_it(fa
     model = RewardModel(build_model(tiny_model_section(family), 30)).eval()
     with torch.no_grad():
         model.score.proj.weight.normal_()
+        model.likelihood_weight.fill_(0.7)
         ids = torch.tensor([[5, 6, 7, 3, 0, 0], [5, 9, 8, 7, 6, 3]])
-        scores = model(ids, torch.tensor([4, 6]))
+        # prompts [5, 6] and [5, 9, 8]: the responses are [7, 3] and [7, 6, 3] (<eos> = 3)
+        scores = model(ids, torch.tensor([4, 6]), torch.tensor([2, 3]))
         h, _ = model.lm.hidden(ids)
-        by_hand = model.score.proj(h).squeeze(-1)
-        torch.testing.assert_close(scores, torch.stack([by_hand[0, 3], by_hand[1, 5]]))
-        alone = model(torch.tensor([[5, 6, 7, 3]]), torch.tensor([4]))
-        torch.testing.assert_close(scores[0], alone[0], rtol=1e-5, atol=1e-6)
+        head = model.score.proj(h).squeeze(-1)
+        logp = model.lm(ids)[0].log_softmax(-1)  # (B, T, V)
+        first = logp[0, 1, 7] + logp[0, 2, 3]  # log p(7 | 5 6) + log p(3 | 5 6 7)
+        second = logp[1, 2, 7] + logp[1, 3, 6] + logp[1, 4, 3]
+        by_hand = torch.stack([head[0, 3] + 0.7 * first, head[1, 5] + 0.7 * second])
+        torch.testing.assert_close(scores, by_hand, rtol=1e-4, atol=1e-5)
+        alone = model(torch.tensor([[5, 6, 7, 3]]), torch.tensor([4]), torch.tensor([2]))
+        torch.testing.assert_close(scores[0], alone[0], rtol=1e-5, atol=1e-5)
+        head_only = RewardModel(model.lm, likelihood=False)
+        head_only.score.load_state_dict(model.score.state_dict())
+        torch.testing.assert_close(
+            head_only(ids, torch.tensor([4, 6]), torch.tensor([2, 3])),
+            by_hand - 0.7 * torch.stack([first, second]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_a_reward_model_saved_without_the_likelihood_weight_loads_as_the_head_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    from lmzoo.run.checkpoint import load_weights
+
+    torch.manual_seed(0)
+    old = RewardModel(build_model(tiny_model_section("gpt"), 30))
+    state = {k: v.clone() for k, v in old.state_dict().items() if k != "likelihood_weight"}
+    state["score.proj.bias"] = torch.tensor([0.25])
+    save_file(state, str(tmp_path / "model.safetensors"))
+    new = RewardModel(build_model(tiny_model_section("gpt"), 30))
+    new.likelihood_weight.data.fill_(3.0)
+    load_weights(new, tmp_path / "model.safetensors")
+    assert new.likelihood_weight.item() == 0.0 and new.score.proj.bias.item() == 0.25
 
 
 PROMPTS = [
@@ -128,6 +160,24 @@ def reward_dict(base: Path | None, root: Path, family: str = "lstm") -> dict:
     return raw
 
 
+def likelihood_loss(base: Path, pairs: str) -> float:
+    """The Bradley-Terry loss of the pairs when the reward is log p(response + <eos> | prompt) under `base`."""
+    lm = Run.open(base).load("best", "cpu")
+
+    def logp(prompt: str, response: str) -> float:
+        prompt_ids = lm.tokenizer.encode(prompt)
+        ids = torch.tensor([prompt_ids + lm.tokenizer.encode(response) + [lm.tokenizer.eos_id]])
+        with torch.no_grad():
+            logprobs = lm.model(ids)[0][0, :-1].float().log_softmax(-1)
+        picked = logprobs.gather(1, ids[0, 1:, None])[:, 0]
+        return float(picked[len(prompt_ids) - 1 :].sum())
+
+    margins = torch.tensor(
+        [logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in json_lines(Path(pairs))]
+    )
+    return float(-torch.nn.functional.logsigmoid(margins).mean())
+
+
 @pytest.mark.parametrize("family", ["lstm", "gpt"])
 def test_a_tiny_reward_model_learns_a_preference_on_an_lstm_as_on_a_transformer(sft_base, tmp_path, family):
     raw = reward_dict(sft_base if family == "lstm" else None, tmp_path, family)
@@ -136,15 +186,22 @@ def test_a_tiny_reward_model_learns_a_preference_on_an_lstm_as_on_a_transformer(
     info = run.info("best")
     assert info["val_reward_accuracy"] >= 0.95 and info["val_reward_accuracy/style"] >= 0.95
     evaluations = [r for r in json_lines(run_dir / "metrics.jsonl") if "val/loss" in r]
-    if family == "lstm":  # a fine-tune evaluates at step 0: the head starts at zero, every pair ties
-        assert evaluations[0]["step"] == 0 and evaluations[0]["val/reward_accuracy"] == 0.5
-        assert evaluations[0]["val/loss"] == pytest.approx(math.log(2))
+    if (
+        family == "lstm"
+    ):  # a fine-tune evaluates at step 0, as the base model's log-likelihood of the response
+        assert evaluations[0]["step"] == 0
+        assert evaluations[0]["val/loss"] == pytest.approx(
+            likelihood_loss(sft_base, raw["data"]["val"]), rel=1e-4
+        )
     model = run.reward_model(device="cpu")
     tokenizer = run.tokenizer
     with torch.no_grad():
+        start = torch.tensor([len(tokenizer.encode(PROMPTS[0]))])
         good, bad = (
             model(
-                torch.tensor([tokenizer.encode(PROMPTS[0] + answer) + [tokenizer.eos_id]]), torch.tensor([n])
+                torch.tensor([tokenizer.encode(PROMPTS[0] + answer) + [tokenizer.eos_id]]),
+                torch.tensor([n]),
+                start,
             )
             for answer, n in (("cat.", len(PROMPTS[0]) + 5), ("cat", len(PROMPTS[0]) + 4))
         )

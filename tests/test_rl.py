@@ -119,11 +119,12 @@ def test_an_empty_response_is_its_eos_and_the_reward_model_scores_it():
     model = RewardModel(build_model(tiny_model_section("gpt"), 20)).eval()
     with torch.no_grad():
         model.score.proj.weight.normal_()
+        model.likelihood_weight.fill_(0.5)  # the empty response's likelihood is that of its <eos>
     scorer = rewards.ModelReward(model, eos_id=3)
     empty = Completion([5, 6], [], True, "")
     scores = scorer([empty, Completion([5, 6], [7], True, "x")], [{}, {}])
     with torch.no_grad():
-        alone = model(torch.tensor([[5, 6, 3]]), torch.tensor([3]))
+        alone = model(torch.tensor([[5, 6, 3]]), torch.tensor([3]), torch.tensor([2]))
     assert scores.shape == (2,) and float(scores[0]) == pytest.approx(float(alone[0]), rel=1e-5, abs=1e-5)
 
 

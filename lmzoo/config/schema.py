@@ -231,6 +231,9 @@ class TrainConfig(Section):
     # instruct: SFT, preference: DPO); reward: a reward model on preference pairs (a scalar head on the
     # hidden state, Bradley-Terry loss); ppo / grpo: reinforcement learning on instruct prompts (section rl)
     objective: Literal["auto", "reward", "ppo", "grpo"] = "auto"
+    # reward: add a learned multiple of the response's log-likelihood (under the model's own output layer)
+    # to the head's score; false: the head alone
+    reward_likelihood: bool = True
     # torch.compile the model's forward and backward (falls back to eager with a warning); a mode name picks
     # torch.compile's mode: reduce-overhead adds CUDA graphs, max-autotune-no-cudagraphs tunes matmuls
     compile: bool | CompileMode = False

@@ -40,3 +40,4 @@ class RewardPairBatch(NamedTuple):
     chosen_lengths: torch.Tensor  # (B,) tokens before the padding
     rejected: torch.Tensor  # (B, T)
     rejected_lengths: torch.Tensor  # (B,)
+    prompt_lengths: torch.Tensor  # (B,) where each response begins (the pair's prompt is shared)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -221,11 +221,6 @@ def preference_batch(
     return PreferenceBatch(inputs[:half], targets[:half], inputs[half:], targets[half:])
 
 
-def scored_ids(tokenizer: Tokenizer, prompt: str, response: str) -> list[int]:
-    """prompt + response + <eos>: what a reward model reads (it scores the state at the <eos>)."""
-    return (tokenizer.encode(prompt) or [tokenizer.bos_id]) + tokenizer.encode(response) + [tokenizer.eos_id]
-
-
 def pad_rows(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists into (B, T) with their lengths (B,)."""
     width = max(len(row) for row in rows)
@@ -235,8 +230,23 @@ def pad_rows(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
     return ids, torch.tensor([len(row) for row in rows])
 
 
-def reward_pair_batch(rows: list[tuple[list[int], list[int]]]) -> RewardPairBatch:
+class ScoredPair(NamedTuple):
+    """A preference pair as a reward model reads it: prompt + response + <eos> for both responses."""
+
+    prompt_length: int  # tokens of the shared prompt: where each response begins
+    chosen: list[int]
+    rejected: list[int]
+
+
+def scored_pair(tokenizer: Tokenizer, prompt: str, chosen: str, rejected: str) -> ScoredPair:
+    prompt_ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
+    ends = [tokenizer.encode(response) + [tokenizer.eos_id] for response in (chosen, rejected)]
+    return ScoredPair(len(prompt_ids), prompt_ids + ends[0], prompt_ids + ends[1])
+
+
+def reward_pair_batch(rows: list[ScoredPair]) -> RewardPairBatch:
     """Chosen and rejected sequences padded to one width, so one forward pass scores both."""
-    ids, lengths = pad_rows([chosen for chosen, _ in rows] + [rejected for _, rejected in rows])
+    ids, lengths = pad_rows([row.chosen for row in rows] + [row.rejected for row in rows])
     half = len(rows)
-    return RewardPairBatch(ids[:half], lengths[:half], ids[half:], lengths[half:])
+    starts = torch.tensor([row.prompt_length for row in rows])
+    return RewardPairBatch(ids[:half], lengths[:half], ids[half:], lengths[half:], starts)

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
-from lmzoo.data.examples import reward_pair_batch, scored_ids
+from lmzoo.data.examples import ScoredPair, reward_pair_batch, scored_pair
 from lmzoo.data.tokenizer import Tokenizer
 from lmzoo.device import autocast
 from lmzoo.errors import DataError
 from lmzoo.models.base import eval_mode
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
-Pair = tuple[list[int], list[int]]
 
 
 def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
@@ -35,15 +34,12 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str
 
 def encode_pairs(
     tokenizer: Tokenizer, records: Sequence[dict[str, str]], context: int | None, where: str
-) -> list[Pair]:
-    """(chosen ids, rejected ids) of each record; a pair longer than the context is a DataError naming it."""
+) -> list[ScoredPair]:
+    """Each record as a reward model reads it; a pair longer than the context is a DataError naming it."""
     pairs = []
     for number, r in enumerate(records, start=1):
-        pair = (
-            scored_ids(tokenizer, r["prompt"], r["chosen"]),
-            scored_ids(tokenizer, r["prompt"], r["rejected"]),
-        )
-        longest = max(len(ids) for ids in pair)
+        pair = scored_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"])
+        longest = max(len(pair.chosen), len(pair.rejected))
         if context is not None and longest > context:
             raise DataError(
                 f"{where} record {number}: prompt, response and <eos> are {longest} tokens, longer than the "
@@ -54,7 +50,7 @@ def encode_pairs(
 
 
 def pair_rewards(
-    model: torch.nn.Module, pairs: Sequence[Pair], *, batch_size: int, precision: str = "fp32"
+    model: torch.nn.Module, pairs: Sequence[ScoredPair], *, batch_size: int, precision: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards (chosen (N,), rejected (N,)) of the pairs, without gradients, `batch_size` pairs at a time."""
     device = next(model.parameters()).device
@@ -64,7 +60,8 @@ def pair_rewards(
             batch = reward_pair_batch(list(pairs[start : start + batch_size]))
             ids = torch.cat([batch.chosen, batch.rejected]).to(device)
             lengths = torch.cat([batch.chosen_lengths, batch.rejected_lengths]).to(device)
-            c, r = model(ids, lengths).float().cpu().chunk(2)
+            starts = batch.prompt_lengths.repeat(2).to(device)
+            c, r = model(ids, lengths, starts).float().cpu().chunk(2)
             chosen.append(c)
             rejected.append(r)
     return torch.cat(chosen), torch.cat(rejected)

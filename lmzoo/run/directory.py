@@ -327,7 +327,8 @@ class RunDirectory:
         the model it wraps: the verbs that read a reward model's scalar go through `reward_model`)."""
         if not self.is_reward_model:
             return model
-        head = RewardModel(cast(LanguageModel, model)).to(next(model.parameters()).device)
+        head = RewardModel(cast(LanguageModel, model), likelihood=self.config.train.reward_likelihood)
+        head = head.to(next(model.parameters()).device)
         return cast(ZooModel, head)
 
     def trained_model(self, tag: str = "best", device: torch.device | str = "cpu") -> ZooModel:

@@ -131,7 +131,8 @@ class RewardObjective:
     def __call__(self, forward: Any, batch: RewardPairBatch) -> tuple[torch.Tensor, int]:
         ids = torch.cat([batch.chosen, batch.rejected])  # (2B, T)
         lengths = torch.cat([batch.chosen_lengths, batch.rejected_lengths])  # (2B,)
-        chosen, rejected = forward(ids, lengths).float().chunk(2)  # (B,), (B,)
+        starts = batch.prompt_lengths.repeat(2)  # (2B,) where each response begins
+        chosen, rejected = forward(ids, lengths, starts).float().chunk(2)  # (B,), (B,)
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
         self.metrics = preference_metrics(chosen.detach(), rejected.detach())
         return loss, int(lengths.sum())

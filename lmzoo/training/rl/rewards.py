@@ -60,7 +60,8 @@ class ModelReward:
             for start in range(0, len(completions), self.batch_size):
                 chunk = completions[start : start + self.batch_size]
                 ids, lengths = pad_rows([c.prompt_ids + c.ids + [self.eos_id] for c in chunk])
-                scores.append(self.model(ids.to(self.device), lengths.to(self.device)).float().cpu())
+                starts = torch.tensor([len(c.prompt_ids) for c in chunk], device=self.device)
+                scores.append(self.model(ids.to(self.device), lengths.to(self.device), starts).float().cpu())
         return torch.cat(scores)
 
 

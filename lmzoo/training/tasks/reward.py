@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from lmzoo.data.example_files import read_record_splits
-from lmzoo.data.examples import ShuffledBatches, reward_pair_batch
-from lmzoo.inference.preferences import PAIR_FIELDS, Pair, encode_pairs, pair_metrics, pair_rewards
+from lmzoo.data.examples import ScoredPair, ShuffledBatches, reward_pair_batch
+from lmzoo.inference.preferences import PAIR_FIELDS, encode_pairs, pair_metrics, pair_rewards
 from lmzoo.training.objectives import RewardObjective
 from lmzoo.training.tasks.base import Metrics, Task, TaskContext
 
@@ -30,7 +30,7 @@ def reward_task(context: TaskContext) -> Task:
     batches = ShuffledBatches(train, context.batch_size, seed=config.seed, collate=reward_pair_batch)
     model = context.make_model(tokenizer.vocab_size)
 
-    def rewards(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    def rewards(pairs: list[ScoredPair]) -> tuple[torch.Tensor, torch.Tensor]:
         return pair_rewards(model, pairs, batch_size=context.eval_batch_size, precision=context.precision)
 
     def evaluate() -> Metrics:
@@ -51,7 +51,7 @@ def reward_task(context: TaskContext) -> Task:
         model=model,
         batches=batches,
         objective=RewardObjective(),
-        tokens_per_epoch=sum(len(c) + len(r) for c, r in train),
+        tokens_per_epoch=sum(len(pair.chosen) + len(pair.rejected) for pair in train),
         evaluate=evaluate,
         sample=sample,
     )
