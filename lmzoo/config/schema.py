@@ -229,7 +229,8 @@ class TrainConfig(Section):
     dpo_nll: Annotated[float, Field(ge=0)] = 0.0
     # what the run optimises. auto: by data.format (text: language modelling, parallel/tsv: translation,
     # instruct: SFT, preference: DPO); reward: a reward model on preference pairs (a scalar head on the
-    # hidden state, Bradley-Terry loss); ppo / grpo: reinforcement learning on instruct prompts (section rl)
+    # hidden state plus the response's log-likelihood, Bradley-Terry loss); ppo / grpo: reinforcement
+    # learning on instruct prompts (section rl)
     objective: Literal["auto", "reward", "ppo", "grpo"] = "auto"
     # reward: add a learned multiple of the response's log-likelihood (under the model's own output layer)
     # to the head's score; false: the head alone
