@@ -239,6 +239,7 @@ class ScoredPair(NamedTuple):
 
 
 def scored_pair(tokenizer: Tokenizer, prompt: str, chosen: str, rejected: str) -> ScoredPair:
+    """prompt + response + <eos> for both responses (an empty prompt reads as <bos>)."""
     prompt_ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
     ends = [tokenizer.encode(response) + [tokenizer.eos_id] for response in (chosen, rejected)]
     return ScoredPair(len(prompt_ids), prompt_ids + ends[0], prompt_ids + ends[1])
