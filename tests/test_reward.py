@@ -186,9 +186,8 @@ def test_a_tiny_reward_model_learns_a_preference_on_an_lstm_as_on_a_transformer(
     info = run.info("best")
     assert info["val_reward_accuracy"] >= 0.95 and info["val_reward_accuracy/style"] >= 0.95
     evaluations = [r for r in json_lines(run_dir / "metrics.jsonl") if "val/loss" in r]
-    if (
-        family == "lstm"
-    ):  # a fine-tune evaluates at step 0, as the base model's log-likelihood of the response
+    # a fine-tune evaluates at step 0, where it scores a response by the base model's log-likelihood
+    if family == "lstm":
         assert evaluations[0]["step"] == 0
         assert evaluations[0]["val/loss"] == pytest.approx(
             likelihood_loss(sft_base, raw["data"]["val"]), rel=1e-4
