@@ -308,3 +308,34 @@ def test_heads_not_dividing_the_width_is_a_config_error(make_config, name):
         make_config({"model": tiny_model_section(name, d_model=16, n_heads=3)})
     with pytest.raises(ValueError, match="not divisible"):
         MultiHeadAttention(16, 3)
+
+
+# ---- which fused kernels CUDA may use ------------------------------------------------------------
+
+
+def test_cuda_attention_leaves_out_cudnn_and_restores_the_flags(monkeypatch) -> None:
+    from lmzoo.models import attention
+
+    flags = torch.backends.cuda
+    assert flags.cudnn_sdp_enabled()
+    with attention.attention_backends(torch.device("cuda")):
+        assert not flags.cudnn_sdp_enabled()  # cuDNN plans every new shape: slow for changing shapes
+        assert flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled()
+    assert flags.cudnn_sdp_enabled()
+    with attention.attention_backends(torch.device("cpu")):
+        assert flags.cudnn_sdp_enabled()
+    monkeypatch.setattr(attention, "CUDA_CUDNN_ATTENTION", True)
+    with attention.attention_backends(torch.device("cuda")):
+        assert flags.cudnn_sdp_enabled()
+
+
+def test_fused_attention_runs_under_the_chosen_backends(monkeypatch) -> None:
+    from lmzoo.models import attention
+
+    seen: list[torch.device] = []
+    real = attention.attention_backends
+    monkeypatch.setattr(attention, "attention_backends", lambda device: seen.append(device) or real(device))
+    q = torch.randn(1, 2, 3, 4)
+    out = attention.fused_attention(q, q, q, is_causal=True)
+    assert seen == [q.device]
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))

@@ -22,18 +22,36 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # On the CPU, torch's flash-attention backward pass runs several times slower in bf16 than in fp32
 # (torch 2.13 at configs/gpt.yaml's shapes: 6x), so under bf16 autocast the CPU computes attention
 # in fp32; CUDA keeps bf16. scripts/bench.py switches this off to measure what it gives.
 CPU_BF16_ATTENTION_IN_FP32 = True
 
+# torch prefers cuDNN's fused attention on recent NVIDIA cards, and cuDNN builds an execution plan for
+# every new shape: 6-8 ms of CPU per call on an H200 (torch 2.11), against 0.2 ms of GPU work. Token-
+# batched seq2seq changes shapes at every step (207 ms a step with cuDNN, 48 without); fixed-shape GPT
+# training gains 14% from it in eager mode and nothing compiled. So CUDA uses torch's flash and
+# memory-efficient kernels; True restores torch's own choice (docs/speed.md has the figures).
+CUDA_CUDNN_ATTENTION = False
+_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA backends lmzoo lets torch choose from on `device` (all but cuDNN's on CUDA)."""
+    if device.type != "cuda" or CUDA_CUDNN_ATTENTION:
+        return contextlib.nullcontext()
+    return sdpa_kernel(_CUDA_BACKENDS)
+
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
-    """F.scaled_dot_product_attention, with bf16 on the CPU computed in fp32 (faster there; see above)."""
+    """F.scaled_dot_product_attention, with bf16 on the CPU computed in fp32 and CUDA choosing among
+    attention_backends (each faster there; see above)."""
     cpu_bf16 = q.device.type == "cpu" and torch.bfloat16 in (q.dtype, k.dtype)
     if not (cpu_bf16 and CPU_BF16_ATTENTION_IN_FP32):
-        return F.scaled_dot_product_attention(q, k, v, **options)
+        with attention_backends(q.device):
+            return F.scaled_dot_product_attention(q, k, v, **options)
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
     return out.to(q.dtype)
