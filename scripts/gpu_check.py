@@ -15,6 +15,8 @@ Parts (--parts, comma-separated; all by default), each printed as one JSON line 
   decode   GPT decoding at context 256 (gpt_gpu.yaml size): KV cache, static cache, static cache with a
            CUDA-graph step, and recomputing the window; tokens/s and whether they give the same tokens
   lora     LoRA on a cuDNN LSTM: gradients reach A and B and one step changes the output
+  attention  eager steps of transformer.yaml (token batches) and gpt_gpu.yaml with torch's own choice of
+           attention kernel (cuDNN's on recent cards) and with lmzoo's (cuDNN left out), interleaved
 
 The CUDA-marked tests run separately (scripts/gpu_check.sh runs both).
 """
@@ -249,6 +251,30 @@ def part_lora(check: Check) -> dict:
     }
 
 
+def part_attention(check: Check) -> list[dict]:
+    """ms/step with and without cuDNN's attention, interleaved in one process (lmzoo.models.attention)."""
+    from lmzoo.models import attention
+    from lmzoo.training.setup import setup_training
+
+    rows = []
+    for name in ("transformer", "gpt_gpu"):
+        setup = setup_training(check.config(name, ["train.compile=false"]))
+        for cudnn in (False, True, False):  # lmzoo's choice twice: the first also warms up
+            attention.CUDA_CUDNN_ATTENTION = cudnn
+            for _ in range(10):
+                setup.stepper(1e-4)
+            sync()
+            start = time.perf_counter()
+            tokens = sum(setup.stepper(1e-4).tokens for _ in range(check.steps))
+            sync()
+            seconds = time.perf_counter() - start
+            row = {"config": name, "cudnn_attention": cudnn, "ms_per_step": seconds / check.steps * 1e3}
+            rows.append({**row, "tok_s": tokens / seconds})
+            print(json.dumps(rows[-1]), flush=True)
+    attention.CUDA_CUDNN_ATTENTION = False
+    return rows
+
+
 def guarded(run: Callable[[], object], label: dict) -> dict:
     """A part's result, or its error: one failure must not hide the other figures."""
     try:
@@ -266,6 +292,7 @@ PARTS: dict[str, Callable[[Check], object]] = {
     "seq2seq": part_seq2seq,
     "decode": part_decode,
     "lora": part_lora,
+    "attention": part_attention,
 }
 
 
