@@ -95,6 +95,14 @@ def test_the_suite_is_deterministic_and_its_held_out_prompts_are_unseen(tmp_path
     assert unlabeled.count("### Response:\n\n") == len(train)
 
 
+def test_the_default_sizes_can_be_drawn():
+    """7,000 training sums and 1,000 pairs on them fit in the 8,750 sums a training record may ask."""
+    suite = make_suite(0)
+    sums = [r for r in suite.records["train"] if r.task == "add"]
+    assert len(sums) == len({r.prompt_key for r in sums}) == SuiteSizes().train == 7000
+    assert len([p for p in suite.pairs["train"] if p["task"] == "add"]) == SuiteSizes().pairs_train
+
+
 def suite_records(tmp_path, **fields):
     """A DataConfig of instruct records on a small suite's train and val files, with `fields` set."""
     from lmzoo.config.schema import DataConfig

@@ -13,7 +13,7 @@ from lmzoo.cli.app import app, user_errors
 def suite(
     out: Path = typer.Option(Path("data/suite"), "--out", "-o", help="Folder to write the suite's files to."),
     seed: int = typer.Option(0, help="The seed: the same seed writes the same files."),
-    train: int = typer.Option(4000, min=1, help="Training records per task."),
+    train: int = typer.Option(7000, min=1, help="Training records per task."),
     val: int = typer.Option(50, min=1, help="Validation records per task (held-out words and numbers)."),
     test: int = typer.Option(100, min=1, help="Test records per task (held-out words and numbers)."),
     pairs: int = typer.Option(1000, min=1, help="Training preference pairs per task."),
