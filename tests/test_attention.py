@@ -12,7 +12,7 @@ from conftest import tiny_model_section
 from lmzoo.errors import ConfigError
 from lmzoo.inference.decoding import generate_ids
 from lmzoo.inference.sampling import SamplingOptions
-from lmzoo.models import build_model
+from lmzoo.models import attention, build_model
 from lmzoo.models.attention import KVCache, MultiHeadAttention, sinusoidal_positions
 from lmzoo.models.gpt import GPT
 
@@ -314,8 +314,6 @@ def test_heads_not_dividing_the_width_is_a_config_error(make_config, name):
 
 
 def test_cuda_attention_leaves_out_cudnn_and_restores_the_flags(monkeypatch) -> None:
-    from lmzoo.models import attention
-
     flags = torch.backends.cuda
     assert flags.cudnn_sdp_enabled()
     with attention.attention_backends(torch.device("cuda")):
@@ -330,8 +328,6 @@ def test_cuda_attention_leaves_out_cudnn_and_restores_the_flags(monkeypatch) -> 
 
 
 def test_fused_attention_runs_under_the_chosen_backends(monkeypatch) -> None:
-    from lmzoo.models import attention
-
     seen: list[torch.device] = []
     real = attention.attention_backends
     monkeypatch.setattr(attention, "attention_backends", lambda device: seen.append(device) or real(device))
