@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 from lmzoo.cli import app
 from lmzoo.config.schema import DataConfig
 from lmzoo.data import fit as fit_module
+from lmzoo.data import one_pass, token_files, word_pass
 from lmzoo.data import prepare as prepare_module
-from lmzoo.data import token_files, word_pass
+from lmzoo.data import sample as sample_module
 from lmzoo.data.corpus import plan_corpus
 from lmzoo.data.encoders import encoder_for, in_workers, safe_pieces
 from lmzoo.data.fit import _characters, _fitted_pieces, _plain_text, _raw_characters
@@ -163,7 +164,7 @@ WORD_CORPORA = {
 
 
 def in_two_passes(*args, **kwargs):
-    raise word_pass.NotInOnePass
+    raise one_pass.NotInOnePass
 
 
 @pytest.mark.parametrize("case", WORD_CORPORA, ids=str)
@@ -182,7 +183,7 @@ def test_a_word_vocabulary_fitted_while_encoding_gives_the_files_of_fitting_firs
     )
     options = {**options, "val": str(tmp_path / options["val"])} if "val" in options else options
     config = WordTokenizerConfig(**tokenizer_options)
-    monkeypatch.setattr(fit_module, "SAMPLE_BLOCK", 64)  # many sample blocks in a small corpus
+    monkeypatch.setattr(sample_module, "SAMPLE_BLOCK", 64)  # many sample blocks in a small corpus
     passes = []
     real = prepare_module.encode_in_one_pass
 
@@ -211,13 +212,14 @@ def test_text_cut_inside_a_line_is_fitted_first_and_encoded_after(tmp_path, monk
     path = tmp_path / "a.txt"
     path.write_text(TEXT, encoding="utf-8")
     data = DataConfig(train=str(path), cache_dir=str(tmp_path / "c"))
-    fitted = word_pass._Fitted(
+    fitted = sample_module.FitSample(
         scanned(plan_corpus(data), verify=False, progress=False, say=quiet), WordTokenizerConfig()
     )
     jobs = iter([([("train", False, 3), ("train", True, 2), ("val", True, 2)], ["ab\n", "cd", "ef"])])
     assert list(fitted.flag(jobs))[0][1][1] == [[(0, 3, True)], [(0, 2, True)], [(0, 2, False)]]
-    with pytest.raises(word_pass.NotInOnePass):
-        list(fitted.flag(iter([([("train", False, 2)], ["ab"])])))
+    assert not fitted.cut_line
+    list(fitted.flag(iter([([("train", False, 2)], ["ab"])])))
+    assert fitted.cut_line
     monkeypatch.setattr(prepare_module, "encode_in_one_pass", in_two_passes)
     corpus = prepared(data, WordTokenizerConfig())
     reference = fit_tokenizer(WordTokenizerConfig(), "".join(TEXT.splitlines(keepends=True)[:45]))
@@ -230,7 +232,7 @@ def test_a_corpus_of_too_many_words_or_a_thin_sample_is_fitted_first(tmp_path, m
     path = tmp_path / "a.txt"
     path.write_text(TEXT, encoding="utf-8")
     reference = fit_tokenizer(WordTokenizerConfig(), "".join(TEXT.splitlines(keepends=True)[:45]))
-    monkeypatch.setattr(word_pass, "MOST_WORDS", 8)
+    monkeypatch.setattr(one_pass, "MOST_WORDS", 8)
     fits, fit_first = [], prepare_module.fitted_tokenizer
     monkeypatch.setattr(
         prepare_module, "fitted_tokenizer", lambda *a, **k: fits.append(1) or fit_first(*a, **k)
@@ -240,8 +242,8 @@ def test_a_corpus_of_too_many_words_or_a_thin_sample_is_fitted_first(tmp_path, m
     assert corpus.tokenizer.payload() == reference.payload() and reference.vocab_size > 8
     assert not list((tmp_path / "c").rglob("*.words")) and not list((tmp_path / "c").rglob("scratch*"))
     scan = scanned(plan_corpus(DataConfig(train=str(path))), verify=False, progress=False, say=quiet)
-    assert word_pass.in_one_pass(scan, WordTokenizerConfig())
-    assert not word_pass.in_one_pass(scan, WordTokenizerConfig(fit_bytes=len(TEXT) // 5))
+    assert one_pass.in_one_pass(scan, WordTokenizerConfig())
+    assert not one_pass.in_one_pass(scan, WordTokenizerConfig(fit_bytes=len(TEXT) // 5))
 
 
 def test_a_word_vocabulary_of_blank_text_is_one_line_in_one_pass(tmp_path):

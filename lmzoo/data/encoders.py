@@ -150,10 +150,7 @@ class BpeEncoder:
                 missing = list(set(pieces))
             self._remember(missing)
         which = np.fromiter(map(self.index.__getitem__, pieces), dtype=np.int64, count=len(pieces))
-        counts, starts = self.counts[which], self.starts[which]
-        # The ids of the k-th piece go to positions first[k] ... first[k] + counts[k] - 1 of the result.
-        first = np.cumsum(counts) - counts
-        return self.flat[np.repeat(starts - first, counts) + np.arange(int(counts.sum()))]
+        return spans(self.flat, self.starts, self.counts, which)
 
     def _remember(self, pieces: list[str]) -> None:
         encoded = [e.ids for e in self.backend.encode_batch_fast(pieces, add_special_tokens=False)]
@@ -163,6 +160,14 @@ class BpeEncoder:
         self.counts = np.concatenate([self.counts, counts])
         flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype, count=int(counts.sum()))
         self.flat = np.concatenate([self.flat, flat])
+
+
+def spans(flat: np.ndarray, starts: np.ndarray, counts: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """flat[starts[i] : starts[i] + counts[i]] for each i of `which`, one after the other."""
+    counts, starts = counts[which], starts[which]
+    # The k-th span goes to positions first[k] ... first[k] + counts[k] - 1 of the result.
+    first = np.cumsum(counts) - counts
+    return flat[np.repeat(starts - first, counts) + np.arange(int(counts.sum()), dtype=counts.dtype)]
 
 
 def _placed(piece: str) -> bool:

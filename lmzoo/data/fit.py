@@ -2,16 +2,15 @@
 
 Word and BPE vocabularies are fitted on at most `tokenizer.fit_bytes` characters: the whole split when it
 is smaller (so small corpora get exactly the tokenizer they always got), else every k-th block of about
-SAMPLE_BLOCK characters, evenly spread over the split. Word counts come from every core's process (or
-from encoding itself: lmzoo.data.word_pass). A char vocabulary comes
-from one cheap full pass (over the bytes, for plain text files). The fitted tokenizer is kept in the
-corpus's cache with the scan it saw.
+SAMPLE_BLOCK characters, evenly spread over the split. Word counts and BPE's pre-token counts come from
+every core's process (lmzoo.data.bpe_pass for BPE), or from encoding itself (lmzoo.data.one_pass). A
+char vocabulary comes from one cheap full pass (over the bytes, for plain text files). The fitted
+tokenizer is kept in the corpus's cache with the scan it saw.
 """
 
 from __future__ import annotations
 
 import codecs
-import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,15 +19,21 @@ from pathlib import Path
 import numpy as np
 
 from lmzoo.config.schema import TokenizerConfig
+from lmzoo.data.bpe_pass import bpe_counts
 from lmzoo.data.cache import digest, read_json, write_json
-from lmzoo.data.corpus import SPLITS
 from lmzoo.data.encoders import in_threads, in_workers
+from lmzoo.data.sample import fitted_splits, sample_blocks, sample_stride, separator_text
 from lmzoo.data.scan import Say, Scanned
 from lmzoo.data.sources import CHUNK, Piece, Source, raw_blocks
-from lmzoo.data.tokenizer import EOS, Tokenizer, WordTokenizer, fit_tokenizer, tokenizer_from_dict
+from lmzoo.data.tokenizer import (
+    BpeTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    fit_tokenizer,
+    tokenizer_from_dict,
+)
 from lmzoo.errors import DataError
 
-SAMPLE_BLOCK = 1 << 16  # the fit sample is made of blocks of about this many characters
 JOB_CHARS = 1 << 22  # characters of the sample per word-counting job
 
 
@@ -44,19 +49,9 @@ def _fit_text(corpus: Scanned, config: TokenizerConfig, workers: int) -> str:
     return "".join(_fit_sample(corpus, config))
 
 
-def fitted_splits(config: TokenizerConfig) -> set[str]:
-    return {"train"} if config.fit_on == "train" else set(SPLITS)
-
-
 def _fitted_pieces(corpus: Scanned, config: TokenizerConfig) -> Iterator[tuple[str, Piece]]:
     wanted = fitted_splits(config)
     return ((split, piece) for split, piece in corpus.route() if split in wanted)
-
-
-def separator_text(corpus: Scanned) -> str:
-    """The text between two documents ("" for <eos>, which is not text)."""
-    document_end = corpus.plan.data.document_end
-    return "" if document_end == EOS else document_end
 
 
 def _fit_sample(corpus: Scanned, config: TokenizerConfig) -> Iterator[str]:
@@ -211,30 +206,6 @@ def _blocks(text: str) -> Iterator[str]:
     return (text[start:end] for start, end in sample_blocks(text))
 
 
-def sample_blocks(text: str) -> Iterator[tuple[int, int]]:
-    """(start, end) of the blocks the fit sample is drawn from: about SAMPLE_BLOCK characters, ending at a
-    line end."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + SAMPLE_BLOCK)
-        end = len(text) if end == -1 else end + 1
-        yield start, end
-        start = end
-
-
-def _fit_bytes_estimate(corpus: Scanned, wanted: set[str]) -> float:
-    sizes = {role: sum(s.size for s in found) for role, found in corpus.sources().items()}
-    total, split = sum(corpus.counts.values()), corpus.plan.data.split
-    share = corpus.counts.get("train", 0) / total if total else split[0] / sum(split)
-    train_role = sizes["train"] * (1.0 if wanted == set(SPLITS) else share)
-    return train_role + sum(size for role, size in sizes.items() if role != "train" and role in wanted)
-
-
-def sample_stride(corpus: Scanned, config: TokenizerConfig) -> int:
-    """The fit sample takes every k-th block of the fitted splits' text: this k (1: all of it)."""
-    return max(1, math.ceil(_fit_bytes_estimate(corpus, fitted_splits(config)) / config.fit_bytes))
-
-
 def _fit_path(corpus: Scanned, config: TokenizerConfig) -> Path:
     return corpus.plan.root / f"fit-{digest({'tokenizer': config.model_dump(mode='json')})[:16]}.json"
 
@@ -259,11 +230,13 @@ def fitted_tokenizer(corpus: Scanned, config: TokenizerConfig, *, say: Say, work
     if saved is not None:
         return saved
     started = time.perf_counter()
-    if config.kind == "word" and workers > 1:
+    if config.kind == "bpe":
+        tokenizer: Tokenizer = BpeTokenizer.from_counts(bpe_counts(corpus, config, workers), config)
+    elif config.kind == "word" and workers > 1:
         counts = _word_counts(corpus, config, workers)
         if not counts and not any(part.strip() for part in _fit_sample(corpus, config)):
             raise DataError("cannot fit a tokenizer on empty text")
-        tokenizer: Tokenizer = WordTokenizer.from_counts(counts, config)
+        tokenizer = WordTokenizer.from_counts(counts, config)
     else:
         tokenizer = fit_tokenizer(config, _fit_text(corpus, config, workers))
     seconds = time.perf_counter() - started

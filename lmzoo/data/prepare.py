@@ -6,8 +6,8 @@ Three streaming passes, none of which holds the corpus in memory:
 2. fit (lmzoo.data.fit): the tokenizer, on a bounded deterministic sample of the training split;
 3. encode (here): text routed to its split (lmzoo.data.corpus), encoded on every core
    (lmzoo.data.encoders), appended to <split>.bin (lmzoo.data.token_files); documents are separated by
-   `data.document_end`. A word vocabulary is mostly fitted while the text is encoded, in one pass
-   (lmzoo.data.word_pass).
+   `data.document_end`. A word or BPE vocabulary is mostly fitted while the text is encoded, in one
+   pass (lmzoo.data.one_pass).
 
 Prepared corpora live in a cache keyed by corpus and tokenizer (lmzoo.data.cache), shared by every run
 that uses them; one process prepares while the others wait, and a prepare that fails leaves nothing
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmzoo.config.schema import DataConfig, TokenizerConfig
+from lmzoo.data.bpe_pass import BPE_PASS
 from lmzoo.data.cache import (
     FORMAT,
     MANIFEST,
@@ -41,10 +42,11 @@ from lmzoo.data.cache import (
 from lmzoo.data.corpus import plan_corpus
 from lmzoo.data.encoders import PARALLEL_BYTES, cores, encode_all, id_dtype
 from lmzoo.data.fit import fitted_tokenizer, keep_fit, saved_fit
+from lmzoo.data.one_pass import NotInOnePass, OnePass, encode_in_one_pass, in_one_pass
 from lmzoo.data.scan import Say, Scanned, scanned, to_stderr
 from lmzoo.data.token_files import SplitStats, carve_token_tail, separator_ids, write_splits
 from lmzoo.data.tokenizer import Tokenizer
-from lmzoo.data.word_pass import NotInOnePass, encode_in_one_pass, in_one_pass, write_token_files
+from lmzoo.data.word_pass import WORD_PASS
 from lmzoo.errors import DataError
 
 if TYPE_CHECKING:
@@ -263,20 +265,23 @@ def _prepare(
     return manifest
 
 
+PASSES: dict[str, OnePass] = {"word": WORD_PASS, "bpe": BPE_PASS}
+
+
 def _prepare_in_one_pass(
     corpus: Scanned, config: TokenizerConfig, workers: int, progress: bool, say: Say
 ) -> PreparedCorpus | None:
-    """Prepare with a word vocabulary fitted while the text is encoded (lmzoo.data.word_pass); None when
-    the text needs two passes."""
-    plan = corpus.plan
+    """Prepare with a vocabulary fitted while the text is encoded (lmzoo.data.one_pass); None when the
+    text needs two passes."""
+    plan, kind = corpus.plan, PASSES[config.kind]
     if corpus.size >= NOTICE_BYTES or progress:
-        say(f"lmzoo: preparing {plan.describe()} with the word tokenizer, fitted while it encodes")
-    check_room(plan.root, corpus.size)  # the provisional files, 4 bytes a word
+        say(f"lmzoo: preparing {plan.describe()} with the {config.kind} tokenizer, fitted while it encodes")
+    check_room(plan.root, corpus.size)  # the provisional files, 4 bytes a word or pre-token
     started = time.perf_counter()
     with scratch(plan.root) as folder:
         try:
             tokenizer, vocabulary, stats = encode_in_one_pass(
-                corpus, config, folder, workers=workers, progress=progress
+                corpus, config, folder, kind, workers=workers, progress=progress
             )
         except NotInOnePass:
             return None
@@ -284,7 +289,7 @@ def _prepare_in_one_pass(
         directory = plan.root / f"tok-{digest(tokenizer.payload())[:16]}"
 
         def write(tmp: Path) -> dict[str, SplitStats]:
-            return write_token_files(folder, tmp, tokenizer, vocabulary, stats, plan)
+            return kind.write(folder, tmp, tokenizer, vocabulary, stats, plan)
 
         manifest = _prepare(
             corpus, tokenizer, directory, workers, progress, say, write=write, started=started

@@ -45,12 +45,15 @@ def separator_ids(tokenizer: Tokenizer, document_end: str) -> list[int]:
     return tokenizer.encode(document_end) if document_end else []
 
 
-def _jobs(pieces: Iterator[tuple[str, Piece]]) -> Jobs:
-    """Consecutive pieces grouped into jobs of about BATCH_CHARS characters: (tags, texts)."""
+def piece_jobs(pieces: Iterator[tuple[str, Piece]], stop: Callable[[], bool] | None = None) -> Jobs:
+    """Consecutive pieces grouped into jobs of about BATCH_CHARS characters: (tags, texts); with `stop`,
+    no job starts once it is true."""
     tags: list[Tag] = []
     texts: list[str] = []
     size = 0
     for split, piece in pieces:
+        if not texts and stop is not None and stop():
+            return
         tags.append((split, piece.ends_document, len(piece.text)))
         texts.append(piece.text)
         size += len(piece.text)
@@ -80,7 +83,7 @@ def write_splits(
     writer = BackgroundWriter()
     try:
         with progress_bar(corpus.size, "tokenizing", progress) as bar:
-            for tags, arrays in encode(_jobs(_hashed(corpus.route(), hashes))):
+            for tags, arrays in encode(piece_jobs(_hashed(corpus.route(), hashes))):
                 for (split, ends, chars), ids in zip(tags, arrays, strict=True):
                     _write(writer, outputs[split], stats[split], ids, between, len(separator))
                     stats[split].characters = (stats[split].characters or 0) + chars

@@ -74,7 +74,8 @@ class WordTokenizerConfig(TokenizerConfig):
 
 
 class BpeTokenizerConfig(TokenizerConfig):
-    """Byte-level BPE trained on the corpus with the `tokenizers` library: any text encodes."""
+    """Byte-level BPE (GPT-2's), its merges learned from the corpus as the `tokenizers` library learns them:
+    any text encodes."""
 
     kind: Literal["bpe"] = "bpe"
     vocab_size: Annotated[int, Field(ge=260)] = 1024
@@ -333,22 +334,16 @@ class BpeTokenizer(Tokenizer):
 
     @classmethod
     def fit(cls, text: str, config: Any) -> BpeTokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
+        from lmzoo.data.bpe_trainer import count_pretokens
 
-        backend = HFTokenizer(models.BPE())
-        # Split on byte-level pieces without a prefix space: encode/decode is then an exact round trip.
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=config.vocab_size,
-            min_frequency=config.min_freq,
-            special_tokens=list(SPECIALS),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        backend.train_from_iterator(_chunks(text), trainer=trainer, length=None)
-        return cls(backend)
+        return cls.from_counts(count_pretokens([text]), config)
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], config: Any) -> BpeTokenizer:
+        """The tokenizer learned from how often each pre-token occurs in the training text."""
+        from lmzoo.data.bpe_trainer import train_bpe  # numpy and the library: loaded when used
+
+        return cls(train_bpe(counts, config, SPECIALS))
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> BpeTokenizer:
@@ -368,16 +363,6 @@ class BpeTokenizer(Tokenizer):
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend.to_str()}
-
-
-def _chunks(text: str, size: int = 1 << 16) -> Iterable[str]:
-    """Feed the BPE trainer line-aligned chunks so it never holds one giant string twice."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end == -1 else end + 1
-        yield text[start:end]
-        start = end
 
 
 def fit_tokenizer(config: TokenizerConfig, text: str) -> Tokenizer:
