@@ -141,16 +141,16 @@ def write_token_files(
     each number becomes the ids of its pre-token."""
     assert isinstance(tokenizer, BpeTokenizer)
     dtype = id_dtype(tokenizer.vocab_size)
-    encoded: list[list[int]] = [[tokenizer.eos_id]]  # LINE_END
-    for start in range(1, len(vocabulary.words), ENCODE_BATCH):
-        batch = vocabulary.words[start : start + ENCODE_BATCH]
-        encoded += [e.ids for e in tokenizer.backend.encode_batch_fast(batch, add_special_tokens=False)]
     assert LINE_END == 0
+    lengths, ids = [np.ones(1, dtype=np.int32)], [np.asarray([tokenizer.eos_id], dtype=dtype)]
+    for start in range(1, len(vocabulary.words), ENCODE_BATCH):  # in batches: memory stays small
+        batch = vocabulary.words[start : start + ENCODE_BATCH]
+        encoded = [e.ids for e in tokenizer.backend.encode_batch_fast(batch, add_special_tokens=False)]
+        lengths.append(np.fromiter(map(len, encoded), np.int32, len(encoded)))
+        ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype, int(lengths[-1].sum())))
     # int32 spans (the distinct pre-tokens' ids are far fewer than 2**31) index faster than int64.
-    counts = np.fromiter(map(len, encoded), np.int32, len(encoded))
+    counts, flat = np.concatenate(lengths), np.concatenate(ids)
     starts = np.cumsum(counts) - counts
-    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype, int(counts.sum()))
-    del encoded
     return write_remapped(
         scratch, directory, stats, plan, lambda numbers: spans(flat, starts, counts, numbers), dtype
     )
