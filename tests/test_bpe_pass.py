@@ -114,12 +114,28 @@ def write_jsonl(path: Path, texts: list[str]) -> str:
     return str(path)
 
 
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _documents(folder: Path) -> list[str]:
+    lines = code_like(3, 300).splitlines(keepends=True)
+    documents = ["".join(lines[i : i + 12]) for i in range(0, len(lines), 12)] + ["x  \n", "  y"]
+    return [write_jsonl(folder / "c.jsonl", documents)]
+
+
+def _files(folder: Path) -> list[str]:
+    for i in range(12):
+        _write(folder / "d" / f"{i:02}.txt", code_like(i, 40))
+    return [str(folder / "d")]
+
+
 BPE_CORPORA = {
     "lines": (lambda d: [_write(d / "a.txt", TEXTS["shakespeare"][:20_000])], {}, {}),
     "documents, a text separator": (
-        lambda d: [
-            write_jsonl(d / "c.jsonl", [t for t in TEXTS["code"].split("\n\n") if t][:1] * 3 + ["x  \n"])
-        ],
+        _documents,
         {"split_by": "documents", "document_end": "\n  \n", "split": (0.7, 0.3, 0.0)},
         {},
     ),
@@ -134,20 +150,8 @@ BPE_CORPORA = {
         {},
         {"fit_bytes": 9000},
     ),
-    "a sample of files": (
-        lambda d: (
-            [str(d / "d")] if [_write(d / "d" / f"{i:02}.txt", code_like(i, 40)) for i in range(12)] else []
-        ),
-        {"split": (0.5, 0.5, 0.0)},
-        {"fit_bytes": 6000},
-    ),
+    "a sample of files": (_files, {"split": (0.5, 0.5, 0.0)}, {"fit_bytes": 6000}),
 }
-
-
-def _write(path: Path, text: str) -> str:
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 def in_two_passes(*args, **kwargs):
